@@ -1,0 +1,3 @@
+"""litft: hackable, fast fine-tuning of open LLMs on Lightning Fabric."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,320 @@
+"""The few blocks whose math is identical across families: RMSNorm, rotary tables, the attention mask, the KV cache
+and the attention call itself. Everything family-specific lives in that family's file."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from litft.errors import CheckpointError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back.
+
+    `unit_offset=True` scales by (1 + weight), Gemma's convention (its checkpoints store weight - 1)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, unit_offset: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if not unit_offset else torch.zeros(dim))
+        self.eps = eps
+        self.unit_offset = unit_offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            # Gemma scales in float32, then casts; Llama casts, then scales. Each order is kept to match its family.
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RopeConfig:
+    """Rotary settings read from a Hugging Face config: base frequency, how many of each head's dims rotate, and
+    the long-context scaling rule (`rope_type`: default, linear, llama3, yarn, longrope) with its parameters."""
+
+    theta: float = 10000.0
+    rotary_dim: int = 0
+    rope_type: str = "default"
+    params: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], head_dim: int, partial_rotary_factor: float = 1.0) -> "RopeConfig":
+        # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` and `rope_scaling`.
+        params = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        params = {**scaling, **params}
+        theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+        params.pop("type", None)
+        factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", partial_rotary_factor))
+        rotary_dim = int(head_dim * factor)
+        return cls(
+            theta=float(theta),
+            rotary_dim=rotary_dim,
+            rope_type=rope_type,
+            params=params,
+            max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
+        )
+
+
+def rope_inverse_frequencies(rope: RopeConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
+    """The per-pair rotation frequencies (float32) and the attention scaling factor of the chosen rope type."""
+    dim = rope.rotary_dim
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+    params = rope.params or {}
+    attention_factor = 1.0
+    if rope.rope_type == "default":
+        pass
+    elif rope.rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope.rope_type == "llama3":
+        factor = float(params["factor"])
+        low_freq_factor = float(params["low_freq_factor"])
+        high_freq_factor = float(params["high_freq_factor"])
+        old_context = float(params["original_max_position_embeddings"])
+        low_freq_wavelen = old_context / low_freq_factor
+        high_freq_wavelen = old_context / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between blended smoothly.
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = torch.where(is_medium, blended, scaled)
+    elif rope.rope_type == "yarn":
+        factor = float(params["factor"])
+        original = float(params.get("original_max_position_embeddings") or rope.max_position_embeddings)
+        beta_fast = float(params.get("beta_fast") or 32)
+        beta_slow = float(params.get("beta_slow") or 1)
+        mscale = params.get("mscale")
+        mscale_all_dim = params.get("mscale_all_dim")
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if params.get("attention_factor") is not None:
+            attention_factor = float(params["attention_factor"])
+        elif mscale and mscale_all_dim:
+            attention_factor = get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim)
+        else:
+            attention_factor = get_mscale(factor)
+
+        def correction_dim(num_rotations: float) -> float:
+            return (dim * math.log(original / (num_rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+        low = correction_dim(beta_fast)
+        high = correction_dim(beta_slow)
+        if params.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+        extrapolation_weight = 1 - ramp.clamp(0, 1)
+        interpolation = inv_freq / factor
+        inv_freq = interpolation * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
+    elif rope.rope_type == "longrope":
+        # Phi-3.5 / Phi-4-mini: per-frequency rescaling, the long factors beyond the original context.
+        original = float(params.get("original_max_position_embeddings") or rope.max_position_embeddings)
+        long_context = rope.max_position_embeddings > original
+        ext = torch.tensor(params["long_factor" if long_context else "short_factor"], dtype=torch.float32, device=device)
+        inv_freq = inv_freq / ext
+        factor = rope.max_position_embeddings / original
+        if params.get("attention_factor") is not None:
+            attention_factor = float(params["attention_factor"])
+        elif factor > 1.0:
+            attention_factor = math.sqrt(1 + math.log(factor) / math.log(original))
+    else:
+        raise CheckpointError(f"config.json: rope type {rope.rope_type!r} is not supported by litft yet")
+    return inv_freq.float(), attention_factor
+
+
+class RotaryEmbedding(nn.Module):
+    """Turns position ids into (cos, sin) tables, always in float32.
+
+    The frequencies are neither a parameter nor a buffer: `model.to(torch.bfloat16)` casts buffers, and bf16
+    frequencies misplace every position past a few hundred. They are computed once per device instead."""
+
+    def __init__(self, rope: RopeConfig) -> None:
+        super().__init__()
+        self.rope = rope
+        self._tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = position_ids.device
+        if device not in self._tables:
+            self._tables[device] = rope_inverse_frequencies(self.rope, device)
+        inv_freq, attention_factor = self._tables[device]
+        with torch.autocast(device_type=device.type, enabled=False):
+            freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim / 2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
+            return emb.cos() * attention_factor, emb.sin() * attention_factor
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates the first `cos.shape[-1]` dims of each head of x (B, n_head, T, head_dim); the rest pass through
+    (partial rotary, as in GPT-NeoX and Phi-4-mini)."""
+    cos = cos.unsqueeze(1).to(x.dtype)  # (B, 1, T, rotary_dim)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    rotary_dim = cos.shape[-1]
+    if rotary_dim == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache and attention
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """A preallocated cache of keys and values for every layer, (B, n_kv_head, max_length, head_dim) each, plus
+    the document id of every cached slot so a left-padded batch never attends to its padding.
+
+    `length` is the number of filled slots; a forward pass writes its T new keys at [length, length + T)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        value_head_dim: int | None = None,
+    ) -> None:
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        vshape = (batch_size, num_kv_heads, max_length, value_head_dim or head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(vshape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.document_ids = torch.ones(batch_size, max_length, device=device, dtype=torch.long)
+        self.max_length = max_length
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new keys/values of `layer` and returns every filled slot's, including the new ones."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_length:
+            raise ValueError(f"KV cache holds {self.max_length} tokens; {end} were asked for")
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0
+        self.document_ids.fill_(1)
+
+
+@dataclass
+class AttentionContext:
+    """What every layer's attention needs besides its own q, k, v: the masks (None means plain causal) for full
+    and sliding-window layers, and the KV cache if one is in use."""
+
+    mask: torch.Tensor | None
+    sliding_mask: torch.Tensor | None
+    kv_cache: KVCache | None
+    is_causal: bool
+
+
+def build_attention_context(
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    document_ids: torch.Tensor | None,
+    kv_cache: KVCache | None,
+    sliding_window: int | None,
+) -> AttentionContext:
+    """Builds the boolean masks (True = may attend), (B, 1, T, S), for this forward pass.
+
+    `document_ids` (B, T) says which document each token belongs to: a token attends only to earlier tokens of
+    its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
+    Without documents, cache offsets or a sliding window the mask is None and SDPA's causal fast path runs."""
+    offset = kv_cache.length if kv_cache is not None else 0
+    total = offset + seq_len
+    if kv_cache is not None and document_ids is not None:
+        kv_cache.document_ids[:, offset:total] = document_ids
+    needs_window = sliding_window is not None and total > sliding_window
+    if document_ids is None and offset == 0 and not needs_window:
+        return AttentionContext(None, None, kv_cache, is_causal=True)
+    if document_ids is None and seq_len == 1 and not needs_window:
+        # One new token attends to every filled slot: no mask at all.
+        return AttentionContext(None, None, kv_cache, is_causal=False)
+    query_slots = torch.arange(offset, total, device=device)
+    key_slots = torch.arange(total, device=device)
+    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+    mask = causal[None, None].expand(batch_size, 1, seq_len, total)
+    if document_ids is not None:
+        key_docs = kv_cache.document_ids[:, :total] if kv_cache is not None else document_ids
+        same_document = document_ids[:, :, None] == key_docs[:, None, :]  # (B, T, S)
+        mask = mask & same_document[:, None]
+    sliding_mask = None
+    if sliding_window is not None:
+        in_window = key_slots[None, :] > query_slots[:, None] - sliding_window
+        sliding_mask = mask & in_window[None, None]
+    return AttentionContext(mask, sliding_mask, kv_cache, is_causal=False)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd), grouped-query aware.
+
+    SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
+    expressible in SDPA, so that path computes the scores explicitly."""
+    if softcap is None:
+        enable_gqa = q.shape[1] != k.shape[1]
+        if enable_gqa and mask is not None and q.device.type == "cpu":
+            # Math backend with GQA + mask: expanding is as cheap and avoids a slow path in some versions.
+            k, v, enable_gqa = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), False
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal and mask is None, scale=scale, enable_gqa=enable_gqa
+        )
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, n_head, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and is_causal:
+        T, S = q.shape[2], k.shape[2]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def _expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
+    n_kv = x.shape[1]
+    if n_kv == n_head:
+        return x
+    return x.repeat_interleave(n_head // n_kv, dim=1)
+
+
+def default_position_ids(batch_size: int, seq_len: int, offset: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(offset, offset + seq_len, device=device).unsqueeze(0).expand(batch_size, seq_len)

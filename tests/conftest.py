@@ -1,0 +1,70 @@
+"""Shared fixtures: paths to the real assets, tiny random Hugging Face checkpoints built by transformers
+(test-only), and the GPU marker (tests marked `gpu` skip where CUDA is absent)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+STORIES = ROOT / "litft" / "assets" / "stories260K"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def stories_dir() -> Path:
+    return STORIES
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+def save_tiny_hf_model(folder: Path, config_class_name: str, model_class_name: str, seed: int = 0,
+                       tokenizer_from: Path | None = STORIES, **config_kwargs) -> Path:
+    """Builds a random transformers model of the given classes, saves it with `save_pretrained` (float32,
+    safetensors) and copies a real tokenizer beside it. Returns the folder."""
+    import shutil
+
+    import transformers
+
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_class_name)(**config_kwargs)
+    model = getattr(transformers, model_class_name)(config).eval()
+    # Random init leaves some norms at exactly 1/0; perturb every parameter so a swapped weight would show.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer_from is not None:
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (tokenizer_from / name).exists():
+                shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+TINY_LLAMA = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with the stories260K tokenizer (vocab 512), saved by transformers."""
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    return save_tiny_hf_model(folder, "LlamaConfig", "LlamaForCausalLM", **TINY_LLAMA)
