@@ -308,18 +308,15 @@ def copy_tokenizer_files(source: str | Path, destination: str | Path) -> None:
             shutil.copy2(file, Path(destination) / name)
 
 
-def save_hf_checkpoint(
-    model: nn.Module,
-    out_dir: str | Path,
+def write_hf_checkpoint(
+    folder: Path,
+    state_dict: dict[str, torch.Tensor],
     hf_config: dict[str, Any],
-    state_dict: dict[str, torch.Tensor] | None = None,
-    tokenizer_source: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
-) -> Path:
-    """Writes a Hugging Face checkpoint folder atomically: weights (tied duplicates dropped), config.json and,
-    from `tokenizer_source`, the tokenizer and generation files."""
-    state_dict = state_dict if state_dict is not None else model.state_dict()
+) -> None:
+    """Writes weights (tied duplicates dropped, optionally cast) and config.json into an existing folder; callers
+    make it atomic by writing into an `AtomicDirectory`."""
     tied = hf_config.get("tie_word_embeddings", False)
     state = {}
     for name, tensor in state_dict.items():
@@ -331,9 +328,24 @@ def save_hf_checkpoint(
         name = str(dtype).replace("torch.", "")
         config["torch_dtype"] = name
         config["dtype"] = name
+    save_safetensors_shards(state, folder, max_shard_bytes)
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def save_hf_checkpoint(
+    model: nn.Module,
+    out_dir: str | Path,
+    hf_config: dict[str, Any],
+    state_dict: dict[str, torch.Tensor] | None = None,
+    tokenizer_source: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Writes a Hugging Face checkpoint folder atomically: weights, config.json and, from `tokenizer_source`, the
+    tokenizer and generation files."""
+    state_dict = state_dict if state_dict is not None else model.state_dict()
     with AtomicDirectory(out_dir) as tmp:
-        save_safetensors_shards(state, tmp, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_hf_checkpoint(tmp, state_dict, hf_config, dtype, max_shard_bytes)
         if tokenizer_source is not None:
             copy_tokenizer_files(tokenizer_source, tmp)
     return Path(out_dir)

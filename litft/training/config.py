@@ -1,0 +1,80 @@
+"""The settings every fine-tuning recipe shares: `--train.*` and `--eval.*`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from litft.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """How to train.
+
+    Args:
+        global_batch_size: Samples (or packed rows) per optimizer step, summed over devices and accumulation.
+        micro_batch_size: Samples per forward pass on one device; gradient accumulation is
+            global_batch_size / (micro_batch_size * devices). "auto" is not supported yet.
+        epochs: Passes over the training data (ignored when max_steps is reached first).
+        max_steps: Stop after this many optimizer steps.
+        max_time: Stop after this many seconds of training (a checkpoint is saved first).
+        lr: Peak learning rate.
+        lr_scheduler: "cosine", "linear" or "constant" after the warm-up.
+        warmup_steps: Linear warm-up from 0 to lr over this many steps.
+        min_lr_ratio: The schedule ends at lr * min_lr_ratio.
+        weight_decay: Decoupled weight decay (AdamW).
+        beta1: Adam beta1.
+        beta2: Adam beta2.
+        max_norm: Clip the global gradient norm to this value (None: no clipping).
+        optimizer: "adamw", "adamw8bit" or "paged_adamw8bit" (8-bit ones need bitsandbytes).
+        activation_checkpointing: Recompute each decoder block in the backward pass instead of storing it.
+        save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
+        log_interval: Log metrics every this many steps.
+    """
+
+    global_batch_size: int = 16
+    micro_batch_size: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    max_time: float | None = None
+    lr: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    max_norm: float | None = 1.0
+    optimizer: str = "adamw"
+    activation_checkpointing: bool = False
+    save_interval: int | None = None
+    log_interval: int = 1
+
+    def validate(self) -> None:
+        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+            raise ConfigError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"--train.lr_scheduler {self.lr_scheduler!r}: choose cosine, linear or constant")
+        if self.optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"):
+            raise ConfigError(f"--train.optimizer {self.optimizer!r}: choose adamw, adamw8bit, paged_adamw8bit or paged_adamw")
+        if self.lr <= 0:
+            raise ConfigError("--train.lr must be positive")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("--train.max_steps must be at least 1")
+
+
+@dataclass
+class EvalConfig:
+    """When and how to evaluate.
+
+    Args:
+        interval: Compute the validation loss every this many steps (None: only at the end).
+        max_batches: Evaluate on at most this many validation micro-batches (None: all).
+        sample_prompt: A prompt generated from at each evaluation, to watch the model change (None: none).
+        max_new_tokens: Length of that sample generation.
+    """
+
+    interval: int | None = None
+    max_batches: int | None = None
+    sample_prompt: str | None = None
+    max_new_tokens: int = 50

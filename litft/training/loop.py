@@ -1,0 +1,424 @@
+"""The one training loop every fine-tuning method shares (LoRA, QLoRA, full, and the preference objectives).
+
+What varies between methods is the `Objective`: how a micro-batch turns into a summed loss and how many units
+(trained tokens, preference pairs) it contributes to the normaliser. The loop does the rest the same way for all:
+
+* A global batch of `global_batch_size` rows is fixed by the seed and the epoch alone, then split into
+  micro-batches across devices and accumulation steps. Every micro-batch's summed loss is divided by the number of
+  units in the *whole global batch* (all-reduced), so the gradient is the same however the batch is split: one device
+  or eight, one micro-batch or sixteen, packed or padded.
+* Resumable checkpoints hold the trainable weights, optimizer, scheduler, position in the data and RNG states; they
+  are written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from lightning.fabric import Fabric
+from torch import nn
+
+from litft.errors import ConfigError, TrainingStopped
+from litft.training.config import EvalConfig, TrainConfig
+
+Row = Sequence[Any]  # one training row: a list of samples (several when packed)
+Batch = dict[str, Any]
+
+
+class Objective(Protocol):
+    """How one method trains: collate rows, count normaliser units, compute the summed loss of a micro-batch."""
+
+    def collate(self, rows: list[Row]) -> Batch: ...
+
+    def row_length(self, row: Row) -> int: ...
+
+    def count(self, batch: Batch) -> torch.Tensor: ...
+
+    def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint so a resumed run continues at the same batch."""
+
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # global batches of `epoch` already consumed
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def global_batch_order(num_rows: int, global_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The row indices of every global batch of an epoch: a permutation seeded by (seed, epoch), cut into full
+    global batches (the incomplete remainder is dropped so every device always has work)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(num_rows, generator=generator).tolist()
+    return [order[i : i + global_batch_size] for i in range(0, num_rows - global_batch_size + 1, global_batch_size)]
+
+
+def split_global_batch(
+    rows: list[Row], world_size: int, rank: int, micro_batch_size: int, row_length: Callable[[Row], int]
+) -> list[list[Row]]:
+    """This device's micro-batches of a global batch. Rows are sorted by length first so each micro-batch pads to
+    similar lengths; the order inside a global batch does not change its gradient."""
+    ordered = sorted(rows, key=row_length, reverse=True)
+    mine = ordered[rank::world_size]
+    return [mine[i : i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+def check_batch_sizes(config: TrainConfig, world_size: int, num_rows: int) -> int:
+    per_step = config.micro_batch_size * world_size
+    if config.global_batch_size % per_step:
+        raise ConfigError(
+            f"--train.global_batch_size {config.global_batch_size} must be a multiple of --train.micro_batch_size "
+            f"({config.micro_batch_size}) x devices ({world_size})"
+        )
+    if num_rows < config.global_batch_size:
+        raise ConfigError(
+            f"the training set has {num_rows} rows, fewer than --train.global_batch_size {config.global_batch_size}; "
+            "lower the batch size or add data"
+        )
+    return config.global_batch_size // per_step
+
+
+def steps_per_epoch(num_rows: int, global_batch_size: int) -> int:
+    return num_rows // global_batch_size
+
+
+def total_steps(config: TrainConfig, num_rows: int) -> int:
+    steps = config.epochs * steps_per_epoch(num_rows, config.global_batch_size)
+    return min(steps, config.max_steps) if config.max_steps else steps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def checkpoint_folder(out_dir: Path) -> Path:
+    return out_dir / "checkpoints"
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    folder = checkpoint_folder(out_dir)
+    candidates = sorted(p for p in folder.glob("step-*") if not p.name.startswith("."))
+    return candidates[-1] if candidates else None
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class TrainingState:
+    """Saves and restores everything a resumed run needs, through Fabric (one file under DDP, a sharded folder
+    under FSDP2), atomically."""
+
+    def __init__(self, fabric: Fabric, model: nn.Module, optimizer, scheduler, progress: Progress, full_weights: bool):
+        self.fabric, self.model, self.optimizer, self.scheduler = fabric, model, optimizer, scheduler
+        self.progress = progress
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        # Adapter runs save only the trainable tensors: the frozen base is already on disk.
+        self.model_filter = None if full_weights else (lambda name, _value: name in trainable)
+
+    def save(self, out_dir: Path) -> Path:
+        fabric = self.fabric
+        target = checkpoint_folder(out_dir) / f"step-{self.progress.step:08d}"
+        tmp = target.with_name(f".{target.name}.tmp")
+        if fabric.global_rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        fabric.barrier()
+        state = {
+            "model": self.model,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": rng_states(),
+        }
+        filter_ = {"model": self.model_filter} if self.model_filter else None
+        fabric.save(tmp / "state.ckpt", state, filter=filter_)
+        fabric.barrier()
+        if fabric.global_rank == 0:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        fabric.barrier()
+        return target
+
+    def load(self, path: Path) -> None:
+        state = {"model": self.model, "optimizer": self.optimizer}
+        remainder = self.fabric.load(path / "state.ckpt", state, strict=self.model_filter is None)
+        self.scheduler.load_state_dict(remainder["scheduler"])
+        self.progress.__dict__.update(remainder["progress"])
+        restore_rng_states(remainder["rng"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        return value
+
+    return move(batch)
+
+
+def _memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1024**3
+    return 0.0
+
+
+@dataclass
+class FitResult:
+    progress: Progress
+    final_val_loss: float | None
+    stopped_early: str | None = None
+
+
+def fit(
+    fabric: Fabric,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    objective: Objective,
+    train_rows: list[Row],
+    val_rows: list[Row] | None,
+    train_config: TrainConfig,
+    eval_config: EvalConfig,
+    out_dir: Path,
+    seed: int,
+    state: TrainingState,
+    sample_fn: Callable[[], str] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> FitResult:
+    """Trains until the epochs, `max_steps` or `max_time` run out, or `should_stop()` (a preemption signal) says so;
+    saves a resumable checkpoint at every `save_interval` and at the end."""
+    progress = state.progress
+    world_size, rank = fabric.world_size, fabric.global_rank
+    accumulation = check_batch_sizes(train_config, world_size, len(train_rows))
+    steps = total_steps(train_config, len(train_rows))
+    fabric.print(
+        f"training: {len(train_rows)} rows, {steps} steps of {train_config.global_batch_size} rows "
+        f"({world_size} device(s) x {train_config.micro_batch_size} x {accumulation} accumulation)",
+        file=sys.stderr,
+    )
+    progress_bar = _progress_bar(fabric, steps, progress.step)
+    stopped: str | None = None
+    started = time.perf_counter() - progress.train_seconds
+    last_saved_step = progress.step
+    while progress.step < steps and stopped is None:
+        batches = global_batch_order(len(train_rows), train_config.global_batch_size, seed, progress.epoch)
+        while progress.batch_in_epoch < len(batches) and progress.step < steps:
+            step_started = time.perf_counter()
+            rows = [train_rows[i] for i in batches[progress.batch_in_epoch]]
+            micro_batches = [
+                to_device(objective.collate(chunk), fabric.device)
+                for chunk in split_global_batch(rows, world_size, rank, train_config.micro_batch_size, objective.row_length)
+            ]
+            metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
+            scheduler.step()
+            progress.step += 1
+            progress.batch_in_epoch += 1
+            tokens = int(fabric.all_reduce(torch.tensor(sum(b["num_tokens"] for b in micro_batches), device=fabric.device), reduce_op="sum").item())
+            progress.tokens_seen += tokens
+            elapsed = time.perf_counter() - step_started
+            progress.train_seconds = time.perf_counter() - started
+            metrics.update(
+                step=progress.step,
+                epoch=progress.epoch,
+                lr=optimizer.param_groups[0]["lr"],
+                tokens_per_second=tokens / max(elapsed, 1e-9),
+                tokens_seen=progress.tokens_seen,
+                peak_memory_gib=_memory_gib(fabric.device),
+            )
+            if not math.isfinite(metrics["loss"]):
+                last = latest_checkpoint(out_dir)
+                raise TrainingStopped(
+                    f"the loss became {metrics['loss']} at step {progress.step}; lower --train.lr or check the data"
+                    + (f"; the last good checkpoint is {last}" if last else "")
+                )
+            if progress.step % train_config.log_interval == 0 or progress.step == steps:
+                fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=progress.step)
+                progress.history.append({"step": progress.step, "train_loss": metrics["loss"]})
+            if progress_bar is not None:
+                progress_bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                    mem=f"{metrics['peak_memory_gib']:.1f}G",
+                )
+                progress_bar.update(1)
+            if val_rows and eval_config.interval and progress.step % eval_config.interval == 0 and progress.step < steps:
+                evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
+            if train_config.save_interval and progress.step % train_config.save_interval == 0:
+                state.save(out_dir)
+                last_saved_step = progress.step
+            if train_config.max_time is not None and progress.train_seconds >= train_config.max_time:
+                stopped = "max_time"
+                break
+            if should_stop is not None and should_stop():
+                stopped = "signal"
+                break
+        else:
+            if progress.batch_in_epoch >= len(batches):
+                progress.epoch += 1
+                progress.batch_in_epoch = 0
+    if progress_bar is not None:
+        progress_bar.close()
+    final_val = None
+    if val_rows and stopped is None:
+        final_val = evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
+    if progress.step != last_saved_step or stopped is not None:
+        state.save(out_dir)
+    return FitResult(progress, final_val, stopped)
+
+
+def train_step(
+    fabric: Fabric,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    objective: Objective,
+    micro_batches: list[Batch],
+    config: TrainConfig,
+) -> dict[str, float]:
+    """One optimizer step over this device's micro-batches; returns the step's metrics averaged over the global
+    batch."""
+    local_units = sum(objective.count(b) for b in micro_batches)
+    global_units = fabric.all_reduce(local_units.float(), reduce_op="sum")
+    if global_units.item() == 0:
+        raise TrainingStopped("a global batch has no trained token; check the data masking (--data.train_on_prompt)")
+    # DDP and FSDP average gradients over devices; scaling by the world size turns that average into a sum.
+    scale = fabric.world_size / global_units
+    loss_total = torch.zeros((), device=fabric.device)
+    metric_totals: dict[str, torch.Tensor] = {}
+    for index, batch in enumerate(micro_batches):
+        is_last = index == len(micro_batches) - 1
+        with fabric.no_backward_sync(model, enabled=not is_last):
+            loss_sum, metrics = objective.loss_sum(model, batch)
+            fabric.backward(loss_sum * scale)
+        loss_total += loss_sum.detach().float()
+        for name, value in metrics.items():
+            metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
+    if config.max_norm is not None:
+        grad_norm = fabric.clip_gradients(model, optimizer, max_norm=config.max_norm, error_if_nonfinite=False)
+    else:
+        grad_norm = None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    names = ["loss", *metric_totals]
+    totals = torch.stack([loss_total, *metric_totals.values()])
+    totals = fabric.all_reduce(totals, reduce_op="sum") / global_units
+    result = {name: float(v) for name, v in zip(names, totals.tolist())}
+    if grad_norm is not None:
+        result["grad_norm"] = float(grad_norm)
+    return result
+
+
+@torch.no_grad()
+def evaluate(
+    fabric: Fabric, model: nn.Module, objective: Objective, val_rows: list[Row], train_config: TrainConfig,
+    eval_config: EvalConfig,
+) -> dict[str, float]:
+    """Validation loss over (at most `max_batches` micro-batches per device of) the validation rows, all-reduced."""
+    from torchmetrics.aggregation import SumMetric
+
+    was_training = model.training
+    model.eval()
+    loss_sum, units = SumMetric().to(fabric.device), SumMetric().to(fabric.device)
+    extra: dict[str, SumMetric] = {}
+    mine = val_rows[fabric.global_rank :: fabric.world_size]
+    size = train_config.micro_batch_size
+    chunks = [mine[i : i + size] for i in range(0, len(mine), size)]
+    if eval_config.max_batches is not None:
+        chunks = chunks[: eval_config.max_batches]
+    for chunk in chunks:
+        batch = to_device(objective.collate(chunk), fabric.device)
+        loss, metrics = objective.loss_sum(model, batch)
+        loss_sum.update(loss.float())
+        units.update(objective.count(batch).float())
+        for name, value in metrics.items():
+            extra.setdefault(name, SumMetric().to(fabric.device)).update(value.float())
+    model.train(was_training)
+    total_units = float(units.compute())
+    if total_units == 0:
+        return {}
+    result = {"loss": float(loss_sum.compute()) / total_units}
+    result["perplexity"] = math.exp(min(result["loss"], 50.0))
+    for name, metric in extra.items():
+        result[name] = float(metric.compute()) / total_units
+    return result
+
+
+def evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn):
+    metrics = evaluate(fabric, model, objective, val_rows, train_config, eval_config)
+    if not metrics:
+        return None
+    fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
+    progress.history.append({"step": progress.step, "val_loss": metrics["loss"]})
+    message = f"step {progress.step}: validation loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
+    if sample_fn is not None:
+        message += f"\n  sample: {sample_fn()!r}"
+    fabric.print(message, file=sys.stderr)
+    return metrics["loss"]
+
+
+def _progress_bar(fabric: Fabric, total: int, initial: int):
+    if fabric.global_rank != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def plot_history(history: list[dict[str, float]], path: Path) -> Path | None:
+    """The loss curve as a PNG (needs matplotlib; skipped without it)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    train = [(h["step"], h["train_loss"]) for h in history if "train_loss" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    figure, axis = plt.subplots(figsize=(7, 4))
+    if train:
+        axis.plot(*zip(*train), label="train loss")
+    if val:
+        axis.plot(*zip(*val), marker="o", label="validation loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=100)
+    plt.close(figure)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,146 @@
+"""Cross-entropy over the vocabulary without materialising the float32 logits of the whole batch.
+
+Only positions with a target (not -100) are projected at all. For a plain output head (an `nn.Linear`, frozen or
+not) the projection, the loss and its gradients are computed chunk by chunk inside one autograd function, so at
+most one chunk of float32 logits exists at any time, in the forward and in the backward. Heads that are not a plain
+linear layer (a LoRA-adapted head, per-token log-probs for preference losses) run chunk by chunk under activation
+checkpointing instead: the same memory bound, one extra head projection in the backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+# About 256 MiB of float32 logits per chunk, whatever the vocabulary size.
+CHUNK_BYTES = 256 * 1024**2
+
+
+def chunk_size_for(vocab_size: int) -> int:
+    return max(64, CHUNK_BYTES // (4 * vocab_size))
+
+
+class _LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(softcap(h_i @ W^T), y_i), with the gradients for h and W computed during the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size: int, softcap: float | None):  # type: ignore[override]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        rows = torch.arange(min(chunk_size, hidden.shape[0]), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start : start + chunk_size]  # (n, D)
+            y = targets[start : start + chunk_size]  # (n,)
+            logits = (h @ weight.t()).float()  # (n, V)
+            if softcap is not None:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            log_normalizer = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (log_normalizer - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            # d(sum CE)/d logits = softmax - one_hot, computed in place over the logits buffer.
+            grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
+            grad_logits[rows[: h.shape[0]], y] -= 1.0
+            if softcap is not None:
+                grad_logits *= 1.0 - capped * capped
+            grad_logits = grad_logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output.to(grad_hidden.dtype if grad_hidden is not None else grad_weight.dtype)
+        return (
+            grad_hidden * scale if grad_hidden is not None else None,
+            grad_weight * scale if grad_weight is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _token_losses(hidden: torch.Tensor, targets: torch.Tensor, logits_fn: Callable[[torch.Tensor], torch.Tensor]):
+    logits = logits_fn(hidden).float()
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def token_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    chunk_size: int,
+) -> torch.Tensor:
+    """Per-position cross-entropy (N,) of flat hidden states (N, D), chunked and checkpointed."""
+    losses = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        if torch.is_grad_enabled() and h.requires_grad:
+            losses.append(checkpoint(_token_losses, h, y, logits_fn, use_reentrant=False))
+        else:
+            losses.append(_token_losses(h, y, logits_fn))
+    return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: nn.Module,
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    softcap: float | None = None,
+    reduction: str = "sum",
+) -> torch.Tensor:
+    """Cross-entropy of already-shifted `targets` (B, T) (-100 = not trained) given final hidden states (B, T, D).
+
+    reduction="sum": the summed loss over trained positions (float32 scalar); the caller divides by the trained-token
+    count of the whole global batch. reduction="none": (B, T) per-position losses, 0 where not trained."""
+    mask = targets != IGNORE_INDEX
+    flat_hidden = hidden[mask]  # (N, D) only the trained positions
+    flat_targets = targets[mask]
+    chunk_size = chunk_size_for(head.weight.shape[0] if hasattr(head, "weight") else 32000)
+    if reduction == "sum" and type(head) is nn.Linear and head.bias is None:
+        return _LinearCrossEntropySum.apply(flat_hidden, head.weight, flat_targets, chunk_size, softcap)
+    losses = token_cross_entropy(flat_hidden, flat_targets, logits_fn, chunk_size)
+    if reduction == "sum":
+        return losses.sum()
+    per_position = torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device)
+    per_position[mask] = losses
+    return per_position
+
+
+class CausalLMObjective(nn.Module):
+    """Wraps a model so that its `forward` returns the loss: Fabric's DDP and FSDP2 wrappers hook `forward`, so the
+    loss (and the head projection inside it) must run there, not in a side method."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        reduction: str = "sum",
+    ) -> torch.Tensor:
+        hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        return causal_lm_loss(hidden, targets, output_head(self.model), self.model.logits, softcap, reduction)
+
+
+def output_head(model: nn.Module) -> nn.Module:
+    """The module that projects hidden states to the vocabulary (`lm_head`, or GPT-NeoX's `embed_out`)."""
+    head = getattr(model, "lm_head", None)
+    return head if head is not None else model.embed_out

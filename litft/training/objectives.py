@@ -1,0 +1,45 @@
+"""Supervised fine-tuning's objective: next-token cross-entropy, summed over trained tokens.
+
+The preference objectives (DPO, ORPO, SimPO) live in `litft.training.preference` and plug into the same loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from litft.training.loss import IGNORE_INDEX
+
+
+class SupervisedObjective:
+    """Units of the normaliser: trained tokens. The model passed to `loss_sum` is the Fabric-wrapped
+    `CausalLMObjective`, whose forward returns the summed loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def collate(self, rows: list[Any]) -> dict[str, Any]:
+        from litft.data import collate
+
+        batch = collate(rows, pad_id=self.pad_id)
+        batch["num_tokens"] = sum(self.row_length(row) for row in rows)
+        return batch
+
+    @staticmethod
+    def row_length(row: Any) -> int:
+        return sum(len(sample["input_ids"]) for sample in row)
+
+    @staticmethod
+    def count(batch: dict[str, Any]) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX).sum()
+
+    @staticmethod
+    def loss_sum(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = model(
+            batch["input_ids"],
+            batch["targets"],
+            position_ids=batch.get("position_ids"),
+            document_ids=batch.get("document_ids"),
+        )
+        return loss, {}
