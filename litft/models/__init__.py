@@ -22,6 +22,11 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "mistral": ("litft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen2": ("litft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
     "qwen3": ("litft.models.llama", "LlamaConfig", "LlamaForCausalLM"),
+    "gemma": ("litft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma2": ("litft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "gemma3_text": ("litft.models.gemma", "GemmaConfig", "GemmaForCausalLM"),
+    "phi3": ("litft.models.phi3", "Phi3Config", "LlamaForCausalLM"),
+    "gpt_neox": ("litft.models.gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM"),
 }
 
 

@@ -62,6 +62,9 @@ class RopeConfig:
         params.pop("type", None)
         factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", partial_rotary_factor))
         rotary_dim = int(head_dim * factor)
+        if hf.get("original_max_position_embeddings") and rope_type in ("llama3", "yarn", "longrope"):
+            # Phi-3 keeps the pretraining length beside the rope settings; transformers gives that copy priority.
+            params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         return cls(
             theta=float(theta),
             rotary_dim=rotary_dim,
@@ -71,8 +74,11 @@ class RopeConfig:
         )
 
 
-def rope_inverse_frequencies(rope: RopeConfig, device: torch.device | None = None) -> tuple[torch.Tensor, float]:
-    """The per-pair rotation frequencies (float32) and the attention scaling factor of the chosen rope type."""
+def rope_inverse_frequencies(
+    rope: RopeConfig, device: torch.device | None = None, long_context: bool = False
+) -> tuple[torch.Tensor, float]:
+    """The per-pair rotation frequencies (float32) and the attention scaling factor of the chosen rope type
+    (`long_context` matters only to longrope: sequences longer than the original pretraining context)."""
     dim = rope.rotary_dim
     inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
     params = rope.params or {}
@@ -128,12 +134,12 @@ def rope_inverse_frequencies(rope: RopeConfig, device: torch.device | None = Non
         interpolation = inv_freq / factor
         inv_freq = interpolation * (1 - extrapolation_weight) + inv_freq * extrapolation_weight
     elif rope.rope_type == "longrope":
-        # Phi-3.5 / Phi-4-mini: per-frequency rescaling, the long factors beyond the original context.
+        # Phi-3.5 / Phi-4-mini: per-frequency rescaling. `long_context` picks the factors for sequences beyond the
+        # original context; RotaryEmbedding computes both tables and chooses per forward pass, as transformers does.
         original = float(params.get("original_max_position_embeddings") or rope.max_position_embeddings)
-        long_context = rope.max_position_embeddings > original
-        ext = torch.tensor(params["long_factor" if long_context else "short_factor"], dtype=torch.float32, device=device)
-        inv_freq = inv_freq / ext
-        factor = rope.max_position_embeddings / original
+        factors = params["long_factor" if long_context else "short_factor"]
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float32, device=device)
+        factor = float(params.get("factor") or rope.max_position_embeddings / original)
         if params.get("attention_factor") is not None:
             attention_factor = float(params["attention_factor"])
         elif factor > 1.0:
@@ -153,13 +159,25 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.rope = rope
         self._tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
+        self._long_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
 
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def frequencies(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         device = position_ids.device
         if device not in self._tables:
             self._tables[device] = rope_inverse_frequencies(self.rope, device)
-        inv_freq, attention_factor = self._tables[device]
-        with torch.autocast(device_type=device.type, enabled=False):
+        if self.rope.rope_type != "longrope":
+            return self._tables[device]
+        # Longrope switches to its long factors once this pass reaches past the original context (the whole pass
+        # uses one table, like transformers). torch.where keeps the choice on the device: no host sync.
+        if device not in self._long_tables:
+            self._long_tables[device] = rope_inverse_frequencies(self.rope, device, long_context=True)
+        (short, attention_factor), (long, _) = self._tables[device], self._long_tables[device]
+        original = (self.rope.params or {}).get("original_max_position_embeddings") or self.rope.max_position_embeddings
+        return torch.where(position_ids.max() + 1 > original, long, short), attention_factor
+
+    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, attention_factor = self.frequencies(position_ids)
+        with torch.autocast(device_type=position_ids.device.type, enabled=False):
             freqs = position_ids[..., None].float() * inv_freq  # (B, T, rotary_dim / 2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, rotary_dim)
             return emb.cos() * attention_factor, emb.sin() * attention_factor
@@ -249,17 +267,19 @@ def build_attention_context(
 
     `document_ids` (B, T) says which document each token belongs to: a token attends only to earlier tokens of
     its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
-    Without documents, cache offsets or a sliding window the mask is None and SDPA's causal fast path runs."""
+    With a KV cache the mask also covers every cached slot, whose document ids the cache keeps. Without documents,
+    cache offsets or a sliding window the mask is None and SDPA's causal fast path runs."""
     offset = kv_cache.length if kv_cache is not None else 0
     total = offset + seq_len
-    if kv_cache is not None and document_ids is not None:
-        kv_cache.document_ids[:, offset:total] = document_ids
     needs_window = sliding_window is not None and total > sliding_window
     if document_ids is None and offset == 0 and not needs_window:
+        if kv_cache is not None:
+            kv_cache.document_ids[:, :total] = 1
         return AttentionContext(None, None, kv_cache, is_causal=True)
-    if document_ids is None and seq_len == 1 and not needs_window:
-        # One new token attends to every filled slot: no mask at all.
-        return AttentionContext(None, None, kv_cache, is_causal=False)
+    if kv_cache is not None:
+        # Without document ids the new tokens are real ones (document 1); the cached ids still mask earlier padding.
+        kv_cache.document_ids[:, offset:total] = 1 if document_ids is None else document_ids
+        document_ids = kv_cache.document_ids[:, offset:total]
     query_slots = torch.arange(offset, total, device=device)
     key_slots = torch.arange(total, device=device)
     causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
@@ -318,3 +338,84 @@ def _expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def default_position_ids(batch_size: int, seq_len: int, offset: int, device: torch.device) -> torch.Tensor:
     return torch.arange(offset, offset + seq_len, device=device).unsqueeze(0).expand(batch_size, seq_len)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The surface every family's ...ForCausalLM shares
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class CausalLM(nn.Module):
+    """The surface every family's ...ForCausalLM shares (see litft.models). A family says where its modules live
+    (their Hugging Face names differ) and defines `decode`; the pass around it is the same everywhere:
+
+        hidden = decode(embed(input_ids), position_ids, context)  # (B, T, hidden_size), final norm applied
+        logits = logits(hidden)  # the head, plus any soft-capping
+
+    The KV cache is sized from `config.num_hidden_layers`, `num_key_value_heads` and `head_dim`."""
+
+    config: Any
+    embeddings_name: str  # dotted submodule names, e.g. "model.embed_tokens"
+    blocks_name: str  # the ModuleList of decoder layers: the unit of FSDP sharding and activation checkpointing
+    head_name: str
+
+    @property
+    def embeddings(self) -> nn.Embedding:
+        return self.get_submodule(self.embeddings_name)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.get_submodule(self.blocks_name)
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.get_submodule(self.head_name)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.head.weight = self.embeddings.weight
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)  # (B, T, hidden_size)
+
+    def decode(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        """Rotary tables, every block, then the final norm."""
+        raise NotImplementedError
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Runs the decoder. `position_ids` (B, T) restart at 0 per document in packed rows; `document_ids` (B, T)
+        keep each token's attention inside its document; with `kv_cache` the T tokens follow the cached ones."""
+        B, T = input_ids.shape
+        if position_ids is None:
+            offset = kv_cache.length if kv_cache is not None else 0
+            position_ids = default_position_ids(B, T, offset, input_ids.device)
+        window = getattr(self.config, "sliding_window", None)
+        context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window)
+        hidden = self.decode(self.embed(input_ids), position_ids, context)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)  # (B, T, vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        return self.logits(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))
+
+    def make_kv_cache(
+        self, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype
+    ) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim, device, dtype)

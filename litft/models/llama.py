@@ -5,7 +5,8 @@ and a SwiGLU MLP. The differences are config flags, read from the checkpoint's c
   - Mistral: `sliding_window` (every layer, where configured);
   - Qwen2: bias on the q, k, v projections (not on o);
   - Qwen3: RMSNorm over each head of q and k before the rotation (`qk_norm`);
-  - Llama 3.1: the `llama3` rope scaling rule; Llama 3.2: tied input/output embeddings.
+  - Llama 3.1: the `llama3` rope scaling rule; Llama 3.2: tied input/output embeddings;
+  - Phi-3 (litft.models.phi3): fused `qkv_proj` and `gate_up_proj` (`fused_projections`), partial rotary.
 Module and parameter names are Hugging Face's, so a checkpoint loads with no renaming.
 """
 
@@ -20,14 +21,12 @@ from torch import nn
 
 from litft.models.common import (
     AttentionContext,
-    KVCache,
+    CausalLM,
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
     apply_rotary,
     attention,
-    build_attention_context,
-    default_position_ids,
 )
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -49,6 +48,7 @@ class LlamaConfig:
     o_bias: bool = False  # bias on o (Llama with attention_bias)
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3
+    fused_projections: bool = False  # Phi-3: q, k, v stored as one `qkv_proj`, gate and up as one `gate_up_proj`
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
     model_type: str = "llama"
@@ -73,8 +73,8 @@ class LlamaConfig:
                 layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(n_layer)]
             else:
                 layer_types = ["sliding_attention"] * n_layer
-        if "sliding_attention" not in layer_types:
-            sliding_window = None
+        if sliding_window is None or "sliding_attention" not in layer_types:
+            sliding_window, layer_types = None, ["full_attention"] * n_layer
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -105,9 +105,13 @@ class LlamaAttention(nn.Module):
         self.n_kv_head = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.sliding = config.layer_types[layer_idx] == "sliding_attention"
-        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
+        self.qkv_sizes = [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim]
+        if config.fused_projections:
+            self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=config.qkv_bias)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=config.qkv_bias)
+            self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=config.qkv_bias)
+            self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.o_bias)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -117,9 +121,13 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -135,12 +143,19 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        if config.fused_projections:
+            self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -167,9 +182,11 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.rope)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     """The model with its language-model head. `forward` returns logits (B, T, vocab); training calls
     `hidden_states` and applies the head chunk by chunk inside the loss (see litft.training.loss)."""
+
+    embeddings_name, blocks_name, head_name = "model.embed_tokens", "model.layers", "lm_head"
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -177,54 +194,8 @@ class LlamaForCausalLM(nn.Module):
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.model.layers
-
-    @property
-    def embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        """Runs the decoder. `position_ids` (B, T) restart at 0 per document in packed rows; `document_ids` (B, T)
-        keep each token's attention inside its document; with `kv_cache` the T tokens follow the cached ones."""
-        B, T = input_ids.shape
-        offset = kv_cache.length if kv_cache is not None else 0
-        if position_ids is None:
-            position_ids = default_position_ids(B, T, offset, input_ids.device)
-        context = build_attention_context(
-            B, T, input_ids.device, document_ids, kv_cache, self.config.sliding_window
-        )
-        x = self.model.embed_tokens(input_ids)  # (B, T, hidden_size)
+    def decode(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         cos, sin = self.model.rotary_emb(position_ids)  # (B, T, rotary_dim) float32
         for layer in self.model.layers:
             x = layer(x, cos, sin, context)
-        if kv_cache is not None:
-            kv_cache.length += T
         return self.model.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-        kv_cache: KVCache | None = None,
-    ) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))
-
-    def make_kv_cache(self, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype) -> KVCache:
-        c = self.config
-        return KVCache(c.num_hidden_layers, batch_size, c.num_key_value_heads, max_length, c.head_dim, device, dtype)

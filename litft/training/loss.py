@@ -137,10 +137,4 @@ class CausalLMObjective(nn.Module):
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return causal_lm_loss(hidden, targets, output_head(self.model), self.model.logits, softcap, reduction)
-
-
-def output_head(model: nn.Module) -> nn.Module:
-    """The module that projects hidden states to the vocabulary (`lm_head`, or GPT-NeoX's `embed_out`)."""
-    head = getattr(model, "lm_head", None)
-    return head if head is not None else model.embed_out
+        return causal_lm_loss(hidden, targets, self.model.head, self.model.logits, softcap, reduction)
