@@ -1,0 +1,193 @@
+"""litft's side of the side-by-side GPU benchmark (the peers' side is `peers.py` from the shared bench folder).
+
+It runs litft's real code path: the checkpoint loader (4-bit quantization as weights load for QLoRA), the LoRA
+layers, the Fabric set-up, the chunked fused cross-entropy, the optimizer and `litft.training.loop.train_step`;
+for decoding, `litft.generation.generate`. Same protocol as the peers: Llama-3.2-1B / Llama-3.1-8B geometry, random
+weights and tokens, LoRA rank 16 / alpha 32 / dropout 0 on q,k,v,o,gate,up,down, bf16 base, fused AdamW, 3 warm-up
+and 8 timed steps, tokens/s = batch * seq * steps / time, peak = torch.cuda.max_memory_allocated.
+
+  python benchmarks/bench.py --task lora --shape llama-8b --batch 4 --seq 2048 [--ckpt] [--compile]
+  python benchmarks/bench.py --task qlora --shape llama-8b --batch 4 --seq 2048
+  python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256
+
+Prints one JSON line (peer "litft"), like peers.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SHAPES = {  # the geometry of Llama-3.2-1B and Llama-3.1-8B, as in peers.py
+    "llama-1b": dict(vocab=128256, hidden=2048, layers=16, heads=32, kv=8, inter=8192, tied=True),
+    "llama-8b": dict(vocab=128256, hidden=4096, layers=32, heads=32, kv=8, inter=14336, tied=False),
+    "tiny": dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, inter=128, tied=False),  # a CPU smoke test
+}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def synchronize() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_memory_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else 0.0
+TARGETS = ["q", "k", "v", "o", "gate", "up", "down"]
+PEAK_TFLOPS = 790.0
+
+
+def hf_config(shape: dict) -> dict:
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": shape["vocab"],
+        "hidden_size": shape["hidden"], "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
+        "num_key_value_heads": shape["kv"], "intermediate_size": shape["inter"], "max_position_embeddings": 8192,
+        "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": shape["tied"], "torch_dtype": "bfloat16",
+        "bos_token_id": 2, "eos_token_id": 3,
+    }
+
+
+def parameter_count(shape: dict) -> int:
+    embed = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2)
+    h, kv, heads = shape["hidden"], shape["kv"], shape["heads"]
+    per_layer = 2 * h * h + 2 * h * h * kv // heads + 3 * h * shape["inter"]
+    return embed + shape["layers"] * per_layer
+
+
+def flops_per_token(shape: dict, seq: int, recompute: bool) -> float:
+    attention = 4 * shape["layers"] * seq * shape["hidden"]
+    return (6 if recompute else 4) * parameter_count(shape) + 3 * attention
+
+
+def random_checkpoint(shape_name: str, folder: Path) -> Path:
+    """A random bf16 checkpoint in Hugging Face layout written by litft's own writer (reused when present, e.g.
+    the one peers.py saved: same layout, same names)."""
+    if (folder / "config.json").exists():
+        return folder
+    from litft.checkpoint import write_hf_checkpoint
+    from litft.models import build_model
+
+    config = hf_config(SHAPES[shape_name])
+    with torch.device(DEVICE):
+        model = build_model(config).to(torch.bfloat16)
+    for parameter in model.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_hf_checkpoint(folder, model.state_dict(), config)
+    del model
+    return folder
+
+
+def bench_training(args) -> dict:
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import load_for_training
+    from litft.training.config import TrainConfig
+    from litft.training.loop import train_step
+    from litft.training.loss import CausalLMObjective
+    from litft.training.objectives import SupervisedObjective
+    from litft.training.optim import make_optimizer
+    from litft.training.strategies import enable_activation_checkpointing, make_fabric
+
+    shape = SHAPES[args.shape]
+    checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
+    fabric = make_fabric(accelerator=DEVICE, devices=1, precision="32-true")
+    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
+    model = load_for_training(args.task, checkpoint, torch.bfloat16, fabric.device, lora,
+                              "bnb.nf4" if args.task == "qlora" else None)
+    if args.ckpt:
+        enable_activation_checkpointing(model)
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+    wrapped = fabric.setup_module(CausalLMObjective(model))
+    train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
+    optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
+    tokens = torch.randint(0, shape["vocab"], (args.batch, args.seq), device=fabric.device)
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+    batch = {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
+             "num_tokens": tokens.numel()}
+    objective = SupervisedObjective(pad_id=0)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            synchronize()
+            started = time.perf_counter()
+        train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
+    synchronize()
+    if args.profile:
+        profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
+    tokens_per_second = args.batch * args.seq * args.steps / (time.perf_counter() - started)
+    mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt) / (PEAK_TFLOPS * 1e12)
+    return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, compile=args.compile,
+                tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+
+
+def profile_steps(step, count: int = 2) -> None:
+    """Prints the kernels that take the GPU's time over `count` steps, to stderr (for the notes, not the table)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        for _ in range(count):
+            step()
+        synchronize()
+    print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
+          file=sys.stderr)
+
+
+@torch.inference_mode()
+def bench_decode(args) -> dict:
+    from litft.checkpoint import load_model
+    from litft.generation import generate
+
+    shape = SHAPES[args.shape]
+    checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
+    model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval()
+    prompt = torch.randint(0, shape["vocab"], (args.prompt,)).tolist()
+    generate(model, [prompt], 8, stop_ids=[])
+    synchronize()
+    started = time.perf_counter()
+    result = generate(model, [prompt], args.new, stop_ids=[])
+    synchronize()
+    if args.profile:
+        profile_steps(lambda: generate(model, [prompt], 16, stop_ids=[]), count=1)
+    made = len(result[0].token_ids)
+    return dict(prompt=args.prompt, new=args.new, tokens_per_s=round(made / (time.perf_counter() - started), 1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--task", choices=["lora", "qlora", "decode"], default="lora")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--ckpt", action="store_true", help="activation checkpointing on every block")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--checkpoint_dir", default=None)
+    parser.add_argument("--hf_dir", default=os.path.join(tempfile.gettempdir(), "peers-hf-checkpoint"))
+    args = parser.parse_args()
+    record = dict(peer="litft", task=args.task, shape=args.shape)
+    try:
+        record.update(bench_decode(args) if args.task == "decode" else bench_training(args))
+        record["peak_mem_gib"] = peak_memory_gib()
+    except Exception as error:  # report, so the rest of the benchmark command still runs
+        record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Turns the JSON lines of `bench.py` and `peers.py` (one GPU command) into the ratio table of the README.
+
+  python benchmarks/table.py results.jsonl > table.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+
+def row_key(record: dict) -> tuple:
+    if record["task"] == "decode":
+        return ("decode", record["shape"], f"{record.get('prompt', 128)} + {record.get('new', 256)}", False)
+    return (record["task"], record["shape"], f"{record.get('batch')} x {record.get('seq')}", bool(record.get("ckpt")))
+
+
+def main(path: str) -> None:
+    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for line in open(path):
+        line = line.strip()
+        if line.startswith("{"):
+            record = json.loads(line)
+            rows[row_key(record)][record["peer"]] = record
+    print("| task | shape | batch x seq | litft tok/s, GiB | Unsloth | HF+PEFT | LitGPT | litft / best peer (speed) | litft / leanest peer (memory) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (task, shape, size, ckpt), peers in rows.items():
+        def cell(name):
+            record = peers.get(name)
+            if record is None:
+                return "-"
+            if "error" in record:
+                return f"error: {record['error'][:60]}"
+            return f"{record['tokens_per_s']:,}, {record.get('peak_mem_gib', '?')}"
+
+        others = [r for n, r in peers.items() if n != "litft" and "error" not in r]
+        ours = peers.get("litft")
+        speed = memory = "-"
+        if ours and "error" not in ours and others:
+            best = max(others, key=lambda r: r["tokens_per_s"])
+            leanest = min(others, key=lambda r: r["peak_mem_gib"])
+            speed = f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x ({best['peer']})"
+            memory = f"{ours['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
+        label = task + (" + act. ckpt" if ckpt else "")
+        print(f"| {label} | {shape} | {size} | {cell('litft')} | {cell('unsloth')} | {cell('hf')} | {cell('litgpt')} | {speed} | {memory} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
