@@ -7,5 +7,5 @@ bash scripts/setup.sh
 . .venv/bin/activate
 out=out/quickstart
 litft finetune lora --config recipes/quickstart/lora.yaml --out_dir "$out" --overwrite true
-litft generate --checkpoint litft/assets/stories260K --adapter "$out/final" --chat true \
-  --prompt "What is your name?" --max_new_tokens 40 --temperature 0
+litft generate --checkpoint "$out/final" --chat true \
+  --prompt "What is your name?" --max_new_tokens 60 --temperature 0

@@ -1,0 +1,180 @@
+"""Frozen linear layers whose weight is stored quantized through bitsandbytes: the QLoRA base.
+
+`quantize_model` runs on the meta model (the `prepare` step of `litft.checkpoint.load_model`) and swaps every
+`nn.Linear` except the output head for a `QuantizedLinear`. The loader then hands each checkpoint weight to the
+layer's `load_checkpoint_tensor`, which quantizes it on the spot, so a full-precision copy of the model never exists.
+
+How the quantized weight is stored, so FSDP2 sharding and `state_dict` keep everything:
+  - `weight`: a frozen Parameter under the Hugging Face name. 4-bit: the packed nibbles viewed as the compute dtype
+    (bitsandbytes' `quant_storage`), shape (out * in / 2 / itemsize, 1). 8-bit: int8, shape (out, in).
+  - the quantization state (block scales, and for double quantization the scales of the scales and their code
+    book) as plain buffers `weight_absmax`, `weight_nested_absmax`, `weight_nested_code`, `weight_offset` (4-bit) or
+    `weight_scale` (8-bit). The bitsandbytes `QuantState` is rebuilt from these tensors at every use.
+
+The forward dequantizes the weight and runs a plain matmul; the backward dequantizes again instead of keeping the
+full-precision weight alive between forward and backward, which is what makes QLoRA's memory saving real.
+Do not cast a quantized model with `.to(dtype)`: that would reinterpret the packed data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from litft.errors import ConfigError
+
+QUANTIZE_MODES = ("bnb.nf4", "bnb.fp4", "bnb.int8")
+# Names of the output head across families; it stays in full precision (as in the QLoRA paper).
+OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
+BLOCKSIZE_4BIT = 64  # bitsandbytes' default, the one the QLoRA paper uses
+
+
+@dataclass(frozen=True)
+class WeightQuantization:
+    """How one layer's frozen weight is stored: the bitsandbytes format and the dtype it dequantizes to."""
+
+    mode: str
+    compute_dtype: torch.dtype
+    double_quant: bool = True
+
+    @property
+    def quant_type(self) -> str:
+        return self.mode.removeprefix("bnb.")
+
+    def store(self, module: nn.Module, weight: torch.Tensor) -> None:
+        """Quantizes `weight` (out, in) and puts the result on `module` as `weight` plus its state buffers."""
+        import bitsandbytes.functional as bnb_functional
+
+        if self.mode == "bnb.int8":
+            # bitsandbytes' CUDA kernel takes float16 only; weights are far inside its range.
+            quantized, row_scale, _ = bnb_functional.int8_vectorwise_quant(weight.to(torch.float16))
+            module.weight = nn.Parameter(quantized, requires_grad=False)  # (out, in) int8
+            module.register_buffer("weight_scale", row_scale)  # (out,) float32
+            return
+        packed, state = bnb_functional.quantize_4bit(
+            weight,
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+            quant_storage=self.compute_dtype,
+        )
+        module.weight = nn.Parameter(packed, requires_grad=False)  # (out * in / 2 / itemsize, 1)
+        module.register_buffer("weight_absmax", state.absmax)
+        if self.double_quant:
+            module.register_buffer("weight_nested_absmax", state.state2.absmax)
+            module.register_buffer("weight_nested_code", state.state2.code)
+            module.register_buffer("weight_offset", state.offset)
+            module.nested_blocksize = state.state2.blocksize
+
+    def dequantize(self, module: nn.Module) -> torch.Tensor:
+        """The weight (out, in) in the compute dtype, rebuilt from the layer's own tensors."""
+        import bitsandbytes.functional as bnb_functional
+
+        if self.mode == "bnb.int8":
+            return bnb_functional.int8_vectorwise_dequant(module.weight, module.weight_scale).to(self.compute_dtype)
+        nested_state = None
+        if self.double_quant:
+            nested_state = bnb_functional.QuantState(
+                absmax=module.weight_nested_absmax,
+                code=module.weight_nested_code,
+                blocksize=module.nested_blocksize,
+                dtype=torch.float32,
+            )
+        state = bnb_functional.QuantState(
+            absmax=module.weight_absmax,
+            shape=torch.Size((module.out_features, module.in_features)),
+            blocksize=BLOCKSIZE_4BIT,
+            quant_type=self.quant_type,
+            dtype=self.compute_dtype,
+            offset=module.weight_offset if self.double_quant else None,
+            state2=nested_state,
+        )
+        return bnb_functional.dequantize_4bit(module.weight, state)
+
+
+class _DequantizedLinear(torch.autograd.Function):
+    """x @ W^T + b with W dequantized in the forward and again in the backward, so only the packed weight is kept
+    for backward. The weight and bias are frozen; only the input gets a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.layer = layer
+        weight = layer.quantization.dequantize(layer).to(x.dtype)
+        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        weight = ctx.layer.quantization.dequantize(ctx.layer).to(grad_output.dtype)
+        return grad_output @ weight, None, None  # (..., out) @ (out, in) -> (..., in)
+
+
+def quantized_linear(layer: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+    """The output of a layer holding a quantized weight (a `QuantizedLinear`, or a `LoRALinear` over one)."""
+    return _DequantizedLinear.apply(x, layer, layer.bias if with_bias else None)
+
+
+def load_frozen_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Puts a checkpoint tensor on a frozen base layer, quantizing the weight if the layer stores it quantized."""
+    quantization: WeightQuantization | None = getattr(module, "quantization", None)
+    if name == "weight" and quantization is not None:
+        quantization.store(module, tensor)
+    else:
+        setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, new_module)
+
+
+class QuantizedLinear(nn.Module):
+    """A frozen `nn.Linear` whose weight is kept quantized (see the module docstring for the storage).
+
+    Built from an `nn.Linear` on the meta device it waits for `load_checkpoint_tensor`; built from a loaded one it
+    quantizes that weight at once."""
+
+    def __init__(self, linear: nn.Linear, quantization: WeightQuantization) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.quantization = quantization
+        # Until the checkpoint tensor arrives, `weight` is a (out, in) placeholder so the loader's shape check holds.
+        self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        if not linear.weight.is_meta:
+            quantization.store(self, linear.weight.detach())
+
+    def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        load_frozen_tensor(self, name, tensor)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.quantization.dequantize(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(self, x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.quantization.mode}"
+
+
+def quantize_model(
+    model: nn.Module, mode: str, compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = True
+) -> None:
+    """Replaces every `nn.Linear` except the output head by a frozen `QuantizedLinear` in `mode` (one of
+    QUANTIZE_MODES). Call it on the meta model before loading (weights are quantized as they load), then
+    `apply_lora`, before or after loading, wraps the quantized layers."""
+    if mode not in QUANTIZE_MODES:
+        raise ConfigError(f"--quantize {mode!r}: choose one of {', '.join(QUANTIZE_MODES)}")
+    if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ConfigError(f"quantization compute dtype {compute_dtype}: choose bfloat16, float16 or float32")
+    quantization = WeightQuantization(mode, compute_dtype, double_quant)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.rpartition(".")[2] not in OUTPUT_HEAD_NAMES:
+            replace_module(model, name, QuantizedLinear(module, quantization))

@@ -1,0 +1,136 @@
+"""`litft merge` through the CLI: the merged folder loads in transformers and reproduces the adapted model; bad
+input is refused in one line and never touches an existing output."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_LLAMA, save_tiny_hf_model
+from test_lora import hf_model, input_ids, litft_lora_model, randomize_adapter
+
+from litft.adapters.lora import LoRAConfig
+from litft.adapters.peft_format import save_peft_adapter
+from litft.cli import main
+
+
+def write_adapter(checkpoint_dir, folder, config: LoRAConfig) -> torch.Tensor:
+    """Saves a random adapter for `checkpoint_dir` and returns the adapted model's logits."""
+    model = litft_lora_model(checkpoint_dir, config)
+    randomize_adapter(model)
+    save_peft_adapter(model, config, folder, str(checkpoint_dir))
+    with torch.no_grad():
+        return model(input_ids())
+
+
+def run_merge(*args: str) -> None:
+    main(["merge", *map(str, args)])
+
+
+def refused(capsys, *args: str) -> str:
+    capsys.readouterr()  # drop what building the fixtures printed
+    with pytest.raises(SystemExit) as exit_info:
+        run_merge(*args)
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("litft: error: ") and "\n" not in error and "Traceback" not in error
+    return error
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LoRAConfig(rank=4, alpha=8, targets=["q", "v", "lm_head"]),
+        LoRAConfig(rank=4, alpha=8, targets=["all-linear"], dora=True, rslora=True),
+    ],
+)
+def test_merged_checkpoint_loads_in_transformers_with_the_adapted_logits(tiny_llama_dir, tmp_path, config):
+    adapted_logits = write_adapter(tiny_llama_dir, tmp_path / "adapter", config)
+    run_merge(
+        "--checkpoint",
+        tiny_llama_dir,
+        "--adapter",
+        tmp_path / "adapter",
+        "--out_dir",
+        tmp_path / "merged",
+        "--max_shard_size",
+        "100KB",
+    )
+
+    merged = tmp_path / "merged"
+    assert len(list(merged.glob("model-*.safetensors"))) > 1 and (merged / "model.safetensors.index.json").is_file()
+    assert (merged / "tokenizer.json").is_file()
+    assert not list(merged.glob("adapter_*")) and not list(tmp_path.glob(".merged*"))
+    with torch.no_grad():
+        logits = hf_model(merged)(input_ids=input_ids()).logits
+    torch.testing.assert_close(logits, adapted_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_precision_and_base_from_the_adapter_config(tiny_llama_dir, tmp_path):
+    write_adapter(tiny_llama_dir, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    # No --checkpoint: the adapter records its local base folder.
+    run_merge("--adapter", tmp_path / "adapter", "--out_dir", tmp_path / "merged", "--precision", "bfloat16")
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "merged" / "model.safetensors"), "pt") as handle:
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
+
+
+def test_missing_adapter_folder_is_refused(tiny_llama_dir, tmp_path, capsys):
+    error = refused(
+        capsys, "--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "nope", "--out_dir", tmp_path / "out"
+    )
+    assert "--adapter" in error and "no such folder" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_adapter_for_a_different_model_is_refused(tiny_llama_dir, tmp_path, capsys):
+    other = save_tiny_hf_model(
+        tmp_path / "other",
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        **{**TINY_LLAMA, "hidden_size": 32, "intermediate_size": 64},
+    )
+    write_adapter(other, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    error = refused(
+        capsys, "--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out_dir", tmp_path / "out"
+    )
+    assert "has shape (4, 32), the model needs (4, 64)" in error and "different base model" in error
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_existing_output_is_kept_unless_overwrite(tiny_llama_dir, tmp_path, capsys):
+    write_adapter(tiny_llama_dir, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    args = ("--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out_dir", out)
+    error = refused(capsys, *args)
+    assert f"--out_dir {out} exists and is not empty" in error and "--overwrite" in error
+    assert (out / "keep.txt").read_text() == "mine"
+
+    run_merge(*args, "--overwrite", "true")
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--precision", "fp8", "--precision 'fp8': choose auto"), ("--max_shard_size", "lots", "--max_shard_size 'lots'")],
+)
+def test_bad_flags_are_refused(tiny_llama_dir, tmp_path, capsys, flag, value, message):
+    write_adapter(tiny_llama_dir, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    error = refused(
+        capsys,
+        "--checkpoint",
+        tiny_llama_dir,
+        "--adapter",
+        tmp_path / "adapter",
+        "--out_dir",
+        tmp_path / "out",
+        flag,
+        value,
+    )
+    assert message in error
