@@ -144,11 +144,20 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._base_forward(x)  # (..., out)
+        if self.use_dora:
+            return self._dora_forward(x, result)
+        # The adapter computes in the activations' dtype: casting the two small matrices costs far less than a
+        # float32 copy of x, and the float32 parameters keep the optimizer's updates exact. The scaling applies to
+        # the rank-sized intermediate, and the add into the base output happens inside the second GEMM.
+        low_rank = nn.functional.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
+        update_weight = self.lora_B.weight.to(x.dtype).t()  # (rank, out)
+        flat = torch.addmm(result.reshape(-1, self.out_features), low_rank.reshape(-1, self.rank), update_weight)
+        return flat.view(result.shape)
+
+    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         dropped = self.lora_dropout(x)
         adapter_dtype = self.lora_A.weight.dtype
         lora_result = self.lora_B(self.lora_A(dropped.to(adapter_dtype))) * self.scaling  # (..., out)
-        if not self.use_dora:
-            return (result + lora_result).to(result.dtype)
         with torch.no_grad():
             weight = self.base_weight().to(adapter_dtype)
             weight_norm = (weight + self.delta_weight()).norm(dim=1)  # (out,)
