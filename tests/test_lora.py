@@ -116,7 +116,9 @@ def test_logits_and_gradients_match_peft(tiny_llama_dir, case):
     assert sorted(our_grads) == sorted(reference_grads)
     for name, grad in our_grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
-        torch.testing.assert_close(grad, reference_grads[name], atol=1e-4, rtol=1e-4, msg=name)
+        # Relative to the gradient's norm: its entries span orders of magnitude, float32 reassociation does not.
+        relative_error = (grad - reference_grads[name]).norm() / reference_grads[name].norm()
+        assert relative_error < 1e-5, (name, relative_error)
 
 
 @pytest.mark.parametrize("dora", [False, True])
