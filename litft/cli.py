@@ -67,6 +67,9 @@ def components() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
+    from litft.commands.slurm import slurm_passthrough
+
+    argv = slurm_passthrough(sys.argv[1:] if argv is None else argv)
     try:
         CLI(components(), args=argv, prog="litft", description="Fine-tune open LLMs on Lightning Fabric.")
     except LitftError as error:

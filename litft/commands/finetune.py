@@ -6,6 +6,8 @@ and in what is saved (a PEFT adapter, or a full Hugging Face checkpoint)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ def lora(
     devices: int | str = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    fsdp_cpu_offload: bool = False,
     logger: str = "csv",
     seed: int = 42,
     resume: str | None = None,
@@ -54,10 +57,13 @@ def lora(
         accelerator: auto, cuda or cpu.
         devices: Devices per node.
         num_nodes: Nodes (under SLURM, from the allocation).
-        strategy: auto, single, ddp or fsdp (FSDP2).
+        strategy: auto (DDP if the model and its optimizer state fit on one device, else FSDP2), single, ddp or
+            fsdp (FSDP2: weights, gradients and optimizer state sharded over the devices).
+        fsdp_cpu_offload: With --strategy fsdp, keep the sharded weights, gradients and optimizer state in host memory.
         logger: csv, tensorboard, wandb or none.
         seed: Seed for data order, adapter initialisation and dropout.
-        resume: "auto" (the latest checkpoint in out_dir) or a checkpoint folder to continue from.
+        resume: "auto" (the latest checkpoint in out_dir) or a checkpoint folder to continue from. A requeued
+            SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
     """
@@ -77,6 +83,7 @@ def qlora(
     devices: int | str = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    fsdp_cpu_offload: bool = False,
     logger: str = "csv",
     seed: int = 42,
     resume: str | None = None,
@@ -97,10 +104,12 @@ def qlora(
         accelerator: auto, cuda or cpu.
         devices: Devices per node.
         num_nodes: Nodes.
-        strategy: auto, single, ddp or fsdp (FSDP2).
+        strategy: auto (DDP if the model and its optimizer state fit on one device, else FSDP2), single, ddp or
+            fsdp (FSDP2: weights, gradients and optimizer state sharded over the devices).
+        fsdp_cpu_offload: With --strategy fsdp, keep the sharded weights, gradients and optimizer state in host memory.
         logger: csv, tensorboard, wandb or none.
         seed: Seed for data order, adapter initialisation and dropout.
-        resume: "auto" or a checkpoint folder to continue from.
+        resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
     """
@@ -118,6 +127,7 @@ def full(
     devices: int | str = 1,
     num_nodes: int = 1,
     strategy: str = "auto",
+    fsdp_cpu_offload: bool = False,
     logger: str = "csv",
     seed: int = 42,
     resume: str | None = None,
@@ -136,10 +146,12 @@ def full(
         accelerator: auto, cuda or cpu.
         devices: Devices per node.
         num_nodes: Nodes.
-        strategy: auto, single, ddp or fsdp (FSDP2).
+        strategy: auto (DDP if the model and its optimizer state fit on one device, else FSDP2), single, ddp or
+            fsdp (FSDP2: weights, gradients and optimizer state sharded over the devices).
+        fsdp_cpu_offload: With --strategy fsdp, keep the sharded weights, gradients and optimizer state in host memory.
         logger: csv, tensorboard, wandb or none.
         seed: Seed for data order and dropout.
-        resume: "auto" or a checkpoint folder to continue from.
+        resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
     """
@@ -181,14 +193,16 @@ def without_secrets(value: Any) -> Any:
 def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool, is_global_zero: bool) -> Path | None:
     """Refuses to write into a previous run's folder unless resuming or overwriting; returns the checkpoint to
     resume from, if any."""
-    from litft.training.loop import checkpoint_folder, latest_checkpoint
+    from litft.training.loop import CHECKPOINT_METADATA, checkpoint_folder, is_checkpoint, latest_checkpoint
 
     if resume is not None:
         if resume == "auto":
             return latest_checkpoint(out_dir)
         path = Path(resume)
-        if not (path / "state.ckpt").exists():
-            raise ConfigError(f"--resume {resume}: no state.ckpt in that folder; pass a folder from {checkpoint_folder(out_dir)}")
+        if not is_checkpoint(path):
+            raise ConfigError(
+                f"--resume {resume}: no {CHECKPOINT_METADATA} in that folder; pass a folder from {checkpoint_folder(out_dir)}"
+            )
         return path
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
@@ -200,6 +214,33 @@ def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool, is_globa
             for name in ("metrics.csv", "loss.png", "hparams.yaml"):
                 (out_dir / name).unlink(missing_ok=True)
     return None
+
+
+def read_metrics(out_dir: Path, up_to_step: int) -> list[dict[str, str]]:
+    """The rows of an earlier run's metrics.csv up to `up_to_step` (Fabric's CSV logger replaces the file when a
+    resumed run logs, so they are put back afterwards by `prepend_metrics`)."""
+    path = out_dir / "metrics.csv"
+    if not path.is_file():
+        return []
+    with path.open(newline="") as file:
+        return [row for row in csv.DictReader(file) if row.get("step") and int(row["step"]) <= up_to_step]
+
+
+def prepend_metrics(out_dir: Path, earlier: list[dict[str, str]]) -> None:
+    from litft.checkpoint import atomic_write_text
+
+    path = out_dir / "metrics.csv"
+    later = []
+    if path.is_file():
+        with path.open(newline="") as file:
+            later = list(csv.DictReader(file))
+    rows = earlier + later
+    fieldnames = sorted({name for row in rows for name in row}, key=lambda name: (name != "step", name))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fieldnames)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def make_loggers(kind: str, out_dir: Path) -> list:
@@ -239,6 +280,7 @@ def run_finetune(
     compile: bool,
     lora: LoRAConfig | None = None,
     quantize: str | None = None,
+    fsdp_cpu_offload: bool = False,
 ) -> Path:
     from lightning.fabric.utilities.seed import seed_everything
 
@@ -250,7 +292,8 @@ def run_finetune(
     from litft.training.loss import CausalLMObjective
     from litft.training.objectives import SupervisedObjective
     from litft.training.optim import make_optimizer, make_scheduler
-    from litft.training.strategies import log, make_fabric, resolve_precision
+    from litft.training.signals import PreemptionSignal, resume_after_requeue
+    from litft.training.strategies import is_fsdp, log, make_fabric, resolve_precision
 
     # ---- setup -------------------------------------------------------------------------------------------------
     if checkpoint is None:
@@ -260,9 +303,15 @@ def run_finetune(
     checkpoint = checkpoint_dir_or_error(checkpoint)
     train.validate()
     out_dir = Path(out_dir)
+    resume = resume_after_requeue(resume)
     precision_name, weights_dtype, fabric_precision = resolve_precision(precision, accelerator)
-    fabric = make_fabric(accelerator, devices, num_nodes, strategy, fabric_precision, make_loggers(logger, out_dir))
+    memory = model_memory(method, checkpoint, weights_dtype, lora, quantize) if strategy == "auto" else None
+    fabric = make_fabric(
+        accelerator, devices, num_nodes, strategy, fabric_precision, make_loggers(logger, out_dir), memory,
+        fsdp_cpu_offload,
+    )
     fabric.launch()
+    preemption = PreemptionSignal(fabric)  # from here on SIGUSR1 / SIGTERM save a checkpoint and stop
     resume_from = prepare_out_dir(out_dir, resume, overwrite, fabric.is_global_zero)
     seed_everything(seed, verbose=False)
     log_rank_zero = (lambda message: log(message)) if fabric.is_global_zero else (lambda message: None)
@@ -276,7 +325,8 @@ def run_finetune(
     val_rows = make_rows(val_samples, data.max_seq_length, data.pack, seed) if val_samples else None
 
     # ---- model -------------------------------------------------------------------------------------------------
-    model = load_for_training(method, checkpoint, weights_dtype, fabric.device, lora, quantize)
+    sharded = is_fsdp(fabric)
+    model = load_for_strategy(fabric, method, checkpoint, weights_dtype, lora, quantize)
     if train.activation_checkpointing:
         from litft.training.strategies import enable_activation_checkpointing
 
@@ -288,7 +338,7 @@ def run_finetune(
     total = sum(p.numel() for p in model.parameters())
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}")
-    wrapped = fabric.setup_module(CausalLMObjective(model))
+    wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train))
@@ -296,30 +346,119 @@ def run_finetune(
     scheduler = make_scheduler(optimizer, steps, train)
     progress = Progress()
     state = TrainingState(fabric, wrapped, optimizer, scheduler, progress, full_weights=method == "full")
+    earlier_metrics: list[dict[str, str]] = []
     if resume_from is not None:
         state.load(resume_from)
         log_rank_zero(f"resumed from {resume_from} at step {progress.step}")
+        if fabric.is_global_zero:
+            earlier_metrics = read_metrics(out_dir, up_to_step=progress.step)
 
     # ---- loop --------------------------------------------------------------------------------------------------
     run_config = FinetuneRun(
         method=method, checkpoint=str(checkpoint), out_dir=str(out_dir), data=asdict(data), train=asdict(train),
         eval=asdict(eval), lora=asdict(lora) if lora is not None else None, quantize=quantize,
         precision=precision_name, devices=devices, num_nodes=num_nodes, strategy=strategy, seed=seed,
+        extra={"fsdp_cpu_offload": fsdp_cpu_offload} if fsdp_cpu_offload else {},
     )
-    sample_fn = make_sample_fn(model, tokenizer, template, eval) if eval.sample_prompt else None
+    sample_fn = make_sample_fn(model, tokenizer, template, eval) if eval.sample_prompt and not sharded else None
     result = fit(
-        fabric, wrapped, optimizer, scheduler, SupervisedObjective(pad_id=tokenizer.pad_id or 0), train_rows,
-        val_rows, train, eval, out_dir, seed, state, sample_fn=sample_fn,
+        fabric, wrapped, optimizer, scheduler, SupervisedObjective(pad_id=padding_id(tokenizer)), train_rows,
+        val_rows, train, eval, out_dir, seed, state, sample_fn=sample_fn, should_stop=preemption,
     )
+    for run_logger in fabric.loggers:
+        run_logger.finalize("success" if result.stopped_early is None else "interrupted")
+    if earlier_metrics:
+        prepend_metrics(out_dir, earlier_metrics)
+    if result.stopped_early == "signal":
+        preemption.requeue()
+        log_rank_zero(f"stopped by {preemption.name} at step {progress.step}; the checkpoint is saved in {out_dir}")
+        return out_dir / "final"
 
     # ---- save --------------------------------------------------------------------------------------------------
     final_dir = out_dir / "final"
-    if result.stopped_early is None and fabric.is_global_zero:
-        save_final(method, model, checkpoint, read_hf_config(checkpoint), lora, template, run_config, final_dir)
-        plot_history(progress.history, out_dir / "loss.png")
-        log_rank_zero(f"saved {final_dir}")
+    if result.stopped_early is None:
+        from litft.training.parallel import consolidated
+
+        with consolidated(model, trained_only=method != "full") as full_weights:
+            if fabric.is_global_zero:
+                save_final(
+                    method, model, checkpoint, read_hf_config(checkpoint), lora, template, run_config, final_dir,
+                    state_dict=full_weights,
+                )
+                plot_history(progress.history, out_dir / "loss.png")
+                log_rank_zero(f"saved {final_dir}")
     fabric.barrier()
     return final_dir
+
+
+def load_for_strategy(
+    fabric, method: str, checkpoint: Path, dtype: torch.dtype, lora_config: LoRAConfig | None, quantize: str | None
+):
+    """`load_for_training` for the run's strategy. Under FSDP2 only rank 0 reads the checkpoint, into host memory
+    (a 4-bit base straight onto its device, where bitsandbytes quantizes fast); the other ranks get the structure
+    alone, on the meta device, and receive their shards in `setup_for_strategy`."""
+    from litft.training.strategies import is_fsdp
+
+    if not is_fsdp(fabric):
+        return load_for_training(method, checkpoint, dtype, fabric.device, lora_config, quantize)
+    from litft.training.parallel import share_model
+
+    load_device = fabric.device if method == "qlora" else torch.device("cpu")
+    return share_model(fabric, lambda: load_for_training(method, checkpoint, dtype, load_device, lora_config, quantize))
+
+
+def setup_for_strategy(fabric, module: torch.nn.Module):
+    """`fabric.setup_module(module)`; under FSDP2 the shards are then filled from rank 0's weights."""
+    from litft.training.strategies import is_fsdp
+
+    if not is_fsdp(fabric):
+        return fabric.setup_module(module)
+    from litft.training.parallel import load_full_state
+
+    full_state = module.state_dict() if fabric.global_rank == 0 else None
+    wrapped = fabric.setup_module(module)
+    load_full_state(wrapped.module, full_state)
+    return wrapped
+
+
+def model_memory(method: str, checkpoint: Path, dtype: torch.dtype, lora_config: LoRAConfig | None, quantize: str | None):
+    """What the model would take on one device unsharded (for `--strategy auto`), counted on the meta device."""
+    from litft.adapters.lora import apply_lora, lora_modules
+    from litft.adapters.quantization import QuantizedLinear, quantize_model
+    from litft.checkpoint import read_hf_config
+    from litft.models import build_model
+    from litft.training.strategies import ModelMemory
+
+    with torch.device("meta"):
+        model = build_model(read_hf_config(checkpoint))
+        if method == "qlora" and quantize is not None:
+            quantize_model(model, quantize, compute_dtype=dtype)
+        if method in ("lora", "qlora"):
+            apply_lora(model, lora_config)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    # 4-bit: half a byte per weight plus a one-byte scale per block of 64; 8-bit: one byte per weight.
+    quantized_bytes_per_weight = 1.0 if quantize == "bnb.int8" else 0.5 + 1 / 64
+    quantized = {id(m.weight) for m in model.modules() if isinstance(m, QuantizedLinear) or getattr(m, "quantization", None)}
+    weight_bytes = sum(
+        p.numel() * (quantized_bytes_per_weight if id(p) in quantized else element_size) for p in model.parameters()
+    )
+    if method == "full":
+        trained = sum(p.numel() for p in model.parameters())
+        trained_bytes = trained * element_size
+    else:
+        adapters = lora_modules(model).values()
+        trained = sum(m.rank * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0) for m in adapters)
+        trained_bytes = trained * 4  # adapters are float32
+    return ModelMemory(weight_bytes=int(weight_bytes + trained_bytes), trained_parameters=trained, trained_bytes=trained_bytes)
+
+
+def padding_id(tokenizer) -> int:
+    """The id that fills padded positions. Its value never matters to the loss (padding is masked by position),
+    but it must be a valid embedding row."""
+    for candidate in (tokenizer.pad_id, tokenizer.eos_id):
+        if candidate is not None:
+            return candidate
+    return 0
 
 
 def load_for_training(
@@ -362,27 +501,33 @@ def make_sample_fn(model, tokenizer, template, eval_config: EvalConfig):
 
     prompt = template.render([{"role": "user", "content": eval_config.sample_prompt}], add_generation_prompt=True)
     prompt_ids = tokenizer.encode(prompt)
+    # A template's end-of-turn token (chatml's <|im_end|>) ends the answer even where it is not the tokenizer's EOS.
+    stop_ids = tokenizer.stop_ids + [tokenizer.token_to_id(t) for t in template.stop_tokens if tokenizer.token_to_id(t) is not None]
 
     def sample() -> str:
         was_training = model.training
         model.eval()
-        result = generate(model, [prompt_ids], eval_config.max_new_tokens, tokenizer.stop_ids, pad_id=tokenizer.pad_id or 0)
+        result = generate(model, [prompt_ids], eval_config.max_new_tokens, stop_ids, pad_id=padding_id(tokenizer))
         model.train(was_training)
         return tokenizer.decode(result[0].token_ids)
 
     return sample
 
 
-def save_final(method, model, checkpoint: Path, hf_config: dict, lora_config, template, run_config, final_dir: Path):
+def save_final(
+    method, model, checkpoint: Path, hf_config: dict, lora_config, template, run_config, final_dir: Path,
+    state_dict: dict[str, torch.Tensor] | None = None,
+):
     """The run's product: a PEFT adapter (LoRA / QLoRA) or a Hugging Face checkpoint (full), with the tokenizer
-    files, the chat template used for training, and the run configuration without secrets."""
+    files, the chat template used for training, and the run configuration without secrets. `state_dict`: the
+    model's full weights when `model` itself holds only shards (FSDP2, full fine-tuning)."""
     from litft.chat_templates import save_chat_template
     from litft.checkpoint import AtomicDirectory, copy_tokenizer_files, write_hf_checkpoint
 
     run_payload = without_secrets({**asdict(run_config), "base_checkpoint": str(checkpoint.resolve())})
     with AtomicDirectory(final_dir) as tmp:
         if method == "full":
-            write_hf_checkpoint(tmp, model.state_dict(), hf_config)
+            write_hf_checkpoint(tmp, state_dict if state_dict is not None else model.state_dict(), hf_config)
         else:
             from litft.adapters.peft_format import save_peft_adapter
 

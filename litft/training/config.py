@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from litft.errors import ConfigError
 
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw", "sgd")
+
 
 @dataclass
 class TrainConfig:
@@ -26,7 +28,7 @@ class TrainConfig:
         beta1: Adam beta1.
         beta2: Adam beta2.
         max_norm: Clip the global gradient norm to this value (None: no clipping).
-        optimizer: "adamw", "adamw8bit" or "paged_adamw8bit" (8-bit ones need bitsandbytes).
+        optimizer: "adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw" (bitsandbytes) or "sgd".
         activation_checkpointing: Recompute each decoder block in the backward pass instead of storing it.
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         log_interval: Log metrics every this many steps.
@@ -55,8 +57,8 @@ class TrainConfig:
             raise ConfigError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--train.lr_scheduler {self.lr_scheduler!r}: choose cosine, linear or constant")
-        if self.optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw"):
-            raise ConfigError(f"--train.optimizer {self.optimizer!r}: choose adamw, adamw8bit, paged_adamw8bit or paged_adamw")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--train.optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.lr <= 0:
             raise ConfigError("--train.lr must be positive")
         if self.max_steps is not None and self.max_steps < 1:

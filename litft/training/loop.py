@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -130,18 +131,44 @@ def restore_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+CHECKPOINT_METADATA = "trainer_state.pt"  # beside the tensors: scheduler, progress, RNG states
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / CHECKPOINT_METADATA).is_file()
+
+
 class TrainingState:
-    """Saves and restores everything a resumed run needs, through Fabric (one file under DDP, a sharded folder
-    under FSDP2), atomically."""
+    """Saves and restores everything a resumed run needs, atomically (written under a temporary name, then
+    renamed).
+
+    The tensors (trained weights, optimizer state) go through torch's distributed checkpoint (DCP), keyed by
+    parameter name: under FSDP2 every rank writes its own shards in parallel, under DDP rank 0 writes the one
+    replica. DCP reshards on load, so a checkpoint written by any strategy and world size resumes under any other
+    (FSDP2 on 8 GPUs -> DDP on 2 -> one device). Adapter runs save only the trained tensors: the frozen base is
+    already on disk. Fabric's own `save` is not used because it can neither filter a sharded checkpoint nor load
+    one into an unsharded model."""
 
     def __init__(self, fabric: Fabric, model: nn.Module, optimizer, scheduler, progress: Progress, full_weights: bool):
-        self.fabric, self.model, self.optimizer, self.scheduler = fabric, model, optimizer, scheduler
-        self.progress = progress
-        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-        # Adapter runs save only the trainable tensors: the frozen base is already on disk.
-        self.model_filter = None if full_weights else (lambda name, _value: name in trainable)
+        self.fabric, self.scheduler, self.progress = fabric, scheduler, progress
+        # The unwrapped module and optimizer: DCP names tensors by their parameter names, with no wrapper prefix.
+        self.module: nn.Module = getattr(model, "module", model)
+        self.optimizer: torch.optim.Optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.full_weights = full_weights
+
+    def _tensor_state(self) -> dict[str, Any]:
+        """The current tensors by name (sharded DTensors under FSDP2): the source of a save, the target of a load."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model_state = get_model_state_dict(self.module)
+        if not self.full_weights:
+            trained = {name for name, p in self.module.named_parameters() if p.requires_grad}
+            model_state = {name: value for name, value in model_state.items() if name in trained}
+        return {"model": model_state, "optimizer": get_optimizer_state_dict(self.module, self.optimizer)}
 
     def save(self, out_dir: Path) -> Path:
+        import torch.distributed.checkpoint as dcp
+
         fabric = self.fabric
         target = checkpoint_folder(out_dir) / f"step-{self.progress.step:08d}"
         tmp = target.with_name(f".{target.name}.tmp")
@@ -149,15 +176,12 @@ class TrainingState:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         fabric.barrier()
-        state = {
-            "model": self.model,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler.state_dict(),
-            "progress": asdict(self.progress),
-            "rng": rng_states(),
-        }
-        filter_ = {"model": self.model_filter} if self.model_filter else None
-        fabric.save(tmp / "state.ckpt", state, filter=filter_)
+        with warnings.catch_warnings():  # DCP warns that a run without a process group saves from one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.save(self._tensor_state(), checkpoint_id=tmp)
+        if fabric.global_rank == 0:
+            metadata = {"scheduler": self.scheduler.state_dict(), "progress": asdict(self.progress), "rng": rng_states()}
+            torch.save(metadata, tmp / CHECKPOINT_METADATA)
         fabric.barrier()
         if fabric.global_rank == 0:
             if target.exists():
@@ -167,11 +191,23 @@ class TrainingState:
         return target
 
     def load(self, path: Path) -> None:
-        state = {"model": self.model, "optimizer": self.optimizer}
-        remainder = self.fabric.load(path / "state.ckpt", state, strict=self.model_filter is None)
-        self.scheduler.load_state_dict(remainder["scheduler"])
-        self.progress.__dict__.update(remainder["progress"])
-        restore_rng_states(remainder["rng"])
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        state = self._tensor_state()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(self.module, state["model"], options=StateDictOptions(strict=self.full_weights))
+        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"])
+        metadata = torch.load(path / CHECKPOINT_METADATA, weights_only=True)
+        self.scheduler.load_state_dict(metadata["scheduler"])
+        self.progress.__dict__.update(metadata["progress"])
+        restore_rng_states(metadata["rng"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,6 +296,8 @@ def fit(
                 peak_memory_gib=_memory_gib(fabric.device),
             )
             if not math.isfinite(metrics["loss"]):
+                if progress_bar is not None:
+                    progress_bar.close()  # so the error starts on a line of its own
                 last = latest_checkpoint(out_dir)
                 raise TrainingStopped(
                     f"the loss became {metrics['loss']} at step {progress.step}; lower --train.lr or check the data"

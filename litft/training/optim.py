@@ -25,6 +25,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     betas = (config.beta1, config.beta2)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr)
     if config.optimizer == "adamw":
         fused = all(p.device.type == "cuda" for p in params)
         return torch.optim.AdamW(groups, lr=config.lr, betas=betas, fused=fused or None)

@@ -4,12 +4,20 @@ Precision is split in two. The model's weights are loaded straight into their tr
 ("bf16-true" loads bf16 tensors), so Fabric is never asked to cast a module: casting would also cast the float32
 quantization state (block scales) of 4-bit layers. Fabric keeps the mixed-precision modes (autocast, gradient
 scaling), which do not touch stored weights.
+
+Strategies: "single" (one device), "ddp" (a full replica per device, gradients all-reduced) and "fsdp" (FSDP2
+through Fabric's `ModelParallelStrategy`: every decoder block and then the root are `fully_shard`ed, see
+`litft.training.parallel`). "auto" is "single" on one device; on several it is DDP when the model, its gradients
+and its optimizer state fit on one device, FSDP2 otherwise.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
+from dataclasses import dataclass
 
 import torch
 from lightning.fabric import Fabric
@@ -19,6 +27,11 @@ from litft.errors import ConfigError
 
 PRECISIONS = ("bf16-true", "16-true", "32-true", "bf16-mixed", "16-mixed")
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
+# DDP is chosen only if the weights, gradients and optimizer state take at most this share of a device's memory;
+# the rest is left for activations, the logits chunks and the allocator's fragmentation.
+DDP_MEMORY_SHARE = 0.7
+# AdamW keeps two float32 moments per trained parameter.
+OPTIMIZER_BYTES_PER_TRAINED_PARAMETER = 8
 
 
 def resolve_precision(precision: str | None, accelerator: str) -> tuple[str, torch.dtype, str]:
@@ -35,6 +48,78 @@ def resolve_precision(precision: str | None, accelerator: str) -> tuple[str, tor
     return precision, weights_dtype, fabric_precision
 
 
+@dataclass(frozen=True)
+class ModelMemory:
+    """What a model needs on one device when it is not sharded, from its parameter counts and dtypes."""
+
+    weight_bytes: int  # every parameter and buffer as stored (4-bit bases at their packed size)
+    trained_parameters: int
+    trained_bytes: int  # the trained parameters as stored; their gradients take as much again
+
+    @property
+    def unsharded_bytes(self) -> int:
+        return self.weight_bytes + self.trained_bytes + OPTIMIZER_BYTES_PER_TRAINED_PARAMETER * self.trained_parameters
+
+
+def device_memory_bytes(accelerator: str) -> int | None:
+    """The memory of one device, or None on CPU (host memory is not what limits a CPU run)."""
+    if accelerator in ("cuda", "gpu", "auto") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return None
+
+
+def count_devices(accelerator: str, devices: int | str) -> int:
+    """`--devices` as a number: "auto" and -1 mean every visible GPU (or 1 on CPU)."""
+    if devices in ("auto", -1, "-1"):
+        return torch.cuda.device_count() if accelerator != "cpu" and torch.cuda.is_available() else 1
+    try:
+        count = int(devices)
+    except ValueError:
+        raise ConfigError(f"--devices {devices!r}: pass a number of devices per node, or auto") from None
+    if count < 1:
+        raise ConfigError(f"--devices {devices}: must be at least 1 (or auto)")
+    return count
+
+
+def choose_strategy(
+    strategy: str, world_size: int, memory: ModelMemory | None, device_bytes: int | None
+) -> tuple[str, str]:
+    """The strategy to run ("single", "ddp" or "fsdp") for `--strategy` and the reason, for the log."""
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    if strategy == "single" and world_size > 1:
+        raise ConfigError(f"--strategy single runs on one device, but {world_size} were asked for; use auto, ddp or fsdp")
+    if strategy != "auto":
+        return strategy, "as asked by --strategy"
+    if world_size == 1:
+        return "single", "one device"
+    if memory is None or device_bytes is None:
+        return "ddp", "the device memory is not limiting (CPU)"
+    needed, budget = memory.unsharded_bytes / 1024**3, DDP_MEMORY_SHARE * device_bytes / 1024**3
+    if memory.unsharded_bytes <= DDP_MEMORY_SHARE * device_bytes:
+        return "ddp", f"weights, gradients and optimizer state take {needed:.1f} GiB, within {budget:.1f} GiB per device"
+    return "fsdp", f"weights, gradients and optimizer state take {needed:.1f} GiB, more than {budget:.1f} GiB per device"
+
+
+def check_slurm_allocation(devices: int, num_nodes: int) -> None:
+    """Under SLURM every task is one rank: the allocation must match --devices x --num_nodes, or the ranks that
+    were asked for but never started leave the others waiting forever at the first collective."""
+    if "SLURM_NTASKS" not in os.environ or os.environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    tasks = int(os.environ["SLURM_NTASKS"])
+    nodes = int(os.environ.get("SLURM_NNODES") or os.environ.get("SLURM_JOB_NUM_NODES") or num_nodes)
+    # SLURM writes e.g. "4" or "4(x2)" (four tasks on each of two nodes).
+    per_node_text = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or ""
+    match = re.match(r"\d+", per_node_text)
+    tasks_per_node = int(match.group()) if match else tasks // max(nodes, 1)
+    if tasks_per_node != devices or nodes != num_nodes or tasks != devices * num_nodes:
+        raise ConfigError(
+            f"--devices {devices} --num_nodes {num_nodes} do not match the SLURM allocation ({nodes} node(s), "
+            f"{tasks_per_node} task(s) per node, {tasks} in all): pass --devices {tasks_per_node} --num_nodes {nodes}, "
+            "or set #SBATCH --ntasks-per-node to the GPUs per node (see `litft slurm`)"
+        )
+
+
 def make_fabric(
     accelerator: str = "auto",
     devices: int | str = 1,
@@ -42,21 +127,31 @@ def make_fabric(
     strategy: str = "auto",
     precision: str = "32-true",
     loggers: list | None = None,
+    memory: ModelMemory | None = None,
+    fsdp_cpu_offload: bool = False,
 ) -> Fabric:
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"--strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
+    """A Fabric for `strategy` (see the module docstring; "auto" weighs `memory` against the device's).
+    `fsdp_cpu_offload` keeps FSDP2's parameter shards, gradients and optimizer state in host memory."""
     if accelerator == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--accelerator cuda: no CUDA GPU is visible on this machine; use --accelerator cpu")
-    multi = num_nodes > 1 or devices not in (1, "1")
-    if strategy == "fsdp":
-        fabric_strategy = _fsdp2_strategy()
-    elif strategy == "ddp" or (strategy == "auto" and multi):
+    if num_nodes < 1:
+        raise ConfigError(f"--num_nodes {num_nodes}: must be at least 1")
+    device_count = count_devices(accelerator, devices)
+    check_slurm_allocation(device_count, num_nodes)
+    chosen, reason = choose_strategy(strategy, device_count * num_nodes, memory, device_memory_bytes(accelerator))
+    if fsdp_cpu_offload and chosen != "fsdp":
+        raise ConfigError(f"--fsdp_cpu_offload needs --strategy fsdp (the run uses {chosen})")
+    if strategy == "auto" and _is_first_process():
+        log(f"strategy: {chosen} ({reason})")
+    if chosen == "fsdp":
+        fabric_strategy = _fsdp2_strategy(device_count * num_nodes, precision, fsdp_cpu_offload)
+    elif chosen == "ddp":
         fabric_strategy = "ddp"
     else:
         fabric_strategy = "auto"
     return Fabric(
         accelerator=accelerator,
-        devices=devices,
+        devices=device_count,
         num_nodes=num_nodes,
         strategy=fabric_strategy,
         precision=precision,
@@ -64,17 +159,36 @@ def make_fabric(
     )
 
 
-def _fsdp2_strategy():
+def _is_first_process() -> bool:
+    """Before Fabric starts the ranks: is this the process that becomes global rank 0 (the launching process, or
+    SLURM's task 0)?"""
+    rank_variables = ("SLURM_PROCID", "LOCAL_RANK", "NODE_RANK") if "SLURM_NTASKS" in os.environ else ("LOCAL_RANK", "NODE_RANK")
+    return all(int(os.environ.get(name, "0")) == 0 for name in rank_variables)
+
+
+def _fsdp2_strategy(world_size: int, precision: str, cpu_offload: bool):
     from lightning.fabric.strategies import ModelParallelStrategy
 
     from litft.training.parallel import parallelize_fsdp2
 
-    return ModelParallelStrategy(parallelize_fn=parallelize_fsdp2, data_parallel_size="auto", tensor_parallel_size=1)
+    parallelize = functools.partial(
+        parallelize_fsdp2, mixed_precision=precision == "bf16-mixed", cpu_offload=cpu_offload
+    )
+    # One data-parallel dimension over every rank; litft does not do tensor parallelism.
+    return ModelParallelStrategy(parallelize_fn=parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
+
+
+def is_fsdp(fabric: Fabric) -> bool:
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """Recomputes each decoder block in the backward pass. The block's `forward` is wrapped on the instance, so
-    module and parameter names stay unchanged (checkpoints and adapters keep their keys)."""
+    module and parameter names stay unchanged (checkpoints and adapters keep their keys). Under FSDP2 the block is
+    sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
+    after the pre-backward hook has gathered the block's weights again."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.blocks:

@@ -1,0 +1,176 @@
+"""Multi-process training on CPU (gloo): DDP and FSDP2 runs train exactly like one process with the same global
+batch, checkpoints move between world sizes, and a QLoRA base sharded with FSDP2 computes the same logits.
+
+The runs are real `litft finetune` subprocesses; Fabric's launcher starts the second rank."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "instruct" / "oasst_first_turn_100.alpaca.json"
+STEPS = 4
+TOLERANCE = 1e-5
+
+
+def finetune(checkpoint: Path, out_dir: Path, cache_dir: Path, *extra: str, method: str = "lora") -> None:
+    # Packing and accumulation on: 8 rows per step = 2 devices x 2 rows x 2 accumulation steps (or 1 x 2 x 4).
+    args = [
+        sys.executable, "-m", "litft", "finetune", method, "--checkpoint", str(checkpoint), "--out_dir", str(out_dir),
+        "--data.path", str(DATA), "--data.max_seq_length", "96", "--data.pack", "true", "--data.cache_dir", str(cache_dir),
+        "--train.global_batch_size", "8", "--train.micro_batch_size", "2", "--train.max_steps", str(STEPS),
+        "--train.warmup_steps", "1", "--train.lr", "1e-2", "--train.save_interval", "2", "--accelerator", "cpu",
+        "--precision", "32-true", "--lora.targets", '["q","v","down"]', *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    with open(out_dir / "metrics.csv") as file:
+        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
+
+
+def adapter(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / "final" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        torch.testing.assert_close(tensor, b[name], rtol=0, atol=TOLERANCE, msg=name)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
+    """One reference run on one process and the same run under DDP and under FSDP2 on two."""
+    root = tmp_path_factory.mktemp("distributed")
+    cache = root / "cache"
+    finetune(tiny_llama_dir, root / "single", cache)
+    finetune(tiny_llama_dir, root / "ddp", cache, "--devices", "2", "--strategy", "ddp")
+    finetune(tiny_llama_dir, root / "fsdp", cache, "--devices", "2", "--strategy", "fsdp")
+    return {"single": root / "single", "ddp": root / "ddp", "fsdp": root / "fsdp", "cache": cache, "root": root}
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_train_like_one(runs, strategy):
+    reference = losses(runs["single"])
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    assert reference[STEPS] < reference[1] - 0.01  # it learns, so equal curves are not trivially equal
+    distributed = losses(runs[strategy])
+    assert distributed.keys() == reference.keys()
+    for step, loss in reference.items():
+        assert abs(distributed[step] - loss) <= TOLERANCE, (step, distributed[step], loss)
+    assert_same_adapter(adapter(runs[strategy]), adapter(runs["single"]))
+
+
+def resume_into(source: Path, out_dir: Path) -> Path:
+    """A copy of `source`'s step-2 checkpoint in a fresh run folder (metrics up to step 2 kept, so the resumed
+    run's metrics.csv is its whole curve)."""
+    (out_dir / "checkpoints").mkdir(parents=True)
+    shutil.copytree(source / "checkpoints" / "step-00000002", out_dir / "checkpoints" / "step-00000002")
+    with open(source / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if int(row["step"]) <= 2]
+    with open(out_dir / "metrics.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out_dir
+
+
+@pytest.mark.parametrize(
+    ("saved_by", "resumed_with"),
+    [("fsdp", ["--devices", "1"]), ("single", ["--devices", "2", "--strategy", "fsdp"])],
+    ids=["fsdp-2-to-1", "1-to-fsdp-2"],
+)
+def test_resume_under_another_world_size(runs, tiny_llama_dir, saved_by, resumed_with):
+    out_dir = resume_into(runs[saved_by], runs["root"] / f"resumed-from-{saved_by}")
+    finetune(tiny_llama_dir, out_dir, runs["cache"], "--resume", "auto", *resumed_with)
+    reference, resumed = losses(runs["single"]), losses(out_dir)
+    assert resumed.keys() == reference.keys()
+    for step in range(3, STEPS + 1):
+        assert abs(resumed[step] - reference[step]) <= TOLERANCE, (step, resumed[step], reference[step])
+    assert_same_adapter(adapter(out_dir), adapter(runs["single"]))
+
+
+# ---- a 4-bit base sharded by FSDP2 ---------------------------------------------------------------------------
+
+
+def _sharded_qlora_worker(rank: int, checkpoint: str, port: int, result_dir: str) -> None:
+    """One of two ranks: rank 0 loads a QLoRA model and computes reference logits unsharded; then both shard it
+    with litft's FSDP2 path and compute the logits again."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE="2", GLOBAL_RANK=str(rank))
+    from litft.adapters.lora import LoRAConfig, lora_modules
+    from litft.commands.finetune import load_for_training
+    from litft.training.parallel import load_full_state, share_model
+    from litft.training.strategies import make_fabric
+
+    fabric = make_fabric("cpu", 2, 1, "fsdp", "32-true")
+    fabric.launch()  # the processes exist already (LOCAL_RANK is set): this only joins the process group
+    torch.manual_seed(0)
+    lora = LoRAConfig(targets=["all-linear"])
+    model = share_model(fabric, lambda: load_for_training("qlora", Path(checkpoint), torch.float32, torch.device("cpu"), lora, "bnb.nf4"))
+    input_ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+    full_state = None
+    if rank == 0:
+        with torch.no_grad():
+            for layer in lora_modules(model).values():  # a non-zero adapter, so it takes part in the comparison
+                layer.lora_B.weight.normal_(std=0.02)
+            torch.save(model(input_ids), Path(result_dir) / "unsharded.pt")
+        full_state = model.state_dict()
+    sharded = fabric.setup_module(model)
+    load_full_state(sharded.module, full_state)
+    packed = sharded.module.model.layers[0].self_attn.q_proj.weight
+    assert packed.placements[0].is_shard() and packed.to_local().shape[0] * 2 >= packed.shape[0] > packed.to_local().shape[0]
+    with torch.no_grad():
+        logits = sharded(input_ids)
+    if rank == 0:
+        torch.save(logits, Path(result_dir) / "sharded.pt")
+
+
+def test_fsdp2_sharded_qlora_computes_the_same_logits(tiny_llama_dir, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(
+        _sharded_qlora_worker, args=(str(tiny_llama_dir), port, str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    unsharded, sharded = torch.load(tmp_path / "unsharded.pt"), torch.load(tmp_path / "sharded.pt")
+    assert unsharded.shape == (2, 24, 512)
+    torch.testing.assert_close(sharded, unsharded, rtol=0, atol=1e-6)
+
+
+# ---- --strategy auto ----------------------------------------------------------------------------------------
+
+
+def test_auto_strategy_weighs_the_unsharded_footprint_against_the_device(tiny_llama_dir):
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import load_for_training, model_memory
+    from litft.training.strategies import choose_strategy
+
+    lora = LoRAConfig(targets=["q", "v", "down"])
+    memory = model_memory("lora", tiny_llama_dir, torch.float32, lora, None)
+    loaded = load_for_training("lora", tiny_llama_dir, torch.float32, torch.device("cpu"), lora, None)
+    assert memory.trained_parameters == sum(p.numel() for p in loaded.parameters() if p.requires_grad)
+    assert memory.weight_bytes == sum(p.numel() * p.element_size() for p in loaded.parameters())
+    assert choose_strategy("auto", 1, memory, 10**12)[0] == "single"
+    assert choose_strategy("auto", 2, memory, 2 * memory.unsharded_bytes)[0] == "ddp"
+    assert choose_strategy("auto", 2, memory, memory.unsharded_bytes)[0] == "fsdp"
+    assert choose_strategy("auto", 2, memory, None)[0] == "ddp"  # CPU: the device memory is not the limit
+    qlora = model_memory("qlora", tiny_llama_dir, torch.bfloat16, lora, "bnb.nf4")
+    assert qlora.weight_bytes < memory.weight_bytes / 2 and qlora.trained_parameters == memory.trained_parameters

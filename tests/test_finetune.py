@@ -1,0 +1,207 @@
+"""The fine-tuning recipes end to end, on CPU: the loss does not depend on how a global batch is split, a killed run
+resumes exactly, training the real pretrained model moves it in the trained direction, and bad input stops early."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from litft.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+IDENTITY = ROOT / "litft" / "assets" / "data" / "identity_500.sharegpt.json"
+
+
+def read_metrics(out_dir: Path) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    with open(out_dir / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            step = int(row["step"])
+            for key, value in row.items():
+                if value not in ("", None) and key != "step":
+                    rows.setdefault(step, {})[key] = float(value)
+    return rows
+
+
+def finetune(method: str, checkpoint: Path, out_dir: Path, *flags: str) -> None:
+    main([
+        "finetune", method, "--checkpoint", str(checkpoint), "--out_dir", str(out_dir), "--accelerator", "cpu",
+        "--precision", "32-true", "--data.path", str(IDENTITY), "--data.template", "plain", "--seed", "7", *flags,
+    ])
+
+
+def one_step_flags(micro_batch_size: int, pack: bool) -> list[str]:
+    return [
+        "--train.global_batch_size", "8", "--train.micro_batch_size", str(micro_batch_size), "--train.max_steps", "1",
+        # SGD: the update is the gradient itself (Adam's first step is sign-like and amplifies rounding where g ~ 0).
+        "--train.optimizer", "sgd", "--train.lr", "1.0", "--train.warmup_steps", "0", "--train.lr_scheduler", "constant",
+        # A huge clipping threshold: never clips, but logs the gradient norm, which the comparison needs.
+        "--train.max_norm", "1e9", "--data.limit", "60" if pack else "8", "--data.max_seq_length", "160" if pack else "400",
+        "--data.pack", str(pack).lower(), "--lora.rank", "4", "--lora.targets", "[all-linear]",
+    ]
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_one_step_is_the_same_however_the_global_batch_is_split(tmp_path, stories_dir, pack):
+    results = {}
+    for micro_batch_size in (1, 2, 4, 8):
+        out_dir = tmp_path / f"micro{micro_batch_size}"
+        finetune("lora", stories_dir, out_dir, *one_step_flags(micro_batch_size, pack))
+        metrics = read_metrics(out_dir)[1]
+        adapter = load_file(out_dir / "final" / "adapter_model.safetensors")
+        results[micro_batch_size] = (metrics["train/loss"], metrics["train/grad_norm"], adapter)
+    loss, grad_norm, adapter = results[8]
+    for micro_batch_size in (1, 2, 4):
+        other_loss, other_norm, other_adapter = results[micro_batch_size]
+        assert other_loss == pytest.approx(loss, rel=1e-6)
+        assert other_norm == pytest.approx(grad_norm, rel=1e-5)
+        for name, tensor in adapter.items():
+            # float32 sums of 8 partial gradients versus one: rounding alone reaches ~1e-6; a wrong weighting of
+            # micro-batches moves the update by percents.
+            relative_error = (other_adapter[name] - tensor).norm() / tensor.norm()
+            assert relative_error < 5e-6, (micro_batch_size, name, relative_error)
+
+
+def test_samples_of_very_different_lengths_are_weighted_by_tokens_not_by_micro_batch(tmp_path, stories_dir):
+    """The mean of per-micro-batch means would weight a short sample's tokens more than a long one's; the loss
+    logged must be the plain mean over every trained token of the global batch."""
+    from litft.chat_templates import resolve_chat_template
+    from litft.checkpoint import load_model
+    from litft.data import DataConfig, collate, load_datasets, make_rows
+    from litft.tokenizer import Tokenizer
+
+    out_dir = tmp_path / "run"
+    finetune("lora", stories_dir, out_dir, *one_step_flags(1, pack=False), "--logger", "csv")
+    logged = read_metrics(out_dir)[1]["train/loss"]
+
+    tokenizer = Tokenizer.from_checkpoint(stories_dir)
+    template = resolve_chat_template(tokenizer, "plain")
+    config = DataConfig(path=str(IDENTITY), template="plain", limit=8, max_seq_length=400, cache_dir=str(tmp_path))
+    samples, _ = load_datasets(config, tokenizer, template, log=lambda message: None)
+    lengths = [int((s["targets"] != -100).sum()) for s in samples]
+    assert max(lengths) > 2 * min(lengths)
+    model = load_model(stories_dir, dtype=torch.float32)
+    batch = collate(make_rows(samples, 400, pack=False, seed=0), pad_id=0)
+    with torch.no_grad():
+        logits = model(batch["input_ids"])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=-100)
+    assert logged == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_killed_run_resumes_with_the_same_losses(tmp_path, stories_dir):
+    flags = [
+        "--train.global_batch_size", "4", "--train.micro_batch_size", "2", "--train.max_steps", "30",
+        "--train.save_interval", "5", "--train.lr", "3e-3", "--train.warmup_steps", "3", "--lora.dropout", "0.1",
+        "--data.limit", "200", "--data.max_seq_length", "128", "--data.pack", "true",
+    ]
+    straight = tmp_path / "straight"
+    finetune("lora", stories_dir, straight, *flags)
+
+    interrupted = tmp_path / "interrupted"
+    command = [
+        sys.executable, "-m", "litft", "finetune", "lora", "--checkpoint", str(stories_dir), "--out_dir",
+        str(interrupted), "--accelerator", "cpu", "--precision", "32-true", "--data.path", str(IDENTITY),
+        "--data.template", "plain", "--seed", "7", *flags,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (interrupted / "checkpoints" / "step-00000010").exists() and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (interrupted / "final").exists(), "the run finished before it could be killed"
+
+    finetune("lora", stories_dir, interrupted, *flags, "--resume", "auto")
+    expected, resumed = read_metrics(straight), read_metrics(interrupted)
+    for step in range(11, 31):
+        assert resumed[step]["train/loss"] == expected[step]["train/loss"], step
+    reference = load_file(straight / "final" / "adapter_model.safetensors")
+    for name, tensor in load_file(interrupted / "final" / "adapter_model.safetensors").items():
+        assert torch.equal(tensor, reference[name]), name
+
+
+def test_fine_tuning_the_pretrained_model_moves_it_toward_the_data(tmp_path, stories_dir, capsys):
+    out_dir = tmp_path / "quick"
+    prompt = "What is your name?"
+    main(["generate", "--checkpoint", str(stories_dir), "--chat", "true", "--chat_template", "plain", "--prompt",
+          prompt, "--max_new_tokens", "30"])
+    before = capsys.readouterr().out
+    finetune("lora", stories_dir, out_dir, "--train.global_batch_size", "16", "--train.micro_batch_size", "8",
+             "--train.epochs", "2", "--train.lr", "3e-3", "--data.max_seq_length", "256", "--data.val_split", "0.1",
+             "--eval.interval", "5", "--lora.rank", "16", "--lora.alpha", "32", "--lora.targets", "[all-linear]")
+    metrics = read_metrics(out_dir)
+    validation = [m["val/loss"] for _, m in sorted(metrics.items()) if "val/loss" in m]
+    assert validation[-1] < 0.5 * validation[0]
+    capsys.readouterr()
+    main(["generate", "--checkpoint", str(out_dir / "final"), "--chat", "true", "--prompt", prompt,
+          "--max_new_tokens", "30"])
+    after = capsys.readouterr().out
+    assert "Vicuna" in after or "language model" in after, after
+    assert "Vicuna" not in before and "language model" not in before, before
+    assert (out_dir / "loss.png").stat().st_size > 1000
+
+
+def test_full_fine_tuning_writes_a_checkpoint_transformers_loads(tmp_path, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from litft.checkpoint import load_model
+
+    out_dir = tmp_path / "full"
+    finetune("full", tiny_llama_dir, out_dir, "--train.global_batch_size", "4", "--train.micro_batch_size", "2",
+             "--train.max_steps", "2", "--train.lr", "1e-3", "--data.limit", "8", "--data.max_seq_length", "64")
+    ours = load_model(out_dir / "final", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(out_dir / "final", dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), reference(ids).logits, rtol=1e-4, atol=1e-4)
+    base = load_model(tiny_llama_dir, dtype=torch.float32)
+    assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, ours.model.layers[0].mlp.up_proj.weight)
+
+
+def test_existing_out_dir_is_not_overwritten(tmp_path, stories_dir, capsys):
+    out_dir = tmp_path / "taken"
+    out_dir.mkdir()
+    (out_dir / "precious.txt").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune("lora", stories_dir, out_dir, "--train.max_steps", "1", "--data.limit", "16")
+    assert exit_info.value.code != 0
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith("litft: error: --out_dir") and "--overwrite" in error[-1]
+    assert (out_dir / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "--train.global_batch_size"),
+        (["--train.lr", "-1"], "--train.lr"),
+        (["--lora.rank", "0"], "--lora.rank"),
+        (["--precision", "fp8"], "--precision"),
+    ],
+)
+def test_bad_flags_give_one_line(tmp_path, stories_dir, capsys, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", *flags)
+    assert exit_info.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("litft: error:") and message in last
+
+
+def test_non_finite_loss_stops_the_run(tmp_path, stories_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--train.global_batch_size", "4",
+                 "--train.micro_batch_size", "4", "--train.max_steps", "3", "--train.lr", "1e30",
+                 "--train.warmup_steps", "0", "--train.max_norm", "null")
+    assert exit_info.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("litft: error:") and "loss became" in last
