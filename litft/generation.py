@@ -4,6 +4,10 @@ Left padding keeps every prompt's last token in the same column, so each step ap
 batch. Padding is masked through `document_ids` (0 = padding, 1 = real tokens, so real tokens never attend to it)
 and positions count from each prompt's first real token, which makes a padded row compute exactly what it would
 compute alone.
+
+Prefill is an ordinary forward pass. The decoding steps have static shapes (DecodeStep), so on CUDA they replay
+from a CUDA graph, and the host reads each step's tokens while the device already runs the next step: decoding
+goes at the speed of the device's memory, not of Python.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from litft.models.common import KVCache
 
 
 @dataclass
@@ -73,6 +79,73 @@ def _model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype
     return weight.device, weight.dtype if weight.is_floating_point() else torch.float32
 
 
+class DecodeStep:
+    """One decoding step with static shapes: the logits (B, vocab) that follow `tokens` (B,), one per row.
+
+    The KV cache switches to static addressing (litft.models.common.KVCache): the step writes at a slot held in a
+    device tensor and attends over every slot under a mask built on the device. Its other inputs are buffers that
+    stay put: the tokens are copied into `input_ids` and the positions advance in place. So every call launches
+    the same kernels on the same memory, without host reads, which lets a CUDA graph record the step once and
+    replay it: one launch per token instead of one per kernel, where eager decoding spends most of its time."""
+
+    def __init__(self, model: nn.Module, kv_cache: KVCache, positions: torch.Tensor, use_cuda_graph: bool) -> None:
+        kv_cache.make_static()
+        self.model = model
+        self.kv_cache = kv_cache
+        self.positions = positions.clone()  # (B, 1): each row's position of the token being fed
+        self.input_ids = torch.zeros_like(self.positions)  # (B, 1)
+        self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda"
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_logits: torch.Tensor | None = None  # (B, vocab): where each replay leaves its logits
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        self.input_ids.copy_(tokens[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            return self.graph_logits
+        if not self.use_cuda_graph:
+            return self._forward()
+        return self._forward_then_capture()
+
+    def _forward(self) -> torch.Tensor:
+        hidden = self.model.hidden_states(self.input_ids, self.positions, None, self.kv_cache)  # (B, 1, hidden)
+        self.positions += 1
+        return self.model.logits(hidden[:, -1])  # (B, vocab)
+
+    def _forward_then_capture(self) -> torch.Tensor:
+        """The first step runs eagerly on a side stream, so one-time set-up (cuBLAS workspaces, lazily built
+        tables) happens outside the capture; the capture on that same stream then records the step (recording
+        runs nothing, so the cache and positions do not move) for the next calls to replay."""
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            logits = self._forward()
+        main.wait_stream(side)
+        logits.record_stream(main)  # allocated on the side stream, read on the main one
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, stream=side):
+            self.graph_logits = self._forward()
+        return logits
+
+
+def _copy_to_host(tokens: torch.Tensor) -> Callable[[], list[int]]:
+    """Starts copying `tokens` (B,) to the host and returns the function that waits for them. On CUDA the copy
+    is queued behind the sampling, so work queued after this call (the next step) keeps the device busy while
+    the host waits for the copy alone."""
+    if tokens.device.type != "cuda":
+        return tokens.tolist
+    pinned = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    pinned.copy_(tokens, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list[int]:
+        copied.synchronize()
+        return pinned.tolist()
+
+    return wait
+
+
 @torch.inference_mode()
 def generate(
     model: nn.Module,
@@ -85,42 +158,50 @@ def generate(
     generator: torch.Generator | None = None,
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
+    use_cuda_graph: bool = True,
 ) -> list[GenerationResult]:
     """Continues every prompt by up to `max_new_tokens` tokens, stopping a row at its first id in `stop_ids`.
 
-    `on_token(batch_index, token_id)` is called for each new token as it is produced (not for stop tokens)."""
+    `on_token(batch_index, token_id)` is called for each new token as it is produced (not for stop tokens).
+    `use_cuda_graph`: replay each decoding step from a CUDA graph when the model is on a CUDA device (elsewhere
+    the same static step runs eagerly)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     device, dtype = _model_device_and_dtype(model)
-    batch_size = len(prompts)
     input_ids, position_ids, document_ids = _left_pad(prompts, pad_id, device)
     results = [GenerationResult([], "length") for _ in prompts]
     if max_new_tokens <= 0:
         return results
-    kv_cache = model.make_kv_cache(batch_size, input_ids.shape[1] + max_new_tokens, device, dtype)
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    step_documents = torch.ones(batch_size, 1, dtype=torch.long, device=device) if document_ids is not None else None
-
+    # Step k feeds the k-th new token at slot P + k and the last one is never fed: P + max_new_tokens - 1 slots,
+    # rounded up to a multiple of 16 because SDPA's memory-efficient kernel pads every mask row to that otherwise
+    # (each step attends over all slots; the spare ones lie in the future, so they are masked).
+    slots = input_ids.shape[1] + max_new_tokens - 1
+    kv_cache = model.make_kv_cache(len(prompts), -(-slots // 16) * 16, device, dtype)
     hidden = model.hidden_states(input_ids, position_ids, document_ids, kv_cache)  # (B, P, hidden)
-    next_positions = position_ids[:, -1:] + 1  # (B, 1)
-    for step in range(max_new_tokens):
-        logits = model.logits(hidden[:, -1])  # (B, vocab)
-        tokens = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        is_stop = torch.isin(tokens, stop) & ~finished
-        for row, (token, stopped, done) in enumerate(zip(tokens.tolist(), is_stop.tolist(), finished.tolist())):
-            if done:
+    step = DecodeStep(model, kv_cache, position_ids[:, -1:] + 1, use_cuda_graph)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, vocab) -> (B,)
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    tokens = pick(model.logits(hidden[:, -1]))  # (B,)
+    stop = set(stop_ids)
+    finished = [False] * len(prompts)
+    for index in range(max_new_tokens):
+        read_tokens = _copy_to_host(tokens)
+        if index + 1 < max_new_tokens:
+            # Queue the next step before reading this one's tokens, so the device never idles while the host
+            # handles them. Finished rows keep stepping (their output is ignored) so the batch stays a rectangle;
+            # if every row stops here, this one step is wasted.
+            tokens = pick(step(tokens))
+        for row, token in enumerate(read_tokens()):
+            if finished[row]:
                 continue
-            if stopped:
-                results[row].finish_reason = "eos"
+            if token in stop:
+                results[row].finish_reason, finished[row] = "eos", True
                 continue
             results[row].token_ids.append(token)
             if on_token is not None:
                 on_token(row, token)
-        finished |= is_stop
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if all(finished):
             break
-        # Finished rows keep stepping (their output is ignored) so the batch stays one rectangle.
-        hidden = model.hidden_states(tokens[:, None], next_positions, step_documents, kv_cache)  # (B, 1, hidden)
-        next_positions = next_positions + 1
     return results

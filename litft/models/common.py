@@ -209,7 +209,15 @@ class KVCache:
     """A preallocated cache of keys and values for every layer, (B, n_kv_head, max_length, head_dim) each, plus
     the document id of every cached slot so a left-padded batch never attends to its padding.
 
-    `length` is the number of filled slots; a forward pass writes its T new keys at [length, length + T)."""
+    A pass of T tokens writes its keys at the next T slots. The cache addresses them one of two ways:
+      - dynamic (the default): `length`, a Python int, counts the filled slots; the pass writes at
+        [length, length + T) and attends over the first length + T slots. Shapes change every pass, which suits
+        prefill and any one-off use.
+      - static (after `make_static()`): `cache_position`, a (1,) long tensor on the cache's device, is the first
+        slot the next pass writes; the pass writes through `index_copy_` and attends over all max_length slots
+        under a mask (unfilled slots lie in the future, so causality hides them). Every pass then has the same
+        shapes and reads nothing back to the host, so litft.generation can capture one decoding step in a CUDA
+        graph and replay it. `length` stops counting (the device holds the count)."""
 
     def __init__(
         self,
@@ -229,9 +237,26 @@ class KVCache:
         self.document_ids = torch.ones(batch_size, max_length, device=device, dtype=torch.long)
         self.max_length = max_length
         self.length = 0
+        self.cache_position: torch.Tensor | None = None  # (1,), static mode only
+        self.write_slots: torch.Tensor | None = None  # (T,): where the current pass writes, static mode only
+
+    @property
+    def static(self) -> bool:
+        return self.cache_position is not None
+
+    def make_static(self) -> None:
+        """Switches to static addressing (if not already static), continuing after the slots filled so far."""
+        if not self.static:
+            self.cache_position = torch.tensor([self.length], device=self.document_ids.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes the new keys/values of `layer` and returns every filled slot's, including the new ones."""
+        """Writes the new keys/values of `layer` and returns every slot the pass attends over, the new ones
+        included: the filled ones (dynamic) or all of them (static)."""
+        if self.static:
+            # Slots past max_length are not checked here (that would read the device); generation never asks.
+            self.keys[layer].index_copy_(2, self.write_slots, k)
+            self.values[layer].index_copy_(2, self.write_slots, v)
+            return self.keys[layer], self.values[layer]
         start, end = self.length, self.length + k.shape[2]
         if end > self.max_length:
             raise ValueError(f"KV cache holds {self.max_length} tokens; {end} were asked for")
@@ -239,9 +264,19 @@ class KVCache:
         self.values[layer][:, :, start:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def advance(self, seq_len: int) -> None:
+        """Marks the pass's `seq_len` slots as filled. In static mode the count moves in place on the device, so
+        a CUDA graph that captured this call advances it on every replay."""
+        if self.static:
+            self.cache_position += seq_len
+        else:
+            self.length += seq_len
+
     def reset(self) -> None:
+        """Empties the cache and returns it to dynamic addressing."""
         self.length = 0
         self.document_ids.fill_(1)
+        self.cache_position = self.write_slots = None
 
 
 @dataclass
@@ -269,6 +304,8 @@ def build_attention_context(
     its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
     With a KV cache the mask also covers every cached slot, whose document ids the cache keeps. Without documents,
     cache offsets or a sliding window the mask is None and SDPA's causal fast path runs."""
+    if kv_cache is not None and kv_cache.static:
+        return _static_attention_context(batch_size, seq_len, device, document_ids, kv_cache, sliding_window)
     offset = kv_cache.length if kv_cache is not None else 0
     total = offset + seq_len
     needs_window = sliding_window is not None and total > sliding_window
@@ -280,19 +317,56 @@ def build_attention_context(
         # Without document ids the new tokens are real ones (document 1); the cached ids still mask earlier padding.
         kv_cache.document_ids[:, offset:total] = 1 if document_ids is None else document_ids
         document_ids = kv_cache.document_ids[:, offset:total]
-    query_slots = torch.arange(offset, total, device=device)
-    key_slots = torch.arange(total, device=device)
-    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
-    mask = causal[None, None].expand(batch_size, 1, seq_len, total)
+    same_document = None
     if document_ids is not None:
         key_docs = kv_cache.document_ids[:, :total] if kv_cache is not None else document_ids
         same_document = document_ids[:, :, None] == key_docs[:, None, :]  # (B, T, S)
+    query_slots = torch.arange(offset, total, device=device)
+    key_slots = torch.arange(total, device=device)
+    mask, sliding_mask = _slot_masks(batch_size, query_slots, key_slots, same_document, sliding_window)
+    return AttentionContext(mask, sliding_mask, kv_cache, is_causal=False)
+
+
+def _static_attention_context(
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    document_ids: torch.Tensor | None,
+    kv_cache: KVCache,
+    sliding_window: int | None,
+) -> AttentionContext:
+    """The static-mode masks, over all max_length slots, computed from `cache_position` on the device: the same
+    kernels on every pass, whatever slot it writes."""
+    query_slots = kv_cache.cache_position + torch.arange(seq_len, device=device)  # (T,)
+    kv_cache.write_slots = query_slots
+    if document_ids is None:
+        document_ids = torch.ones(batch_size, seq_len, dtype=torch.long, device=device)
+    kv_cache.document_ids.index_copy_(1, query_slots, document_ids)
+    same_document = document_ids[:, :, None] == kv_cache.document_ids[:, None, :]  # (B, T, max_length)
+    key_slots = torch.arange(kv_cache.max_length, device=device)
+    mask, sliding_mask = _slot_masks(batch_size, query_slots, key_slots, same_document, sliding_window)
+    return AttentionContext(mask, sliding_mask, kv_cache, is_causal=False)
+
+
+def _slot_masks(
+    batch_size: int,
+    query_slots: torch.Tensor,
+    key_slots: torch.Tensor,
+    same_document: torch.Tensor | None,
+    sliding_window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The full and sliding-window masks, (B, 1, T, S), of queries at cache slots `query_slots` (T,) over keys
+    at `key_slots` (S,): causal by slot, within a document where `same_document` (B, T, S) is given."""
+    causal = key_slots[None, :] <= query_slots[:, None]  # (T, S)
+    mask = causal[None, None].expand(batch_size, 1, *causal.shape)
+    if same_document is not None:
         mask = mask & same_document[:, None]
     sliding_mask = None
     if sliding_window is not None:
+        # Slots and positions advance together within a row (its padding sits before its first token).
         in_window = key_slots[None, :] > query_slots[:, None] - sliding_window
         sliding_mask = mask & in_window[None, None]
-    return AttentionContext(mask, sliding_mask, kv_cache, is_causal=False)
+    return mask, sliding_mask
 
 
 def attention(
@@ -309,7 +383,16 @@ def attention(
     SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
     expressible in SDPA, so that path computes the scores explicitly."""
     if softcap is None:
-        enable_gqa = q.shape[1] != k.shape[1]
+        B, n_head, T, head_dim = q.shape
+        n_kv_head = k.shape[1]
+        if T == 1 and n_head != n_kv_head and mask is not None:
+            # One query per row (a decoding step): fold each kv head's group of query heads into the query axis,
+            # (B, n_kv_head, group, hd). A (B, 1, 1, S) mask broadcasts over it unchanged, SDPA needs no GQA
+            # support (with a mask its fused kernels may lack it, and expanding k, v would copy the whole cache).
+            q = q.reshape(B, n_kv_head, n_head // n_kv_head, head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return y.reshape(B, n_head, 1, head_dim)
+        enable_gqa = n_head != n_kv_head
         if enable_gqa and mask is not None and q.device.type == "cpu":
             # Math backend with GQA + mask: expanding is as cheap and avoids a slow path in some versions.
             k, v, enable_gqa = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1]), False
@@ -392,14 +475,16 @@ class CausalLM(nn.Module):
         """Runs the decoder. `position_ids` (B, T) restart at 0 per document in packed rows; `document_ids` (B, T)
         keep each token's attention inside its document; with `kv_cache` the T tokens follow the cached ones."""
         B, T = input_ids.shape
-        if position_ids is None:
+        if position_ids is None and kv_cache is not None and kv_cache.static:
+            position_ids = default_position_ids(B, T, 0, input_ids.device) + kv_cache.cache_position
+        elif position_ids is None:
             offset = kv_cache.length if kv_cache is not None else 0
             position_ids = default_position_ids(B, T, offset, input_ids.device)
         window = getattr(self.config, "sliding_window", None)
         context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window)
         hidden = self.decode(self.embed(input_ids), position_ids, context)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.advance(T)
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
