@@ -1,0 +1,99 @@
+"""litft's multi-GPU benchmark: the same training step as `bench.py`, under DDP or FSDP2 on N GPUs of one host,
+through litft's own strategy code (`make_fabric`, `load_for_strategy`, `setup_for_strategy`).
+
+  python benchmarks/bench_distributed.py --devices 2 --strategy ddp  --task lora  --shape llama-8b --batch 4
+  python benchmarks/bench_distributed.py --devices 2 --strategy fsdp --task qlora --shape llama-8b --batch 4 --ckpt
+
+`--batch` is per GPU. Prints one JSON line from rank 0: tokens/s in all and per GPU, peak memory per GPU (max over
+ranks). Fabric starts the other ranks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import DEVICE, SHAPES, TARGETS, flops_per_token, peak_memory_gib, random_checkpoint, synchronize  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
+    parser.add_argument("--task", choices=["lora", "qlora"], default="lora")
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
+    parser.add_argument("--batch", type=int, default=4, help="rows per GPU")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--ckpt", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--checkpoint_dir", default="/tmp/peers-hf-checkpoint")
+    args = parser.parse_args()
+
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import load_for_strategy, setup_for_strategy
+    from litft.training.config import TrainConfig
+    from litft.training.loop import train_step
+    from litft.training.loss import CausalLMObjective
+    from litft.training.objectives import SupervisedObjective
+    from litft.training.optim import make_optimizer
+    from litft.training.strategies import enable_activation_checkpointing, make_fabric
+
+    shape = SHAPES[args.shape]
+    fabric = make_fabric(accelerator=DEVICE, devices=args.devices, strategy=args.strategy, precision="32-true")
+    fabric.launch()
+    folder = Path(f"{args.checkpoint_dir}-{args.shape}")
+    if fabric.global_rank == 0:
+        random_checkpoint(args.shape, folder)
+    fabric.barrier()
+    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
+    model = load_for_strategy(fabric, args.task, folder, torch.bfloat16, lora, "bnb.nf4" if args.task == "qlora" else None)
+    if args.ckpt:
+        enable_activation_checkpointing(model)
+    if args.compile:
+        for block in model.blocks:
+            block.compile()
+    wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
+    per_step = args.batch * args.devices
+    config = TrainConfig(global_batch_size=per_step, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
+    optimizer = fabric.setup_optimizers(make_optimizer(wrapped, config))
+    generator = torch.Generator().manual_seed(fabric.global_rank)
+    tokens = torch.randint(0, shape["vocab"], (args.batch, args.seq), generator=generator).to(fabric.device)
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+    batch = {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
+             "num_tokens": tokens.numel()}
+    objective = SupervisedObjective(pad_id=0)
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            synchronize()
+            fabric.barrier()
+            started = time.perf_counter()
+        train_step(fabric, wrapped, optimizer, objective, [batch], config)
+    synchronize()
+    fabric.barrier()
+    seconds = time.perf_counter() - started
+    total = per_step * args.seq * args.steps / seconds
+    peak = fabric.all_reduce(torch.tensor(peak_memory_gib(), device=fabric.device), reduce_op="max")
+    if fabric.global_rank == 0:
+        mfu = total / args.devices * flops_per_token(shape, args.seq, args.ckpt) / (790.0 * 1e12)
+        print(json.dumps(dict(
+            peer="litft", task=args.task, shape=args.shape, strategy=args.strategy, devices=args.devices,
+            batch_per_gpu=args.batch, seq=args.seq, ckpt=args.ckpt, compile=args.compile,
+            tokens_per_s=round(total), tokens_per_s_per_gpu=round(total / args.devices), mfu=round(mfu, 3),
+            peak_mem_gib_per_gpu=round(float(peak), 2),
+        )), flush=True)
+
+
+if __name__ == "__main__":
+    main()
