@@ -18,6 +18,8 @@ precisely and merging stays exact. The forward casts the input to the adapter dt
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -242,6 +244,24 @@ def apply_lora_to_modules(model: nn.Module, module_names: list[str], config: LoR
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Runs every LoRA layer of `model` as its frozen base layer until the block exits: the model computes exactly
+    its base weights (DoRA's magnitude included), without a copy of them (DPO's reference model)."""
+    layers = list(lora_modules(model).values())
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to disable")
+    # An instance attribute shadows the class's `forward` for the block's duration, so the enabled path pays
+    # nothing for this switch (no flag to test on every call).
+    for layer in layers:
+        layer.forward = layer._base_forward
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

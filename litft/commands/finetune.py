@@ -1,8 +1,10 @@
-"""`litft finetune lora | qlora | full`: the supervised fine-tuning recipes.
+"""`litft finetune lora | qlora | full`: the supervised fine-tuning recipes, and the one recipe body that every
+fine-tuning command runs (the preference recipes of `litft.commands.preference` too).
 
-One recipe body serves all three methods and reads in the order it runs: setup, data, model, optimizer, loop,
-save. The methods differ only in how the model is prepared (LoRA adapters, a 4-bit base, or every weight trained)
-and in what is saved (a PEFT adapter, or a full Hugging Face checkpoint)."""
+The body reads in the order it runs: setup, data, model, optimizer, loop, save. The methods differ only in how the
+model is prepared (LoRA adapters, a 4-bit base, or every weight trained) and in what is saved (a PEFT adapter, or a
+full Hugging Face checkpoint). What the model learns from and how it is scored is a `TrainingTask`: supervised rows
+and next-token loss here, preference pairs and DPO / ORPO / SimPO in `litft.commands.preference`."""
 
 from __future__ import annotations
 
@@ -11,18 +13,28 @@ import io
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch import nn
 
 from litft.adapters.lora import LoRAConfig
 from litft.data import DataConfig
 from litft.errors import ConfigError
 from litft.training.config import EvalConfig, TrainConfig
 
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from litft.chat_templates import ChatTemplate
+    from litft.tokenizer import Tokenizer
+    from litft.training.loop import Objective
+
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
+METHODS = ("lora", "qlora", "full")
 
 
 def lora(
@@ -261,6 +273,71 @@ def make_loggers(kind: str, out_dir: Path) -> list:
     return [WandbLogger(save_dir=str(out_dir), project="litft", offline=os.environ.get("WANDB_MODE") == "offline")]
 
 
+class TrainingTask(Protocol):
+    """What a recipe learns from and how the model is scored: supervised rows (`SupervisedTask`) or preference
+    pairs (`litft.commands.preference.PreferenceTask`). `run_finetune` does everything else the same way for both."""
+
+    name: str  # the objective, in the log and in litft_run.json
+    data_path_help: str  # what --data.path must hold, for the error when it is missing
+
+    def validate(self, data: DataConfig) -> None:
+        """Refuses flags this task cannot use, before anything is loaded."""
+
+    def keeps_frozen_copy(self, method: str) -> bool:
+        """Whether the objective holds a frozen copy of the starting model (weighed by `--strategy auto`)."""
+
+    def load_rows(
+        self, data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seed: int, log: Callable[[str], None]
+    ) -> tuple[list[Any], list[Any] | None]:
+        """The training and validation rows the objective collates."""
+
+    def make_objective(self, fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, method: str) -> Objective:
+        """The loop's objective, made from the model as loaded: before activation checkpointing and compilation
+        change its forward, and before Fabric wraps it."""
+
+    def run_config(self) -> dict[str, Any]:
+        """The task's own settings, saved in litft_run.json (`FinetuneRun.extra`)."""
+
+    def plot(self, out_dir: Path) -> None:
+        """Any plot beside loss.png, drawn at the end of a finished run."""
+
+
+class SupervisedTask:
+    """Supervised fine-tuning: rows of (packed or padded) samples, next-token cross-entropy on the trained tokens."""
+
+    name = "sft"
+    data_path_help = "a .json/.jsonl/.parquet file or a folder of them"
+
+    def validate(self, data: DataConfig) -> None:
+        pass
+
+    def keeps_frozen_copy(self, method: str) -> bool:
+        return False
+
+    def load_rows(
+        self, data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seed: int, log: Callable[[str], None]
+    ) -> tuple[list[Any], list[Any] | None]:
+        from litft.data import load_datasets, make_rows
+
+        train_samples, val_samples = load_datasets(data, tokenizer, template, log=log)
+        train_rows = make_rows(train_samples, data.max_seq_length, data.pack, seed)
+        return train_rows, make_rows(val_samples, data.max_seq_length, data.pack, seed) if val_samples else None
+
+    def make_objective(self, fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, method: str) -> Objective:
+        from litft.training.objectives import SupervisedObjective
+
+        return SupervisedObjective(pad_id=padding_id(tokenizer))
+
+    def run_config(self) -> dict[str, Any]:
+        return {}
+
+    def plot(self, out_dir: Path) -> None:
+        pass
+
+
+SUPERVISED = SupervisedTask()
+
+
 def run_finetune(
     method: str,
     checkpoint: Path | None,
@@ -281,31 +358,42 @@ def run_finetune(
     lora: LoRAConfig | None = None,
     quantize: str | None = None,
     fsdp_cpu_offload: bool = False,
+    task: TrainingTask = SUPERVISED,
 ) -> Path:
+    """The recipe body of every `litft finetune` command: trains `method`'s parameters on `task`, and writes the
+    adapter or checkpoint to OUT_DIR/final."""
     from lightning.fabric.utilities.seed import seed_everything
 
     from litft.chat_templates import resolve_chat_template
     from litft.checkpoint import checkpoint_dir_or_error, read_hf_config
-    from litft.data import load_datasets, make_rows
     from litft.tokenizer import Tokenizer
     from litft.training.loop import Progress, TrainingState, fit, plot_history, total_steps
     from litft.training.loss import CausalLMObjective
-    from litft.training.objectives import SupervisedObjective
     from litft.training.optim import make_optimizer, make_scheduler
     from litft.training.signals import PreemptionSignal, resume_after_requeue
     from litft.training.strategies import is_fsdp, log, make_fabric, resolve_precision
 
     # ---- setup -------------------------------------------------------------------------------------------------
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
     if checkpoint is None:
         raise ConfigError("--checkpoint is required: a Hugging Face model folder (see `litft download`)")
     if data.path is None:
-        raise ConfigError("--data.path is required: a .json/.jsonl/.parquet file or a folder of them")
-    checkpoint = checkpoint_dir_or_error(checkpoint)
+        raise ConfigError(f"--data.path is required: {task.data_path_help}")
+    task.validate(data)
     train.validate()
+    checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
+    # The preference recipes take --lora and --quantize whatever the method; only the methods that use them see them.
+    lora = lora if method != "full" else None
+    quantize = quantize if method == "qlora" else None
     resume = resume_after_requeue(resume)
     precision_name, weights_dtype, fabric_precision = resolve_precision(precision, accelerator)
-    memory = model_memory(method, checkpoint, weights_dtype, lora, quantize) if strategy == "auto" else None
+    memory = None
+    if strategy == "auto":
+        memory = model_memory(method, checkpoint, weights_dtype, lora, quantize)
+        if task.keeps_frozen_copy(method):  # the frozen copy weighs as much as the trained weights
+            memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
     fabric = make_fabric(
         accelerator, devices, num_nodes, strategy, fabric_precision, make_loggers(logger, out_dir), memory,
         fsdp_cpu_offload,
@@ -320,13 +408,12 @@ def run_finetune(
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
     template = resolve_chat_template(tokenizer, data.template)
     with fabric.rank_zero_first():  # rank 0 tokenizes and fills the cache; the others read it
-        train_samples, val_samples = load_datasets(data, tokenizer, template, log=log_rank_zero)
-    train_rows = make_rows(train_samples, data.max_seq_length, data.pack, seed)
-    val_rows = make_rows(val_samples, data.max_seq_length, data.pack, seed) if val_samples else None
+        train_rows, val_rows = task.load_rows(data, tokenizer, template, seed, log_rank_zero)
 
     # ---- model -------------------------------------------------------------------------------------------------
     sharded = is_fsdp(fabric)
     model = load_for_strategy(fabric, method, checkpoint, weights_dtype, lora, quantize)
+    objective = task.make_objective(fabric, model, tokenizer, method)
     if train.activation_checkpointing:
         from litft.training.strategies import enable_activation_checkpointing
 
@@ -337,13 +424,12 @@ def run_finetune(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
-                  f"precision {precision_name}, template {template.name}")
+                  f"precision {precision_name}, template {template.name}, objective {task.name}")
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train))
-    steps = total_steps(train, len(train_rows))
-    scheduler = make_scheduler(optimizer, steps, train)
+    scheduler = make_scheduler(optimizer, total_steps(train, len(train_rows)), train)
     progress = Progress()
     state = TrainingState(fabric, wrapped, optimizer, scheduler, progress, full_weights=method == "full")
     earlier_metrics: list[dict[str, str]] = []
@@ -358,12 +444,12 @@ def run_finetune(
         method=method, checkpoint=str(checkpoint), out_dir=str(out_dir), data=asdict(data), train=asdict(train),
         eval=asdict(eval), lora=asdict(lora) if lora is not None else None, quantize=quantize,
         precision=precision_name, devices=devices, num_nodes=num_nodes, strategy=strategy, seed=seed,
-        extra={"fsdp_cpu_offload": fsdp_cpu_offload} if fsdp_cpu_offload else {},
+        extra={**task.run_config(), **({"fsdp_cpu_offload": fsdp_cpu_offload} if fsdp_cpu_offload else {})},
     )
     sample_fn = make_sample_fn(model, tokenizer, template, eval) if eval.sample_prompt and not sharded else None
     result = fit(
-        fabric, wrapped, optimizer, scheduler, SupervisedObjective(pad_id=padding_id(tokenizer)), train_rows,
-        val_rows, train, eval, out_dir, seed, state, sample_fn=sample_fn, should_stop=preemption,
+        fabric, wrapped, optimizer, scheduler, objective, train_rows, val_rows, train, eval, out_dir, seed, state,
+        sample_fn=sample_fn, should_stop=preemption,
     )
     for run_logger in fabric.loggers:
         run_logger.finalize("success" if result.stopped_early is None else "interrupted")
@@ -386,6 +472,7 @@ def run_finetune(
                     state_dict=full_weights,
                 )
                 plot_history(progress.history, out_dir / "loss.png")
+                task.plot(out_dir)
                 log_rank_zero(f"saved {final_dir}")
     fabric.barrier()
     return final_dir

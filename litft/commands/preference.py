@@ -1,9 +1,9 @@
 """`litft finetune dpo | orpo | simpo`: preference alignment on pairs of a chosen and a rejected answer.
 
-The recipe is the supervised one with a different objective (`litft.training.preference`) and data
-(`load_preference_datasets`): the same model preparation (`--method lora | qlora | full`), strategies, resumable
-checkpoints, and outputs (a PEFT adapter for `litft merge`, or a Hugging Face checkpoint). It reads in the order it
-runs: setup, data, model, reference, optimizer, loop, save.
+The recipe is the supervised one (`litft.commands.finetune.run_finetune`) with another `TrainingTask`: preference
+pairs for data (`load_preference_datasets`) and a preference objective (`litft.training.preference`). Everything
+else is shared: the model preparation (`--method lora | qlora | full`), strategies, resumable checkpoints, and
+outputs (a PEFT adapter for `litft merge`, or a Hugging Face checkpoint).
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import copy
 import csv
 import textwrap
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from torch import nn
 
 from litft.adapters.lora import LoRAConfig
@@ -24,7 +24,13 @@ from litft.errors import ConfigError
 from litft.training.config import EvalConfig, TrainConfig
 from litft.training.preference import DPOConfig, ORPOConfig, PreferenceConfig, SimPOConfig
 
-METHODS = ("lora", "qlora", "full")
+if TYPE_CHECKING:
+    from lightning.fabric import Fabric
+
+    from litft.chat_templates import ChatTemplate
+    from litft.tokenizer import Tokenizer
+    from litft.training.loop import Objective
+
 INSTRUCT_CHECKPOINT = "A Hugging Face model folder, usually one already fine-tuned to follow instructions."
 
 
@@ -170,180 +176,58 @@ def _recipe_arguments(arguments: dict, objective_name: str) -> dict:
     return {name: value for name, value in arguments.items() if name != objective_name}
 
 
-def run_preference(
-    objective: PreferenceConfig,
-    method: str,
-    checkpoint: Path | None,
-    out_dir: Path,
-    data: DataConfig,
-    lora: LoRAConfig,
-    quantize: str,
-    train: TrainConfig,
-    eval: EvalConfig,
-    precision: str | None,
-    accelerator: str,
-    devices: int | str,
-    num_nodes: int,
-    strategy: str,
-    fsdp_cpu_offload: bool,
-    logger: str,
-    seed: int,
-    resume: str | None,
-    overwrite: bool,
-    compile: bool,
-) -> Path:
-    from lightning.fabric.utilities.seed import seed_everything
+def run_preference(objective: PreferenceConfig, **arguments: Any) -> Path:
+    """`run_finetune` on preference pairs with `objective`'s loss."""
+    from litft.commands.finetune import run_finetune
 
-    from litft.chat_templates import resolve_chat_template
-    from litft.checkpoint import checkpoint_dir_or_error, read_hf_config
-    from litft.commands.finetune import (
-        FinetuneRun,
-        load_for_training,
-        make_loggers,
-        make_sample_fn,
-        model_memory,
-        padding_id,
-        prepare_out_dir,
-        prepend_metrics,
-        read_metrics,
-        save_final,
-    )
-    from litft.data import load_preference_datasets
-    from litft.tokenizer import Tokenizer
-    from litft.training.loop import Progress, TrainingState, fit, plot_history, total_steps
-    from litft.training.loss import CausalLMObjective
-    from litft.training.optim import make_optimizer, make_scheduler
-    from litft.training.parallel import consolidated, load_full_state, share_model
-    from litft.training.preference import FrozenReference, PreferenceObjective, base_model_reference
-    from litft.training.signals import PreemptionSignal, resume_after_requeue
-    from litft.training.strategies import is_fsdp, log, make_fabric, resolve_precision
+    return run_finetune(task=PreferenceTask(objective), **arguments)
 
-    # ---- setup -------------------------------------------------------------------------------------------------
-    if method not in METHODS:
-        raise ConfigError(f"--method {method!r}: choose one of {', '.join(METHODS)}")
-    if checkpoint is None:
-        raise ConfigError("--checkpoint is required: a Hugging Face model folder (see `litft download`)")
-    if data.path is None:
-        raise ConfigError("--data.path is required: a .json/.jsonl/.parquet file of prompt/chosen/rejected pairs")
-    if data.pack:
-        raise ConfigError("--data.pack: preference pairs are padded, not packed; remove --data.pack")
-    objective.validate()
-    train.validate()
-    checkpoint = checkpoint_dir_or_error(checkpoint)
-    out_dir = Path(out_dir)
-    adapters = lora if method != "full" else None
-    quantize_mode = quantize if method == "qlora" else None
-    frozen_reference = objective.needs_reference and method == "full"
-    resume = resume_after_requeue(resume)
-    precision_name, weights_dtype, fabric_precision = resolve_precision(precision, accelerator)
-    memory = None
-    if strategy == "auto":
-        memory = model_memory(method, checkpoint, weights_dtype, adapters, quantize_mode)
-        if frozen_reference:  # the frozen copy weighs as much as the trained weights
-            memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
-    fabric = make_fabric(
-        accelerator, devices, num_nodes, strategy, fabric_precision, make_loggers(logger, out_dir), memory,
-        fsdp_cpu_offload,
-    )
-    fabric.launch()
-    preemption = PreemptionSignal(fabric)  # from here on SIGUSR1 / SIGTERM save a checkpoint and stop
-    resume_from = prepare_out_dir(out_dir, resume, overwrite, fabric.is_global_zero)
-    seed_everything(seed, verbose=False)
-    log_rank_zero = (lambda message: log(message)) if fabric.is_global_zero else (lambda message: None)
 
-    # ---- data --------------------------------------------------------------------------------------------------
-    tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    template = resolve_chat_template(tokenizer, data.template)
-    with fabric.rank_zero_first():  # rank 0 tokenizes and fills the cache; the others read it
-        train_pairs, val_pairs = load_preference_datasets(data, tokenizer, template, log=log_rank_zero)
+class PreferenceTask:
+    """The `TrainingTask` of the preference recipes: one row is a pair of a chosen and a rejected answer."""
 
-    # ---- model -------------------------------------------------------------------------------------------------
-    sharded = is_fsdp(fabric)
-    if sharded:
-        # As in supervised fine-tuning: rank 0 loads, the other ranks get the structure and receive shards.
-        load_device = fabric.device if method == "qlora" else torch.device("cpu")
-        model = share_model(fabric, lambda: load_for_training(method, checkpoint, weights_dtype, load_device, adapters, quantize_mode))
-    else:
-        model = load_for_training(method, checkpoint, weights_dtype, fabric.device, adapters, quantize_mode)
-    # Copied before activation checkpointing and compilation change the policy's forward.
-    reference_model = copy.deepcopy(model).requires_grad_(False) if frozen_reference else None
-    if train.activation_checkpointing:
-        from litft.training.strategies import enable_activation_checkpointing
+    data_path_help = "a .json/.jsonl/.parquet file of prompt/chosen/rejected pairs"
 
-        enable_activation_checkpointing(model)
-    if compile:
-        for block in model.blocks:
-            block.compile()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
-                  f"precision {precision_name}, template {template.name}, objective {type(objective).__name__}")
+    def __init__(self, config: PreferenceConfig) -> None:
+        self.config = config
+        self.name = type(config).__name__.removesuffix("Config").lower()
 
-    def setup(module: CausalLMObjective) -> nn.Module:
-        full_state = module.state_dict() if sharded and fabric.global_rank == 0 else None
-        wrapped_module = fabric.setup_module(module)
-        if sharded:
-            load_full_state(wrapped_module.module, full_state)
-        return wrapped_module
+    def validate(self, data: DataConfig) -> None:
+        if data.pack:
+            raise ConfigError("--data.pack: preference pairs are padded, not packed; remove --data.pack")
+        self.config.validate()
 
-    wrapped = setup(CausalLMObjective(model))
+    def keeps_frozen_copy(self, method: str) -> bool:
+        # With adapters the reference is the policy with its adapters switched off; full fine-tuning has no such
+        # switch, so it keeps the starting weights.
+        return self.config.needs_reference and method == "full"
 
-    # ---- reference ---------------------------------------------------------------------------------------------
-    reference = base_model_reference if objective.needs_reference else None
-    if reference_model is not None:
-        # FSDP shards the copy like the policy; otherwise it already sits whole on this device (DDP refuses to wrap
-        # a module with nothing to train).
-        frozen = CausalLMObjective(reference_model)
-        reference = FrozenReference(setup(frozen) if sharded else frozen, fabric.autocast)
+    def load_rows(
+        self, data: DataConfig, tokenizer: Tokenizer, template: ChatTemplate, seed: int, log: Callable[[str], None]
+    ) -> tuple[list[Any], list[Any] | None]:
+        from litft.data import load_preference_datasets
 
-    # ---- optimizer ---------------------------------------------------------------------------------------------
-    optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train))
-    scheduler = make_scheduler(optimizer, total_steps(train, len(train_pairs)), train)
-    progress = Progress()
-    state = TrainingState(fabric, wrapped, optimizer, scheduler, progress, full_weights=method == "full")
-    earlier_metrics: list[dict[str, str]] = []
-    if resume_from is not None:
-        state.load(resume_from)
-        log_rank_zero(f"resumed from {resume_from} at step {progress.step}")
-        if fabric.is_global_zero:
-            earlier_metrics = read_metrics(out_dir, up_to_step=progress.step)
+        return load_preference_datasets(data, tokenizer, template, log=log)
 
-    # ---- loop --------------------------------------------------------------------------------------------------
-    objective_name = type(objective).__name__.removesuffix("Config").lower()
-    run_config = FinetuneRun(
-        method=method, checkpoint=str(checkpoint), out_dir=str(out_dir), data=asdict(data), train=asdict(train),
-        eval=asdict(eval), lora=asdict(adapters) if adapters is not None else None, quantize=quantize_mode,
-        precision=precision_name, devices=devices, num_nodes=num_nodes, strategy=strategy, seed=seed,
-        extra={"objective": objective_name, objective_name: asdict(objective), "fsdp_cpu_offload": fsdp_cpu_offload},
-    )
-    sample_fn = make_sample_fn(model, tokenizer, template, eval) if eval.sample_prompt and not sharded else None
-    result = fit(
-        fabric, wrapped, optimizer, scheduler, PreferenceObjective(objective, padding_id(tokenizer), reference),
-        train_pairs, val_pairs, train, eval, out_dir, seed, state, sample_fn=sample_fn, should_stop=preemption,
-    )
-    for run_logger in fabric.loggers:
-        run_logger.finalize("success" if result.stopped_early is None else "interrupted")
-    if earlier_metrics:
-        prepend_metrics(out_dir, earlier_metrics)
-    if result.stopped_early == "signal":
-        preemption.requeue()
-        log_rank_zero(f"stopped by {preemption.name} at step {progress.step}; the checkpoint is saved in {out_dir}")
-        return out_dir / "final"
+    def make_objective(self, fabric: Fabric, model: nn.Module, tokenizer: Tokenizer, method: str) -> Objective:
+        from litft.commands.finetune import padding_id, setup_for_strategy
+        from litft.training.loss import CausalLMObjective
+        from litft.training.preference import FrozenReference, PreferenceObjective, base_model_reference
+        from litft.training.strategies import is_fsdp
 
-    # ---- save --------------------------------------------------------------------------------------------------
-    final_dir = out_dir / "final"
-    if result.stopped_early is None:
-        with consolidated(model, trained_only=method != "full") as full_weights:
-            if fabric.is_global_zero:
-                save_final(
-                    method, model, checkpoint, read_hf_config(checkpoint), adapters, template, run_config, final_dir,
-                    state_dict=full_weights,
-                )
-                plot_history(progress.history, out_dir / "loss.png")
-                plot_preference_metrics(out_dir / "metrics.csv", out_dir / "preference.png")
-                log_rank_zero(f"saved {final_dir}")
-    fabric.barrier()
-    return final_dir
+        reference = base_model_reference if self.config.needs_reference else None
+        if self.keeps_frozen_copy(method):
+            # FSDP shards the copy like the policy; otherwise it stays whole on this device (DDP refuses to wrap a
+            # module with nothing to train).
+            frozen = CausalLMObjective(copy.deepcopy(model).requires_grad_(False))
+            reference = FrozenReference(setup_for_strategy(fabric, frozen) if is_fsdp(fabric) else frozen, fabric.autocast)
+        return PreferenceObjective(self.config, padding_id(tokenizer), reference)
+
+    def run_config(self) -> dict[str, Any]:
+        return {"objective": self.name, self.name: asdict(self.config)}
+
+    def plot(self, out_dir: Path) -> None:
+        plot_preference_metrics(out_dir / "metrics.csv", out_dir / "preference.png")
 
 
 # Panels of the preference plot: the metrics drawn together in each.

@@ -37,7 +37,8 @@ Batch = dict[str, Any]
 
 
 class Objective(Protocol):
-    """How one method trains: collate rows, count normaliser units, compute the summed loss of a micro-batch."""
+    """How one method trains: collate rows, count normaliser units, compute the summed loss of a micro-batch, and
+    say what a validation measured (perplexity means something for next-token loss, not for a preference loss)."""
 
     def collate(self, rows: list[Row]) -> Batch: ...
 
@@ -46,6 +47,9 @@ class Objective(Protocol):
     def count(self, batch: Batch) -> torch.Tensor: ...
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        """The validation metrics (`evaluate`'s result) in a few words for the log."""
 
 
 @dataclass
@@ -407,19 +411,21 @@ def evaluate(
     if total_units == 0:
         return {}
     result = {"loss": float(loss_sum.compute()) / total_units}
-    result["perplexity"] = math.exp(min(result["loss"], 50.0))
     for name, metric in extra.items():
         result[name] = float(metric.compute()) / total_units
     return result
 
 
-def evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn):
+def evaluate_and_log(
+    fabric: Fabric, model: nn.Module, objective: Objective, val_rows: list[Row], train_config: TrainConfig,
+    eval_config: EvalConfig, progress: Progress, sample_fn: Callable[[], str] | None,
+) -> float | None:
     metrics = evaluate(fabric, model, objective, val_rows, train_config, eval_config)
     if not metrics:
         return None
     fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
     progress.history.append({"step": progress.step, "val_loss": metrics["loss"]})
-    message = f"step {progress.step}: validation loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"
+    message = f"step {progress.step}: validation {objective.summary(metrics)}"
     if sample_fn is not None:
         message += f"\n  sample: {sample_fn()!r}"
     fabric.print(message, file=sys.stderr)

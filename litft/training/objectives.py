@@ -4,6 +4,7 @@ The preference objectives (DPO, ORPO, SimPO) live in `litft.training.preference`
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -43,3 +44,8 @@ class SupervisedObjective:
             document_ids=batch.get("document_ids"),
         )
         return loss, {}
+
+    @staticmethod
+    def summary(metrics: dict[str, float]) -> str:
+        # The loss is the mean next-token NLL, so its exponential is the perplexity (capped so it stays finite).
+        return f"loss {metrics['loss']:.4f}, perplexity {math.exp(min(metrics['loss'], 50.0)):.2f}"

@@ -22,8 +22,8 @@ micro-batch, under no_grad, before the policy's forward so the two never hold ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litft.adapters.lora import adapters_disabled
 from litft.errors import ConfigError
 from litft.training.loss import IGNORE_INDEX
 
@@ -260,24 +261,6 @@ PreferenceConfig = DPOConfig | ORPOConfig | SimPOConfig
 Reference = Callable[[nn.Module, Batch], SequenceLogProbs]  # (policy, batch) -> the reference's log-probs
 
 
-@contextmanager
-def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Runs every LoRA layer of `model` as its frozen base layer: the model computes exactly the base weights
-    (DoRA's magnitude included), without a copy of them."""
-    from litft.adapters.lora import LoRALinear
-
-    layers = [module for module in model.modules() if isinstance(module, LoRALinear)]
-    if not layers:
-        raise ValueError("the policy has no LoRA layers to disable; full fine-tuning needs a frozen reference copy")
-    for layer in layers:
-        layer.forward = layer._base_forward  # an instance attribute shadows the class's forward
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
 def base_model_reference(policy: nn.Module, batch: Batch) -> SequenceLogProbs:
     """The reference of adapter training: the policy with its adapters switched off."""
     with torch.no_grad(), adapters_disabled(policy):
@@ -336,3 +319,10 @@ class PreferenceObjective:
         policy = sequence_log_probs(model, batch)
         losses, metrics = self.config.loss(policy, reference)
         return losses.sum(), {name: value.sum() for name, value in metrics.items()}
+
+    @staticmethod
+    def summary(metrics: dict[str, float]) -> str:
+        return (
+            f"loss {metrics['loss']:.4f}, reward accuracy {metrics['rewards/accuracy']:.3f}, "
+            f"margin {metrics['rewards/margin']:.4f}"
+        )
