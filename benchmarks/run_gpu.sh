@@ -12,7 +12,7 @@ peers=${PEERS:-unsloth,hf,litgpt}
 results="$out/results.jsonl"
 run() {  # run NAME ARGS...: litft first, then the peers, same arguments
   echo "== $*" >&2
-  python benchmarks/bench.py "$@" | tee -a "$results"
+  python benchmarks/bench.py "$@" --compile | tee -a "$results"
   python .bench/peers.py --peers "$peers" "$@" | tee -a "$results"
 }
 for row in $rows; do
