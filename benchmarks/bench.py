@@ -104,7 +104,7 @@ def bench_training(args) -> dict:
     model = load_for_training(args.task, checkpoint, torch.bfloat16, fabric.device, lora,
                               "bnb.nf4" if args.task == "qlora" else None)
     if args.ckpt:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=args.offload)
     if args.compile:
         for block in model.blocks:
             block.compile()
@@ -128,7 +128,7 @@ def bench_training(args) -> dict:
         profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
     tokens_per_second = args.batch * args.seq * args.steps / (time.perf_counter() - started)
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt) / (PEAK_TFLOPS * 1e12)
-    return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, compile=args.compile,
+    return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--ckpt", action="store_true", help="activation checkpointing on every block")
+    parser.add_argument("--offload", action="store_true", help="with --ckpt: keep the saved block inputs in host memory")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)

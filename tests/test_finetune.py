@@ -205,3 +205,78 @@ def test_non_finite_loss_stops_the_run(tmp_path, stories_dir, capsys):
     assert exit_info.value.code != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("litft: error:") and "loss became" in last
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["recompute", "recompute+offload"])
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offload):
+    from litft.adapters.lora import LoRAConfig, apply_lora
+    from litft.checkpoint import load_model
+    from litft.training.loss import CausalLMObjective
+    from litft.training.strategies import enable_activation_checkpointing
+
+    def loss_and_grads(checkpointed: bool):
+        torch.manual_seed(0)
+        model = load_model(tiny_llama_dir, dtype=torch.float32)
+        apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"], dropout=0.1))
+        if checkpointed:
+            enable_activation_checkpointing(model, offload=offload)
+        ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same dropout masks in both runs (recomputation replays the RNG state)
+        loss = CausalLMObjective(model.train())(ids, ids.roll(-1, dims=1))
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain_loss, plain_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    assert torch.equal(loss, plain_loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_out_of_memory_is_answered_with_what_to_lower(tmp_path, stories_dir, capsys, monkeypatch):
+    import litft.training.loop as loop
+
+    def out_of_memory(*args, **kwargs):  # what a CUDA allocation failure raises inside the step
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop, "train_step", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--train.global_batch_size", "4",
+                 "--train.micro_batch_size", "4", "--train.max_steps", "2")
+    assert exit_info.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("litft: error: the GPU ran out of memory")
+    assert "--train.micro_batch_size" in last and "--data.max_seq_length" in last
+
+
+def test_dry_run_prints_an_estimate_and_auto_picks_a_micro_batch(tmp_path, tiny_llama_dir, capsys):
+    out_dir = tmp_path / "dry"
+    finetune("lora", tiny_llama_dir, out_dir, "--dry_run", "true", "--train.micro_batch_size", "auto",
+             "--train.global_batch_size", "8", "--data.max_seq_length", "64")
+    err = capsys.readouterr().err
+    assert "--train.micro_batch_size auto: 8" in err  # a tiny model fits the whole per-device batch
+    assert "estimate for micro-batch 8 x 64 tokens: peak memory about" in err
+    assert not (out_dir / "final").exists() and not (out_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "shape, micro_batch_size, measured_gib",
+    # Peaks measured on an H200 (benchmarks/results/2026-11-28-h200-one-gpu.jsonl, compiled LoRA, 2048 tokens).
+    [("llama-1b", 8, 22.16), ("llama-8b", 4, 50.78)],
+)
+def test_memory_estimate_is_close_to_what_was_measured(tmp_path, shape, micro_batch_size, measured_gib):
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import SHAPES, hf_config
+
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import model_memory
+    from litft.training.estimate import estimate_run
+
+    config = hf_config(SHAPES[shape])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    lora = LoRAConfig(rank=16, alpha=32, targets=["q", "k", "v", "o", "gate", "up", "down"])
+    memory = model_memory("lora", tmp_path, torch.bfloat16, lora, None)
+    estimate = estimate_run(config, memory, "lora", torch.bfloat16, micro_batch_size, 2048, False)
+    assert estimate.peak_gib == pytest.approx(measured_gib, rel=0.15)

@@ -55,6 +55,7 @@ def lora(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """Fine-tune LoRA adapters on a frozen base model; writes a PEFT-format adapter to OUT_DIR/final.
 
@@ -78,6 +79,7 @@ def lora(
             SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
+        dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("lora", **locals())
 
@@ -101,6 +103,7 @@ def qlora(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """Fine-tune LoRA adapters on a base model stored in 4-bit (or 8-bit); writes a PEFT-format adapter.
 
@@ -124,6 +127,7 @@ def qlora(
         resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
+        dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("qlora", **locals())
 
@@ -145,6 +149,7 @@ def full(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     """Fine-tune every weight of the model; writes a Hugging Face checkpoint folder to OUT_DIR/final.
 
@@ -166,6 +171,7 @@ def full(
         resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
         compile: torch.compile each decoder block.
+        dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("full", **locals())
 
@@ -359,6 +365,7 @@ def run_finetune(
     quantize: str | None = None,
     fsdp_cpu_offload: bool = False,
     task: TrainingTask = SUPERVISED,
+    dry_run: bool = False,
 ) -> Path:
     """The recipe body of every `litft finetune` command: trains `method`'s parameters on `task`, and writes the
     adapter or checkpoint to OUT_DIR/final."""
@@ -390,10 +397,14 @@ def run_finetune(
     resume = resume_after_requeue(resume)
     precision_name, weights_dtype, fabric_precision = resolve_precision(precision, accelerator)
     memory = None
-    if strategy == "auto":
+    if strategy == "auto" or dry_run or train.micro_batch_size == "auto":
         memory = model_memory(method, checkpoint, weights_dtype, lora, quantize)
         if task.keeps_frozen_copy(method):  # the frozen copy weighs as much as the trained weights
             memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
+    if dry_run or train.micro_batch_size == "auto":
+        train = fit_micro_batch(train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes)
+        if dry_run:
+            return out_dir / "final"
     fabric = make_fabric(
         accelerator, devices, num_nodes, strategy, fabric_precision, make_loggers(logger, out_dir), memory,
         fsdp_cpu_offload,
@@ -417,7 +428,7 @@ def run_finetune(
     if train.activation_checkpointing:
         from litft.training.strategies import enable_activation_checkpointing
 
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=train.activation_checkpointing == "offload")
     if compile:
         for block in model.blocks:
             block.compile()
@@ -537,6 +548,33 @@ def model_memory(method: str, checkpoint: Path, dtype: torch.dtype, lora_config:
         trained = sum(m.rank * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0) for m in adapters)
         trained_bytes = trained * 4  # adapters are float32
     return ModelMemory(weight_bytes=int(weight_bytes + trained_bytes), trained_parameters=trained, trained_bytes=trained_bytes)
+
+
+def fit_micro_batch(
+    train: TrainConfig, memory, method: str, checkpoint: Path, dtype: torch.dtype, data: DataConfig,
+    accelerator: str, devices: int | str, num_nodes: int,
+) -> TrainConfig:
+    """Resolves `--train.micro_batch_size auto` to the largest micro-batch whose estimated peak fits in 90% of the
+    device, and logs the estimate for the micro-batch the run will use (all that `--dry_run` prints)."""
+    from litft.checkpoint import read_hf_config
+    from litft.training.estimate import available_device_bytes, estimate_run, largest_micro_batch
+    from litft.training.strategies import count_devices, log
+
+    hf_config = read_hf_config(checkpoint)
+    world_size = count_devices(accelerator, devices) * num_nodes
+    if train.global_batch_size % world_size:
+        raise ConfigError(f"--train.global_batch_size {train.global_batch_size} must be a multiple of the {world_size} devices")
+
+    def estimate_for(micro_batch_size: int):
+        return estimate_run(hf_config, memory, method, dtype, micro_batch_size, data.max_seq_length,
+                            train.activation_checkpointing)
+
+    if train.micro_batch_size == "auto":
+        chosen = largest_micro_batch(estimate_for, train.global_batch_size // world_size, available_device_bytes())
+        log(f"--train.micro_batch_size auto: {chosen} (the largest whose estimated peak fits in 90% of the device)")
+        train = replace(train, micro_batch_size=chosen)
+    log(estimate_for(train.micro_batch_size).describe(train.micro_batch_size, data.max_seq_length))
+    return train
 
 
 def padding_id(tokenizer) -> int:

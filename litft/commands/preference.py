@@ -67,6 +67,8 @@ def recipe_help(summary: str, checkpoint: str, objective: tuple[str, str], full_
                 SLURM job resumes automatically.
             overwrite: Replace the results of an earlier run in out_dir.
             compile: torch.compile each decoder block.
+            dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
+        dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
         """)
         paragraphs = [textwrap.fill(paragraph, 110) for paragraph in summary.split("\n\n")]
         recipe.__doc__ = "\n\n".join([*paragraphs, arguments])
@@ -104,6 +106,7 @@ def dpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     run_preference(objective=dpo, **_recipe_arguments(locals(), "dpo"))
 
@@ -136,6 +139,7 @@ def orpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     run_preference(objective=orpo, **_recipe_arguments(locals(), "orpo"))
 
@@ -167,6 +171,7 @@ def simpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    dry_run: bool = False,
 ) -> None:
     run_preference(objective=simpo, **_recipe_arguments(locals(), "simpo"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from litft.errors import ConfigError
 
@@ -16,7 +17,8 @@ class TrainConfig:
     Args:
         global_batch_size: Samples (or packed rows) per optimizer step, summed over devices and accumulation.
         micro_batch_size: Samples per forward pass on one device; gradient accumulation is
-            global_batch_size / (micro_batch_size * devices). "auto" is not supported yet.
+            global_batch_size / (micro_batch_size * devices). "auto": the largest that the memory estimate fits in
+            90% of the device (see --dry_run).
         epochs: Passes over the training data (ignored when max_steps is reached first).
         max_steps: Stop after this many optimizer steps.
         max_time: Stop after this many seconds of training (a checkpoint is saved first).
@@ -29,13 +31,14 @@ class TrainConfig:
         beta2: Adam beta2.
         max_norm: Clip the global gradient norm to this value (None: no clipping).
         optimizer: "adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw" (bitsandbytes) or "sgd".
-        activation_checkpointing: Recompute each decoder block in the backward pass instead of storing it.
+        activation_checkpointing: Recompute each decoder block in the backward pass instead of storing it; "offload"
+            also keeps each block's saved input in host memory until the backward needs it.
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         log_interval: Log metrics every this many steps.
     """
 
     global_batch_size: int = 16
-    micro_batch_size: int = 1
+    micro_batch_size: int | Literal["auto"] = 1
     epochs: int = 1
     max_steps: int | None = None
     max_time: float | None = None
@@ -48,12 +51,12 @@ class TrainConfig:
     beta2: float = 0.999
     max_norm: float | None = 1.0
     optimizer: str = "adamw"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool | Literal["offload"] = False
     save_interval: int | None = None
     log_interval: int = 1
 
     def validate(self) -> None:
-        if self.micro_batch_size < 1 or self.global_batch_size < 1:
+        if (self.micro_batch_size != "auto" and self.micro_batch_size < 1) or self.global_batch_size < 1:
             raise ConfigError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--train.lr_scheduler {self.lr_scheduler!r}: choose cosine, linear or constant")

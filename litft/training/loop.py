@@ -283,7 +283,12 @@ def fit(
                 to_device(objective.collate(chunk), fabric.device)
                 for chunk in split_global_batch(rows, world_size, rank, train_config.micro_batch_size, objective.row_length)
             ]
-            metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
+            try:
+                metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
+            except torch.OutOfMemoryError:
+                if progress_bar is not None:
+                    progress_bar.close()
+                raise TrainingStopped(out_of_memory_advice(train_config, micro_batches, out_dir)) from None
             scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += 1
@@ -339,6 +344,19 @@ def fit(
     if progress.step != last_saved_step or stopped is not None:
         state.save(out_dir)
     return FitResult(progress, final_val, stopped)
+
+
+def out_of_memory_advice(config: TrainConfig, micro_batches: list[Batch], out_dir: Path) -> str:
+    """What to lower after the device ran out of memory, most effective first."""
+    longest = max(int(b["input_ids"].shape[1]) for b in micro_batches)
+    advice = [f"--train.micro_batch_size (now {config.micro_batch_size}; keep --train.global_batch_size, accumulation grows)"]
+    advice.append(f"--data.max_seq_length (the longest row here has {longest} tokens)")
+    if not config.activation_checkpointing:
+        advice.append("--train.activation_checkpointing true")
+    advice.append("litft finetune qlora (a 4-bit base) or --strategy fsdp over several GPUs")
+    last = latest_checkpoint(out_dir)
+    kept = f"; the last good checkpoint is {last}" if last else ""
+    return "the GPU ran out of memory; lower, in this order: " + "; ".join(advice) + kept
 
 
 def train_step(

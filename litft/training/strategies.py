@@ -184,15 +184,26 @@ def is_fsdp(fabric: Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def enable_activation_checkpointing(model: nn.Module) -> None:
+def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> None:
     """Recomputes each decoder block in the backward pass. The block's `forward` is wrapped on the instance, so
     module and parameter names stay unchanged (checkpoints and adapters keep their keys). Under FSDP2 the block is
     sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
-    after the pre-backward hook has gathered the block's weights again."""
+    after the pre-backward hook has gathered the block's weights again.
+
+    `offload=True` also moves what each checkpointed block keeps (its input) to pinned host memory until the
+    backward needs it: GPU memory then holds one block's activations at a time, paid for in PCIe copies that
+    overlap with compute rather than in recomputation."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.blocks:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        recompute = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        block.forward = functools.partial(_offloaded, recompute) if offload else recompute
+
+
+def _offloaded(forward, *args, **kwargs):
+    pin = torch.cuda.is_available()
+    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+        return forward(*args, **kwargs)
 
 
 def log(message: str) -> None:

@@ -1,0 +1,138 @@
+"""Before training: how much device memory a run will take and how fast it will go, from the model's shape alone.
+
+Used by `--dry_run` (print the estimate, train nothing) and `--train.micro_batch_size auto` (the largest
+micro-batch whose estimate fits in 90% of the device). The activation model was fitted to measured runs on an
+H200 (Llama-3.2-1B and Llama-3.1-8B geometry, LoRA, compiled blocks: within 10% of `max_memory_allocated`); treat
+its numbers as estimates, not promises.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from litft.training.strategies import ModelMemory
+
+GIB = 1024**3
+# What litft's compiled LoRA step reached on an H200 (72% of 790 TFLOP/s measured bf16 matrix throughput), rounded
+# down: the estimate should not promise more than a typical run delivers.
+ASSUMED_MFU = 0.6
+# Dense bf16 tensor throughput per device, by name fragment (vendor figures; the H100/H200 one is what a bf16
+# matrix product measured on the H200 machines this project benchmarks on).
+PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
+FUSED_LOSS_CHUNK_BYTES = 2 * 256 * 1024**2  # one chunk of float32 logits and its gradient
+
+
+@dataclass
+class RunEstimate:
+    weights_gib: float
+    training_state_gib: float  # gradients and optimizer state of the trained parameters
+    activations_gib: float
+    loss_gib: float
+    flops_per_token: float
+    tokens_per_second: float | None  # None where the device's throughput is unknown (CPU)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.weights_gib + self.training_state_gib + self.activations_gib + self.loss_gib
+
+    def describe(self, micro_batch_size: int, seq_len: int) -> str:
+        speed = f"about {self.tokens_per_second:,.0f} tokens/s per device" if self.tokens_per_second else (
+            "tokens/s unknown on this device"
+        )
+        return (
+            f"estimate for micro-batch {micro_batch_size} x {seq_len} tokens: peak memory about {self.peak_gib:.1f} GiB "
+            f"per device (weights {self.weights_gib:.1f}, gradients + optimizer {self.training_state_gib:.1f}, "
+            f"activations {self.activations_gib:.1f}, loss {self.loss_gib:.1f}); {speed}"
+        )
+
+
+def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size: int) -> int:
+    """What autograd keeps per token and decoder layer: about ten hidden-size and two intermediate-size tensors."""
+    hidden = hf_config["hidden_size"]
+    intermediate = hf_config.get("intermediate_size") or 4 * hidden
+    return element_size * (10 * hidden + 2 * intermediate)
+
+
+def parameter_count(hf_config: dict[str, Any]) -> int:
+    """Parameters of the decoder (attention and MLP matrices) plus embeddings, from the config."""
+    hidden, layers = hf_config["hidden_size"], hf_config["num_hidden_layers"]
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config.get("num_key_value_heads") or heads
+    head_dim = hf_config.get("head_dim") or hidden // heads
+    intermediate = hf_config.get("intermediate_size") or 4 * hidden
+    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
+    mlp = 3 * hidden * intermediate
+    embeddings = hf_config["vocab_size"] * hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def device_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((tflops for fragment, tflops in PEAK_TFLOPS.items() if fragment in name), None)
+
+
+def estimate_run(
+    hf_config: dict[str, Any],
+    memory: ModelMemory,
+    method: str,
+    dtype: torch.dtype,
+    micro_batch_size: int,
+    seq_len: int,
+    activation_checkpointing: bool | str,
+) -> RunEstimate:
+    element_size = torch.empty((), dtype=dtype).element_size()
+    tokens = micro_batch_size * seq_len
+    layers = hf_config["num_hidden_layers"]
+    per_layer = activation_bytes_per_token_per_layer(hf_config, element_size)
+    if activation_checkpointing:
+        # Each block keeps only its input; one block's full activations exist during its recomputation.
+        kept_inputs = 0 if activation_checkpointing == "offload" else layers * hf_config["hidden_size"] * element_size
+        activations = tokens * (kept_inputs + per_layer)
+    else:
+        activations = tokens * layers * per_layer
+    loss = FUSED_LOSS_CHUNK_BYTES + tokens * hf_config["hidden_size"] * element_size
+    parameters = parameter_count(hf_config)
+    attention_flops = 4 * layers * seq_len * hf_config["hidden_size"]
+    # Forward 2N; backward 2N for the input gradient (+2N for weight gradients when every weight trains);
+    # recomputation adds another forward.
+    multiplier = (6 if method == "full" else 4) + (2 if activation_checkpointing else 0)
+    flops_per_token = multiplier * parameters + 3 * attention_flops
+    peak = device_peak_tflops()
+    speed = peak * 1e12 * ASSUMED_MFU / flops_per_token if peak else None
+    return RunEstimate(
+        weights_gib=memory.weight_bytes / GIB,
+        training_state_gib=(memory.unsharded_bytes - memory.weight_bytes) / GIB,
+        activations_gib=activations / GIB,
+        loss_gib=loss / GIB,
+        flops_per_token=flops_per_token,
+        tokens_per_second=speed,
+    )
+
+
+def available_device_bytes() -> int:
+    """The memory a run may fill: the GPU's total, or the host's physical memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def largest_micro_batch(
+    estimate_for: Any, per_device_rows: int, device_bytes: int, fraction: float = 0.9
+) -> int:
+    """The largest micro-batch that divides the rows each device gets per step and whose estimated peak fits in
+    `fraction` of the device (at least 1). `estimate_for(micro_batch_size)` returns a RunEstimate."""
+    best = 1
+    for candidate in range(1, per_device_rows + 1):
+        if per_device_rows % candidate:
+            continue
+        if estimate_for(candidate).peak_gib * GIB <= fraction * device_bytes:
+            best = candidate
+        else:
+            break
+    return best
