@@ -4,6 +4,7 @@ resumes exactly, training the real pretrained model moves it in the trained dire
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -142,6 +143,8 @@ def test_fine_tuning_the_pretrained_model_moves_it_toward_the_data(tmp_path, sto
     metrics = read_metrics(out_dir)
     validation = [m["val/loss"] for _, m in sorted(metrics.items()) if "val/loss" in m]
     assert validation[-1] < 0.5 * validation[0]
+    last_step = max(step for step, m in metrics.items() if "val/loss" in m)
+    assert metrics[last_step]["val/perplexity"] == pytest.approx(math.exp(validation[-1]), rel=1e-6)
     capsys.readouterr()
     main(["generate", "--checkpoint", str(out_dir / "final"), "--chat", "true", "--prompt", prompt,
           "--max_new_tokens", "30"])

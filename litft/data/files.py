@@ -118,8 +118,14 @@ def _iter_parquet(file: Path) -> Iterator[tuple[str, Record]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{file}: reading .parquet files needs pyarrow (`pip install pyarrow`)") from None
+    import pyarrow
+
+    try:
+        reader = pq.ParquetFile(file)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"{file}: not a readable parquet file ({str(error).splitlines()[0]})") from None
     row_number = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=1024):
+    for batch in reader.iter_batches(batch_size=1024):
         for record in batch.to_pylist():
             row_number += 1
             yield f"{file} row {row_number}", record

@@ -48,6 +48,9 @@ class Objective(Protocol):
 
     def loss_sum(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]: ...
 
+    def derived_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Validation metrics computed from the averaged ones (SFT: perplexity), logged beside them."""
+
     def summary(self, metrics: dict[str, float]) -> str:
         """The validation metrics (`evaluate`'s result) in a few words for the log."""
 
@@ -441,6 +444,7 @@ def evaluate_and_log(
     metrics = evaluate(fabric, model, objective, val_rows, train_config, eval_config)
     if not metrics:
         return None
+    metrics.update(objective.derived_metrics(metrics))
     fabric.log_dict({f"val/{k}": v for k, v in metrics.items()}, step=progress.step)
     progress.history.append({"step": progress.step, "val_loss": metrics["loss"]})
     message = f"step {progress.step}: validation {objective.summary(metrics)}"

@@ -46,6 +46,10 @@ class SupervisedObjective:
         return loss, {}
 
     @staticmethod
-    def summary(metrics: dict[str, float]) -> str:
+    def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
         # The loss is the mean next-token NLL, so its exponential is the perplexity (capped so it stays finite).
-        return f"loss {metrics['loss']:.4f}, perplexity {math.exp(min(metrics['loss'], 50.0)):.2f}"
+        return {"perplexity": math.exp(min(metrics["loss"], 50.0))}
+
+    @staticmethod
+    def summary(metrics: dict[str, float]) -> str:
+        return f"loss {metrics['loss']:.4f}, perplexity {metrics['perplexity']:.2f}"

@@ -321,6 +321,10 @@ class PreferenceObjective:
         return losses.sum(), {name: value.sum() for name, value in metrics.items()}
 
     @staticmethod
+    def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
+        return {}  # rewards and their accuracy are already averages over pairs
+
+    @staticmethod
     def summary(metrics: dict[str, float]) -> str:
         return (
             f"loss {metrics['loss']:.4f}, reward accuracy {metrics['rewards/accuracy']:.3f}, "
