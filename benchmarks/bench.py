@@ -87,6 +87,15 @@ def random_checkpoint(shape_name: str, folder: Path) -> Path:
     return folder
 
 
+def random_batch(rows: int, seq: int, vocab: int, device: torch.device, seed: int) -> dict:
+    """A training batch of random tokens, every position trained but the last (as the peers' labels=inputs)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (rows, seq), generator=generator).to(device)
+    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+    return {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
+            "num_tokens": tokens.numel()}
+
+
 def bench_training(args) -> dict:
     from litft.adapters.lora import LoRAConfig
     from litft.commands.finetune import load_for_training
@@ -111,10 +120,7 @@ def bench_training(args) -> dict:
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
-    tokens = torch.randint(0, shape["vocab"], (args.batch, args.seq), device=fabric.device)
-    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
-    batch = {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
-             "num_tokens": tokens.numel()}
+    batch = random_batch(args.batch, args.seq, shape["vocab"], fabric.device, seed=0)
     objective = SupervisedObjective(pad_id=0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()

@@ -21,7 +21,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench import DEVICE, SHAPES, TARGETS, flops_per_token, peak_memory_gib, random_checkpoint, synchronize  # noqa: E402
+from bench import (  # noqa: E402
+    DEVICE, SHAPES, TARGETS, flops_per_token, peak_memory_gib, random_batch, random_checkpoint, synchronize,
+)
 
 
 def main() -> None:
@@ -66,11 +68,7 @@ def main() -> None:
     per_step = args.batch * args.devices
     config = TrainConfig(global_batch_size=per_step, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, config))
-    generator = torch.Generator().manual_seed(fabric.global_rank)
-    tokens = torch.randint(0, shape["vocab"], (args.batch, args.seq), generator=generator).to(fabric.device)
-    targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
-    batch = {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
-             "num_tokens": tokens.numel()}
+    batch = random_batch(args.batch, args.seq, shape["vocab"], fabric.device, seed=fabric.global_rank)
     objective = SupervisedObjective(pad_id=0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
