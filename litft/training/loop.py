@@ -295,7 +295,7 @@ def fit(
             scheduler.step()
             progress.step += 1
             progress.batch_in_epoch += 1
-            tokens = int(fabric.all_reduce(torch.tensor(sum(b["num_tokens"] for b in micro_batches), device=fabric.device), reduce_op="sum").item())
+            tokens = int(metrics.pop("tokens"))
             progress.tokens_seen += tokens
             elapsed = time.perf_counter() - step_started
             progress.train_seconds = time.perf_counter() - started
@@ -374,7 +374,8 @@ def train_step(
     batch."""
     local_units = sum(objective.count(b) for b in micro_batches)
     global_units = fabric.all_reduce(local_units.float(), reduce_op="sum")
-    if global_units.item() == 0:
+    units = global_units.item()
+    if units == 0:
         raise TrainingStopped("a global batch has no trained token; check the data masking (--data.train_on_prompt)")
     # DDP and FSDP average gradients over devices; scaling by the world size turns that average into a sum.
     scale = fabric.world_size / global_units
@@ -395,9 +396,12 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     names = ["loss", *metric_totals]
-    totals = torch.stack([loss_total, *metric_totals.values()])
-    totals = fabric.all_reduce(totals, reduce_op="sum") / global_units
-    result = {name: float(v) for name, v in zip(names, totals.tolist())}
+    # One all-reduce for every metric and the token count: each collective is a sync point.
+    local_tokens = torch.tensor(float(sum(b["num_tokens"] for b in micro_batches)), device=loss_total.device)
+    totals = fabric.all_reduce(torch.stack([loss_total, *metric_totals.values(), local_tokens]), reduce_op="sum")
+    *summed, tokens = totals.tolist()
+    result = {name: value / units for name, value in zip(names, summed)}
+    result["tokens"] = tokens
     if grad_norm is not None:
         result["grad_norm"] = float(grad_norm)
     return result
