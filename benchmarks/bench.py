@@ -9,6 +9,7 @@ and 8 timed steps, tokens/s = batch * seq * steps / time, peak = torch.cuda.max_
   python benchmarks/bench.py --task lora --shape llama-8b --batch 4 --seq 2048 [--ckpt] [--compile]
   python benchmarks/bench.py --task qlora --shape llama-8b --batch 4 --seq 2048
   python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256
+  python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024   # batch = pairs (2x sequences)
 
 Prints one JSON line (peer "litft"), like peers.py.
 """
@@ -96,11 +97,16 @@ def random_batch(rows: int, seq: int, vocab: int, device: torch.device, seed: in
             "num_tokens": tokens.numel()}
 
 
+def sample(batch: dict, row: int) -> dict:
+    """Row `row` of a random batch as a dataset sample (input ids and shifted targets)."""
+    return {"input_ids": batch["input_ids"][row], "targets": batch["targets"][row]}
+
+
 def bench_training(args) -> dict:
     from litft.adapters.lora import LoRAConfig
     from litft.commands.finetune import load_for_training
     from litft.training.config import TrainConfig
-    from litft.training.loop import train_step
+    from litft.training.loop import to_device, train_step
     from litft.training.loss import CausalLMObjective
     from litft.training.objectives import SupervisedObjective
     from litft.training.optim import make_optimizer
@@ -110,7 +116,8 @@ def bench_training(args) -> dict:
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
     fabric = make_fabric(accelerator=DEVICE, devices=1, precision="32-true")
     lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
-    model = load_for_training(args.task, checkpoint, torch.bfloat16, fabric.device, lora,
+    method = "lora" if args.task == "dpo" else args.task
+    model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               "bnb.nf4" if args.task == "qlora" else None)
     if args.ckpt:
         enable_activation_checkpointing(model, offload=args.offload)
@@ -120,8 +127,19 @@ def bench_training(args) -> dict:
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
-    batch = random_batch(args.batch, args.seq, shape["vocab"], fabric.device, seed=0)
-    objective = SupervisedObjective(pad_id=0)
+    if args.task == "dpo":
+        # The real preference path: chosen and rejected in one batch, the reference = adapters switched off.
+        from litft.training.preference import DPOConfig, PreferenceObjective, base_model_reference
+
+        objective = PreferenceObjective(DPOConfig(), pad_id=0, reference=base_model_reference)
+        pairs = random_batch(2 * args.batch, args.seq, shape["vocab"], torch.device("cpu"), seed=0)
+        rows = [{"chosen": sample(pairs, i), "rejected": sample(pairs, args.batch + i)} for i in range(args.batch)]
+        batch = to_device(objective.collate(rows), fabric.device)
+        sequences_per_step = 2 * args.batch
+    else:
+        objective = SupervisedObjective(pad_id=0)
+        batch = random_batch(args.batch, args.seq, shape["vocab"], fabric.device, seed=0)
+        sequences_per_step = args.batch
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
@@ -132,8 +150,9 @@ def bench_training(args) -> dict:
     synchronize()
     if args.profile:
         profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
-    tokens_per_second = args.batch * args.seq * args.steps / (time.perf_counter() - started)
-    mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt) / (PEAK_TFLOPS * 1e12)
+    tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
+    # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
+    mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
@@ -172,7 +191,7 @@ def bench_decode(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--task", choices=["lora", "qlora", "decode"], default="lora")
+    parser.add_argument("--task", choices=["lora", "qlora", "dpo", "decode"], default="lora")
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
