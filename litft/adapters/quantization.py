@@ -18,6 +18,7 @@ Do not cast a quantized model with `.to(dtype)`: that would reinterpret the pack
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ from litft.errors import ConfigError
 QUANTIZE_MODES = ("bnb.nf4", "bnb.fp4", "bnb.int8")
 # Names of the output head across families; it stays in full precision (as in the QLoRA paper).
 OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
+# bitsandbytes warns on every CPU run that an optional accelerated kernel package is missing; its own CPU kernels
+# are what we use, so the warning is noise to a user.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 BLOCKSIZE_4BIT = 64  # bitsandbytes' default, the one the QLoRA paper uses
 
 
