@@ -632,7 +632,10 @@ def make_sample_fn(model, tokenizer, template, eval_config: EvalConfig):
     def sample() -> str:
         was_training = model.training
         model.eval()
-        result = generate(model, [prompt_ids], eval_config.max_new_tokens, stop_ids, pad_id=padding_id(tokenizer))
+        # Eager decoding: a short sample gains nothing from graph capture, and the model may be compiled or 4-bit.
+        result = generate(
+            model, [prompt_ids], eval_config.max_new_tokens, stop_ids, pad_id=padding_id(tokenizer), use_cuda_graph=False
+        )
         model.train(was_training)
         return tokenizer.decode(result[0].token_ids)
 
