@@ -229,6 +229,7 @@ def generate(
     precision: str | None = None,
     quantize: Literal["bnb.nf4", "bnb.int8"] | None = None,
     compile: bool = False,
+    cuda_graph: bool = True,
     output_format: Literal["text", "json"] = "text",
 ) -> None:
     """Continue one or more prompts with a model and print only the generated text.
@@ -252,6 +253,7 @@ def generate(
         precision: bf16-true, 16-true or 32-true (also bf16, fp16, fp32). Default: bf16 on GPU, fp32 on CPU.
         quantize: Load the base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only).
         compile: Compile the model with torch.compile (pays off for long generations).
+        cuda_graph: On a GPU, replay each decoding step from a captured CUDA graph (no Python overhead per token).
         output_format: text streams the continuation; json prints one object per prompt with prompt, text,
             token_ids and finish_reason ("eos" or "length").
     """
@@ -291,6 +293,7 @@ def generate(
         generator=sampling.generator(loaded.model.embeddings.weight.device),
         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
         on_token=streamer,
+        use_cuda_graph=cuda_graph,
     )
     elapsed = time.perf_counter() - started
     if streamer is not None:
