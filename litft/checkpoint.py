@@ -126,8 +126,11 @@ def load_bin_file(file: Path) -> dict[str, torch.Tensor]:
     """Reads a PyTorch `.bin` with `weights_only=True`: tensors and plain containers only, never arbitrary code."""
     import pickle
 
+    import zipfile
+
     try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        # Memory-mapping needs the zip container torch.save has written since 1.6; older files are read whole.
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else "disallowed object"
         raise CheckpointError(

@@ -255,3 +255,26 @@ def test_registry_lists_every_family():
     assert {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox"} <= set(
         supported_model_types()
     )
+
+
+def test_legacy_non_zip_bin_checkpoint_loads(tmp_path, tiny_llama_dir):
+    """`.bin` files written before torch 1.6 (no zip container) cannot be memory-mapped; they still load, and
+    still only through `weights_only=True`."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from litft.checkpoint import load_model
+
+    folder = tmp_path / "legacy"
+    folder.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_llama_dir / name).exists():
+            shutil.copy(tiny_llama_dir / name, folder / name)
+    state = load_file(tiny_llama_dir / "model.safetensors")
+    torch.save(state, folder / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    model = load_model(folder, dtype=torch.float32)
+    reference = load_model(tiny_llama_dir, dtype=torch.float32)
+    ids = torch.randint(0, 512, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), reference(ids))
