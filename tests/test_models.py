@@ -264,8 +264,6 @@ def test_legacy_non_zip_bin_checkpoint_loads(tmp_path, tiny_llama_dir):
 
     from safetensors.torch import load_file
 
-    from litft.checkpoint import load_model
-
     folder = tmp_path / "legacy"
     folder.mkdir()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
