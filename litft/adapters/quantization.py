@@ -183,3 +183,20 @@ def quantize_model(
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.rpartition(".")[2] not in OUTPUT_HEAD_NAMES:
             replace_module(model, name, QuantizedLinear(module, quantization))
+
+
+def logical_parameter_count(model: nn.Module) -> int:
+    """Parameters as the model defines them: a quantized weight counts in_features x out_features, not the
+    number of packed storage elements it occupies."""
+    total = 0
+    seen: set[int] = set()  # tied weights (input and output embeddings) count once
+    for module in model.modules():
+        for name, parameter in module.named_parameters(recurse=False):
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            if name == "weight" and getattr(module, "quantization", None) is not None:
+                total += module.in_features * module.out_features
+            else:
+                total += parameter.numel()
+    return total

@@ -433,7 +433,9 @@ def run_finetune(
         for block in model.blocks:
             block.compile()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    from litft.adapters.quantization import logical_parameter_count
+
+    total = logical_parameter_count(model)
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}, objective {task.name}")
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
