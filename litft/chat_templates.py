@@ -200,16 +200,16 @@ class ChatTemplate:
             raise DataError(f"chat template {self.name!r} rejected the conversation: {error}") from None
 
 
-def _builtin(name: str, tokenizer: Tokenizer) -> ChatTemplate:
+def _builtin(name: str, tokenizer: Tokenizer, flag: str = "--chat_template") -> ChatTemplate:
     missing = [t for t in _REQUIRED_TOKENS.get(name, []) if tokenizer.token_to_id(t) is None]
     if missing:
         raise ConfigError(
-            f"--chat_template {name}: the tokenizer of {tokenizer.checkpoint_dir} has no {', '.join(missing)} "
+            f"{flag} {name}: the tokenizer of {tokenizer.checkpoint_dir} has no {', '.join(missing)} "
             "token; use alpaca or plain, or a .jinja file"
         )
     if tokenizer.eos_token is None:
         raise ConfigError(
-            f"--chat_template {name}: the tokenizer of {tokenizer.checkpoint_dir} has no EOS token to end assistant "
+            f"{flag} {name}: the tokenizer of {tokenizer.checkpoint_dir} has no EOS token to end assistant "
             "turns with; set `eos_token` in its tokenizer_config.json"
         )
     return ChatTemplate(name, BUILTIN_TEMPLATES[name], tokenizer.special_tokens(), list(_END_OF_TURN.get(name, [])))
@@ -233,13 +233,17 @@ def _saved_template(tokenizer: Tokenizer, folder: Path) -> ChatTemplate | None:
 
 
 def resolve_chat_template(
-    tokenizer: Tokenizer, name: str | None = "auto", checkpoint_dir: str | Path | None = None
+    tokenizer: Tokenizer,
+    name: str | None = "auto",
+    checkpoint_dir: str | Path | None = None,
+    flag: str = "--chat_template",
 ) -> ChatTemplate:
     """Picks the chat template.
 
     `name`: "auto" (or None) = the template litft saved with a fine-tuned output in `checkpoint_dir` (default: the
     tokenizer's folder), else the checkpoint's own, else "chatml" if the vocabulary has <|im_start|>, else
-    "plain"; "checkpoint" = the checkpoint's own; a built-in name; or the path of a .jinja file."""
+    "plain"; "checkpoint" = the checkpoint's own; a built-in name; or the path of a .jinja file. `flag` is the
+    command-line flag the name came from, for the error messages."""
     name = name or "auto"
     if name == "auto":
         folder = Path(checkpoint_dir) if checkpoint_dir is not None else tokenizer.checkpoint_dir
@@ -249,23 +253,23 @@ def resolve_chat_template(
         if tokenizer.chat_template is not None:
             return ChatTemplate("checkpoint", tokenizer.chat_template, tokenizer.special_tokens())
         has_chatml = all(tokenizer.token_to_id(t) is not None for t in _REQUIRED_TOKENS["chatml"])
-        return _builtin("chatml" if has_chatml else "plain", tokenizer)
+        return _builtin("chatml" if has_chatml else "plain", tokenizer, flag)
     if name == "checkpoint":
         if tokenizer.chat_template is None:
             raise ConfigError(
-                f"--chat_template checkpoint: {tokenizer.checkpoint_dir} has no chat template; pick one of "
+                f"{flag} checkpoint: {tokenizer.checkpoint_dir} has no chat template; pick one of "
                 f"{', '.join(BUILTIN_TEMPLATES)} or a .jinja file"
             )
         return ChatTemplate("checkpoint", tokenizer.chat_template, tokenizer.special_tokens())
     if name in BUILTIN_TEMPLATES:
-        return _builtin(name, tokenizer)
+        return _builtin(name, tokenizer, flag)
     path = Path(name)
     if path.suffix == ".jinja" or path.is_file():
         if not path.is_file():
-            raise ConfigError(f"--chat_template {name}: no such file")
+            raise ConfigError(f"{flag} {name}: no such file")
         return ChatTemplate(path.name, path.read_text(encoding="utf-8"), tokenizer.special_tokens())
     raise ConfigError(
-        f"--chat_template {name!r}: unknown; use auto, checkpoint, {', '.join(BUILTIN_TEMPLATES)} or a .jinja file path"
+        f"{flag} {name!r}: unknown; use auto, checkpoint, {', '.join(BUILTIN_TEMPLATES)} or a .jinja file path"
     )
 
 

@@ -283,3 +283,10 @@ def test_memory_estimate_is_close_to_what_was_measured(tmp_path, shape, micro_ba
     memory = model_memory("lora", tmp_path, torch.bfloat16, lora, None)
     estimate = estimate_run(config, memory, "lora", torch.bfloat16, micro_batch_size, 2048, False)
     assert estimate.peak_gib == pytest.approx(measured_gib, rel=0.15)
+
+
+def test_an_unknown_template_names_the_data_flag(tmp_path, stories_dir, capsys):
+    with pytest.raises(SystemExit):
+        finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--data.template", "no-such-template")
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("litft: error: --data.template 'no-such-template': unknown")

@@ -34,7 +34,7 @@ def preview(checkpoint: Path | None = None, data: DataConfig = DataConfig(), num
     tokenizer = Tokenizer.from_checkpoint(checkpoint if checkpoint is not None else STORIES_DIR)
     data.validate()
     data_format = detect_dataset_format(data.path, data)
-    template = None if data_format == "text" else resolve_chat_template(tokenizer, data.template)
+    template = None if data_format == "text" else resolve_chat_template(tokenizer, data.template, flag="--data.template")
     if template is not None:
         print(f"chat template: {template.name}")
     preference = data_format == "preference"

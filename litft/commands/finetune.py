@@ -417,7 +417,7 @@ def run_finetune(
 
     # ---- data --------------------------------------------------------------------------------------------------
     tokenizer = Tokenizer.from_checkpoint(checkpoint)
-    template = resolve_chat_template(tokenizer, data.template)
+    template = resolve_chat_template(tokenizer, data.template, flag="--data.template")
     with fabric.rank_zero_first():  # rank 0 tokenizes and fills the cache; the others read it
         train_rows, val_rows = task.load_rows(data, tokenizer, template, seed, log_rank_zero)
 
