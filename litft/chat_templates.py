@@ -223,7 +223,7 @@ def _saved_template(tokenizer: Tokenizer, folder: Path) -> ChatTemplate | None:
     try:
         saved = json.loads(record.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ConfigError(f"{record}: not valid JSON ({error}); delete it to fall back to the checkpoint's template")
+        raise ConfigError(f"{record}: not valid JSON ({error}); delete it to fall back to the checkpoint's template") from None
     return ChatTemplate(
         str(saved.get("name", "checkpoint")),
         source.read_text(encoding="utf-8"),

@@ -223,14 +223,18 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offlo
         apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"], dropout=0.1))
         if checkpointed:
             enable_activation_checkpointing(model, offload=offload)
+        mlp_calls = []
+        # A pre-hook: recomputation stops as soon as the last saved tensor is rebuilt, before the block returns.
+        model.blocks[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
         ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)  # the same dropout masks in both runs (recomputation replays the RNG state)
         loss = CausalLMObjective(model.train())(ids, ids.roll(-1, dims=1))
         loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(mlp_calls)
 
-    plain_loss, plain_grads = loss_and_grads(False)
-    loss, grads = loss_and_grads(True)
+    plain_loss, plain_grads, plain_calls = loss_and_grads(False)
+    loss, grads, calls = loss_and_grads(True)
+    assert (plain_calls, calls) == (1, 2)  # the checkpointed block really ran again in the backward
     assert torch.equal(loss, plain_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -272,11 +272,6 @@ class KVCache:
         else:
             self.length += seq_len
 
-    def reset(self) -> None:
-        """Empties the cache and returns it to dynamic addressing."""
-        self.length = 0
-        self.document_ids.fill_(1)
-        self.cache_position = self.write_slots = None
 
 
 @dataclass

@@ -29,9 +29,6 @@ from litft.models.common import (
     attention,
 )
 
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
-
 @dataclass
 class LlamaConfig:
     vocab_size: int

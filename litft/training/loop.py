@@ -277,70 +277,68 @@ def fit(
     stopped: str | None = None
     started = time.perf_counter() - progress.train_seconds
     last_saved_step = progress.step
-    while progress.step < steps and stopped is None:
-        batches = global_batch_order(len(train_rows), train_config.global_batch_size, seed, progress.epoch)
-        while progress.batch_in_epoch < len(batches) and progress.step < steps:
-            step_started = time.perf_counter()
-            rows = [train_rows[i] for i in batches[progress.batch_in_epoch]]
-            micro_batches = [
-                to_device(objective.collate(chunk), fabric.device)
-                for chunk in split_global_batch(rows, world_size, rank, train_config.micro_batch_size, objective.row_length)
-            ]
-            try:
-                metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
-            except torch.OutOfMemoryError:
-                if progress_bar is not None:
-                    progress_bar.close()
-                raise TrainingStopped(out_of_memory_advice(train_config, micro_batches, out_dir)) from None
-            scheduler.step()
-            progress.step += 1
-            progress.batch_in_epoch += 1
-            tokens = int(metrics.pop("tokens"))
-            progress.tokens_seen += tokens
-            elapsed = time.perf_counter() - step_started
-            progress.train_seconds = time.perf_counter() - started
-            metrics.update(
-                step=progress.step,
-                epoch=progress.epoch,
-                lr=optimizer.param_groups[0]["lr"],
-                tokens_per_second=tokens / max(elapsed, 1e-9),
-                tokens_seen=progress.tokens_seen,
-                peak_memory_gib=_memory_gib(fabric.device),
-            )
-            if not math.isfinite(metrics["loss"]):
-                if progress_bar is not None:
-                    progress_bar.close()  # so the error starts on a line of its own
-                last = latest_checkpoint(out_dir)
-                raise TrainingStopped(
-                    f"the loss became {metrics['loss']} at step {progress.step}; lower --train.lr or check the data"
-                    + (f"; the last good checkpoint is {last}" if last else "")
+    try:
+        while progress.step < steps and stopped is None:
+            batches = global_batch_order(len(train_rows), train_config.global_batch_size, seed, progress.epoch)
+            while progress.batch_in_epoch < len(batches) and progress.step < steps:
+                step_started = time.perf_counter()
+                rows = [train_rows[i] for i in batches[progress.batch_in_epoch]]
+                micro_batches = [
+                    to_device(objective.collate(chunk), fabric.device)
+                    for chunk in split_global_batch(rows, world_size, rank, train_config.micro_batch_size, objective.row_length)
+                ]
+                try:
+                    metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
+                except torch.OutOfMemoryError:
+                    raise TrainingStopped(out_of_memory_advice(train_config, micro_batches, out_dir)) from None
+                scheduler.step()
+                progress.step += 1
+                progress.batch_in_epoch += 1
+                tokens = int(metrics.pop("tokens"))
+                progress.tokens_seen += tokens
+                elapsed = time.perf_counter() - step_started
+                progress.train_seconds = time.perf_counter() - started
+                metrics.update(
+                    step=progress.step,
+                    epoch=progress.epoch,
+                    lr=optimizer.param_groups[0]["lr"],
+                    tokens_per_second=tokens / max(elapsed, 1e-9),
+                    tokens_seen=progress.tokens_seen,
+                    peak_memory_gib=_memory_gib(fabric.device),
                 )
-            if progress.step % train_config.log_interval == 0 or progress.step == steps:
-                fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=progress.step)
-                progress.history.append({"step": progress.step, "train_loss": metrics["loss"]})
-            if progress_bar is not None:
-                progress_bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                    mem=f"{metrics['peak_memory_gib']:.1f}G",
-                )
-                progress_bar.update(1)
-            if val_rows and eval_config.interval and progress.step % eval_config.interval == 0 and progress.step < steps:
-                evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
-            if train_config.save_interval and progress.step % train_config.save_interval == 0:
-                state.save(out_dir)
-                last_saved_step = progress.step
-            if train_config.max_time is not None and progress.train_seconds >= train_config.max_time:
-                stopped = "max_time"
-                break
-            if should_stop is not None and should_stop():
-                stopped = "signal"
-                break
-        else:
-            if progress.batch_in_epoch >= len(batches):
-                progress.epoch += 1
-                progress.batch_in_epoch = 0
-    if progress_bar is not None:
-        progress_bar.close()
+                if not math.isfinite(metrics["loss"]):
+                    last = latest_checkpoint(out_dir)
+                    raise TrainingStopped(
+                        f"the loss became {metrics['loss']} at step {progress.step}; lower --train.lr or check the data"
+                        + (f"; the last good checkpoint is {last}" if last else "")
+                    )
+                if progress.step % train_config.log_interval == 0 or progress.step == steps:
+                    fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=progress.step)
+                    progress.history.append({"step": progress.step, "train_loss": metrics["loss"]})
+                if progress_bar is not None:
+                    progress_bar.set_postfix(
+                        loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                        mem=f"{metrics['peak_memory_gib']:.1f}G",
+                    )
+                    progress_bar.update(1)
+                if val_rows and eval_config.interval and progress.step % eval_config.interval == 0 and progress.step < steps:
+                    evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
+                if train_config.save_interval and progress.step % train_config.save_interval == 0:
+                    state.save(out_dir)
+                    last_saved_step = progress.step
+                if train_config.max_time is not None and progress.train_seconds >= train_config.max_time:
+                    stopped = "max_time"
+                    break
+                if should_stop is not None and should_stop():
+                    stopped = "signal"
+                    break
+            else:
+                if progress.batch_in_epoch >= len(batches):
+                    progress.epoch += 1
+                    progress.batch_in_epoch = 0
+    finally:
+        if progress_bar is not None:
+            progress_bar.close()  # before any error is printed, so it starts on a line of its own
     final_val = None
     if val_rows and stopped is None:
         final_val = evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
