@@ -206,3 +206,45 @@ def test_qlora_on_cuda_matches_the_dequantized_model(tiny_llama_dir, mode):
         reference = model(ids)
         merge_lora_(model)
         torch.testing.assert_close(model(ids), reference, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_compiled_qlora_keeps_only_the_packed_weight_for_backward(mode):
+    """Under torch.compile the forward graph's saved tensors (what lives from forward to backward) hold no
+    full-precision copy of the base weight: the backward dequantizes again. A traced dequantization would be merged
+    across forward and backward by the compiler and keep the (out, in) weight alive, QLoRA's whole saving lost."""
+    from functorch.compile import min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    out_features, in_features = 96, 128
+    layer = LoRALinear(
+        QuantizedLinear(nn.Linear(in_features, out_features), WeightQuantization(mode, torch.float32)),
+        LoRAConfig(rank=4, alpha=8),
+    )
+    randomize_adapter(layer)
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def record_forward(graph_module, example_inputs):
+        # The forward graph returns the layer output first, then the tensors saved for the backward.
+        output_node = next(node for node in graph_module.graph.nodes if node.op == "output")
+        for node in output_node.args[0][1:]:
+            value = node.meta.get("val") if node is not None else None
+            if isinstance(value, torch.Tensor):
+                saved.append((tuple(value.shape), value.dtype))
+        return graph_module.forward
+
+    backend = aot_autograd(
+        fw_compiler=record_forward, bw_compiler=lambda graph_module, _: graph_module.forward,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    x = torch.randn(2, 7, in_features, requires_grad=True)
+    compiled(x).sum().backward()
+    eager_x = x.detach().clone().requires_grad_(True)
+    layer(eager_x).sum().backward()
+
+    torch.testing.assert_close(x.grad, eager_x.grad)
+    assert saved, "the compiled forward saved nothing at all: the check did not run"
+    assert ((out_features, in_features), torch.float32) not in saved, saved
+    assert (tuple(layer.weight.shape), layer.weight.dtype) in saved  # the packed weight, dequantized in the backward

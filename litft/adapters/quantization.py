@@ -12,7 +12,8 @@ How the quantized weight is stored, so FSDP2 sharding and `state_dict` keep ever
     `weight_scale` (8-bit). The bitsandbytes `QuantState` is rebuilt from these tensors at every use.
 
 The forward dequantizes the weight and runs a plain matmul; the backward dequantizes again instead of keeping the
-full-precision weight alive between forward and backward, which is what makes QLoRA's memory saving real.
+full-precision weight alive between forward and backward, which is what makes QLoRA's memory saving real. Both run
+as opaque operators (`litft::dequantize_linear`), so torch.compile cannot merge the two dequantizations either.
 Do not cast a quantized model with `.to(dtype)`: that would reinterpret the packed data.
 """
 
@@ -75,53 +76,136 @@ class WeightQuantization:
             module.register_buffer("weight_offset", state.offset)
             module.nested_blocksize = state.state2.blocksize
 
+    def state_tensors(self, module: nn.Module) -> list[torch.Tensor]:
+        """The tensors besides `weight` that the dequantization reads, in a fixed order (see `dequantize_weight`)."""
+        if self.mode == "bnb.int8":
+            return [module.weight_scale]
+        if self.double_quant:
+            return [module.weight_absmax, module.weight_nested_absmax, module.weight_nested_code, module.weight_offset]
+        return [module.weight_absmax]
+
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         """The weight (out, in) in the compute dtype, rebuilt from the layer's own tensors."""
-        import bitsandbytes.functional as bnb_functional
-
-        if self.mode == "bnb.int8":
-            return bnb_functional.int8_vectorwise_dequant(module.weight, module.weight_scale).to(self.compute_dtype)
-        nested_state = None
-        if self.double_quant:
-            nested_state = bnb_functional.QuantState(
-                absmax=module.weight_nested_absmax,
-                code=module.weight_nested_code,
-                blocksize=module.nested_blocksize,
-                dtype=torch.float32,
-            )
-        state = bnb_functional.QuantState(
-            absmax=module.weight_absmax,
-            shape=torch.Size((module.out_features, module.in_features)),
-            blocksize=BLOCKSIZE_4BIT,
-            quant_type=self.quant_type,
-            dtype=self.compute_dtype,
-            offset=module.weight_offset if self.double_quant else None,
-            state2=nested_state,
+        return dequantize_weight(
+            module.weight, self.state_tensors(module), self.mode, module.out_features, module.in_features,
+            getattr(module, "nested_blocksize", None) or 0, self.compute_dtype,
         )
-        return bnb_functional.dequantize_4bit(module.weight, state)
 
 
-class _DequantizedLinear(torch.autograd.Function):
-    """x @ W^T + b with W dequantized in the forward and again in the backward, so only the packed weight is kept
-    for backward. The weight and bias are frozen; only the input gets a gradient."""
+def dequantize_weight(
+    weight: torch.Tensor,
+    state: list[torch.Tensor],
+    mode: str,
+    out_features: int,
+    in_features: int,
+    nested_blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """A quantized weight (out, in) in `dtype`, from its storage and `WeightQuantization.state_tensors`."""
+    import bitsandbytes.functional as bnb_functional
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, layer: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.layer = layer
-        weight = layer.quantization.dequantize(layer).to(x.dtype)
-        return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+    if mode == "bnb.int8":
+        (row_scale,) = state
+        return bnb_functional.int8_vectorwise_dequant(weight, row_scale).to(dtype)
+    nested_state = None
+    offset = None
+    absmax = state[0]
+    if len(state) == 4:  # double quantization: the block scales are themselves quantized
+        _, nested_absmax, nested_code, offset = state
+        nested_state = bnb_functional.QuantState(
+            absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize, dtype=torch.float32
+        )
+    quant_state = bnb_functional.QuantState(
+        absmax=absmax,
+        shape=torch.Size((out_features, in_features)),
+        blocksize=BLOCKSIZE_4BIT,
+        quant_type=mode.removeprefix("bnb."),
+        dtype=dtype,
+        offset=offset,
+        state2=nested_state,
+    )
+    return bnb_functional.dequantize_4bit(weight, quant_state).to(dtype)
 
-    @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
-        weight = ctx.layer.quantization.dequantize(ctx.layer).to(grad_output.dtype)
-        return grad_output @ weight, None, None  # (..., out) @ (out, in) -> (..., in)
+
+# The dequantize-and-multiply is one opaque operator (forward and input-gradient), not Python that torch.compile
+# traces: traced, the compiler sees the same dequantization in the forward and the backward graph, merges the two
+# and keeps every full-precision weight alive from forward to backward (QLoRA then used more memory than LoRA).
+# Opaque, the only thing saved for the backward is the packed weight the layer holds anyway.
+@torch.library.custom_op("litft::dequantize_linear", mutates_args=())
+def dequantize_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    state: list[torch.Tensor],
+    bias: torch.Tensor | None,
+    mode: str,
+    out_features: int,
+    in_features: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """x @ dequantize(W)^T + b, W dequantized transiently in x's dtype."""
+    full_weight = dequantize_weight(weight, state, mode, out_features, in_features, nested_blocksize, x.dtype)
+    return F.linear(x, full_weight, None if bias is None else bias.to(x.dtype))
+
+
+@dequantize_linear.register_fake
+def _(x, weight, state, bias, mode, out_features, in_features, nested_blocksize):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@torch.library.custom_op("litft::dequantize_linear_input_grad", mutates_args=())
+def dequantize_linear_input_grad(
+    grad_output: torch.Tensor,
+    weight: torch.Tensor,
+    state: list[torch.Tensor],
+    mode: str,
+    out_features: int,
+    in_features: int,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """grad_output @ dequantize(W): the gradient of x (the weight is frozen)."""
+    full_weight = dequantize_weight(
+        weight, state, mode, out_features, in_features, nested_blocksize, grad_output.dtype
+    )
+    return grad_output @ full_weight  # (..., out) @ (out, in) -> (..., in)
+
+
+@dequantize_linear_input_grad.register_fake
+def _(grad_output, weight, state, mode, out_features, in_features, nested_blocksize):
+    return grad_output.new_empty((*grad_output.shape[:-1], in_features))
+
+
+def _setup_dequantize_linear_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    _, weight, state, _, mode, out_features, in_features, nested_blocksize = inputs
+    ctx.save_for_backward(weight, *state)
+    ctx.arguments = (mode, out_features, in_features, nested_blocksize)
+    ctx.state_count = len(state)
+
+
+def _dequantize_linear_backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
+    weight, *state = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = dequantize_linear_input_grad(grad_output, weight, state, *ctx.arguments)
+    # The gradients mirror the inputs' structure: the state list gets a list of Nones (frozen tensors).
+    return grad_x, None, [None] * ctx.state_count, None, None, None, None, None
+
+
+dequantize_linear.register_autograd(_dequantize_linear_backward, setup_context=_setup_dequantize_linear_context)
 
 
 def quantized_linear(layer: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """The output of a layer holding a quantized weight (a `QuantizedLinear`, or a `LoRALinear` over one)."""
-    return _DequantizedLinear.apply(x, layer, layer.bias if with_bias else None)
+    quantization: WeightQuantization = layer.quantization
+    return dequantize_linear(
+        x,
+        layer.weight,
+        quantization.state_tensors(layer),
+        layer.bias if with_bias else None,
+        quantization.mode,
+        layer.out_features,
+        layer.in_features,
+        getattr(layer, "nested_blocksize", None) or 0,
+    )
 
 
 def load_frozen_tensor(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
