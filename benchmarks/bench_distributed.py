@@ -34,7 +34,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
     parser.add_argument("--batch", type=int, default=4, help="rows per GPU")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass (accumulate to --batch)")
     parser.add_argument("--ckpt", action="store_true")
+    parser.add_argument("--offload", action="store_true", help="with --ckpt: saved block inputs in host memory")
+    parser.add_argument("--lean", action="store_true", help="see bench.py")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -60,15 +63,21 @@ def main() -> None:
     lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
     model = load_for_strategy(fabric, args.task, folder, torch.bfloat16, lora, "bnb.nf4" if args.task == "qlora" else None)
     if args.ckpt:
-        enable_activation_checkpointing(model)
+        enable_activation_checkpointing(model, offload=args.offload)
     if args.compile:
+        if args.lean:
+            torch._functorch.config.ban_recompute_materialized_backward = False
         for block in model.blocks:
             block.compile()
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
     per_step = args.batch * args.devices
-    config = TrainConfig(global_batch_size=per_step, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
+    micro_batch = args.micro_batch or args.batch
+    config = TrainConfig(global_batch_size=per_step, micro_batch_size=micro_batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, config))
-    batch = random_batch(args.batch, args.seq, shape["vocab"], fabric.device, seed=fabric.global_rank)
+    micro_batches = [
+        random_batch(micro_batch, args.seq, shape["vocab"], fabric.device, seed=fabric.global_rank * 100 + index)
+        for index in range(args.batch // micro_batch)
+    ]
     objective = SupervisedObjective(pad_id=0)
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -77,7 +86,7 @@ def main() -> None:
             synchronize()
             fabric.barrier()
             started = time.perf_counter()
-        train_step(fabric, wrapped, optimizer, objective, [batch], config)
+        train_step(fabric, wrapped, optimizer, objective, micro_batches, config)
     synchronize()
     fabric.barrier()
     seconds = time.perf_counter() - started
@@ -87,7 +96,8 @@ def main() -> None:
         mfu = total / args.devices * flops_per_token(shape, args.seq, args.ckpt) / (790.0 * 1e12)
         print(json.dumps(dict(
             peer="litft", task=args.task, shape=args.shape, strategy=args.strategy, devices=args.devices,
-            batch_per_gpu=args.batch, seq=args.seq, ckpt=args.ckpt, compile=args.compile,
+            batch_per_gpu=args.batch, micro_batch=micro_batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload,
+            compile=args.compile, lean=args.lean,
             tokens_per_s=round(total), tokens_per_s_per_gpu=round(total / args.devices), mfu=round(mfu, 3),
             peak_mem_gib_per_gpu=round(float(peak), 2),
         )), flush=True)

@@ -18,7 +18,7 @@ def reference(hidden, targets, weight, softcap=None):
 def test_fused_chunked_loss_and_gradients_match_full_logits(monkeypatch, softcap, train_head):
     import litft.training.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 50 * 7)  # force several chunks of 7 positions
+    monkeypatch.setattr(loss_module, "chunk_size_for", lambda vocab_size, element_size=2: 7)  # several chunks
     torch.manual_seed(0)
     head = nn.Linear(16, 50, bias=False).double()
     head.weight.requires_grad_(train_head)
@@ -43,7 +43,7 @@ def test_fused_chunked_loss_and_gradients_match_full_logits(monkeypatch, softcap
 def test_per_position_losses_through_a_non_linear_head(monkeypatch):
     import litft.training.loss as loss_module
 
-    monkeypatch.setattr(loss_module, "CHUNK_BYTES", 4 * 50 * 5)
+    monkeypatch.setattr(loss_module, "chunk_size_for", lambda vocab_size, element_size=2: 5)
     torch.manual_seed(1)
     head = nn.Sequential(nn.Linear(16, 50, bias=False)).double()
     head.weight = head[0].weight  # the chunk-size lookup reads .weight
@@ -59,3 +59,25 @@ def test_per_position_losses_through_a_non_linear_head(monkeypatch):
     hidden.grad = None
     expected.sum().backward()
     torch.testing.assert_close(grad, hidden.grad)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_compiled_loss_chunk_equals_eager(softcap):
+    """On GPUs the chunk's loss and gradient run as a torch.compile'd kernel; it must compute the same values."""
+    from litft.training.loss import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 300) * 4
+    targets = torch.randint(0, 300, (37,))
+    compiled = torch.compile(cross_entropy_chunk, dynamic=True)
+    loss, grad = compiled(logits, targets, softcap)
+    expected_loss, expected_grad = cross_entropy_chunk(logits, targets, softcap)
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    # and both are the cross-entropy and its gradient
+    reference_logits = logits.clone().requires_grad_(True)
+    capped = reference_logits if softcap is None else torch.tanh(reference_logits / softcap) * softcap
+    reference = F.cross_entropy(capped, targets, reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(grad, reference_logits.grad, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,130 @@
+"""Peak memory of one QLoRA training step against sequence length, for litft and for Unsloth, and the longest
+sequence each fits on this GPU (batch 1, llama-8b geometry, each tool's memory-saving mode).
+
+Memory grows linearly with the sequence once attention runs in a flash kernel (no T x T scores), so a few measured
+points give the slope and the intercept; the longest sequence is where the fitted line meets the GPU's memory. A
+probe at the predicted length then checks it (`--verify`). Timing every length up to the limit instead would take
+minutes per point (attention FLOPs grow with T^2).
+
+  python benchmarks/longest_sequence.py --peer litft   --seqs 8192,16384,32768 [--verify]
+  python benchmarks/longest_sequence.py --peer unsloth --seqs 8192,16384,32768 [--verify]
+
+Needs .bench/peers.py (a copy of ../shared/bench/peers.py) for the Unsloth side. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / ".bench"))
+
+from bench import SHAPES, TARGETS, random_checkpoint  # noqa: E402
+
+GIB = 2**30
+
+
+def litft_step_factory(checkpoint: Path, longest: int):
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import load_for_training
+    from litft.training.loss import CausalLMObjective
+    from litft.training.strategies import enable_activation_checkpointing
+
+    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
+    model = load_for_training("qlora", checkpoint, torch.bfloat16, torch.device("cuda"), lora, "bnb.nf4")
+    enable_activation_checkpointing(model, offload=True)
+    objective = CausalLMObjective(model)
+    vocab = SHAPES["llama-8b"]["vocab"]
+
+    def step(seq: int) -> None:
+        tokens = torch.randint(0, vocab, (1, seq), device="cuda")
+        targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
+        objective(tokens, targets).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def unsloth_step_factory(checkpoint: Path, longest: int):
+    import peers  # the shared peers' benchmark: its own Unsloth loading code
+
+    arguments = SimpleNamespace(task="qlora", seq=longest, prompt=0, new=0)
+    FastLanguageModel, model = peers.unsloth_model(arguments, str(checkpoint))
+    model = FastLanguageModel.get_peft_model(
+        model, r=16, lora_alpha=32, lora_dropout=0, bias="none", target_modules=peers.TARGETS, random_state=0,
+        use_gradient_checkpointing="unsloth",
+    )
+    FastLanguageModel.for_training(model)
+    vocab = SHAPES["llama-8b"]["vocab"]
+
+    def step(seq: int) -> None:
+        tokens = torch.randint(0, vocab, (1, seq), device="cuda")
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def peak_of(step, seq: int) -> float | None:
+    """Peak GiB of one forward+backward at `seq` tokens, or None when it does not fit."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step(seq)
+        torch.cuda.synchronize()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    return torch.cuda.max_memory_allocated() / GIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--peer", choices=["litft", "unsloth"], required=True)
+    parser.add_argument("--seqs", default="8192,16384,32768")
+    parser.add_argument("--verify", action="store_true", help="run one step at 95%% of the predicted longest length")
+    parser.add_argument("--checkpoint_dir", default="/tmp/peers-hf-checkpoint-llama-8b")
+    args = parser.parse_args()
+    seqs = [int(s) for s in args.seqs.split(",")]
+    record: dict = dict(peer=args.peer, task="longest-sequence", shape="llama-8b", batch=1)
+    try:
+        checkpoint = Path(args.checkpoint_dir)
+        if args.peer == "unsloth":
+            import peers
+
+            peers.saved_checkpoint(peers.SHAPES["llama-8b"], str(checkpoint))
+        else:
+            random_checkpoint("llama-8b", checkpoint)
+        factory = litft_step_factory if args.peer == "litft" else unsloth_step_factory
+        step = factory(checkpoint, 4 * max(seqs))
+        peak_of(step, 1024)  # warm-up: kernels, workspaces
+        points = {seq: peak_of(step, seq) for seq in seqs}
+        record["peak_gib"] = {str(seq): (round(peak, 2) if peak else None) for seq, peak in points.items()}
+        fitted = [(seq, peak) for seq, peak in points.items() if peak is not None]
+        if len(fitted) >= 2:
+            (s0, p0), (s1, p1) = fitted[0], fitted[-1]
+            slope = (p1 - p0) / (s1 - s0)  # GiB per token
+            capacity = torch.cuda.get_device_properties(0).total_memory / GIB
+            longest = int(s1 + (capacity * 0.97 - p1) / slope)
+            record.update(gib_per_1k_tokens=round(slope * 1024, 4), intercept_gib=round(p0 - slope * s0, 2),
+                          predicted_longest=longest)
+            if args.verify:
+                probe = int(longest * 0.95) // 1024 * 1024
+                peak = peak_of(step, probe)
+                record["verified"] = {str(probe): round(peak, 2) if peak else "out of memory"}
+    except Exception as error:  # report, so the rest of the benchmark command still runs
+        record["error"] = f"{type(error).__name__}: {str(error)[:400]}"
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()
