@@ -68,7 +68,11 @@ def main() -> None:
         if args.lean:
             torch._functorch.config.ban_recompute_materialized_backward = False
         for block in model.blocks:
-            block.compile()
+            offload = getattr(block, "activation_offload", None)
+            if offload is not None:  # compile what runs inside the offloading wrapper
+                offload.inner_forward = torch.compile(offload.inner_forward)
+            else:
+                block.compile()
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
     per_step = args.batch * args.devices
     micro_batch = args.micro_batch or args.batch

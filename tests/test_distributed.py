@@ -59,10 +59,16 @@ def runs(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     finetune(tiny_llama_dir, root / "single", cache)
     finetune(tiny_llama_dir, root / "ddp", cache, "--devices", "2", "--strategy", "ddp")
     finetune(tiny_llama_dir, root / "fsdp", cache, "--devices", "2", "--strategy", "fsdp")
-    return {"single": root / "single", "ddp": root / "ddp", "fsdp": root / "fsdp", "cache": cache, "root": root}
+    # Offloaded activation checkpointing recomputes each block inside its own backward (a nested backward pass):
+    # DDP's and FSDP2's gradient hooks must still fire exactly once per parameter.
+    offload = ("--train.activation_checkpointing", "offload")
+    finetune(tiny_llama_dir, root / "ddp-offload", cache, "--devices", "2", "--strategy", "ddp", *offload)
+    finetune(tiny_llama_dir, root / "fsdp-offload", cache, "--devices", "2", "--strategy", "fsdp", *offload)
+    names = ["single", "ddp", "fsdp", "ddp-offload", "fsdp-offload"]
+    return {**{name: root / name for name in names}, "cache": cache, "root": root}
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "ddp-offload", "fsdp-offload"])
 def test_two_processes_train_like_one(runs, strategy):
     reference = losses(runs["single"])
     assert sorted(reference) == list(range(1, STEPS + 1))

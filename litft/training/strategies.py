@@ -190,20 +190,122 @@ def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> 
     sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
     after the pre-backward hook has gathered the block's weights again.
 
-    `offload=True` also moves what each checkpointed block keeps (its input) to pinned host memory until the
-    backward needs it: GPU memory then holds one block's activations at a time, paid for in PCIe copies that
-    overlap with compute rather than in recomputation."""
+    `offload=True` also moves what each block keeps, its input, to pinned host memory, copied on a side stream while
+    the next blocks compute, and brought back one block ahead of the backward (`OffloadedBlocks`): the GPU then holds
+    no activations of the blocks between forward and backward, at the price of PCIe copies that overlap compute."""
     from torch.utils.checkpoint import checkpoint
 
+    if offload:
+        OffloadedBlocks(model)
+        return
     for block in model.blocks:
-        recompute = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        block.forward = functools.partial(_offloaded, recompute) if offload else recompute
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def _offloaded(forward, *args, **kwargs):
-    pin = torch.cuda.is_available()
-    with torch.autograd.graph.save_on_cpu(pin_memory=pin):
-        return forward(*args, **kwargs)
+class OffloadedBlocks:
+    """Activation checkpointing with the checkpoints (the block inputs) kept in host memory.
+
+    Each block's forward runs without autograd recording; its input is copied to pinned host memory on a side
+    stream. The backward of a block brings its input back (the copy started when the block after it began its
+    backward), runs the block again with autograd on, and backpropagates through that recomputation. The block's
+    own forward is `inner_forward`: a compiler replaces that (not the wrapper, whose stream work it cannot trace),
+    see `litft.training.compilation`."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.pending: list[_HostCheckpoint] = []  # forward order; the backward walks it from the end
+        self.side_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        for block in model.blocks:
+            block.activation_offload = _OffloadedBlock(self, block.forward)
+            block.forward = block.activation_offload
+
+
+class _OffloadedBlock:
+    def __init__(self, owner: OffloadedBlocks, inner_forward) -> None:
+        self.owner = owner
+        self.inner_forward = inner_forward
+
+    def __call__(self, hidden: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # evaluation, or a reference model: nothing to keep for a backward
+            return self.inner_forward(hidden, *args, **kwargs)
+        # The parameters the block trains are not inputs of the autograd function; the anchor, an input that
+        # requires grad, makes autograd record it even when `hidden` needs no gradient (the first block's input).
+        return _OffloadedCheckpoint.apply(self, args, kwargs, hidden, _GRAD_ANCHOR)
+
+
+class _HostCheckpoint:
+    """A block input on its way to host memory and back."""
+
+    def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
+        self.device = tensor.device
+        self.stream = stream
+        self.on_device: torch.Tensor | None = None
+        if stream is None or tensor.device.type != "cuda":
+            self.host = tensor.detach().clone()  # CPU runs: a copy, so the caller may reuse its tensor
+            self.copied = None
+            return
+        self.host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stream.wait_stream(torch.cuda.current_stream())  # the tensor is complete before it is copied
+        with torch.cuda.stream(stream):
+            self.host.copy_(tensor, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record(stream)
+        tensor.record_stream(stream)  # its memory is not reused before the copy has read it
+
+    def prefetch(self) -> None:
+        if self.on_device is not None:
+            return
+        if self.copied is None:
+            self.on_device = self.host.to(self.device)
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self.copied)
+            self.on_device = self.host.to(self.device, non_blocking=True)
+            self.arrived = torch.cuda.Event()
+            self.arrived.record(self.stream)
+
+    def take(self) -> torch.Tensor:
+        self.prefetch()
+        tensor = self.on_device
+        if self.copied is not None:
+            torch.cuda.current_stream().wait_event(self.arrived)
+            tensor.record_stream(torch.cuda.current_stream())
+        self.on_device = None
+        return tensor
+
+
+_GRAD_ANCHOR = torch.empty(0, requires_grad=True)
+
+
+class _OffloadedCheckpoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, block: _OffloadedBlock, args: tuple, kwargs: dict, hidden: torch.Tensor, anchor: torch.Tensor):  # type: ignore[override]
+        ctx.block, ctx.args, ctx.kwargs = block, args, kwargs
+        # Recomputation must draw the same dropout masks as this pass did.
+        ctx.cpu_rng_state = torch.get_rng_state()
+        ctx.cuda_rng_state = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        ctx.checkpoint = _HostCheckpoint(hidden, block.owner.side_stream)
+        block.owner.pending.append(ctx.checkpoint)
+        with torch.no_grad():
+            return block.inner_forward(hidden, *args, **kwargs)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+        pending = ctx.block.owner.pending
+        index = pending.index(ctx.checkpoint)
+        if index > 0:
+            pending[index - 1].prefetch()  # the block before this one is next in the backward
+        needs_input_grad = ctx.needs_input_grad[3]
+        hidden = ctx.checkpoint.take().detach().requires_grad_(needs_input_grad)
+        pending.pop(index)
+        devices = [hidden.device] if hidden.is_cuda else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(ctx.cpu_rng_state)
+            if ctx.cuda_rng_state is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng_state, hidden.device)
+            with torch.enable_grad():
+                output = ctx.block.inner_forward(hidden, *ctx.args, **ctx.kwargs)
+        torch.autograd.backward(output, grad_output)
+        return None, None, None, hidden.grad if needs_input_grad else None, None
 
 
 def log(message: str) -> None:
