@@ -1,15 +1,17 @@
-"""The few blocks whose math is identical across families: RMSNorm, rotary tables, the attention mask, the KV cache
-and the attention call itself. Everything family-specific lives in that family's file."""
+"""The few blocks whose math is identical across families: RMSNorm, rotary tables, the attention masks, the KV
+cache and the attention call itself. Everything family-specific lives in that family's file."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from litft.errors import CheckpointError
 
@@ -52,7 +54,7 @@ class RopeConfig:
     max_position_embeddings: int = 2048
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], head_dim: int, partial_rotary_factor: float = 1.0) -> "RopeConfig":
+    def from_hf(cls, hf: dict[str, Any], head_dim: int, partial_rotary_factor: float = 1.0) -> RopeConfig:
         # transformers >= 5 writes `rope_parameters`; older configs have `rope_theta` and `rope_scaling`.
         params = dict(hf.get("rope_parameters") or {})
         scaling = hf.get("rope_scaling") or {}
@@ -273,16 +275,22 @@ class KVCache:
             self.length += seq_len
 
 
-
 @dataclass
 class AttentionContext:
-    """What every layer's attention needs besides its own q, k, v: the masks (None means plain causal) for full
-    and sliding-window layers, and the KV cache if one is in use."""
+    """What every layer's attention needs besides its own q, k, v, built once per forward pass:
+      - `mask`, `sliding_mask`: boolean (B, 1, T, S) masks for SDPA (None means plain causal), for full and
+        sliding-window layers;
+      - `block_mask`, `sliding_block_mask`: flex_attention's block-sparse masks instead, for packed rows on the
+        flex path (see `use_flex_attention`); the dense masks are then None;
+      - the KV cache if one is in use.
+    Layers call `attend(q, k, v, context, sliding=...)`, which picks the path."""
 
     mask: torch.Tensor | None
     sliding_mask: torch.Tensor | None
     kv_cache: KVCache | None
     is_causal: bool
+    block_mask: BlockMask | None = None
+    sliding_block_mask: BlockMask | None = None
 
 
 def build_attention_context(
@@ -293,12 +301,16 @@ def build_attention_context(
     kv_cache: KVCache | None,
     sliding_window: int | None,
 ) -> AttentionContext:
-    """Builds the boolean masks (True = may attend), (B, 1, T, S), for this forward pass.
+    """Builds the masks for this forward pass.
 
     `document_ids` (B, T) says which document each token belongs to: a token attends only to earlier tokens of
     its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
-    With a KV cache the mask also covers every cached slot, whose document ids the cache keeps. Without documents,
-    cache offsets or a sliding window the mask is None and SDPA's causal fast path runs."""
+    Without a KV cache, where `use_flex_attention` allows, those rows get flex_attention block masks. Otherwise
+    the masks are boolean, (B, 1, T, S) (True = may attend); with a KV cache they also cover every cached slot,
+    whose document ids the cache keeps. Without documents, cache offsets or a sliding window the mask is None and
+    SDPA's causal fast path runs."""
+    if kv_cache is None and document_ids is not None and use_flex_attention(device):
+        return _flex_attention_context(document_ids, sliding_window)
     if kv_cache is not None and kv_cache.static:
         return _static_attention_context(batch_size, seq_len, device, document_ids, kv_cache, sliding_window)
     offset = kv_cache.length if kv_cache is not None else 0
@@ -376,7 +388,8 @@ def attention(
     """Scaled dot-product attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd), grouped-query aware.
 
     SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
-    expressible in SDPA, so that path computes the scores explicitly."""
+    expressible in SDPA, so that path computes the scores explicitly (packed rows on the flex path do not: see
+    `flex_attend`)."""
     if softcap is None:
         B, n_head, T, head_dim = q.shape
         n_kv_head = k.shape[1]
@@ -412,6 +425,176 @@ def _expand_kv(x: torch.Tensor, n_head: int) -> torch.Tensor:
     if n_kv == n_head:
         return x
     return x.repeat_interleave(n_head // n_kv, dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flex attention for packed rows
+# ----------------------------------------------------------------------------------------------------------------
+
+# Where packed rows (document_ids given, no KV cache) attend through flex_attention instead of SDPA with a dense
+# (B, 1, T, S) mask, which rules out SDPA's flash kernels and computes every cross-document and padding score:
+#   "auto": on CUDA only. On CPU flex_attention has no backward pass (torch refuses it), no speed advantage, and
+#           a compiled kernel that torch 2.13 sometimes fails to build once shapes turn dynamic;
+#   "always": wherever it applies, whatever the device (tests force the path this way on CPU, forward only);
+#   "never": dense masks everywhere.
+# Passes with a KV cache (generation) always use the dense masks.
+FLEX_ATTENTION = "auto"
+FLEX_ATTENTION_MODES = ("auto", "always", "never")
+
+# The sparse block size of the block masks, flex_attention's default: a (128, 128) tile of scores is skipped when
+# no query in it may see any of its keys, computed without the mask function when every query sees every key, and
+# under it otherwise.
+FLEX_BLOCK_SIZE = 128
+
+_compiled_flex_attention: Callable[..., torch.Tensor] | None = None
+
+
+def use_flex_attention(device: torch.device | str) -> bool:
+    """Whether packed rows on `device` take the flex_attention path, as `FLEX_ATTENTION` says."""
+    if FLEX_ATTENTION not in FLEX_ATTENTION_MODES:
+        raise ValueError(f"FLEX_ATTENTION is {FLEX_ATTENTION!r}; expected one of {', '.join(FLEX_ATTENTION_MODES)}")
+    if FLEX_ATTENTION == "auto":
+        return torch.device(device).type == "cuda"
+    return FLEX_ATTENTION == "always"
+
+
+def compiled_flex_attention() -> Callable[..., torch.Tensor]:
+    """flex_attention under torch.compile. Run eagerly it materialises every score (and warns); compiled it is one
+    fused kernel that skips the blocks the mask empties. Inside an already compiled decoder block dynamo inlines
+    it into the block's graph. Made on first use: torch.compile imports dynamo, which costs seconds at start-up."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention)
+    return _compiled_flex_attention
+
+
+def document_mask_mod(document_ids: torch.Tensor, sliding_window: int | None) -> Callable[..., torch.Tensor]:
+    """flex_attention's mask function for rows of documents `document_ids` (B, L): query i may attend to key j
+    when j <= i, both belong to the same document and, given a window, i - j < sliding_window (the rule of
+    `_slot_masks`). It takes index tensors of any broadcastable shapes, so it also evaluates a whole tile at once.
+
+    The window travels as a tensor ("no window" is one longer than the row), so full and sliding layers share one
+    mask function and one compiled kernel: a Python int would be specialised on, and every distinct function
+    compiled again, bringing dynamo closer to its recompile limit (past it, flex_attention runs uncompiled)."""
+    window = torch.full((), sliding_window or document_ids.shape[1] + 1, device=document_ids.device)
+
+    def causal_within_document_and_window(batch, head, query_index, key_index):
+        same_document = document_ids[batch, query_index] == document_ids[batch, key_index]
+        in_window = query_index - key_index < window
+        return (key_index <= query_index) & same_document & in_window
+
+    return causal_within_document_and_window
+
+
+def document_block_mask(
+    document_ids: torch.Tensor, sliding_window: int | None, block_size: int | None = None
+) -> BlockMask:
+    """The BlockMask of packed rows `document_ids` (B, T): which (block_size, block_size) tiles of scores are empty,
+    which are full (every query sees every key: the mask function is skipped) and which are partial. The block
+    size defaults to FLEX_BLOCK_SIZE, read at call time (tests shrink it to get many tiles from short rows).
+
+    It is what `create_block_mask(document_mask_mod(...), B, None, T, T)` returns, but evaluated a band of query
+    rows at a time: create_block_mask materialises the whole (B, T, T) mask and int64 intermediates of that size
+    (5 GiB for 8 rows of 8192 tokens), several times the dense mask this path replaces."""
+    block_size = block_size or FLEX_BLOCK_SIZE
+    batch_size, seq_len = document_ids.shape
+    device = document_ids.device
+    num_blocks = -(-seq_len // block_size)
+    padded_len = num_blocks * block_size
+    # Padded to whole blocks so every index a kernel tile reaches is in range; the padding (id -1) sits after
+    # every real token, so causality keeps real queries off it, and the kernel drops padded queries.
+    padded_ids = F.pad(document_ids, (0, padded_len - seq_len), value=-1)  # (B, padded_len)
+    mask_mod = document_mask_mod(padded_ids, sliding_window)
+
+    batch = torch.arange(batch_size, device=device)[:, None, None]  # (B, 1, 1)
+    keys = torch.arange(padded_len, device=device)
+    # Bands of whole query blocks, each mask (B, rows, padded_len) kept to 2**26 booleans.
+    rows_per_band = block_size * max(1, 2**26 // (batch_size * padded_len * block_size))
+    partial_bands, full_bands = [], []
+    for start in range(0, padded_len, rows_per_band):
+        queries = torch.arange(start, min(start + rows_per_band, padded_len), device=device)
+        allowed = mask_mod(batch, 0, queries[None, :, None], keys[None, None, :])  # (B, rows, padded_len)
+        # Tiles that reach past the sequence are never full, as create_block_mask pads its mask with False.
+        allowed = allowed & (queries[:, None] < seq_len) & (keys[None, :] < seq_len)
+        tiles = allowed.view(batch_size, -1, block_size, num_blocks, block_size)  # (B, q_blocks, bs, kv_blocks, bs)
+        any_allowed = tiles.any(dim=4).any(dim=2)  # (B, q_blocks, kv_blocks)
+        all_allowed = tiles.all(dim=4).all(dim=2)
+        partial_bands.append(any_allowed & ~all_allowed)
+        full_bands.append(all_allowed)
+    partial = torch.cat(partial_bands, dim=1)  # (B, num_blocks, num_blocks)
+    full = torch.cat(full_bands, dim=1)
+
+    def counts_and_indices(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per query block: how many key blocks, and their indices first, ascending (a stable sort puts them there).
+        # (B, 1, num_blocks) and (B, 1, num_blocks, num_blocks): the head axis is 1, broadcast over every head.
+        counts = blocks.sum(dim=-1, dtype=torch.int32)
+        indices = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        return counts[:, None], indices[:, None]
+
+    kv_num_blocks, kv_indices = counts_and_indices(partial)
+    full_kv_num_blocks, full_kv_indices = counts_and_indices(full)
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+        BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len),
+    )
+
+
+def _flex_attention_context(document_ids: torch.Tensor, sliding_window: int | None) -> AttentionContext:
+    """Block masks for packed rows without a KV cache: causal within each document, and for sliding-window layers
+    within the window too. Built here, outside the compiled blocks, once per forward pass for every layer."""
+    compiled_flex_attention()  # made now, eagerly: the layers only look it up, also from inside compiled code
+    block_mask = document_block_mask(document_ids, None)
+    # Models without sliding layers never ask for the sliding mask, and a window at least as long as the row cuts
+    # nothing: either way sliding layers can share the full mask.
+    sliding_block_mask = block_mask
+    if sliding_window is not None and sliding_window < document_ids.shape[1]:
+        sliding_block_mask = document_block_mask(document_ids, sliding_window)
+    return AttentionContext(None, None, None, is_causal=False, block_mask=block_mask,
+                            sliding_block_mask=sliding_block_mask)
+
+
+def softcap_score_mod(cap: float) -> Callable[..., torch.Tensor]:
+    """flex_attention's score function for logit soft-capping (Gemma 2): tanh(score / cap) * cap, applied to the
+    scaled score before the mask, as in the SDPA-free path of `attention`."""
+
+    def softcap(score, batch, head, query_index, key_index):
+        return torch.tanh(score / cap) * cap
+
+    return softcap
+
+
+def flex_attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: BlockMask,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """flex_attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd) under `block_mask`, grouped-query
+    aware, with soft-capping as a score function: no scores are materialised on either path."""
+    score_mod = softcap_score_mod(softcap) if softcap is not None else None
+    return compiled_flex_attention()(
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # (B, n_head, T, hd)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    context: AttentionContext,
+    sliding: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """One layer's attention under this pass's `context`: flex_attention where it carries block masks (packed
+    rows), SDPA (`attention`) with its dense masks otherwise. `sliding` picks the sliding-window masks."""
+    block_mask = context.sliding_block_mask if sliding else context.block_mask
+    if block_mask is not None:
+        return flex_attend(q, k, v, block_mask, scale=scale, softcap=softcap)
+    mask = context.sliding_mask if sliding else context.mask
+    return attention(q, k, v, mask, context.is_causal, scale=scale, softcap=softcap)
 
 
 def default_position_ids(batch_size: int, seq_len: int, offset: int, device: torch.device) -> torch.Tensor:

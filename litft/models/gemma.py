@@ -30,7 +30,7 @@ from litft.models.common import (
     RopeConfig,
     RotaryEmbedding,
     apply_rotary,
-    attention,
+    attend,
 )
 
 # transformers maps Gemma's legacy "gelu" to the tanh approximation its weights were trained with.
@@ -150,8 +150,7 @@ class GemmaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
-        mask = context.sliding_mask if self.sliding else context.mask
-        y = attention(q, k, v, mask, context.is_causal, scale=self.scale, softcap=self.softcap)  # (B, n_head, T, hd)
+        y = attend(q, k, v, context, sliding=self.sliding, scale=self.scale, softcap=self.softcap)  # (B, n_head, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 

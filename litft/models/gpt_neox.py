@@ -28,7 +28,7 @@ from litft.models.common import (
     RopeConfig,
     RotaryEmbedding,
     apply_rotary,
-    attention,
+    attend,
 )
 
 # hidden_act -> F.gelu's `approximate` argument.
@@ -96,7 +96,7 @@ class GPTNeoXAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_head, S, head_dim)
-        y = attention(q, k, v, context.mask, context.is_causal)  # (B, n_head, T, head_dim)
+        y = attend(q, k, v, context)  # (B, n_head, T, head_dim)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 

@@ -26,8 +26,9 @@ from litft.models.common import (
     RopeConfig,
     RotaryEmbedding,
     apply_rotary,
-    attention,
+    attend,
 )
+
 
 @dataclass
 class LlamaConfig:
@@ -52,7 +53,7 @@ class LlamaConfig:
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         model_type = hf["model_type"]
         n_head = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
@@ -131,8 +132,7 @@ class LlamaAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
-        mask = context.sliding_mask if self.sliding else context.mask
-        y = attention(q, k, v, mask, context.is_causal)  # (B, n_head, T, head_dim)
+        y = attend(q, k, v, context, sliding=self.sliding)  # (B, n_head, T, head_dim)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.o_proj(y)
 
