@@ -125,7 +125,11 @@ def bench_training(args) -> dict:
         if args.lean:
             torch._functorch.config.ban_recompute_materialized_backward = False
         for block in model.blocks:
-            block.compile()
+            offload = getattr(block, "activation_offload", None)
+            if offload is not None:  # compile what runs inside the offloading wrapper
+                offload.inner_forward = torch.compile(offload.inner_forward)
+            else:
+                block.compile()
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
@@ -180,15 +184,25 @@ def bench_decode(args) -> dict:
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
     model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval()
     prompt = torch.randint(0, shape["vocab"], (args.prompt,)).tolist()
-    generate(model, [prompt], 8, stop_ids=[])
+
+    def run(new_tokens: int):
+        # --compile: each decoding step through torch.compile, replayed from a CUDA graph as without it.
+        return generate(model, [prompt], new_tokens, stop_ids=[], compile=args.compile)
+
+    # The compiled step is specialised to the KV cache's length, which follows the number of new tokens, so the
+    # warm-up then runs the timed generation's length: the timed run must not include the compilation.
+    run(args.new if args.compile else 8)
     synchronize()
     started = time.perf_counter()
-    result = generate(model, [prompt], args.new, stop_ids=[])
+    result = run(args.new)
     synchronize()
+    elapsed = time.perf_counter() - started
     if args.profile:
-        profile_steps(lambda: generate(model, [prompt], 16, stop_ids=[]), count=1)
+        if args.compile:
+            run(16)  # compiles for the profiled run's shorter cache outside the profile
+        profile_steps(lambda: run(16), count=1)
     made = len(result[0].token_ids)
-    return dict(prompt=args.prompt, new=args.new, tokens_per_s=round(made / (time.perf_counter() - started), 1))
+    return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1))
 
 
 def main() -> None:

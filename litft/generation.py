@@ -7,7 +7,9 @@ compute alone.
 
 Prefill is an ordinary forward pass. The decoding steps have static shapes (DecodeStep), so on CUDA they replay
 from a CUDA graph, and the host reads each step's tokens while the device already runs the next step: decoding
-goes at the speed of the device's memory, not of Python.
+goes at the speed of the device's memory, not of Python. With `compile=True` the step also goes through
+torch.compile first, which fuses its dozens of small elementwise kernels per layer (norms, rotary, activation,
+mask, residuals, casts) into a few, so the replayed graph is mostly the weight-reading matmuls.
 """
 
 from __future__ import annotations
@@ -79,6 +81,56 @@ def _model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype
     return weight.device, weight.dtype if weight.is_floating_point() else torch.float32
 
 
+def decode_forward(
+    model: nn.Module, kv_cache: KVCache, input_ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """The work of one decoding step: the logits (B, vocab) after `input_ids` (B, 1) fed at `positions` (B, 1),
+    which then advance in place. A plain function of its inputs, so eager and compiled steps run the same code."""
+    hidden = model.hidden_states(input_ids, positions, None, kv_cache)  # (B, 1, hidden)
+    positions += 1
+    return model.logits(hidden[:, -1])  # (B, vocab)
+
+
+_compiled_decode_forward: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_decode_forward() -> Callable[..., torch.Tensor]:
+    """`decode_forward` under torch.compile, wrapped on first use (importing the compiler costs seconds, which
+    eager runs should not pay). Dynamo keeps one graph per set of guards it passes: a graph per batch size, cache
+    length and model geometry, shared by every generation with those (the weights are graph inputs, not
+    constants, so two models of one architecture and size share a graph too).
+
+    - Default mode, not "reduce-overhead": DecodeStep captures the whole step in a CUDA graph itself, the same
+      way for eager and compiled steps. Inductor's own CUDA graphs would only repeat that, and they fall back to
+      running uncaptured when a graph writes into inputs that they neither allocated nor know to stay put, which
+      every step does (the KV cache, the positions).
+      No "max-autotune" either: it spends minutes tuning Triton matmuls, and a decoding step's matmuls are
+      matrix-vector products bound by reading the weights, which cuBLAS already does at the memory's speed.
+    - dynamic=False: the step's shapes never change during a generation, and the cache length comes in a few
+      sizes (`_cache_length`), each compiled with every size fixed. By default dynamo would switch to symbolic
+      sizes on meeting a second length, and every later generation would run kernels that read their sizes at
+      run time, for little gain: with the lengths rounded, each new one is rare.
+    - Not fullgraph: every family traces as one graph today (tests/test_decode_compiled.py checks Llama), but a
+      layer dynamo cannot trace (a quantized matmul, say) should cost a graph break, not the whole feature.
+    Past dynamo's recompile limit (8 graphs of this function per process) it runs the step uncompiled."""
+    global _compiled_decode_forward
+    if _compiled_decode_forward is None:
+        _compiled_decode_forward = torch.compile(decode_forward, dynamic=False)
+    return _compiled_decode_forward
+
+
+def _cache_length(needed: int, compile: bool) -> int:
+    """The KV cache's slots for `needed` of them: a multiple of 16, because SDPA's memory-efficient kernel pads
+    every mask row to that otherwise (each step attends over all slots; the spare ones lie in the future, so they
+    are masked). A compiled step is specialised to the cache length, so there it is the next power of two (16 at
+    least) instead: later generations of similar length (a chat's next turn, a benchmark's timed run after its
+    warm-up) reuse the compiled step, and lengths up to L cost at most log2(L) compilations, for at most twice
+    the cache."""
+    if compile:
+        return max(16, 1 << (needed - 1).bit_length())
+    return -(-needed // 16) * 16
+
+
 class DecodeStep:
     """One decoding step with static shapes: the logits (B, vocab) that follow `tokens` (B,), one per row.
 
@@ -86,14 +138,26 @@ class DecodeStep:
     device tensor and attends over every slot under a mask built on the device. Its other inputs are buffers that
     stay put: the tokens are copied into `input_ids` and the positions advance in place. So every call launches
     the same kernels on the same memory, without host reads, which lets a CUDA graph record the step once and
-    replay it: one launch per token instead of one per kernel, where eager decoding spends most of its time."""
+    replay it: one launch per token instead of one per kernel, where eager decoding spends most of its time.
 
-    def __init__(self, model: nn.Module, kv_cache: KVCache, positions: torch.Tensor, use_cuda_graph: bool) -> None:
+    `compile=True` runs the step through torch.compile (`compiled_decode_forward`), which fuses the elementwise
+    work around the matmuls; the shapes and buffers being fixed, it compiles once, on the first call, and with
+    `use_cuda_graph` the compiled kernels are what the graph records."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_cache: KVCache,
+        positions: torch.Tensor,
+        use_cuda_graph: bool,
+        compile: bool = False,
+    ) -> None:
         kv_cache.make_static()
         self.model = model
         self.kv_cache = kv_cache
         self.positions = positions.clone()  # (B, 1): each row's position of the token being fed
         self.input_ids = torch.zeros_like(self.positions)  # (B, 1)
+        self.forward_function = compiled_decode_forward() if compile else decode_forward
         self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None  # (B, vocab): where each replay leaves its logits
@@ -108,14 +172,13 @@ class DecodeStep:
         return self._forward_then_capture()
 
     def _forward(self) -> torch.Tensor:
-        hidden = self.model.hidden_states(self.input_ids, self.positions, None, self.kv_cache)  # (B, 1, hidden)
-        self.positions += 1
-        return self.model.logits(hidden[:, -1])  # (B, vocab)
+        return self.forward_function(self.model, self.kv_cache, self.input_ids, self.positions)
 
     def _forward_then_capture(self) -> torch.Tensor:
-        """The first step runs eagerly on a side stream, so one-time set-up (cuBLAS workspaces, lazily built
-        tables) happens outside the capture; the capture on that same stream then records the step (recording
-        runs nothing, so the cache and positions do not move) for the next calls to replay."""
+        """The first step runs uncaptured on a side stream, so one-time set-up (cuBLAS workspaces, lazily built
+        tables and, for a compiled step, the compilation and Triton's first-launch tuning, which synchronize)
+        happens outside the capture; the capture on that same stream then records the step (recording runs
+        nothing, so the cache and positions do not move) for the next calls to replay."""
         main, side = torch.cuda.current_stream(), torch.cuda.Stream()
         side.wait_stream(main)
         with torch.cuda.stream(side):
@@ -159,12 +222,16 @@ def generate(
     pad_id: int = 0,
     on_token: Callable[[int, int], None] | None = None,
     use_cuda_graph: bool = True,
+    compile: bool = False,
 ) -> list[GenerationResult]:
     """Continues every prompt by up to `max_new_tokens` tokens, stopping a row at its first id in `stop_ids`.
 
     `on_token(batch_index, token_id)` is called for each new token as it is produced (not for stop tokens).
     `use_cuda_graph`: replay each decoding step from a CUDA graph when the model is on a CUDA device (elsewhere
-    the same static step runs eagerly)."""
+    the same static step runs without one).
+    `compile`: run each decoding step through torch.compile (DecodeStep), captured in the CUDA graph where there is
+    one. The first generation of each batch size and cache length pays the compilation; the prefill stays eager
+    (it runs once per generation, its time goes to large matmuls, and prompt lengths vary)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (e.g. BOS)")
     device, dtype = _model_device_and_dtype(model)
@@ -172,13 +239,11 @@ def generate(
     results = [GenerationResult([], "length") for _ in prompts]
     if max_new_tokens <= 0:
         return results
-    # Step k feeds the k-th new token at slot P + k and the last one is never fed: P + max_new_tokens - 1 slots,
-    # rounded up to a multiple of 16 because SDPA's memory-efficient kernel pads every mask row to that otherwise
-    # (each step attends over all slots; the spare ones lie in the future, so they are masked).
-    slots = input_ids.shape[1] + max_new_tokens - 1
-    kv_cache = model.make_kv_cache(len(prompts), -(-slots // 16) * 16, device, dtype)
+    # Step k feeds the k-th new token at slot P + k and the last one is never fed: P + max_new_tokens - 1 slots.
+    slots = _cache_length(input_ids.shape[1] + max_new_tokens - 1, compile)
+    kv_cache = model.make_kv_cache(len(prompts), slots, device, dtype)
     hidden = model.hidden_states(input_ids, position_ids, document_ids, kv_cache)  # (B, P, hidden)
-    step = DecodeStep(model, kv_cache, position_ids[:, -1:] + 1, use_cuda_graph)
+    step = DecodeStep(model, kv_cache, position_ids[:, -1:] + 1, use_cuda_graph, compile)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, vocab) -> (B,)
         return sample_next(logits, temperature, top_k, top_p, generator)

@@ -101,7 +101,6 @@ def load_for_generation(
     adapter: Path | None = None,
     precision: str | None = None,
     quantize: str | None = None,
-    compile: bool = False,
 ) -> Loaded:
     """Loads the model (base, plus its LoRA adapter where there is one) and its tokenizer, in eval mode."""
     from litft.checkpoint import load_model
@@ -141,9 +140,6 @@ def load_for_generation(
         load_peft_adapter(model, adapter_dir)
         model.to(device)
     model.eval().requires_grad_(False)
-    if compile:
-        # Compiling the decoder pass covers prefill and every decoding step; shapes vary, so compile dynamically.
-        model.hidden_states = torch.compile(model.hidden_states, dynamic=True)
     adapter_note = f" with adapter {adapter_dir}" if adapter_dir is not None else ""
     print(f"Loaded {base}{adapter_note} in {time.perf_counter() - started:.1f}s ({dtype}, {device})", file=sys.stderr)
     return Loaded(model, tokenizer, adapter_dir or checkpoint)
@@ -252,7 +248,10 @@ def generate(
         seed: Seed for sampling, for repeatable output.
         precision: bf16-true, 16-true or 32-true (also bf16, fp16, fp32). Default: bf16 on GPU, fp32 on CPU.
         quantize: Load the base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only).
-        compile: Compile the model with torch.compile (pays off for long generations).
+        compile: Run each decoding step through torch.compile, which fuses its many small kernels (norms, rotary,
+            activations, masks) into a few; with --cuda_graph (the default) the compiled step is what the graph
+            replays, the fastest decoding. The prompt's prefill stays uncompiled. Compiling takes a while at
+            the start, so it pays off for long generations.
         cuda_graph: On a GPU, replay each decoding step from a captured CUDA graph (no Python overhead per token).
         output_format: text streams the continuation; json prints one object per prompt with prompt, text,
             token_ids and finish_reason ("eos" or "length").
@@ -264,7 +263,7 @@ def generate(
     if system is not None and not chat:
         raise ConfigError("--system only applies with --chat")
     prompts = _read_prompts(prompt, prompt_file)
-    loaded = load_for_generation(checkpoint, adapter, precision, quantize, compile)
+    loaded = load_for_generation(checkpoint, adapter, precision, quantize)
     tokenizer = loaded.tokenizer
     template = resolve_chat_template(tokenizer, chat_template, loaded.template_dir) if chat else None
     prompt_ids = []
@@ -294,6 +293,7 @@ def generate(
         pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0,
         on_token=streamer,
         use_cuda_graph=cuda_graph,
+        compile=compile,
     )
     elapsed = time.perf_counter() - started
     if streamer is not None:
@@ -343,13 +343,14 @@ def chat(
         seed: Seed for sampling, for repeatable replies.
         precision: bf16-true, 16-true or 32-true (also bf16, fp16, fp32). Default: bf16 on GPU, fp32 on CPU.
         quantize: Load the base weights in 4-bit NF4 or 8-bit (bitsandbytes, CUDA only).
-        compile: Compile the model with torch.compile.
+        compile: Run each decoding step through torch.compile (see `litft generate`); a reply that needs a
+            longer KV cache than any before it (lengths are rounded up to powers of two) compiles once more.
     """
     from litft.generation import generate as generate_ids
 
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     sampling.validate()
-    loaded = load_for_generation(checkpoint, adapter, precision, quantize, compile)
+    loaded = load_for_generation(checkpoint, adapter, precision, quantize)
     tokenizer = loaded.tokenizer
     template = resolve_chat_template(tokenizer, chat_template, loaded.template_dir)
     stop_ids = _stop_ids(tokenizer, template)
@@ -376,7 +377,7 @@ def chat(
         result = generate_ids(
             loaded.model, [prompt_ids], sampling.max_new_tokens, stop_ids,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, generator=generator,
-            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, on_token=streamer,
+            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else 0, on_token=streamer, compile=compile,
         )[0]
         streamer.finish()
         history.append({"role": "assistant", "content": tokenizer.decode(result.token_ids)})
