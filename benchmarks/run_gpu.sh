@@ -1,29 +1,62 @@
 #!/usr/bin/env bash
 # Runs litft's benchmark and the peers' in ONE GPU command, so the ratios compare one machine at one time.
 # Needs: .site (../shared/gpu/make-site.sh) and .bench/peers.py (a copy of ../shared/bench/peers.py) carried along.
-#   bash benchmarks/run_gpu.sh [ROWS]        ROWS: a space-separated subset of: lora1b lora8b ckpt8b qlora8b decode8b dpo1b
-#   (dpo1b has no peer: peers.py has no preference task)
+#   bash benchmarks/run_gpu.sh [ROWS]   ROWS: a space-separated subset of:
+#        lora1b lora8b ckpt8b qlora8b decode8b longest dpo1b        (dpo1b has no peer: peers.py has no DPO task)
+#   PEERS=unsloth,hf,litgpt (default: unsloth, the fastest and leanest peer)
+# With two or more GPUs visible, litft runs on GPU 0 and the peers on GPU 1 at the same time; with one, in turn.
 # Writes $OUT/results.jsonl and $OUT/table.md (or ./benchmarks/out/ without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
-rows=${1:-"lora1b lora8b ckpt8b qlora8b decode8b"}
-peers=${PEERS:-unsloth,hf,litgpt}
+rows=${1:-"lora1b lora8b ckpt8b qlora8b decode8b longest"}
+peers=${PEERS:-unsloth}
 results="$out/results.jsonl"
-run() {  # run NAME ARGS...: litft first, then the peers, same arguments
-  echo "== $*" >&2
-  python benchmarks/bench.py "$@" --compile | tee -a "$results"
-  python .bench/peers.py --peers "$peers" "$@" | tee -a "$results"
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+
+# Both sides read the same random checkpoints: write them once, before anything runs in parallel.
+python - <<'PY'
+import sys; sys.path[:0] = ["benchmarks", ".bench"]
+from pathlib import Path
+import bench, peers
+for shape in ("llama-1b", "llama-8b"):
+    folder = f"/tmp/peers-hf-checkpoint-{shape}"
+    bench.random_checkpoint(shape, Path(folder))
+    peers.saved_checkpoint(peers.SHAPES[shape], folder)
+PY
+
+litft_rows() {
+  for row in $rows; do
+    case $row in
+      lora1b)   python benchmarks/bench.py --task lora --shape llama-1b --batch 8 --seq 2048 --compile ;;
+      lora8b)   python benchmarks/bench.py --task lora --shape llama-8b --batch 4 --seq 2048 --compile ;;
+      ckpt8b)   python benchmarks/bench.py --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
+      qlora8b)  python benchmarks/bench.py --task qlora --shape llama-8b --batch 4 --seq 2048 --compile ;;
+      decode8b) python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256 --compile ;;
+      longest)  python benchmarks/longest_sequence.py --peer litft --seqs 16384,32768 ;;
+      dpo1b)    python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024 --compile ;;
+    esac
+  done
 }
-for row in $rows; do
-  case $row in
-    lora1b)   run --task lora --shape llama-1b --batch 8 --seq 2048 ;;
-    lora8b)   run --task lora --shape llama-8b --batch 4 --seq 2048 ;;
-    ckpt8b)   run --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt ;;
-    qlora8b)  run --task qlora --shape llama-8b --batch 4 --seq 2048 ;;
-    decode8b) run --task decode --shape llama-8b --prompt 128 --new 256 ;;
-    dpo1b)    python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024 --compile | tee -a "$results" ;;
-  esac
-done
+peer_rows() {
+  for row in $rows; do
+    case $row in
+      lora1b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-1b --batch 8 --seq 2048 ;;
+      lora8b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-8b --batch 4 --seq 2048 ;;
+      ckpt8b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt ;;
+      qlora8b)  python .bench/peers.py --peers "$peers" --task qlora --shape llama-8b --batch 4 --seq 2048 ;;
+      decode8b) python .bench/peers.py --peers "$peers" --task decode --shape llama-8b --prompt 128 --new 256 ;;
+      longest)  python benchmarks/longest_sequence.py --peer unsloth --seqs 16384,32768 ;;
+    esac
+  done
+}
+if [ "$gpus" -ge 2 ]; then
+  (CUDA_VISIBLE_DEVICES=0 litft_rows 2>>"$out/litft.err" | tee -a "$results") &
+  (CUDA_VISIBLE_DEVICES=1 peer_rows 2>>"$out/peers.err" | tee -a "$results") &
+  wait
+else
+  litft_rows 2>>"$out/litft.err" | tee -a "$results"
+  peer_rows 2>>"$out/peers.err" | tee -a "$results"
+fi
 python benchmarks/table.py "$results" | tee "$out/table.md"

@@ -11,6 +11,8 @@ from collections import defaultdict
 
 
 def row_key(record: dict) -> tuple:
+    if record["task"] == "longest-sequence":
+        return ("longest sequence (predicted)", record["shape"], "1 x ?", True)
     if record["task"] == "decode":
         return ("decode", record["shape"], f"{record.get('prompt', 128)} + {record.get('new', 256)}", False)
     return (record["task"], record["shape"], f"{record.get('batch')} x {record.get('seq')}", bool(record.get("ckpt")))
@@ -25,6 +27,8 @@ def main(path: str) -> None:
             peers = rows[row_key(record)]
             earlier = peers.get(record["peer"])
             # litft may run in several variants (--compile or not): the table keeps the fastest and says which.
+            if "predicted_longest" in record:  # the longest-sequence probe: its "speed" is the length it fits
+                record = {**record, "tokens_per_s": record["predicted_longest"], "peak_mem_gib": 0}
             if earlier is None or "error" in earlier or record.get("tokens_per_s", 0) > earlier.get("tokens_per_s", 0):
                 peers[record["peer"]] = record
     print("| task | shape | batch x seq | litft tok/s, GiB | Unsloth | HF+PEFT | LitGPT | litft / best peer (speed) | litft / leanest peer (memory) |")
@@ -39,15 +43,16 @@ def main(path: str) -> None:
             variant = " (compiled)" if record.get("compile") else ""
             return f"{record['tokens_per_s']:,}, {record.get('peak_mem_gib', '?')}{variant}"
 
-        others = [r for n, r in peers.items() if n != "litft" and "error" not in r]
+        others = [r for n, r in peers.items() if n != "litft" and "tokens_per_s" in r]
         ours = peers.get("litft")
         speed = memory = "-"
-        if ours and "error" not in ours and others:
+        if ours and "tokens_per_s" in ours and others:
             best = max(others, key=lambda r: r["tokens_per_s"])
             leanest = min(others, key=lambda r: r["peak_mem_gib"])
             speed = f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x ({best['peer']})"
-            memory = f"{ours['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
-        label = task + (" + act. ckpt" if ckpt else "")
+            if leanest["peak_mem_gib"]:
+                memory = f"{ours['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
+        label = task + (" + act. ckpt" if ckpt and task in ("lora", "qlora") else "")
         print(f"| {label} | {shape} | {size} | {cell('litft')} | {cell('unsloth')} | {cell('hf')} | {cell('litgpt')} | {speed} | {memory} |")
 
 
