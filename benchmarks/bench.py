@@ -122,14 +122,9 @@ def bench_training(args) -> dict:
     if args.ckpt:
         enable_activation_checkpointing(model, offload=args.offload)
     if args.compile:
-        if args.lean:
-            torch._functorch.config.ban_recompute_materialized_backward = False
-        for block in model.blocks:
-            offload = getattr(block, "activation_offload", None)
-            if offload is not None:  # compile what runs inside the offloading wrapper
-                offload.inner_forward = torch.compile(offload.inner_forward)
-            else:
-                block.compile()
+        from litft.training.compilation import compile_blocks
+
+        compile_blocks(model, "torch")  # litft's own compile path: per block, its partitioner settings, offloading
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
@@ -159,7 +154,7 @@ def bench_training(args) -> dict:
     tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
-    return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile, lean=args.lean,
+    return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
@@ -214,8 +209,6 @@ def main() -> None:
     parser.add_argument("--ckpt", action="store_true", help="activation checkpointing on every block")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: keep the saved block inputs in host memory")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
-    parser.add_argument("--lean", action="store_true",
-                        help="let the compiler recompute cheap elementwise results that feed matmuls in the backward")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)

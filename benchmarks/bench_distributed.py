@@ -37,7 +37,6 @@ def main() -> None:
     parser.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass (accumulate to --batch)")
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: saved block inputs in host memory")
-    parser.add_argument("--lean", action="store_true", help="see bench.py")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -65,14 +64,9 @@ def main() -> None:
     if args.ckpt:
         enable_activation_checkpointing(model, offload=args.offload)
     if args.compile:
-        if args.lean:
-            torch._functorch.config.ban_recompute_materialized_backward = False
-        for block in model.blocks:
-            offload = getattr(block, "activation_offload", None)
-            if offload is not None:  # compile what runs inside the offloading wrapper
-                offload.inner_forward = torch.compile(offload.inner_forward)
-            else:
-                block.compile()
+        from litft.training.compilation import compile_blocks
+
+        compile_blocks(model, "torch")  # litft's own compile path: per block, its partitioner settings, offloading
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
     per_step = args.batch * args.devices
     micro_batch = args.micro_batch or args.batch
@@ -101,7 +95,7 @@ def main() -> None:
         print(json.dumps(dict(
             peer="litft", task=args.task, shape=args.shape, strategy=args.strategy, devices=args.devices,
             batch_per_gpu=args.batch, micro_batch=micro_batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload,
-            compile=args.compile, lean=args.lean,
+            compile=args.compile,
             tokens_per_s=round(total), tokens_per_s_per_gpu=round(total / args.devices), mfu=round(mfu, 3),
             peak_mem_gib_per_gpu=round(float(peak), 2),
         )), flush=True)

@@ -81,3 +81,19 @@ def test_compiled_loss_chunk_equals_eager(softcap):
     reference.backward()
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad, reference_logits.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_loss_under_autocast_matches_float32():
+    """--precision bf16-mixed: float32 hidden states and head, bf16 matmuls inside autocast."""
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(hidden, targets, head, head)
+    loss.backward()
+    grad = hidden.grad.clone()
+    hidden.grad = None
+    reference(hidden, targets, head.weight).backward()
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(grad, hidden.grad, rtol=0.05, atol=0.01)

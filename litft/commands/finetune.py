@@ -55,6 +55,7 @@ def lora(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     """Fine-tune LoRA adapters on a frozen base model; writes a PEFT-format adapter to OUT_DIR/final.
@@ -78,7 +79,9 @@ def lora(
         resume: "auto" (the latest checkpoint in out_dir) or a checkpoint folder to continue from. A requeued
             SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
-        compile: torch.compile each decoder block.
+        compile: Compile each decoder block, with --compiler.
+        compiler: torch (torch.compile) or thunder (lightning-thunder's thunder.jit, which implies --compile;
+            not with qlora, nor with activation checkpointing and --lora.dropout above 0).
         dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("lora", **locals())
@@ -103,6 +106,7 @@ def qlora(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     """Fine-tune LoRA adapters on a base model stored in 4-bit (or 8-bit); writes a PEFT-format adapter.
@@ -126,7 +130,8 @@ def qlora(
         seed: Seed for data order, adapter initialisation and dropout.
         resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
-        compile: torch.compile each decoder block.
+        compile: Compile each decoder block, with --compiler.
+        compiler: torch (torch.compile). thunder (lightning-thunder's thunder.jit) cannot compile a quantized base.
         dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("qlora", **locals())
@@ -149,6 +154,7 @@ def full(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     """Fine-tune every weight of the model; writes a Hugging Face checkpoint folder to OUT_DIR/final.
@@ -170,7 +176,9 @@ def full(
         seed: Seed for data order and dropout.
         resume: "auto" or a checkpoint folder to continue from. A requeued SLURM job resumes automatically.
         overwrite: Replace the results of an earlier run in out_dir.
-        compile: torch.compile each decoder block.
+        compile: Compile each decoder block, with --compiler.
+        compiler: torch (torch.compile) or thunder (lightning-thunder's thunder.jit, which implies --compile;
+            not with qlora, nor with activation checkpointing and --lora.dropout above 0).
         dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
     """
     run_finetune("full", **locals())
@@ -361,6 +369,7 @@ def run_finetune(
     resume: str | None,
     overwrite: bool,
     compile: bool,
+    compiler: str = "torch",
     lora: LoRAConfig | None = None,
     quantize: str | None = None,
     fsdp_cpu_offload: bool = False,
@@ -374,6 +383,7 @@ def run_finetune(
     from litft.chat_templates import resolve_chat_template
     from litft.checkpoint import checkpoint_dir_or_error, read_hf_config
     from litft.tokenizer import Tokenizer
+    from litft.training.compilation import compile_blocks, resolve_compiler
     from litft.training.loop import Progress, TrainingState, fit, plot_history, total_steps
     from litft.training.loss import CausalLMObjective
     from litft.training.optim import make_optimizer, make_scheduler
@@ -395,6 +405,7 @@ def run_finetune(
     lora = lora if method != "full" else None
     quantize = quantize if method == "qlora" else None
     resume = resume_after_requeue(resume)
+    compiler = resolve_compiler(compile, compiler, quantize)  # None: eager
     precision_name, weights_dtype, fabric_precision = resolve_precision(precision, accelerator)
     memory = None
     if strategy == "auto" or dry_run or train.micro_batch_size == "auto":
@@ -429,9 +440,8 @@ def run_finetune(
         from litft.training.strategies import enable_activation_checkpointing
 
         enable_activation_checkpointing(model, offload=train.activation_checkpointing == "offload")
-    if compile:
-        for block in model.blocks:
-            block.compile()
+    if compiler is not None:
+        compile_blocks(model, compiler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     from litft.adapters.quantization import logical_parameter_count
 

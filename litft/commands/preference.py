@@ -66,7 +66,9 @@ def recipe_help(summary: str, checkpoint: str, objective: tuple[str, str], full_
             resume: "auto" (the latest checkpoint in out_dir) or a checkpoint folder to continue from. A requeued
                 SLURM job resumes automatically.
             overwrite: Replace the results of an earlier run in out_dir.
-            compile: torch.compile each decoder block.
+            compile: Compile each decoder block, with --compiler.
+            compiler: torch (torch.compile) or thunder (lightning-thunder's thunder.jit, which implies
+                --compile; not with qlora, nor with activation checkpointing and --lora.dropout above 0).
             dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
         dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
         """)
@@ -106,6 +108,7 @@ def dpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     run_preference(objective=dpo, **_recipe_arguments(locals(), "dpo"))
@@ -139,6 +142,7 @@ def orpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     run_preference(objective=orpo, **_recipe_arguments(locals(), "orpo"))
@@ -171,6 +175,7 @@ def simpo(
     resume: str | None = None,
     overwrite: bool = False,
     compile: bool = False,
+    compiler: str = "torch",
     dry_run: bool = False,
 ) -> None:
     run_preference(objective=simpo, **_recipe_arguments(locals(), "simpo"))

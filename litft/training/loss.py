@@ -77,9 +77,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             del logits
             total += loss
             if grad_hidden is not None:
-                torch.mm(grad_logits, weight, out=grad_hidden[start : start + chunk_size])
+                # An assignment, not `out=`: under autocast (bf16-mixed) the product is bf16 and hidden float32.
+                grad_hidden[start : start + chunk_size] = grad_logits @ weight
             if grad_weight is not None:
-                grad_weight.addmm_(grad_logits.t(), h)
+                # In-place ops skip autocast: under bf16-mixed the logits' gradient is bf16, the weight float32.
+                grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), h.to(grad_weight.dtype))
         ctx.save_for_backward(grad_hidden, grad_weight)
         return total
 

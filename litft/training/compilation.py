@@ -1,0 +1,222 @@
+"""Compiling the decoder blocks for training: `--compile` with `--compiler torch` (torch.compile, the default) or
+`--compiler thunder` (lightning-thunder's `thunder.jit`).
+
+The unit is one decoder block either way, and the block module stays where it is: torch.compile goes through
+`nn.Module.compile`, thunder replaces the block's `forward` on the instance. Parameter names, state_dict keys and
+the modules that FSDP2 shards and activation checkpointing wraps are those of the eager model, so checkpoints,
+adapters and resumed runs do not depend on the compiler. With offloaded activation checkpointing the compiler
+takes the block's inner forward instead (`OffloadedBlocks` in litft.training.strategies): its wrapper moves
+tensors between streams, which neither compiler can trace.
+
+thunder, as released (0.2.6), needs four things from litft that are set up here: an SDPA that takes `enable_gqa`,
+an autocast rule for LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass, and
+dense attention masks for packed rows (no flex_attention). Refused before training starts: a quantized (QLoRA)
+base, whose dequantizing matmul operator thunder cannot trace, and dropout under activation checkpointing, whose
+recomputation thunder runs with other dropout masks than the forward. thunder traces each block once per input
+shape, so packed rows (one shape) suit it best.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import warnings
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from litft.errors import ConfigError
+
+COMPILERS = ("torch", "thunder")
+# torch.compile's partitioner decides what the forward keeps for the backward. By default it never recomputes a
+# value that the backward must write to memory for a matmul anyway; but LoRA's A-gradient is such a matmul for
+# every projection, so the normed block inputs and SwiGLU's product were all kept. Recomputing them costs a few
+# elementwise kernels and saves 32% of each block's activations (llama-8b LoRA: 40.5 instead of 50.8 GiB at the
+# same speed; benchmarks/NOTES.md, section 5).
+PARTITIONER_SETTINGS = {"ban_recompute_materialized_backward": False}
+
+
+def resolve_compiler(compile: bool, compiler: str, quantize: str | None = None) -> str | None:
+    """The compiler a run uses, or None for eager: `--compiler thunder` implies `--compile`; `--compile` alone
+    means torch.compile. Refuses, before anything is loaded, an unknown compiler and a thunder run that could
+    not start (thunder not importable, or a quantized base)."""
+    if compiler not in COMPILERS:
+        raise ConfigError(f"--compiler {compiler!r}: choose one of {', '.join(COMPILERS)}")
+    if compiler == "thunder":
+        if quantize is not None:
+            raise quantized_base_error(f"--quantize {quantize}")
+        import_thunder()
+        return compiler
+    return compiler if compile else None
+
+
+def compile_blocks(model: nn.Module, compiler: str) -> None:
+    """Compiles each decoder block of `model` (a litft `CausalLM`) in place with `compiler`, "torch" or "thunder".
+
+    Call it after activation checkpointing is enabled and before Fabric sets the model up: the compiled forward
+    then contains the recomputation, and the strategy's hooks run around it."""
+    if compiler not in COMPILERS:
+        raise ConfigError(f"--compiler {compiler!r}: choose one of {', '.join(COMPILERS)}")
+    if compiler == "torch":
+        for name, value in PARTITIONER_SETTINGS.items():
+            setattr(torch._functorch.config, name, value)
+        for block in model.blocks:
+            offload = getattr(block, "activation_offload", None)
+            if offload is not None:
+                offload.inner_forward = torch.compile(offload.inner_forward)
+            else:
+                block.compile()
+        return
+    refuse_what_thunder_cannot_compile(model)
+    thunder = import_thunder()
+    allow_grouped_query_attention()
+    autocast_lora_updates()
+    # thunder cannot trace flex_attention (a torch.compile'd function), which packed rows take on CUDA: they attend
+    # through SDPA with dense masks instead, in every model of this process.
+    from litft.models import common
+
+    common.FLEX_ATTENTION = "never"
+    for block in model.blocks:
+        offload = getattr(block, "activation_offload", None)
+        if offload is not None:
+            offload.inner_forward = ThunderCompiledForward(block, offload.inner_forward, thunder)
+        else:
+            # A forward on the instance shadows the class's; `nn.Module.__call__` and so every hook still run.
+            # With activation checkpointing it is `checkpoint(forward)`, which thunder traces with its own support.
+            block.forward = ThunderCompiledForward(block, block.forward, thunder)
+
+
+def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:
+    """Refuses, before training starts, the models that thunder would fail on or train wrongly."""
+    for name, module in model.named_modules():
+        if getattr(module, "quantization", None) is not None:
+            raise quantized_base_error(name)
+    for block in model.blocks:
+        forward = block.forward
+        checkpointed = hasattr(block, "activation_offload") or (
+            isinstance(forward, functools.partial) and forward.func is checkpoint
+        )
+        if checkpointed and any(isinstance(module, nn.Dropout) and module.p > 0 for module in block.modules()):
+            # Measured with thunder 0.2.6: the recomputation draws other dropout masks than the forward did (and
+            # thunder cannot run inside torch's checkpoint instead), so the gradient would not be the forward's.
+            raise ConfigError(
+                "--compiler thunder with activation checkpointing needs --lora.dropout 0: thunder's recomputation "
+                "draws other dropout masks than its forward, so the gradients would be wrong; set --lora.dropout 0, "
+                "--train.activation_checkpointing false, or use --compiler torch"
+            )
+
+
+class ThunderCompiledForward:
+    """A decoder block's `forward` compiled by thunder, keeping apart the calls that thunder's cache cannot.
+
+    thunder checks on every call that what its trace read (input shapes and dtypes, parameters, `training`, grad
+    mode) is unchanged, but not which `forward` a submodule runs. `adapters_disabled` (the reference pass of DPO
+    and SimPO with adapters) swaps the LoRA layers' forward on the instance, so each set of swapped submodules
+    gets its own compiled function. Decoding with a KV cache (the samples shown during training) runs eagerly:
+    its shapes change at every step, and thunder traces every new shape anew."""
+
+    def __init__(self, block: nn.Module, eager_forward: Callable[..., Any], thunder: ModuleType) -> None:
+        self.block = block
+        self.eager_forward = eager_forward  # the class's forward, or activation checkpointing's wrapper of it
+        self.thunder = thunder
+        self.compiled_by_swapped_forwards: dict[tuple[str, ...], Callable[..., Any]] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if any(getattr(argument, "kv_cache", None) is not None for argument in (*args, *kwargs.values())):
+            return self.eager_forward(*args, **kwargs)
+        swapped = tuple(name for name, module in self.block.named_modules() if name and "forward" in vars(module))
+        compiled = self.compiled_by_swapped_forwards.get(swapped)
+        if compiled is None:
+            compiled = self.compiled_by_swapped_forwards[swapped] = self.thunder.jit(self.eager_forward)
+        return compiled(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ThunderCompiledForward:
+        # The compiled functions read the original block's tensors; a copied block compiles its own on first use.
+        return ThunderCompiledForward(
+            copy.deepcopy(self.block, memo), copy.deepcopy(self.eager_forward, memo), self.thunder
+        )
+
+
+def import_thunder() -> ModuleType:
+    """lightning-thunder's `thunder` package, or a ConfigError that says why it cannot be used here."""
+    try:
+        with warnings.catch_warnings():
+            # thunder warns at import about each optional executor it does not find (transformer_engine, ...);
+            # none is needed to compile a block, so the warnings would only alarm the user.
+            warnings.simplefilter("ignore")
+            import thunder
+    except Exception as error:  # a release built against another torch fails with any error, not only ImportError
+        message = str(error).strip()
+        reason = f"{type(error).__name__}: {message.splitlines()[0]}" if message else type(error).__name__
+        raise ConfigError(
+            f"--compiler thunder: lightning-thunder is not importable here ({reason}); "
+            "install lightning-thunder or use --compiler torch"
+        ) from error
+    return thunder
+
+
+def quantized_base_error(what: str) -> ConfigError:
+    return ConfigError(
+        f"--compiler thunder cannot compile a quantized (bitsandbytes) base ({what}): thunder does not know "
+        "litft's dequantizing matmul operator; use --compiler torch for QLoRA"
+    )
+
+
+@functools.cache  # once per process
+def allow_grouped_query_attention() -> None:
+    """Lets thunder trace `F.scaled_dot_product_attention(..., enable_gqa=...)`, which litft's attention passes.
+
+    thunder 0.2.6 maps SDPA to its own operator, which lacks PyTorch 2.5's `enable_gqa`, so no block would trace.
+    Where that is so, SDPA calls inside thunder-compiled code go to thunder's operator with each key and value
+    head repeated for its group of query heads, which is what `enable_gqa` computes. Nothing changes outside
+    thunder, nor under a thunder release whose operator takes `enable_gqa`."""
+    import thunder.torch as thunder_torch
+    from thunder.core import jit_ext
+
+    thunder_attention = thunder_torch.scaled_dot_product_attention
+    if "enable_gqa" in inspect.signature(thunder_attention.meta).parameters:
+        return
+
+    def attention_with_query_groups(
+        query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0, is_causal: bool = False,
+        *, scale: float | None = None, enable_gqa: bool = False,
+    ) -> Any:
+        query_heads, key_value_heads = query.shape[-3], key.shape[-3]
+        if enable_gqa and query_heads != key_value_heads:
+            group_size = query_heads // key_value_heads
+            key = thunder_torch.repeat_interleave(key, group_size, dim=-3)
+            value = thunder_torch.repeat_interleave(value, group_size, dim=-3)
+        return thunder_attention(query, key, value, attn_mask, dropout_p, is_causal, scale=scale)
+
+    # Wrapped as thunder wraps its own PyTorch-to-thunder lookasides (thunder.core.jit_ext).
+    jit_ext._general_jit_lookaside_map[torch.nn.functional.scaled_dot_product_attention] = (
+        jit_ext.ensure_recursive_proxies(
+            jit_ext.interpreter_needs_wrap(jit_ext.record_source_loc_in_symbol_header(attention_with_query_groups))
+        )
+    )
+
+
+@functools.cache  # once per process
+def autocast_lora_updates() -> None:
+    """Gives thunder's autocast (`--precision *-mixed`) a rule for `torch.addmm`, which LoRA's forward uses.
+
+    Under torch.autocast PyTorch runs addmm in the low precision whatever its operands; thunder 0.2.6 has autocast
+    rules for matmul, linear, convolutions and SDPA only, so the LoRA update would meet a bfloat16 base output and
+    float32 factors and fail. The rule casts the three operands as PyTorch does."""
+    import thunder.torch as thunder_torch
+    from thunder.transforms import autocast
+
+    addmm = thunder_torch._torch_to_thunder_function_map[torch.addmm]
+    if addmm.id in autocast.autocast_impls:
+        return
+
+    # torch.addmm's own argument names, which a caller may pass by keyword.
+    def addmm_in_low_precision(input: Any, mat1: Any, mat2: Any, *, beta: Any = 1, alpha: Any = 1, dtype: Any) -> Any:
+        return addmm(*autocast.maybe_downcast_to(dtype, (input, mat1, mat2)), beta=beta, alpha=alpha)
+
+    autocast.register_autocast_rule(addmm.id)(addmm_in_low_precision)

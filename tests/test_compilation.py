@@ -1,0 +1,233 @@
+"""`--compile` / `--compiler`: torch.compile and lightning-thunder compile each decoder block in place, so parameter
+names stay those of the eager model and a training step computes the same loss and gradients.
+
+The thunder tests need a lightning-thunder that imports (0.2.6 does under torch 2.11, not under 2.13); where it
+does not, they skip, and the error a user gets for `--compiler thunder` is checked against the real import
+failure instead. The refusals that come before thunder is imported run everywhere."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_lora import input_ids, randomize_adapter
+from torch import nn
+
+from litft.adapters.lora import LoRAConfig, adapters_disabled, apply_lora
+from litft.checkpoint import load_model
+from litft.cli import main
+from litft.errors import ConfigError
+from litft.models import common
+from litft.training.compilation import compile_blocks, resolve_compiler
+from litft.training.loss import CausalLMObjective
+from litft.training.strategies import enable_activation_checkpointing
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPERVISED_DATA = ROOT / "litft" / "assets" / "data" / "identity_500.sharegpt.json"
+PREFERENCE_DATA = ROOT / "tests" / "data" / "preference" / "oasst_pairs_99.jsonl"
+
+
+@functools.cache
+def thunder_import_error() -> Exception | None:
+    """Why lightning-thunder cannot be imported here, or None where it can."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import thunder  # noqa: F401
+    except Exception as error:  # noqa: BLE001 (a release built against another torch fails with any error)
+        return error
+    return None
+
+
+@pytest.fixture
+def needs_thunder(monkeypatch):
+    """Skips where lightning-thunder does not import; undoes `compile_blocks`' process-wide switch to dense masks."""
+    error = thunder_import_error()
+    if error is not None:
+        pytest.skip(f"lightning-thunder does not import here ({type(error).__name__}: {str(error)[:200]})")
+    monkeypatch.setattr(common, "FLEX_ATTENTION", common.FLEX_ATTENTION)
+
+
+def lora_model(checkpoint_dir: Path, **lora_options) -> nn.Module:
+    """The tiny Llama (grouped-query attention) with adapters on every linear layer, B nonzero so that both
+    factors receive gradients."""
+    model = load_model(checkpoint_dir, dtype=torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"], **lora_options))
+    randomize_adapter(model)
+    return model.train()
+
+
+def loss_and_gradients(model: nn.Module) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ids = input_ids(seed=1, batch=2, length=24)
+    loss = CausalLMObjective(model)(ids, ids.roll(-1, dims=1))
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_step(compiled: nn.Module, eager: nn.Module) -> None:
+    loss, gradients = loss_and_gradients(compiled)
+    eager_loss, eager_gradients = loss_and_gradients(eager)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-6, atol=0)
+    assert gradients.keys() == eager_gradients.keys() and any("lora_A" in name for name in gradients)
+    for name, gradient in gradients.items():
+        # Fused kernels reorder float32 sums: ~1e-6 of the norm; a wrong or missing gradient is off by far more.
+        relative_error = (gradient - eager_gradients[name]).norm() / eager_gradients[name].norm()
+        assert relative_error < 1e-5, (name, relative_error)
+
+
+# ---------------------------------------------------------------- the flags
+
+
+def test_compile_and_compiler_combine():
+    assert resolve_compiler(False, "torch") is None  # eager, the default
+    assert resolve_compiler(True, "torch") == "torch"
+    with pytest.raises(ConfigError, match="--compiler 'jax': choose one of torch, thunder"):
+        resolve_compiler(True, "jax")
+    with pytest.raises(ConfigError, match="--compiler 'jax'"):
+        compile_blocks(nn.Module(), "jax")
+
+
+@pytest.mark.parametrize("recipe, data", [("lora", SUPERVISED_DATA), ("dpo", PREFERENCE_DATA)])
+def test_thunder_that_does_not_import_is_a_one_line_error(recipe, data, stories_dir, tmp_path, capsys):
+    error = thunder_import_error()
+    if error is None:
+        pytest.skip("lightning-thunder imports here")
+    with pytest.raises(ConfigError) as refused:
+        resolve_compiler(False, "thunder")  # --compiler thunder implies --compile
+    message = str(refused.value)
+    assert message.startswith(f"--compiler thunder: lightning-thunder is not importable here ({type(error).__name__}")
+    assert message.endswith("; install lightning-thunder or use --compiler torch") and "\n" not in message
+
+    out_dir = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", recipe, "--checkpoint", str(stories_dir), "--out_dir", str(out_dir), "--data.path", str(data),
+              "--accelerator", "cpu", "--compiler", "thunder"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"litft: error: {message}"
+    assert not out_dir.exists()  # refused before the run started
+
+
+def test_thunder_refuses_a_quantized_base(tiny_llama_dir):
+    from litft.adapters.quantization import quantize_model
+
+    with pytest.raises(ConfigError, match=r"--compiler thunder cannot compile a quantized .*--quantize bnb.nf4"):
+        resolve_compiler(False, "thunder", quantize="bnb.nf4")
+    model = load_model(
+        tiny_llama_dir, dtype=torch.float32, prepare=lambda meta: quantize_model(meta, "bnb.nf4", compute_dtype=torch.float32)
+    )
+    with pytest.raises(ConfigError, match="use --compiler torch for QLoRA"):
+        compile_blocks(model, "thunder")
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["recompute", "offload"])
+def test_thunder_refuses_dropout_under_activation_checkpointing(tiny_llama_dir, offload):
+    model = lora_model(tiny_llama_dir, dropout=0.1)
+    enable_activation_checkpointing(model, offload=offload)
+    with pytest.raises(ConfigError, match="--lora.dropout 0"):
+        compile_blocks(model, "thunder")
+
+
+# ---------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("checkpointing", [None, "offload"])
+def test_torch_compile_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointing):
+    from torch._dynamo.utils import counters
+
+    eager, compiled = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    if checkpointing:
+        enable_activation_checkpointing(compiled, offload=checkpointing == "offload")
+    keys = list(compiled.state_dict())
+    compile_blocks(compiled, "torch")
+    assert list(compiled.state_dict()) == keys
+    graphs_before = counters["stats"]["unique_graphs"]
+    assert_same_step(compiled, eager)
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks really ran compiled
+
+
+# ---------------------------------------------------------------- thunder
+
+
+@pytest.mark.usefixtures("needs_thunder")
+@pytest.mark.parametrize("checkpointing", [None, "recompute", "offload"])
+def test_thunder_lora_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointing):
+    eager, compiled = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    if checkpointing:
+        enable_activation_checkpointing(compiled, offload=checkpointing == "offload")
+    keys = list(compiled.state_dict())
+    compile_blocks(compiled, "thunder")
+    assert list(compiled.state_dict()) == keys
+    assert_same_step(compiled, eager)
+    for block in compiled.blocks:
+        offload = getattr(block, "activation_offload", None)
+        thunder_forward = offload.inner_forward if offload is not None else block.forward
+        assert thunder_forward.compiled_by_swapped_forwards  # the block really ran through thunder
+
+
+@pytest.mark.usefixtures("needs_thunder")
+def test_thunder_keeps_the_adapters_off_pass_apart_and_decodes_eagerly(tiny_llama_dir):
+    """DPO's reference pass swaps the LoRA layers' forward, which thunder's cache alone would not notice; the
+    training samples decode with a KV cache."""
+    from litft.generation import generate
+
+    eager, compiled = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    compile_blocks(compiled, "thunder")
+    ids = input_ids(seed=2, batch=2, length=16)
+
+    def base_adapted_base(model: nn.Module) -> list[torch.Tensor]:
+        outputs = []
+        with torch.no_grad():
+            for disabled in (True, False, True):
+                with adapters_disabled(model) if disabled else contextlib.nullcontext():
+                    outputs.append(model(ids))
+        return outputs
+
+    for output, eager_output in zip(base_adapted_base(compiled), base_adapted_base(eager)):
+        torch.testing.assert_close(output, eager_output, rtol=1e-5, atol=1e-5)
+
+    prompts = [ids[0, :5].tolist(), ids[1, :9].tolist()]
+    sampled, eager_sampled = (
+        generate(model.eval(), prompts, 6, [], use_cuda_graph=False) for model in (compiled, eager)
+    )
+    assert [row.token_ids for row in sampled] == [row.token_ids for row in eager_sampled]
+
+
+@pytest.mark.usefixtures("needs_thunder")
+def test_thunder_mixed_precision_is_as_close_to_float32_as_eager(tiny_llama_dir):
+    """Under bfloat16 autocast (--precision bf16-mixed) LoRA's addmm meets bfloat16 and float32 operands."""
+    reference, eager, compiled = (lora_model(tiny_llama_dir) for _ in range(3))
+    compile_blocks(compiled, "thunder")
+    ids = input_ids(seed=3, batch=2, length=16)
+
+    def gradients(model: nn.Module, autocast: bool) -> dict[str, torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids)
+        nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, dims=1).flatten()).backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    exact = gradients(reference, autocast=False)
+
+    def error(model: nn.Module) -> float:
+        return max(((g - exact[name]).norm() / exact[name].norm()).item() for name, g in gradients(model, True).items())
+
+    eager_error, compiled_error = error(eager), error(compiled)
+    assert 0 < compiled_error < 2 * eager_error, (compiled_error, eager_error)
+
+
+@pytest.mark.usefixtures("needs_thunder")
+def test_thunder_packed_rows_attend_through_dense_masks(tiny_llama_dir, monkeypatch):
+    """Packed rows take flex_attention on CUDA, which thunder cannot trace; forced here on CPU."""
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "always")
+    eager, compiled = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    compile_blocks(compiled, "thunder")
+    assert common.FLEX_ATTENTION == "never"
+    ids = input_ids(seed=4, batch=2, length=16)
+    document_ids = torch.arange(16).expand(2, 16) // 10  # two documents per row: 10 tokens, then 6
+    position_ids = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)
+    with torch.no_grad():
+        packed = compiled(ids, position_ids=position_ids, document_ids=document_ids)
+        torch.testing.assert_close(packed, eager(ids, position_ids=position_ids, document_ids=document_ids))

@@ -1,0 +1,68 @@
+"""What a compiled LoRA decoder block keeps for the backward, under the partitioner settings `--compile` uses: cheap
+elementwise results that feed matmuls (the normed inputs, SwiGLU's product) are recomputed, not stored."""
+
+from __future__ import annotations
+
+import torch
+from functorch.compile import min_cut_rematerialization_partition
+from torch._dynamo.backends.common import aot_autograd
+
+from litft.adapters.lora import LoRAConfig, apply_lora
+from litft.models import build_model
+from litft.models.common import build_attention_context, default_position_ids
+from litft.training.compilation import PARTITIONER_SETTINGS
+
+
+def saved_activations(settings: dict) -> list[tuple[tuple[int, ...], str]]:
+    """The (shape, node name) of every tensor the compiled block's forward saves for its backward."""
+    torch.manual_seed(0)
+    config = {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": False,
+    }
+    model = build_model(config)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
+    saved: list[tuple[tuple[int, ...], str]] = []
+
+    def record_forward(graph_module, example_inputs):
+        output = next(node for node in graph_module.graph.nodes if node.op == "output")
+        for node in output.args[0][1:]:
+            value = node.meta.get("val") if node is not None else None
+            if isinstance(value, torch.Tensor) and not node.name.startswith("primals"):
+                saved.append((tuple(value.shape), node.name))
+        return graph_module.forward
+
+    backend = aot_autograd(
+        fw_compiler=record_forward, bw_compiler=lambda graph_module, _: graph_module.forward,
+        partition_fn=min_cut_rematerialization_partition,
+    )
+    tokens = 16
+    x = torch.randn(1, tokens, config["hidden_size"], requires_grad=True)
+    positions = default_position_ids(1, tokens, 0, x.device)
+    cos, sin = model.model.rotary_emb(positions)
+    context = build_attention_context(1, tokens, x.device, None, None, None)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(**settings):
+        compiled = torch.compile(model.blocks[0], backend=backend)
+        compiled(x, cos, sin, context).sum().backward()
+    return saved
+
+
+def intermediate_sized(saved, intermediate: int) -> list:
+    return [entry for entry in saved if entry[0][-1] == intermediate]
+
+
+def saved_elements(saved) -> int:
+    return sum(torch.Size(shape).numel() for shape, _ in saved)
+
+
+def test_compiled_block_recomputes_the_swiglu_product_instead_of_saving_it():
+    intermediate = 96
+    # torch's own default, set explicitly: compile_blocks changes the process-wide setting, other tests call it
+    default = saved_activations({name: not value for name, value in PARTITIONER_SETTINGS.items()})
+    lean = saved_activations(PARTITIONER_SETTINGS)
+    # By default: gate, up and their product; with litft's settings only gate and up (the product is rebuilt).
+    assert len(intermediate_sized(default, intermediate)) == 3, default
+    assert len(intermediate_sized(lean, intermediate)) == 2, lean
+    assert saved_elements(lean) < 0.8 * saved_elements(default)
