@@ -467,7 +467,11 @@ def run_finetune(
         method=method, checkpoint=str(checkpoint), out_dir=str(out_dir), data=asdict(data), train=asdict(train),
         eval=asdict(eval), lora=asdict(lora) if lora is not None else None, quantize=quantize,
         precision=precision_name, devices=devices, num_nodes=num_nodes, strategy=strategy, seed=seed,
-        extra={**task.run_config(), **({"fsdp_cpu_offload": fsdp_cpu_offload} if fsdp_cpu_offload else {})},
+        extra={
+            **task.run_config(),
+            **({"fsdp_cpu_offload": fsdp_cpu_offload} if fsdp_cpu_offload else {}),
+            **({"compiler": compiler} if compiler is not None else {}),
+        },
     )
     sample_fn = make_sample_fn(model, tokenizer, template, eval) if eval.sample_prompt and not sharded else None
     result = fit(

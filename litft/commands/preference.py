@@ -70,7 +70,6 @@ def recipe_help(summary: str, checkpoint: str, objective: tuple[str, str], full_
             compiler: torch (torch.compile) or thunder (lightning-thunder's thunder.jit, which implies
                 --compile; not with qlora, nor with activation checkpointing and --lora.dropout above 0).
             dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
-        dry_run: Print the estimated peak memory and tokens/s per device, then stop without training.
         """)
         paragraphs = [textwrap.fill(paragraph, 110) for paragraph in summary.split("\n\n")]
         recipe.__doc__ = "\n\n".join([*paragraphs, arguments])
