@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,19 @@ def stories_dir() -> Path:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def family_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tiny checkpoint (tests/model_zoo.py), built on first use and shared by every test file."""
+    from model_zoo import FAMILY_BUILDERS
+
+    class Lazy(dict):
+        def __missing__(self, name: str) -> Path:
+            self[name] = FAMILY_BUILDERS[name](tmp_path_factory.mktemp(name.replace(".", "_")))
+            return self[name]
+
+    return Lazy()
 
 
 def save_tiny_hf_model(folder: Path, config_class_name: str, model_class_name: str, seed: int = 0,

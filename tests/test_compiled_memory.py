@@ -10,7 +10,7 @@ from torch._dynamo.backends.common import aot_autograd
 from litft.adapters.lora import LoRAConfig, apply_lora
 from litft.models import build_model
 from litft.models.common import build_attention_context, default_position_ids
-from litft.training.compilation import PARTITIONER_SETTINGS
+from litft.training.compilation import PARTITIONER_SETTINGS, compile_blocks
 
 
 def saved_activations(settings: dict) -> list[tuple[tuple[int, ...], str]]:
@@ -66,3 +66,17 @@ def test_compiled_block_recomputes_the_swiglu_product_instead_of_saving_it():
     assert len(intermediate_sized(default, intermediate)) == 3, default
     assert len(intermediate_sized(lean, intermediate)) == 2, lean
     assert saved_elements(lean) < 0.8 * saved_elements(default)
+
+
+def test_compile_blocks_applies_the_partitioner_settings():
+    """`--compile` goes through compile_blocks: the settings tested above must be the ones it switches on."""
+    model = build_model({
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 128, "tie_word_embeddings": False,
+    })
+    torch_defaults = {name: not value for name, value in PARTITIONER_SETTINGS.items()}
+    with torch._functorch.config.patch(**torch_defaults):
+        compile_blocks(model, "torch")
+        for name, value in PARTITIONER_SETTINGS.items():
+            assert getattr(torch._functorch.config, name) == value, name

@@ -10,39 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_zoo import FAMILY_BUILDERS
+from test_decode_static import PROMPT_LENGTHS, STEPS, padded_batch
 from torch._dynamo.utils import counters
 
 from litft.checkpoint import load_model
 from litft.cli import main
 from litft.generation import DecodeStep, GenerationResult, generate
 
-PROMPT_LENGTHS = (12, 7)  # row 1 is left-padded by 5
-STEPS = 24
 # generate(compile=True) rounds the cache to a power of two: 12 + 24 - 1 slots -> 64. The step tests use the same
 # length, so every test of a family shares one compiled graph (compiling is what takes the time on CPU).
 CACHE_LENGTH = 64
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Each family's tiny checkpoint, built on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, name: str) -> Path:
-            self[name] = FAMILY_BUILDERS[name](tmp_path_factory.mktemp(name.replace(".", "_")))
-            return self[name]
-
-    return Lazy()
-
-
-def padded_batch(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """tokens (2, 12 + STEPS), and the prompts' document ids and positions (2, 12) with row 1 left-padded."""
-    tokens = torch.randint(3, 512, (2, PROMPT_LENGTHS[0] + STEPS), generator=torch.Generator().manual_seed(0))
-    document_ids = torch.ones(2, PROMPT_LENGTHS[0], dtype=torch.long)
-    document_ids[1, : PROMPT_LENGTHS[0] - PROMPT_LENGTHS[1]] = 0
-    position_ids = (document_ids.cumsum(-1) - 1).clamp(min=0)
-    return tokens.to(device), document_ids.to(device), position_ids.to(device)
+def checkpoints(family_checkpoints) -> dict[str, Path]:
+    return family_checkpoints
 
 
 def prompts_of(tokens: torch.Tensor) -> list[list[int]]:

@@ -229,7 +229,13 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offlo
         ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)  # the same dropout masks in both runs (recomputation replays the RNG state)
         loss = CausalLMObjective(model.train())(ids, ids.roll(-1, dims=1))
+        if checkpointed and offload:
+            # Every block's input waits in host memory until its backward takes it back.
+            pending = model.blocks[0].activation_offload.owner.pending
+            assert [checkpoint.host.device.type for checkpoint in pending] == ["cpu"] * len(model.blocks)
         loss.backward()
+        if checkpointed and offload:
+            assert not pending
         return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(mlp_calls)
 
     plain_loss, plain_grads, plain_calls = loss_and_grads(False)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from model_zoo import FAMILY_BUILDERS, SLIDING_WINDOW
+from model_zoo import SLIDING_WINDOW
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
 from litft.checkpoint import load_model
@@ -26,15 +26,8 @@ GPU_ROWS = [[70, 200, 33, 150, 147], [300, 5, 90, 180], [129, 128, 256]]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    """Builds each family's tiny checkpoint once, on first use."""
-
-    class Lazy(dict):
-        def __missing__(self, name: str) -> Path:
-            self[name] = FAMILY_BUILDERS[name](tmp_path_factory.mktemp(name.replace(".", "_")))
-            return self[name]
-
-    return Lazy()
+def checkpoints(family_checkpoints) -> dict[str, Path]:
+    return family_checkpoints
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from litft.training.loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
 from litft.training.strategies import ModelMemory
 
 GIB = 1024**3
@@ -23,7 +24,7 @@ ASSUMED_MFU = 0.6
 # Dense bf16 tensor throughput per device, by name fragment (vendor figures; the H100/H200 one is what a bf16
 # matrix product measured on the H200 machines this project benchmarks on).
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
-FUSED_LOSS_CHUNK_BYTES = 2 * 512 * 1024**2  # one chunk of logits and its gradient, in the compute dtype
+FUSED_LOSS_CHUNK_BYTES = 2 * LOSS_CHUNK_BYTES  # one chunk of logits and its gradient, in the compute dtype
 
 
 @dataclass
