@@ -131,10 +131,19 @@ def test_thunder_refuses_dropout_under_activation_checkpointing(tiny_llama_dir, 
         compile_blocks(model, "thunder")
 
 
+def test_thunder_refuses_tiled_mlp(tiny_llama_dir):
+    from litft.training.tiling import enable_tiled_mlp
+
+    model = lora_model(tiny_llama_dir)
+    enable_tiled_mlp(model, 8)
+    with pytest.raises(ConfigError, match="--train.mlp_tile_tokens"):
+        compile_blocks(model, "thunder")
+
+
 # ---------------------------------------------------------------- torch.compile
 
 
-@pytest.mark.parametrize("checkpointing", [None, "offload"])
+@pytest.mark.parametrize("checkpointing", [None, "recompute", "offload"])
 def test_torch_compile_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointing):
     from torch._dynamo.utils import counters
 
@@ -142,6 +151,7 @@ def test_torch_compile_keeps_names_loss_and_gradients(tiny_llama_dir, checkpoint
     if checkpointing:
         enable_activation_checkpointing(compiled, offload=checkpointing == "offload")
     keys = list(compiled.state_dict())
+    torch._dynamo.reset()  # graphs compiled by an earlier test for the same code would be reused, not counted
     compile_blocks(compiled, "torch")
     assert list(compiled.state_dict()) == keys
     graphs_before = counters["stats"]["unique_graphs"]

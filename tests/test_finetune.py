@@ -200,6 +200,22 @@ def test_bad_flags_give_one_line(tmp_path, stories_dir, capsys, flags, message):
     assert last.startswith("litft: error:") and message in last
 
 
+def test_tiled_mlp_and_partial_checkpointing_train_the_same_step(tmp_path, stories_dir, monkeypatch):
+    """--train.mlp_tile_tokens and --train.checkpointed_blocks reach the model and leave the step unchanged."""
+    import litft.training.tiling as tiling
+
+    tiled_models = []
+    enable = tiling.enable_tiled_mlp
+    monkeypatch.setattr(tiling, "enable_tiled_mlp", lambda model, tokens: (tiled_models.append(model), enable(model, tokens)))
+    finetune("lora", stories_dir, tmp_path / "plain", *one_step_flags(4, pack=True))
+    finetune("lora", stories_dir, tmp_path / "tiled", *one_step_flags(4, pack=True), "--train.mlp_tile_tokens", "100",
+             "--train.activation_checkpointing", "offload", "--train.checkpointed_blocks", "2")
+    assert len(tiled_models) == 1 and all(isinstance(b.mlp.forward, tiling.TiledForward) for b in tiled_models[0].blocks)
+    plain, tiled = read_metrics(tmp_path / "plain")[1], read_metrics(tmp_path / "tiled")[1]
+    assert tiled["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6)
+    assert tiled["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-5)
+
+
 def test_non_finite_loss_stops_the_run(tmp_path, stories_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--train.global_batch_size", "4",
@@ -210,8 +226,11 @@ def test_non_finite_loss_stops_the_run(tmp_path, stories_dir, capsys):
     assert last.startswith("litft: error:") and "loss became" in last
 
 
-@pytest.mark.parametrize("offload", [False, True], ids=["recompute", "recompute+offload"])
-def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offload):
+@pytest.mark.parametrize(
+    "offload, blocks", [(False, None), (True, None), (False, 1), (True, 1)],
+    ids=["recompute", "recompute+offload", "first-block", "first-block+offload"],
+)
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offload, blocks):
     from litft.adapters.lora import LoRAConfig, apply_lora
     from litft.checkpoint import load_model
     from litft.training.loss import CausalLMObjective
@@ -222,25 +241,30 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_llama_dir, offlo
         model = load_model(tiny_llama_dir, dtype=torch.float32)
         apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"], dropout=0.1))
         if checkpointed:
-            enable_activation_checkpointing(model, offload=offload)
-        mlp_calls = []
+            enable_activation_checkpointing(model, offload=offload, blocks=blocks)
+        mlp_calls = [0] * len(model.blocks)
         # A pre-hook: recomputation stops as soon as the last saved tensor is rebuilt, before the block returns.
-        model.blocks[0].mlp.register_forward_pre_hook(lambda *_: mlp_calls.append(1))
+        for index, block in enumerate(model.blocks):
+            block.mlp.register_forward_pre_hook(lambda *_, index=index: mlp_calls.__setitem__(index, mlp_calls[index] + 1))
         ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)  # the same dropout masks in both runs (recomputation replays the RNG state)
         loss = CausalLMObjective(model.train())(ids, ids.roll(-1, dims=1))
+        offloaded = len(model.blocks) if blocks is None else blocks
         if checkpointed and offload:
-            # Every block's input waits in host memory until its backward takes it back.
+            # Every checkpointed block's input waits in host memory until its backward takes it back.
             pending = model.blocks[0].activation_offload.owner.pending
-            assert [checkpoint.host.device.type for checkpoint in pending] == ["cpu"] * len(model.blocks)
+            assert [checkpoint.host.device.type for checkpoint in pending] == ["cpu"] * offloaded
         loss.backward()
         if checkpointed and offload:
             assert not pending
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, len(mlp_calls)
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, mlp_calls
 
     plain_loss, plain_grads, plain_calls = loss_and_grads(False)
     loss, grads, calls = loss_and_grads(True)
-    assert (plain_calls, calls) == (1, 2)  # the checkpointed block really ran again in the backward
+    assert len(calls) > 1 and plain_calls == [1] * len(calls)
+    # The checkpointed blocks really ran again in the backward; with `blocks`, only the first ones did.
+    recomputed = len(calls) if blocks is None else blocks
+    assert calls == [2] * recomputed + [1] * (len(calls) - recomputed)
     assert torch.equal(loss, plain_loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-6, atol=1e-7, msg=name)
@@ -293,6 +317,44 @@ def test_memory_estimate_is_close_to_what_was_measured(tmp_path, shape, micro_ba
     memory = model_memory("lora", tmp_path, torch.bfloat16, lora, None)
     estimate = estimate_run(config, memory, "lora", torch.bfloat16, micro_batch_size, 2048, False)
     assert estimate.peak_gib == pytest.approx(measured_gib, rel=0.15)
+
+
+def test_checkpointing_fewer_blocks_is_estimated_between_none_and_all(tmp_path):
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import SHAPES, hf_config
+
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import model_memory
+    from litft.training.estimate import estimate_run
+
+    config = hf_config(SHAPES["llama-8b"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    memory = model_memory("lora", tmp_path, torch.bfloat16, LoRAConfig(rank=16, targets=["all-linear"]), None)
+
+    def estimate(checkpointing, blocks=None):
+        return estimate_run(config, memory, "lora", torch.bfloat16, 4, 2048, checkpointing, blocks)
+
+    peaks = [estimate(True, blocks).activations_gib for blocks in (32, 24, 8, 0)]
+    assert peaks[0] == estimate(True).activations_gib and peaks[-1] == estimate(False).activations_gib
+    assert peaks == sorted(peaks) and len(set(peaks)) == 4  # each block left out keeps its activations
+    speeds = [estimate(True, blocks).flops_per_token for blocks in (32, 24, 0)]
+    assert speeds == sorted(speeds, reverse=True)  # fewer recomputed blocks, fewer FLOPs
+    # A tiled MLP: the same for sequences within one tile, less for longer ones (the intermediates of one tile).
+    def long_run(tile=None, seq_len=2048):
+        return estimate_run(config, memory, "lora", torch.bfloat16, 1, seq_len, "offload", None, tile).activations_gib
+
+    assert long_run(8192) == long_run()
+    assert long_run(8192, 262144) < 0.7 * long_run(None, 262144)
+
+
+def test_checkpointed_blocks_without_checkpointing_is_refused(tmp_path, stories_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--train.checkpointed_blocks", "2")
+    assert exit_info.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("litft: error: --train.checkpointed_blocks needs --train.activation_checkpointing")
 
 
 def test_an_unknown_template_names_the_data_flag(tmp_path, stories_dir, capsys):

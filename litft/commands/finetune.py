@@ -412,7 +412,8 @@ def run_finetune(
         memory = model_memory(method, checkpoint, weights_dtype, lora, quantize)
         if task.keeps_frozen_copy(method):  # the frozen copy weighs as much as the trained weights
             memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
-    if dry_run or train.micro_batch_size == "auto":
+    auto_micro_batch = train.micro_batch_size == "auto"  # on a GPU the estimate's pick is probed once set up
+    if dry_run or auto_micro_batch:
         train = fit_micro_batch(train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes)
         if dry_run:
             return out_dir / "final"
@@ -436,10 +437,16 @@ def run_finetune(
     sharded = is_fsdp(fabric)
     model = load_for_strategy(fabric, method, checkpoint, weights_dtype, lora, quantize)
     objective = task.make_objective(fabric, model, tokenizer, method)
+    if train.mlp_tile_tokens is not None:
+        from litft.training.tiling import enable_tiled_mlp
+
+        enable_tiled_mlp(model, train.mlp_tile_tokens)
     if train.activation_checkpointing:
         from litft.training.strategies import enable_activation_checkpointing
 
-        enable_activation_checkpointing(model, offload=train.activation_checkpointing == "offload")
+        enable_activation_checkpointing(
+            model, offload=train.activation_checkpointing == "offload", blocks=train.checkpointed_blocks
+        )
     if compiler is not None:
         compile_blocks(model, compiler)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -461,6 +468,23 @@ def run_finetune(
         log_rank_zero(f"resumed from {resume_from} at step {progress.step}")
         if fabric.is_global_zero:
             earlier_metrics = read_metrics(out_dir, up_to_step=progress.step)
+    if auto_micro_batch and fabric.device.type == "cuda":
+        if isinstance(task, SupervisedTask):
+            # The estimate's pick, checked by measuring: real forward and backward passes on synthetic rows.
+            from litft.training.memory_probe import probe_micro_batch
+
+            probe = probe_micro_batch(
+                fabric, wrapped, objective, optimizer, per_device_rows=train.global_batch_size // fabric.world_size,
+                seq_len=data.max_seq_length, vocab_size=model.config.vocab_size, start=train.micro_batch_size,
+                packed=data.pack, compiler=compiler,
+            )
+            log_rank_zero(probe.describe(estimated=train.micro_batch_size))
+            train = replace(train, micro_batch_size=probe.chosen)  # what run_config and fit below see
+        else:
+            log_rank_zero(
+                f"--train.micro_batch_size auto: {train.micro_batch_size}, the estimate's pick, not probed: the probe "
+                f"runs supervised rows, and a {task.name} row is a pair of answers"
+            )
 
     # ---- loop --------------------------------------------------------------------------------------------------
     run_config = FinetuneRun(
@@ -583,7 +607,7 @@ def fit_micro_batch(
 
     def estimate_for(micro_batch_size: int):
         return estimate_run(hf_config, memory, method, dtype, micro_batch_size, data.max_seq_length,
-                            train.activation_checkpointing)
+                            train.activation_checkpointing, train.checkpointed_blocks, train.mlp_tile_tokens)
 
     if train.micro_batch_size == "auto":
         chosen = largest_micro_batch(estimate_for, train.global_batch_size // world_size, available_device_bytes())

@@ -67,8 +67,14 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
             setattr(torch._functorch.config, name, value)
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
+            forward = block.forward
             if offload is not None:
                 offload.inner_forward = torch.compile(offload.inner_forward)
+            elif isinstance(forward, functools.partial) and forward.func is checkpoint:
+                # Dynamo does not trace into torch.utils.checkpoint when it is the outermost call of the compiled
+                # frame (it compiled nothing at all): compile the block's own forward inside the checkpoint instead.
+                block.forward = functools.partial(checkpoint, torch.compile(forward.args[0]), *forward.args[1:],
+                                                  **forward.keywords)
             else:
                 block.compile()
         return
@@ -96,6 +102,13 @@ def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, "quantization", None) is not None:
             raise quantized_base_error(name)
+    from litft.training.tiling import TiledForward
+
+    if any(isinstance(block.mlp.forward, TiledForward) for block in model.blocks):
+        raise ConfigError(
+            "--compiler thunder with --train.mlp_tile_tokens is not supported (thunder cannot run the tiles' "
+            "checkpoints); use --compiler torch, or leave --train.mlp_tile_tokens unset"
+        )
     for block in model.blocks:
         forward = block.forward
         checkpointed = hasattr(block, "activation_offload") or (

@@ -17,8 +17,8 @@ class TrainConfig:
     Args:
         global_batch_size: Samples (or packed rows) per optimizer step, summed over devices and accumulation.
         micro_batch_size: Samples per forward pass on one device; gradient accumulation is
-            global_batch_size / (micro_batch_size * devices). "auto": the largest that the memory estimate fits in
-            90% of the device (see --dry_run).
+            global_batch_size / (micro_batch_size * devices). "auto": the largest that fits in 90% of the device:
+            the memory estimate picks (see --dry_run), and on a GPU a short probe of real steps confirms or corrects.
         epochs: Passes over the training data (ignored when max_steps is reached first).
         max_steps: Stop after this many optimizer steps.
         max_time: Stop after this many seconds of training (a checkpoint is saved first).
@@ -33,6 +33,11 @@ class TrainConfig:
         optimizer: "adamw", "adamw8bit", "paged_adamw8bit", "paged_adamw" (bitsandbytes) or "sgd".
         activation_checkpointing: Recompute each decoder block in the backward pass instead of storing it; "offload"
             also keeps each block's saved input in host memory until the backward needs it.
+        checkpointed_blocks: With activation_checkpointing, checkpoint only the first this many decoder blocks and
+            let the others keep their activations: faster (less recomputation), more memory. None: every block.
+        mlp_tile_tokens: Run each MLP over chunks of this many tokens when a micro-batch holds more, so one chunk's
+            intermediate activations exist at a time (for sequences of 100k tokens and more; costs one more MLP
+            forward per chunk in the backward). None: whole micro-batches.
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         log_interval: Log metrics every this many steps.
     """
@@ -52,6 +57,8 @@ class TrainConfig:
     max_norm: float | None = 1.0
     optimizer: str = "adamw"
     activation_checkpointing: bool | Literal["offload"] = False
+    checkpointed_blocks: int | None = None
+    mlp_tile_tokens: int | None = None
     save_interval: int | None = None
     log_interval: int = 1
 
@@ -64,6 +71,12 @@ class TrainConfig:
             raise ConfigError(f"--train.optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.lr <= 0:
             raise ConfigError("--train.lr must be positive")
+        if self.checkpointed_blocks is not None and self.checkpointed_blocks < 0:
+            raise ConfigError(f"--train.checkpointed_blocks {self.checkpointed_blocks}: must be 0 or more (None: every block)")
+        if self.checkpointed_blocks is not None and not self.activation_checkpointing:
+            raise ConfigError("--train.checkpointed_blocks needs --train.activation_checkpointing true (or offload)")
+        if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
+            raise ConfigError(f"--train.mlp_tile_tokens {self.mlp_tile_tokens}: must be at least 1 (None: no tiling)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--train.max_steps must be at least 1")
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from litft.training.loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
-from litft.training.strategies import ModelMemory
+from litft.training.strategies import ModelMemory, checkpointed_block_count
 
 GIB = 1024**3
 # What litft's compiled LoRA step reached on an H200 (72% of 790 TFLOP/s measured bf16 matrix throughput), rounded
@@ -86,24 +86,34 @@ def estimate_run(
     micro_batch_size: int,
     seq_len: int,
     activation_checkpointing: bool | str,
+    checkpointed_blocks: int | None = None,
+    mlp_tile_tokens: int | None = None,
 ) -> RunEstimate:
     element_size = torch.empty((), dtype=dtype).element_size()
     tokens = micro_batch_size * seq_len
     layers = hf_config["num_hidden_layers"]
     per_layer = activation_bytes_per_token_per_layer(hf_config, element_size)
-    if activation_checkpointing:
-        # Each block keeps only its input; one block's full activations exist during its recomputation.
-        kept_inputs = 0 if activation_checkpointing == "offload" else layers * hf_config["hidden_size"] * element_size
-        activations = tokens * (kept_inputs + per_layer)
+    mlp_tile_bytes = 0
+    if mlp_tile_tokens is not None and tokens > mlp_tile_tokens:
+        # A tiled MLP keeps no intermediate-size tensor per token; one tile's (and its gradients) exist at a time.
+        intermediate_bytes = 2 * (hf_config.get("intermediate_size") or 4 * hf_config["hidden_size"]) * element_size
+        per_layer -= intermediate_bytes
+        mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
+    checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0
+    if checkpointed:
+        # A checkpointed block keeps only its input; one block's full activations exist during its recomputation.
+        input_bytes = 0 if activation_checkpointing == "offload" else hf_config["hidden_size"] * element_size
+        activations = tokens * (checkpointed * input_bytes + (layers - checkpointed) * per_layer + per_layer)
     else:
         activations = tokens * layers * per_layer
+    activations += mlp_tile_bytes
     loss = FUSED_LOSS_CHUNK_BYTES + tokens * hf_config["hidden_size"] * element_size
     parameters = parameter_count(hf_config)
     attention_flops = 4 * layers * seq_len * hf_config["hidden_size"]
     # Forward 2N; backward 2N for the input gradient (+2N for weight gradients when every weight trains);
     # recomputation adds another forward.
-    multiplier = (6 if method == "full" else 4) + (2 if activation_checkpointing else 0)
-    flops_per_token = multiplier * parameters + 3 * attention_flops
+    multiplier = (6 if method == "full" else 4) + 2 * checkpointed / layers
+    flops_per_token = multiplier * parameters + (3 + checkpointed / layers) * attention_flops
     peak = device_peak_tflops()
     speed = peak * 1e12 * ASSUMED_MFU / flops_per_token if peak else None
     return RunEstimate(

@@ -144,7 +144,8 @@ def make_fabric(
     if strategy == "auto" and _is_first_process():
         log(f"strategy: {chosen} ({reason})")
     if chosen == "fsdp":
-        fabric_strategy = _fsdp2_strategy(device_count * num_nodes, precision, fsdp_cpu_offload)
+        on_gpus = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+        fabric_strategy = _fsdp2_strategy(device_count * num_nodes, precision, fsdp_cpu_offload, on_gpus)
     elif chosen == "ddp":
         fabric_strategy = "ddp"
     else:
@@ -166,7 +167,7 @@ def _is_first_process() -> bool:
     return all(int(os.environ.get(name, "0")) == 0 for name in rank_variables)
 
 
-def _fsdp2_strategy(world_size: int, precision: str, cpu_offload: bool):
+def _fsdp2_strategy(world_size: int, precision: str, cpu_offload: bool, on_gpus: bool):
     from lightning.fabric.strategies import ModelParallelStrategy
 
     from litft.training.parallel import parallelize_fsdp2
@@ -174,8 +175,14 @@ def _fsdp2_strategy(world_size: int, precision: str, cpu_offload: bool):
     parallelize = functools.partial(
         parallelize_fsdp2, mixed_precision=precision == "bf16-mixed", cpu_offload=cpu_offload
     )
+    # Offloaded shards and their gradients live in host memory, and reductions over them (the gradient norm) need a
+    # process group for CPU tensors next to NCCL's.
+    backend = "cuda:nccl,cpu:gloo" if cpu_offload and on_gpus else None
     # One data-parallel dimension over every rank; litft does not do tensor parallelism.
-    return ModelParallelStrategy(parallelize_fn=parallelize, data_parallel_size=world_size, tensor_parallel_size=1)
+    return ModelParallelStrategy(
+        parallelize_fn=parallelize, data_parallel_size=world_size, tensor_parallel_size=1,
+        process_group_backend=backend,
+    )
 
 
 def is_fsdp(fabric: Fabric) -> bool:
@@ -184,22 +191,38 @@ def is_fsdp(fabric: Fabric) -> bool:
     return isinstance(fabric.strategy, ModelParallelStrategy)
 
 
-def enable_activation_checkpointing(model: nn.Module, offload: bool = False) -> None:
-    """Recomputes each decoder block in the backward pass. The block's `forward` is wrapped on the instance, so
+def enable_activation_checkpointing(model: nn.Module, offload: bool = False, blocks: int | None = None) -> None:
+    """Recomputes each decoder block in the backward pass (only the first `blocks` of them when given). The block's `forward` is wrapped on the instance, so
     module and parameter names stay unchanged (checkpoints and adapters keep their keys). Under FSDP2 the block is
     sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
     after the pre-backward hook has gathered the block's weights again.
 
     `offload=True` also moves what each block keeps, its input, to pinned host memory, copied on a side stream while
     the next blocks compute, and brought back one block ahead of the backward (`OffloadedBlocks`): the GPU then holds
-    no activations of the blocks between forward and backward, at the price of PCIe copies that overlap compute."""
+    no activations of the blocks between forward and backward, at the price of PCIe copies that overlap compute.
+
+    `blocks`: checkpoint the first `blocks` decoder blocks and let the later ones keep their activations. Every
+    kept activation is alive at the start of the backward whichever block it belongs to, so memory depends only on
+    how many blocks are left out; the last ones are left out because their backward comes first (an offloaded copy
+    of their input would be fetched back at once)."""
     from torch.utils.checkpoint import checkpoint
 
+    count = checkpointed_block_count(len(model.blocks), blocks)
+    chosen = list(model.blocks)[:count]
     if offload:
-        OffloadedBlocks(model)
+        OffloadedBlocks(chosen)
         return
-    for block in model.blocks:
+    for block in chosen:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def checkpointed_block_count(layers: int, blocks: int | None) -> int:
+    """How many of `layers` decoder blocks `--train.checkpointed_blocks blocks` checkpoints."""
+    if blocks is None:
+        return layers
+    if blocks < 0:
+        raise ConfigError(f"--train.checkpointed_blocks {blocks}: must be 0 or more (None: every block)")
+    return min(blocks, layers)
 
 
 class OffloadedBlocks:
@@ -211,10 +234,10 @@ class OffloadedBlocks:
     own forward is `inner_forward`: a compiler replaces that (not the wrapper, whose stream work it cannot trace),
     see `litft.training.compilation`."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, blocks: list[nn.Module]) -> None:
         self.pending: list[_HostCheckpoint] = []  # forward order; the backward walks it from the end
         self.side_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
-        for block in model.blocks:
+        for block in blocks:
             block.activation_offload = _OffloadedBlock(self, block.forward)
             block.forward = block.activation_offload
 
