@@ -111,6 +111,7 @@ def bench_training(args) -> dict:
     from litft.training.objectives import SupervisedObjective
     from litft.training.optim import make_optimizer
     from litft.training.strategies import enable_activation_checkpointing, make_fabric
+    from litft.training.tiling import enable_tiled_mlp
 
     shape = SHAPES[args.shape]
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
@@ -119,12 +120,14 @@ def bench_training(args) -> dict:
     method = "lora" if args.task == "dpo" else args.task
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               "bnb.nf4" if args.task == "qlora" else None)
+    if args.mlp_tile_tokens is not None:
+        enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
-        enable_activation_checkpointing(model, offload=args.offload)
+        enable_activation_checkpointing(model, offload=args.offload, blocks=args.ckpt_blocks)
     if args.compile:
         from litft.training.compilation import compile_blocks
 
-        compile_blocks(model, "torch")  # litft's own compile path: per block, its partitioner settings, offloading
+        compile_blocks(model, args.compiler)  # litft's own compile path: per block, its partitioner settings, offloading
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
@@ -155,7 +158,7 @@ def bench_training(args) -> dict:
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
-                tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
 def profile_steps(step, count: int = 2) -> None:
@@ -208,7 +211,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--ckpt", action="store_true", help="activation checkpointing on every block")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: keep the saved block inputs in host memory")
+    parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
+    parser.add_argument("--compiler", choices=["torch", "thunder"], default="torch", help="with --compile: which compiler")
+    parser.add_argument("--mlp_tile_tokens", type=int, default=None,
+                        help="training: run each block's MLP on tiles of this many tokens (default: untiled)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
@@ -217,6 +224,8 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", default=None)
     parser.add_argument("--hf_dir", default=os.path.join(tempfile.gettempdir(), "peers-hf-checkpoint"))
     args = parser.parse_args()
+    if args.mlp_tile_tokens is not None and args.task == "decode":
+        parser.error("--mlp_tile_tokens applies to the training tasks (lora, qlora, dpo)")
     record = dict(peer="litft", task=args.task, shape=args.shape)
     try:
         record.update(bench_decode(args) if args.task == "decode" else bench_training(args))

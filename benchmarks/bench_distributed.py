@@ -3,6 +3,9 @@ through litft's own strategy code (`make_fabric`, `load_for_strategy`, `setup_fo
 
   python benchmarks/bench_distributed.py --devices 2 --strategy ddp  --task lora  --shape llama-8b --batch 4
   python benchmarks/bench_distributed.py --devices 2 --strategy fsdp --task qlora --shape llama-8b --batch 4 --ckpt
+  python benchmarks/bench_distributed.py --devices 4 --strategy fsdp --task full  --shape llama-1b --batch 4
+
+`--task full` trains every weight (bf16 weights and AdamW state, the `--precision bf16-true` path).
 
 `--batch` is per GPU. Prints one JSON line from rank 0: tokens/s in all and per GPU, peak memory per GPU (max over
 ranks). Fabric starts the other ranks itself.
@@ -22,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import (  # noqa: E402
-    DEVICE, SHAPES, TARGETS, flops_per_token, peak_memory_gib, random_batch, random_checkpoint, synchronize,
+    DEVICE, SHAPES, TARGETS, flops_per_token, parameter_count, peak_memory_gib, random_batch, random_checkpoint, synchronize,
 )
 
 
@@ -30,13 +33,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp")
-    parser.add_argument("--task", choices=["lora", "qlora"], default="lora")
+    parser.add_argument("--task", choices=["lora", "qlora", "full"], default="lora")
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
     parser.add_argument("--batch", type=int, default=4, help="rows per GPU")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--micro_batch", type=int, default=None, help="rows per forward pass (accumulate to --batch)")
     parser.add_argument("--ckpt", action="store_true")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: saved block inputs in host memory")
+    parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -59,10 +63,10 @@ def main() -> None:
     if fabric.global_rank == 0:
         random_checkpoint(args.shape, folder)
     fabric.barrier()
-    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
+    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS) if args.task != "full" else None
     model = load_for_strategy(fabric, args.task, folder, torch.bfloat16, lora, "bnb.nf4" if args.task == "qlora" else None)
     if args.ckpt:
-        enable_activation_checkpointing(model, offload=args.offload)
+        enable_activation_checkpointing(model, offload=args.offload, blocks=args.ckpt_blocks)
     if args.compile:
         from litft.training.compilation import compile_blocks
 
@@ -91,10 +95,12 @@ def main() -> None:
     total = per_step * args.seq * args.steps / seconds
     peak = fabric.all_reduce(torch.tensor(peak_memory_gib(), device=fabric.device), reduce_op="max")
     if fabric.global_rank == 0:
-        mfu = total / args.devices * flops_per_token(shape, args.seq, args.ckpt) / (790.0 * 1e12)
+        recomputed = (args.ckpt_blocks if args.ckpt_blocks is not None else shape["layers"]) / shape["layers"] if args.ckpt else 0
+        matrix_flops = flops_per_token(shape, args.seq, False) + 2 * parameter_count(shape) * (recomputed + (args.task == "full"))
+        mfu = total / args.devices * matrix_flops / (790.0 * 1e12)
         print(json.dumps(dict(
             peer="litft", task=args.task, shape=args.shape, strategy=args.strategy, devices=args.devices,
-            batch_per_gpu=args.batch, micro_batch=micro_batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload,
+            batch_per_gpu=args.batch, micro_batch=micro_batch, seq=args.seq, ckpt=args.ckpt, ckpt_blocks=args.ckpt_blocks, offload=args.offload,
             compile=args.compile,
             tokens_per_s=round(total), tokens_per_s_per_gpu=round(total / args.devices), mfu=round(mfu, 3),
             peak_mem_gib_per_gpu=round(float(peak), 2),

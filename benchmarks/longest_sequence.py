@@ -6,7 +6,7 @@ points give the slope and the intercept; the longest sequence is where the fitte
 probe at the predicted length then checks it (`--verify`). Timing every length up to the limit instead would take
 minutes per point (attention FLOPs grow with T^2).
 
-  python benchmarks/longest_sequence.py --peer litft   --seqs 8192,16384,32768 [--verify]
+  python benchmarks/longest_sequence.py --peer litft   --seqs 8192,16384,32768 [--verify] [--mlp_tile_tokens 8192]
   python benchmarks/longest_sequence.py --peer unsloth --seqs 8192,16384,32768 [--verify]
 
 Needs .bench/peers.py (a copy of ../shared/bench/peers.py) for the Unsloth side. Prints one JSON line.
@@ -33,14 +33,17 @@ from bench import SHAPES, TARGETS, random_checkpoint  # noqa: E402
 GIB = 2**30
 
 
-def litft_step_factory(checkpoint: Path, longest: int):
+def litft_step_factory(checkpoint: Path, longest: int, mlp_tile_tokens: int | None = None):
     from litft.adapters.lora import LoRAConfig
     from litft.commands.finetune import load_for_training
     from litft.training.loss import CausalLMObjective
     from litft.training.strategies import enable_activation_checkpointing
+    from litft.training.tiling import enable_tiled_mlp
 
     lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
     model = load_for_training("qlora", checkpoint, torch.bfloat16, torch.device("cuda"), lora, "bnb.nf4")
+    if mlp_tile_tokens is not None:
+        enable_tiled_mlp(model, mlp_tile_tokens)
     enable_activation_checkpointing(model, offload=True)
     objective = CausalLMObjective(model)
     vocab = SHAPES["llama-8b"]["vocab"]
@@ -93,9 +96,15 @@ def main() -> None:
     parser.add_argument("--seqs", default="8192,16384,32768")
     parser.add_argument("--verify", action="store_true", help="run one step at 95%% of the predicted longest length")
     parser.add_argument("--checkpoint_dir", default="/tmp/peers-hf-checkpoint-llama-8b")
+    parser.add_argument("--mlp_tile_tokens", type=int, default=None,
+                        help="litft: run each block's MLP on tiles of this many tokens (default: untiled)")
     args = parser.parse_args()
+    if args.mlp_tile_tokens is not None and args.peer != "litft":
+        parser.error("--mlp_tile_tokens applies to --peer litft only")
     seqs = [int(s) for s in args.seqs.split(",")]
     record: dict = dict(peer=args.peer, task="longest-sequence", shape="llama-8b", batch=1)
+    if args.peer == "litft":
+        record["mlp_tile_tokens"] = args.mlp_tile_tokens
     try:
         checkpoint = Path(args.checkpoint_dir)
         if args.peer == "unsloth":
@@ -104,8 +113,10 @@ def main() -> None:
             peers.saved_checkpoint(peers.SHAPES["llama-8b"], str(checkpoint))
         else:
             random_checkpoint("llama-8b", checkpoint)
-        factory = litft_step_factory if args.peer == "litft" else unsloth_step_factory
-        step = factory(checkpoint, 4 * max(seqs))
+        if args.peer == "litft":
+            step = litft_step_factory(checkpoint, 4 * max(seqs), args.mlp_tile_tokens)
+        else:
+            step = unsloth_step_factory(checkpoint, 4 * max(seqs))
         peak_of(step, 1024)  # warm-up: kernels, workspaces
         points = {seq: peak_of(step, seq) for seq in seqs}
         record["peak_gib"] = {str(seq): (round(peak, 2) if peak else None) for seq, peak in points.items()}

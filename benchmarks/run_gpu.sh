@@ -34,7 +34,7 @@ litft_rows() {
       ckpt8b)   python benchmarks/bench.py --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
       qlora8b)  python benchmarks/bench.py --task qlora --shape llama-8b --batch 4 --seq 2048 --compile ;;
       decode8b) python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256 --compile ;;
-      longest)  python benchmarks/longest_sequence.py --peer litft --seqs 16384,32768 ;;
+      longest)  python benchmarks/longest_sequence.py --peer litft --seqs 16384,32768,65536 --mlp_tile_tokens 8192 ;;
       dpo1b)    python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024 --compile ;;
     esac
   done
@@ -47,7 +47,7 @@ peer_rows() {
       ckpt8b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt ;;
       qlora8b)  python .bench/peers.py --peers "$peers" --task qlora --shape llama-8b --batch 4 --seq 2048 ;;
       decode8b) python .bench/peers.py --peers "$peers" --task decode --shape llama-8b --prompt 128 --new 256 ;;
-      longest)  python benchmarks/longest_sequence.py --peer unsloth --seqs 16384,32768 ;;
+      longest)  python benchmarks/longest_sequence.py --peer unsloth --seqs 16384,32768,65536 ;;
     esac
   done
 }
