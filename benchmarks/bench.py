@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-8b")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--ckpt", action="store_true", help="activation checkpointing on every block")
+    parser.add_argument("--ckpt", action="store_true", help="activation checkpointing (every block unless --ckpt_blocks)")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: keep the saved block inputs in host memory")
     parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")

@@ -211,6 +211,8 @@ def test_tiled_mlp_and_partial_checkpointing_train_the_same_step(tmp_path, stori
     finetune("lora", stories_dir, tmp_path / "tiled", *one_step_flags(4, pack=True), "--train.mlp_tile_tokens", "100",
              "--train.activation_checkpointing", "offload", "--train.checkpointed_blocks", "2")
     assert len(tiled_models) == 1 and all(isinstance(b.mlp.forward, tiling.TiledForward) for b in tiled_models[0].blocks)
+    offloaded = [hasattr(block, "activation_offload") for block in tiled_models[0].blocks]
+    assert len(offloaded) > 2 and offloaded == [True, True] + [False] * (len(offloaded) - 2)
     plain, tiled = read_metrics(tmp_path / "plain")[1], read_metrics(tmp_path / "tiled")[1]
     assert tiled["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6)
     assert tiled["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-5)

@@ -25,6 +25,7 @@ ASSUMED_MFU = 0.6
 # matrix product measured on the H200 machines this project benchmarks on).
 PEAK_TFLOPS = {"H200": 790.0, "H100": 790.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}
 FUSED_LOSS_CHUNK_BYTES = 2 * LOSS_CHUNK_BYTES  # one chunk of logits and its gradient, in the compute dtype
+MEMORY_FRACTION = 0.9  # the share of the device a run may fill (estimated or probed); the rest is the margin
 
 
 @dataclass
@@ -133,17 +134,21 @@ def available_device_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def micro_batch_candidates(per_device_rows: int) -> list[int]:
+    """The micro-batch sizes a device can use: the divisors of the rows it gets per optimizer step, ascending."""
+    if per_device_rows < 1:
+        raise ValueError(f"per_device_rows must be at least 1, got {per_device_rows}")
+    return [size for size in range(1, per_device_rows + 1) if per_device_rows % size == 0]
+
+
 def largest_micro_batch(
-    estimate_for: Any, per_device_rows: int, device_bytes: int, fraction: float = 0.9
+    estimate_for: Any, per_device_rows: int, device_bytes: int, fraction: float = MEMORY_FRACTION
 ) -> int:
     """The largest micro-batch that divides the rows each device gets per step and whose estimated peak fits in
     `fraction` of the device (at least 1). `estimate_for(micro_batch_size)` returns a RunEstimate."""
     best = 1
-    for candidate in range(1, per_device_rows + 1):
-        if per_device_rows % candidate:
-            continue
-        if estimate_for(candidate).peak_gib * GIB <= fraction * device_bytes:
-            best = candidate
-        else:
+    for candidate in micro_batch_candidates(per_device_rows):
+        if estimate_for(candidate).peak_gib * GIB > fraction * device_bytes:
             break
+        best = candidate
     return best

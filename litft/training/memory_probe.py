@@ -21,7 +21,6 @@ The probe leaves nothing behind that training would notice: gradients are droppe
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,9 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MEMORY_FRACTION = 0.9  # the share of the device a run may fill; the rest is the margin
-GIB = 1024**3
-
+from litft.training.estimate import GIB, MEMORY_FRACTION, micro_batch_candidates
 
 # ----------------------------------------------------------------------------------------------------------------
 # The search (pure: unit-tested with a synthetic memory model)
@@ -72,13 +69,6 @@ class ProbeResult:
             f"--train.micro_batch_size auto: the estimate said {estimated}; the probe measured peak memory per device "
             f"{measured}{state}; {verdict}; the probe took {self.seconds:.0f} s"
         )
-
-
-def micro_batch_candidates(per_device_rows: int) -> list[int]:
-    """The micro-batch sizes a device can use: the divisors of the rows it gets per optimizer step, ascending."""
-    if per_device_rows < 1:
-        raise ValueError(f"per_device_rows must be at least 1, got {per_device_rows}")
-    return [size for size in range(1, per_device_rows + 1) if per_device_rows % size == 0]
 
 
 def search_micro_batch(
@@ -348,11 +338,13 @@ def probe_micro_batch(
         def measure(size: int) -> int | None:
             torch.cuda.empty_cache()  # what an earlier candidate left cached must not fragment this one
             torch.cuda.reset_peak_memory_stats(device)
-            completed = run_probe_passes(fabric, model, objective, size, per_device_rows, seq_len, vocab_size, packed)
-            peak = float(torch.cuda.max_memory_allocated(device)) if completed else math.inf
+            # Whether the passes completed is agreed over the ranks, so all of them skip the reduction together.
+            if not run_probe_passes(fabric, model, objective, size, per_device_rows, seq_len, vocab_size, packed):
+                return None
+            peak = float(torch.cuda.max_memory_allocated(device))
             if fabric.world_size > 1:
                 peak = fabric.all_reduce(_scalar(peak, device), reduce_op="max").item()
-            return None if not completed or math.isinf(peak) else int(peak)
+            return int(peak)
 
         result = search_micro_batch(measure, per_device_rows, start, device_bytes, extra, fraction)
         if compiler == "torch" or packed:
