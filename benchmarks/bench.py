@@ -8,6 +8,7 @@ and 8 timed steps, tokens/s = batch * seq * steps / time, peak = torch.cuda.max_
 
   python benchmarks/bench.py --task lora --shape llama-8b --batch 4 --seq 2048 [--ckpt] [--compile]
   python benchmarks/bench.py --task qlora --shape llama-8b --batch 4 --seq 2048
+  python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 4 --seq 2048   # float8 base GEMMs
   python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256
   python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024   # batch = pairs (2x sequences)
 
@@ -119,7 +120,7 @@ def bench_training(args) -> dict:
     lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
     method = "lora" if args.task == "dpo" else args.task
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
-                              "bnb.nf4" if args.task == "qlora" else None)
+                              args.quantize if args.task == "qlora" else None)
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
@@ -152,25 +153,83 @@ def bench_training(args) -> dict:
             started = time.perf_counter()
         train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
     synchronize()
+    tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
     if args.profile:
         profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
-    tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
+KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
+    ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "sm90_", "splitk")),
+    ("triton (fused elementwise, loss)", ("triton",)),
+    ("optimizer", ("multi_tensor", "adam", "foreach")),
+    ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("other elementwise / reductions", ("",)),
+)
+
+
 def profile_steps(step, count: int = 2) -> None:
-    """Prints the kernels that take the GPU's time over `count` steps, to stderr (for the notes, not the table)."""
+    """Prints the kernels that take the GPU's time over `count` steps, to stderr (for the notes, not the table):
+    the top kernels, the time per kernel category, and every GEMM shape with its rate."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as profiler:
         for _ in range(count):
             step()
         synchronize()
     print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70),
           file=sys.stderr)
+    try:
+        print_profile_summary(profiler, count)
+    except Exception as error:  # the summary is a reading aid; the table above is already printed
+        print(f"profile summary failed: {error!r}", file=sys.stderr)
+
+
+def device_time(event) -> float:
+    """An event's own device time in microseconds (the attribute's name changed across torch versions)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def print_profile_summary(profiler, count: int) -> None:
+    kernels: dict[str, float] = {}
+    for event in profiler.key_averages():
+        microseconds = device_time(event)
+        # Kernels only: operators (aten::), compiled-graph annotations (## ...) and the driver's queue events also
+        # carry the device time of what they launched. A kernel can be listed twice (its launch annotation and
+        # itself) with the same time: it counts once.
+        if microseconds <= 0 or event.key.startswith(("aten::", "##", "Command Buffer", "cuda")):
+            continue
+        kernels[event.key] = max(kernels.get(event.key, 0.0), microseconds)
+    totals: dict[str, float] = {}
+    for name, microseconds in kernels.items():
+        category = next(label for label, needles in KERNEL_CATEGORIES if any(n in name.lower() for n in needles))
+        totals[category] = totals.get(category, 0.0) + microseconds
+    everything = sum(totals.values())
+    print(f"GPU time per step: {everything / count / 1e3:.1f} ms", file=sys.stderr)
+    for category, microseconds in sorted(totals.items(), key=lambda item: -item[1]):
+        print(f"  {category:36s} {microseconds / count / 1e3:9.2f} ms  {100 * microseconds / everything:5.1f}%",
+              file=sys.stderr)
+    print("GEMMs by shape (per step): calls, ms, TFLOP/s", file=sys.stderr)
+    rows = []
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"):
+            continue
+        shapes = [list(shape) for shape in event.input_shapes if shape]
+        matrices = shapes[-2:] if event.key == "aten::addmm" else shapes[:2]
+        if len(matrices) < 2:
+            continue
+        (*batch, m, k), n = matrices[0], matrices[1][-1]
+        flops = 2 * m * k * n * (batch[0] if batch else 1) * event.count
+        microseconds = getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0.0)
+        if microseconds > 0:
+            rows.append((microseconds, event.key, matrices, event.count, flops / microseconds / 1e6))
+    for microseconds, key, matrices, calls, tflops in sorted(rows, reverse=True)[:40]:
+        print(f"  {key:16s} {str(matrices):40s} {calls // count:5d} {microseconds / count / 1e3:8.2f} {tflops:7.1f}",
+              file=sys.stderr)
 
 
 @torch.inference_mode()
@@ -216,6 +275,7 @@ def main() -> None:
     parser.add_argument("--compiler", choices=["torch", "thunder"], default="torch", help="with --compile: which compiler")
     parser.add_argument("--mlp_tile_tokens", type=int, default=None,
                         help="training: run each block's MLP on tiles of this many tokens (default: untiled)")
+    parser.add_argument("--quantize", default="bnb.nf4", help="qlora: how the base is stored (bnb.nf4, bnb.int8, fp8)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
@@ -227,6 +287,8 @@ def main() -> None:
     if args.mlp_tile_tokens is not None and args.task == "decode":
         parser.error("--mlp_tile_tokens applies to the training tasks (lora, qlora, dpo)")
     record = dict(peer="litft", task=args.task, shape=args.shape)
+    if args.task == "qlora":
+        record["quantize"] = args.quantize
     try:
         record.update(bench_decode(args) if args.task == "decode" else bench_training(args))
         record["peak_mem_gib"] = peak_memory_gib()

@@ -80,3 +80,26 @@ def test_compile_blocks_applies_the_partitioner_settings():
         compile_blocks(model, "torch")
         for name, value in PARTITIONER_SETTINGS.items():
             assert getattr(torch._functorch.config, name) == value, name
+
+
+def test_compiled_lora_adds_its_update_elementwise_not_through_addmm():
+    """Compiled, the rank-deep update is its own GEMM and a plain add that fuses into the next elementwise kernel.
+    An addmm into the base output is lowered to a copy of that output plus a GEMM reading and writing it again
+    (2.5x slower on llama-8b's MLP projections, benchmarks/NOTES.md section 7)."""
+    from torch import nn
+
+    from litft.adapters.lora import LoRALinear
+
+    layer = LoRALinear(nn.Linear(32, 48, bias=False).requires_grad_(False), LoRAConfig(rank=4, alpha=8))
+    operators: list[str] = []
+
+    def record_forward(graph_module, example_inputs):
+        operators.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    backend = aot_autograd(fw_compiler=record_forward, bw_compiler=lambda graph_module, _: graph_module.forward)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, layer(x))
+    assert operators.count("aten.mm.default") == 3, operators  # base, A, B
+    assert "aten.addmm.default" not in operators and "aten.add.Tensor" in operators
