@@ -15,7 +15,10 @@ def row_key(record: dict) -> tuple:
         return ("longest sequence (predicted)", record["shape"], "1 x ?", True)
     if record["task"] == "decode":
         return ("decode", record["shape"], f"{record.get('prompt', 128)} + {record.get('new', 256)}", False)
-    return (record["task"], record["shape"], f"{record.get('batch')} x {record.get('seq')}", bool(record.get("ckpt")))
+    task = record["task"]
+    if record.get("quantize") == "fp8":  # litft's float8 base, set beside the peers' bf16 LoRA row
+        task = "lora, fp8 base"
+    return (task, record["shape"], f"{record.get('batch')} x {record.get('seq')}", bool(record.get("ckpt")))
 
 
 def main(path: str) -> None:
@@ -34,6 +37,8 @@ def main(path: str) -> None:
     print("| task | shape | batch x seq | litft tok/s, GiB | Unsloth | HF+PEFT | LitGPT | litft / best peer (speed) | litft / leanest peer (memory) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for (task, shape, size, ckpt), peers in rows.items():
+        if task == "lora, fp8 base":  # compared with the peers' LoRA (bf16 base) at the same shape
+            peers = {**{n: r for n, r in rows.get(("lora", shape, size, ckpt), {}).items() if n != "litft"}, **peers}
         def cell(name):
             record = peers.get(name)
             if record is None:

@@ -85,7 +85,7 @@ def test_compile_blocks_applies_the_partitioner_settings():
 def test_compiled_lora_adds_its_update_elementwise_not_through_addmm():
     """Compiled, the rank-deep update is its own GEMM and a plain add that fuses into the next elementwise kernel.
     An addmm into the base output is lowered to a copy of that output plus a GEMM reading and writing it again
-    (2.5x slower on llama-8b's MLP projections, benchmarks/NOTES.md section 7)."""
+    (1.6x slower on llama-8b's MLP projections, benchmarks/NOTES.md section 7)."""
     from torch import nn
 
     from litft.adapters.lora import LoRALinear

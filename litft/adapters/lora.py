@@ -104,6 +104,9 @@ class LoRALinear(nn.Module):
         self.bias = None if base.bias is None else nn.Parameter(base.bias.detach(), requires_grad=False)
         for name, buffer in base.named_buffers(recurse=False):
             self.register_buffer(name, buffer)
+        for name, parameter in base.named_parameters(recurse=False):  # a float8 base's transposed copy
+            if name not in ("weight", "bias"):
+                setattr(self, name, nn.Parameter(parameter.detach(), requires_grad=False))
         self.rank = config.rank
         self.scaling = config.scaling
         self.use_dora = config.dora
@@ -156,7 +159,7 @@ class LoRALinear(nn.Module):
         if torch.compiler.is_compiling():
             # Compiled, the add fuses into the next elementwise kernel (SwiGLU, the residual add). An addmm would be
             # lowered to a copy of the base output and a rank-deep GEMM that reads and writes it again: measured
-            # 2.5x slower than this on llama-8b's MLP projections (benchmarks/NOTES.md, section 7).
+            # 1.6x slower than this on llama-8b's MLP projections (benchmarks/NOTES.md, section 7).
             return result + nn.functional.linear(low_rank, update_weight)
         # Eager, the rank-deep GEMM accumulates into the base output in place: one pass over it, no extra kernel.
         # The base output is a fresh tensor that autograd has not saved, so writing into it is safe. Not so for

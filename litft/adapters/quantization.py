@@ -1,4 +1,5 @@
-"""Frozen linear layers whose weight is stored quantized through bitsandbytes: the QLoRA base.
+"""Frozen linear layers whose weight is stored quantized: the QLoRA base (bitsandbytes 4-bit and 8-bit), and an
+8-bit float base for speed (`fp8`, see `litft.adapters.float8`).
 
 `quantize_model` runs on the meta model (the `prepare` step of `litft.checkpoint.load_model`) and swaps every
 `nn.Linear` except the output head for a `QuantizedLinear`. The loader then hands each checkpoint weight to the
@@ -14,6 +15,9 @@ How the quantized weight is stored, so FSDP2 sharding and `state_dict` keep ever
 The forward dequantizes the weight and runs a plain matmul; the backward dequantizes again instead of keeping the
 full-precision weight alive between forward and backward, which is what makes QLoRA's memory saving real. Both run
 as opaque operators (`litft::dequantize_linear`), so torch.compile cannot merge the two dequantizations either.
+`fp8` stores two float8 copies of each weight (Parameters `weight` and `weight_transposed`, float8 bytes as uint8;
+buffers `weight_scale` and `weight_transposed_scale`) and multiplies in float8 without dequantizing
+(`litft.adapters.float8`).
 Do not cast a quantized model with `.to(dtype)`: that would reinterpret the packed data.
 """
 
@@ -27,16 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litft.adapters import float8
 from litft.errors import ConfigError
 
-QUANTIZE_MODES = ("bnb.nf4", "bnb.fp4", "bnb.int8")
+QUANTIZE_MODES = ("bnb.nf4", "bnb.fp4", "bnb.int8", "fp8")
 # Names of the output head across families; it stays in full precision (as in the QLoRA paper).
 OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
 # bitsandbytes warns on every CPU run that an optional accelerated kernel package is missing; its own CPU kernels
 # are what we use, so the warning is noise to a user.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-BLOCKSIZE_4BIT = 64  # bitsandbytes' default, the one the QLoRA paper uses
+BLOCKSIZE_4BIT = 64
+_WARNED: set[str] = set()  # bitsandbytes' default, the one the QLoRA paper uses
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,13 @@ class WeightQuantization:
 
     def store(self, module: nn.Module, weight: torch.Tensor) -> None:
         """Quantizes `weight` (out, in) and puts the result on `module` as `weight` plus its state buffers."""
+        if self.mode == "fp8":
+            for name, tensor in float8.quantize_weight(weight).items():
+                if name.endswith("_scale"):
+                    module.register_buffer(name, tensor)
+                else:  # Parameters, so that FSDP2 shards both copies
+                    setattr(module, name, nn.Parameter(tensor, requires_grad=False))
+            return
         import bitsandbytes.functional as bnb_functional
 
         if self.mode == "bnb.int8":
@@ -78,6 +91,8 @@ class WeightQuantization:
 
     def state_tensors(self, module: nn.Module) -> list[torch.Tensor]:
         """The tensors besides `weight` that the dequantization reads, in a fixed order (see `dequantize_weight`)."""
+        if self.mode == "fp8":
+            return [module.weight_scale, module.weight_transposed, module.weight_transposed_scale]
         if self.mode == "bnb.int8":
             return [module.weight_scale]
         if self.double_quant:
@@ -86,6 +101,8 @@ class WeightQuantization:
 
     def dequantize(self, module: nn.Module) -> torch.Tensor:
         """The weight (out, in) in the compute dtype, rebuilt from the layer's own tensors."""
+        if self.mode == "fp8":
+            return float8.dequantize_weight(module.weight, module.weight_scale, self.compute_dtype)
         return dequantize_weight(
             module.weight, self.state_tensors(module), self.mode, module.out_features, module.in_features,
             getattr(module, "nested_blocksize", None) or 0, self.compute_dtype,
@@ -196,6 +213,8 @@ dequantize_linear.register_autograd(_dequantize_linear_backward, setup_context=_
 def quantized_linear(layer: nn.Module, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
     """The output of a layer holding a quantized weight (a `QuantizedLinear`, or a `LoRALinear` over one)."""
     quantization: WeightQuantization = layer.quantization
+    if quantization.mode == "fp8":
+        return float8.float8_linear(layer, x, with_bias)
     return dequantize_linear(
         x,
         layer.weight,
@@ -264,9 +283,20 @@ def quantize_model(
     if compute_dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ConfigError(f"quantization compute dtype {compute_dtype}: choose bfloat16, float16 or float32")
     quantization = WeightQuantization(mode, compute_dtype, double_quant)
+    unaligned: list[str] = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.rpartition(".")[2] not in OUTPUT_HEAD_NAMES:
+            if mode == "fp8" and not float8.aligned(module.in_features, module.out_features):
+                unaligned.append(f"{name} ({module.out_features} x {module.in_features})")
+                continue
             replace_module(model, name, QuantizedLinear(module, quantization))
+    message = (
+        f"--quantize fp8: {len(unaligned)} layers keep the compute dtype, float8 matrix multiplies need sizes "
+        f"divisible by {float8.FLOAT8_ALIGNMENT}: {', '.join(unaligned[:3])}{', ...' if len(unaligned) > 3 else ''}"
+    )
+    if unaligned and message not in _WARNED:  # the memory estimate quantizes a meta copy first: say it once
+        _WARNED.add(message)
+        logging.getLogger("litft").warning(message)
 
 
 def logical_parameter_count(model: nn.Module) -> int:
@@ -279,6 +309,8 @@ def logical_parameter_count(model: nn.Module) -> int:
             if id(parameter) in seen:
                 continue
             seen.add(id(parameter))
+            if name == "weight_transposed":  # a float8 base's second copy of the same weight
+                continue
             if name == "weight" and getattr(module, "quantization", None) is not None:
                 total += module.in_features * module.out_features
             else:

@@ -49,7 +49,8 @@ def recipe_help(summary: str, checkpoint: str, objective: tuple[str, str], full_
             method: lora, qlora or full: what is trained.
             {objective_name}: {objective_help}
             lora: The adapters (lora and qlora).
-            quantize: bnb.nf4, bnb.fp4 or bnb.int8: how the frozen base is stored (qlora).
+            quantize: bnb.nf4, bnb.fp4 or bnb.int8: how the frozen base is stored (qlora); fp8: its multiplies in
+                8-bit float, for speed (see `litft finetune qlora --help`).
             train: Batch sizes (in pairs), schedule, optimizer. With --method full, lower the lr ({full_lr}).
             eval: Validation.
             precision: bf16-true, bf16-mixed, 16-mixed, 16-true or 32-true (default: bf16-true on a GPU, 32-true on
