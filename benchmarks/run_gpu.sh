@@ -3,6 +3,7 @@
 # Needs: .site (../shared/gpu/make-site.sh) and .bench/peers.py (a copy of ../shared/bench/peers.py) carried along.
 #   bash benchmarks/run_gpu.sh [ROWS]   ROWS: a space-separated subset of:
 #        lora1b lora8b ckpt8b qlora8b decode8b longest dpo1b        (dpo1b has no peer: peers.py has no DPO task)
+#        fp8lora1b fp8lora8b fp8ckpt8b   litft's float8 base; the table sets them beside the peers' lora rows
 #   PEERS=unsloth,hf,litgpt (default: unsloth, the fastest and leanest peer)
 # With two or more GPUs visible, litft runs on GPU 0 and the peers on GPU 1 at the same time; with one, in turn.
 # Writes $OUT/results.jsonl and $OUT/table.md (or ./benchmarks/out/ without $OUT).
@@ -10,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/out}
 mkdir -p "$out"
-rows=${1:-"lora1b lora8b ckpt8b qlora8b decode8b longest"}
+rows=${1:-"lora1b lora8b ckpt8b qlora8b fp8lora1b fp8lora8b fp8ckpt8b decode8b longest"}
 peers=${PEERS:-unsloth}
 results="$out/results.jsonl"
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
@@ -36,6 +37,9 @@ litft_rows() {
       decode8b) python benchmarks/bench.py --task decode --shape llama-8b --prompt 128 --new 256 --compile ;;
       longest)  python benchmarks/longest_sequence.py --peer litft --seqs 16384,32768,65536 --mlp_tile_tokens 8192 ;;
       dpo1b)    python benchmarks/bench.py --task dpo --shape llama-1b --batch 4 --seq 1024 --compile ;;
+      fp8lora1b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-1b --batch 8 --seq 2048 --compile ;;
+      fp8lora8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 4 --seq 2048 --compile ;;
+      fp8ckpt8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
     esac
   done
 }
