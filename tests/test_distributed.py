@@ -233,3 +233,24 @@ def test_fsdp2_cpu_offload_on_two_gpus_equals_fsdp2_on_the_gpus(tmp_path, tiny_l
     for step, loss in reference.items():
         assert abs(offloaded[step] - loss) <= TOLERANCE, (step, offloaded[step], loss)
     assert_same_adapter(adapter(tmp_path / "offloaded"), adapter(tmp_path / "on-gpus"))
+
+
+@pytest.mark.gpu
+def test_float8_base_on_two_gpus_follows_one_gpu(tmp_path, tiny_llama_dir):
+    """--quantize fp8 under DDP and FSDP2 on two GPUs (NCCL moves and gathers the float8 bytes as uint8) follows the
+    one-GPU float8 loss curve."""
+    if torch.cuda.device_count() < 2 or torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs two GPUs with float8 tensor cores")
+    cache = tmp_path / "cache"
+    float8 = ("--accelerator", "cuda", "--precision", "bf16-true", "--quantize", "fp8")
+    finetune(tiny_llama_dir, tmp_path / "one", cache, *float8, "--devices", "1", method="qlora")
+    reference = losses(tmp_path / "one")
+    assert sorted(reference) == list(range(1, STEPS + 1)) and reference[STEPS] < reference[1] - 0.01
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    # FSDP2 before torch 2.13 cannot shard the float8 bytes (refused with one line, tested in test_float8.py).
+    for strategy in ("ddp", "fsdp") if version >= (2, 13) else ("ddp",):
+        finetune(tiny_llama_dir, tmp_path / strategy, cache, *float8, "--devices", "2", "--strategy", strategy,
+                 method="qlora")
+        two = losses(tmp_path / strategy)
+        for step, loss in reference.items():
+            assert abs(two[step] - loss) <= 2e-2 * abs(loss), (strategy, step, two[step], loss)

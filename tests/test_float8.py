@@ -150,3 +150,16 @@ def test_float8_layer_on_cuda_is_within_float8_precision():
                        LoRAConfig(rank=16, alpha=32))
     x = torch.randn(4, 256, 4096, device="cuda", dtype=torch.bfloat16)
     torch.testing.assert_close(torch.compile(layer)(x), layer(x), atol=0.05 * layer(x).abs().max().item(), rtol=0)
+
+
+def test_fsdp2_before_torch_2_13_refuses_the_float8_base_in_one_line(monkeypatch):
+    from litft.errors import ConfigError
+    from litft.training.parallel import refuse_integer_parameters_before_torch_2_13
+
+    model = nn.Sequential(float8_layer(nn.Linear(32, 16), torch.float32))
+    refuse_integer_parameters_before_torch_2_13(nn.Linear(32, 16))  # a float model passes on any version
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(ConfigError, match="--quantize fp8 with --strategy fsdp needs torch 2.13 or newer"):
+        refuse_integer_parameters_before_torch_2_13(model)
+    monkeypatch.setattr(torch, "__version__", "2.13.0")
+    refuse_integer_parameters_before_torch_2_13(model)

@@ -39,6 +39,19 @@ def decoder_blocks(module: nn.Module) -> nn.ModuleList:
     return module.blocks if hasattr(module, "blocks") else module.model.blocks
 
 
+def refuse_integer_parameters_before_torch_2_13(module: nn.Module) -> None:
+    """FSDP2 before torch 2.13 re-creates each sharded parameter as trainable, which an integer tensor cannot be
+    (the float8 base keeps its bytes as frozen uint8 Parameters): measured failing under 2.11, working under 2.13."""
+    from litft.errors import ConfigError
+
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    if version < (2, 13) and any(not p.is_floating_point() for p in module.parameters()):
+        raise ConfigError(
+            f"--quantize fp8 with --strategy fsdp needs torch 2.13 or newer (this is {torch.__version__}, whose FSDP2 "
+            "cannot shard the float8 base's byte tensors); use --strategy ddp"
+        )
+
+
 def parallelize_fsdp2(
     module: nn.Module, device_mesh: DeviceMesh, mixed_precision: bool = False, cpu_offload: bool = False
 ) -> nn.Module:
@@ -46,6 +59,7 @@ def parallelize_fsdp2(
     a module built on the meta device gets its shards allocated, uninitialised (`load_full_state` fills them)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    refuse_integer_parameters_before_torch_2_13(module)
     mesh = device_mesh["data_parallel"]
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
