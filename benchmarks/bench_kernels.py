@@ -22,6 +22,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fused_projections import time_ms
+
+from litft.adapters.float8 import quantize_rows  # the activation scaling litft's float8 base runs
 
 PROJECTIONS = {  # (in, out) of each frozen projection
     "llama-8b": {"q": (4096, 4096), "kv": (4096, 1024), "o": (4096, 4096), "gate_up": (4096, 14336),
@@ -33,21 +38,6 @@ ATTENTION = {  # rows, heads, kv heads, head dim at 2048 tokens per row
     "llama-8b": (4, 32, 8, 128),
     "llama-1b": (8, 32, 8, 64),
 }
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max
-
-
-def milliseconds(function, repeats: int = 20, warmup: int = 5) -> float:
-    for _ in range(warmup):
-        function()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(repeats):
-        function()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
 
 
 def emit(**record) -> None:
@@ -78,18 +68,12 @@ def bench_attention(seq: int) -> None:
                     out.backward(grad)
 
                 try:
-                    elapsed = milliseconds(step)
+                    elapsed = time_ms(step)
                 except RuntimeError as error:
                     emit(kind="attention", shape=shape, backend=name, expand_kv=expand, error=str(error)[:120])
                     continue
                 emit(kind="attention", shape=shape, backend=name, expand_kv=expand, ms=round(elapsed, 3),
                      tflops=round(flops / elapsed / 1e9, 1))
-
-
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (M, K) -> 8-bit float values and float32 scales (M, 1), each row scaled to the format's range."""
-    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (x / scale).to(FP8), scale
 
 
 def bench_gemm(tokens: int) -> None:
@@ -118,7 +102,7 @@ def bench_gemm(tokens: int) -> None:
             }
             for case, function in cases.items():
                 try:
-                    elapsed = milliseconds(function)
+                    elapsed = time_ms(function)
                 except RuntimeError as error:
                     emit(kind="gemm", shape=shape, projection=name, case=case, error=str(error)[:160])
                     continue
@@ -154,7 +138,7 @@ def bench_lora(tokens: int) -> None:
                     compiled(x).backward(grad)
 
                 emit(kind="lora", shape=shape, projection=name, tokens=tokens, case=case,
-                     ms=round(milliseconds(step), 4))
+                     ms=round(time_ms(step), 4))
 
 
 def main() -> None:

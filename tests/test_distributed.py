@@ -246,9 +246,10 @@ def test_float8_base_on_two_gpus_follows_one_gpu(tmp_path, tiny_llama_dir):
     finetune(tiny_llama_dir, tmp_path / "one", cache, *float8, "--devices", "1", method="qlora")
     reference = losses(tmp_path / "one")
     assert sorted(reference) == list(range(1, STEPS + 1)) and reference[STEPS] < reference[1] - 0.01
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    from litft.training.parallel import fsdp2_shards_integer_parameters
+
     # FSDP2 before torch 2.13 cannot shard the float8 bytes (refused with one line, tested in test_float8.py).
-    for strategy in ("ddp", "fsdp") if version >= (2, 13) else ("ddp",):
+    for strategy in ("ddp", "fsdp") if fsdp2_shards_integer_parameters() else ("ddp",):
         finetune(tiny_llama_dir, tmp_path / strategy, cache, *float8, "--devices", "2", "--strategy", strategy,
                  method="qlora")
         two = losses(tmp_path / strategy)

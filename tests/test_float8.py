@@ -105,6 +105,7 @@ def test_lora_on_a_float8_base_trains_the_pretrained_model_like_the_full_precisi
     reference = {step: row["train/loss"] for step, row in read_metrics(tmp_path / "full-precision").items()}
     float8 = {step: row["train/loss"] for step, row in read_metrics(tmp_path / "float8").items()}
     assert reference.keys() == float8.keys() and len(reference) == 8
+    assert float8[1] != reference[1]  # the float8 path really ran (its rounding shows from the first step)
     for step, loss in reference.items():  # the same trajectory, within float8's rounding of the attention layers
         assert float8[step] == pytest.approx(loss, rel=0.01), (step, float8, reference)
     assert float8[8] < float8[1] - 0.1  # and it learns

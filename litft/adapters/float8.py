@@ -81,14 +81,12 @@ class Float8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, weight_scale, weight_transposed, weight_transposed_scale, bias):
-        out_dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16, torch.float32) else torch.bfloat16
         flat = x.reshape(-1, x.shape[-1])  # (tokens, in)
-        output = scaled_matmul(flat, weight, weight_scale, out_dtype)  # (tokens, out)
+        output = scaled_matmul(flat, weight, weight_scale, x.dtype)  # (tokens, out)
         if bias is not None:
-            output = output + bias.to(out_dtype)
+            output = output + bias.to(x.dtype)
         ctx.save_for_backward(weight_transposed, weight_transposed_scale)
         ctx.input_shape = x.shape
-        ctx.input_dtype = x.dtype
         return output.view(*x.shape[:-1], output.shape[-1])
 
     @staticmethod
@@ -99,7 +97,7 @@ class Float8Linear(torch.autograd.Function):
             flat = grad_output.reshape(-1, grad_output.shape[-1])  # (tokens, out)
             # dy @ W = dy @ (W^T)^T: the transposed copy, scaled per input column, in the second operand's place.
             grad_x = scaled_matmul(flat, weight_transposed, weight_transposed_scale, grad_output.dtype)
-            grad_x = grad_x.view(ctx.input_shape).to(ctx.input_dtype)
+            grad_x = grad_x.view(ctx.input_shape)
         return grad_x, None, None, None, None, None
 
 
@@ -111,11 +109,11 @@ def float8_linear(layer: torch.nn.Module, x: torch.Tensor, with_bias: bool = Tru
     )
 
 
-def float8_matmul_supported(device: torch.device) -> tuple[bool, str]:
-    """Whether `device` runs float8 GEMMs, and if not, why (for the error message)."""
+def float8_unsupported_reason(device: torch.device) -> str | None:
+    """Why `device` cannot run float8 GEMMs (for the error message), or None where it can."""
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if (major, minor) < (8, 9):
             name = torch.cuda.get_device_name(device)
-            return False, f"{name} has compute capability {major}.{minor}; float8 GEMMs need 8.9 or newer (Ada, Hopper)"
-    return True, ""
+            return f"{name} has compute capability {major}.{minor}; float8 GEMMs need 8.9 or newer (Ada, Hopper)"
+    return None

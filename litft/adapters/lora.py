@@ -156,20 +156,18 @@ class LoRALinear(nn.Module):
         # the rank-sized intermediate.
         low_rank = nn.functional.linear(self.lora_dropout(x), self.lora_A.weight.to(x.dtype)) * self.scaling
         update_weight = self.lora_B.weight.to(x.dtype)  # (out, rank)
-        if torch.compiler.is_compiling():
-            # Compiled, the add fuses into the next elementwise kernel (SwiGLU, the residual add). An addmm would be
-            # lowered to a copy of the base output and a rank-deep GEMM that reads and writes it again: measured
-            # 1.6x slower than this on llama-8b's MLP projections (benchmarks/NOTES.md, section 7).
+        # Compiled, the add fuses into the next elementwise kernel (SwiGLU, the residual add). An addmm would be
+        # lowered to a copy of the base output and a rank-deep GEMM that reads and writes it again: measured 1.6x
+        # slower than this on llama-8b's MLP projections (benchmarks/NOTES.md, section 7). A quantized base's output
+        # comes from a custom operator, which autograd forbids to modify in place.
+        if torch.compiler.is_compiling() or self.quantization is not None:
             return result + nn.functional.linear(low_rank, update_weight)
         # Eager, the rank-deep GEMM accumulates into the base output in place: one pass over it, no extra kernel.
-        # The base output is a fresh tensor that autograd has not saved, so writing into it is safe. Not so for
-        # QLoRA's base, the output of a custom operator, which autograd forbids to modify in place.
-        # In-place operations are not autocast: the operands take the output's dtype here.
-        if self.quantization is None:
-            flat = result.view(-1, self.out_features)  # (tokens, out)
-            flat.addmm_(low_rank.reshape(-1, self.rank).to(result.dtype), update_weight.to(result.dtype).t())
-            return result
-        return result + nn.functional.linear(low_rank, update_weight)
+        # The base output is a fresh tensor that autograd has not saved, so writing into it is safe. In-place
+        # operations are not autocast: the operands take the output's dtype here.
+        flat = result.view(-1, self.out_features)  # (tokens, out)
+        flat.addmm_(low_rank.reshape(-1, self.rank).to(result.dtype), update_weight.to(result.dtype).t())
+        return result
 
     def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         dropped = self.lora_dropout(x)

@@ -41,8 +41,8 @@ OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
 # are what we use, so the warning is noise to a user.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-BLOCKSIZE_4BIT = 64
-_WARNED: set[str] = set()  # bitsandbytes' default, the one the QLoRA paper uses
+BLOCKSIZE_4BIT = 64  # bitsandbytes' default, the one the QLoRA paper uses
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,6 @@ class WeightQuantization:
 
     def state_tensors(self, module: nn.Module) -> list[torch.Tensor]:
         """The tensors besides `weight` that the dequantization reads, in a fixed order (see `dequantize_weight`)."""
-        if self.mode == "fp8":
-            return [module.weight_scale, module.weight_transposed, module.weight_transposed_scale]
         if self.mode == "bnb.int8":
             return [module.weight_scale]
         if self.double_quant:

@@ -649,10 +649,10 @@ def load_for_training(
         if quantize not in QUANTIZE_MODES:
             raise ConfigError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_MODES)}")
         if quantize == "fp8":
-            from litft.adapters.float8 import float8_matmul_supported
+            from litft.adapters.float8 import float8_unsupported_reason
 
-            supported, why = float8_matmul_supported(torch.device(device))
-            if not supported:
+            why = float8_unsupported_reason(torch.device(device))
+            if why is not None:
                 raise ConfigError(f"--quantize fp8: {why}; use bnb.nf4 or plain LoRA on this GPU")
         compute_dtype = dtype
 

@@ -39,13 +39,18 @@ def decoder_blocks(module: nn.Module) -> nn.ModuleList:
     return module.blocks if hasattr(module, "blocks") else module.model.blocks
 
 
-def refuse_integer_parameters_before_torch_2_13(module: nn.Module) -> None:
+def fsdp2_shards_integer_parameters() -> bool:
     """FSDP2 before torch 2.13 re-creates each sharded parameter as trainable, which an integer tensor cannot be
     (the float8 base keeps its bytes as frozen uint8 Parameters): measured failing under 2.11, working under 2.13."""
+    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 13)
+
+
+def refuse_integer_parameters_before_torch_2_13(module: nn.Module) -> None:
+    """A one-line error where FSDP2 could not shard `module` (see `fsdp2_shards_integer_parameters`)."""
     from litft.errors import ConfigError
 
-    version = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    if version < (2, 13) and any(not p.is_floating_point() for p in module.parameters()):
+    if not fsdp2_shards_integer_parameters() and any(not p.is_floating_point() for p in module.parameters()):
         raise ConfigError(
             f"--quantize fp8 with --strategy fsdp needs torch 2.13 or newer (this is {torch.__version__}, whose FSDP2 "
             "cannot shard the float8 base's byte tensors); use --strategy ddp"

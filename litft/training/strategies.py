@@ -193,8 +193,8 @@ def is_fsdp(fabric: Fabric) -> bool:
 
 def enable_activation_checkpointing(model: nn.Module, offload: bool = False, blocks: int | None = None) -> None:
     """Recomputes each decoder block (only the first `blocks` of them when given) in the backward pass. The block's
-    `forward` is wrapped on the instance, so module and parameter names stay unchanged (checkpoints and adapters keep their keys). Under FSDP2 the block is
-    sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
+    `forward` is wrapped on the instance, so module and parameter names stay unchanged (checkpoints and adapters
+    keep their keys). Under FSDP2 the block is sharded afterwards: its hooks run around the wrapped forward, and the recomputation in the backward happens
     after the pre-backward hook has gathered the block's weights again.
 
     `offload=True` also moves what each block keeps, its input, to pinned host memory, copied on a side stream while
