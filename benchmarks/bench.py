@@ -121,6 +121,10 @@ def bench_training(args) -> dict:
     method = "lora" if args.task == "dpo" else args.task
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               args.quantize if args.task == "qlora" else None)
+    if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
+        for module in model.modules():
+            if hasattr(module, "compute_together"):
+                module.compute_together = False
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
@@ -159,7 +163,8 @@ def bench_training(args) -> dict:
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
-                compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
+                lora_one_by_one=args.lora_one_by_one, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
@@ -216,10 +221,10 @@ def print_profile_summary(profiler, count: int) -> None:
     print("GEMMs by shape (per step): calls, ms, TFLOP/s", file=sys.stderr)
     rows = []
     for event in profiler.key_averages(group_by_input_shape=True):
-        if event.key not in ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm"):
+        if event.key not in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::_scaled_mm"):
             continue
         shapes = [list(shape) for shape in event.input_shapes if shape]
-        matrices = shapes[-2:] if event.key == "aten::addmm" else shapes[:2]
+        matrices = shapes[-2:] if event.key.startswith("aten::addmm") else shapes[:2]
         if len(matrices) < 2:
             continue
         (*batch, m, k), n = matrices[0], matrices[1][-1]
@@ -276,6 +281,8 @@ def main() -> None:
     parser.add_argument("--mlp_tile_tokens", type=int, default=None,
                         help="training: run each block's MLP on tiles of this many tokens (default: untiled)")
     parser.add_argument("--quantize", default="bnb.nf4", help="qlora: how the base is stored (bnb.nf4, bnb.int8, fp8)")
+    parser.add_argument("--lora_one_by_one", action="store_true",
+                        help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)

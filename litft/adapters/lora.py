@@ -18,13 +18,14 @@ precisely and merging stays exact. The forward casts the input to the adapter dt
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from litft.adapters.lora_projections import forward_together
 from litft.adapters.quantization import (
     OUTPUT_HEAD_NAMES,
     QuantizedLinear,
@@ -114,6 +115,8 @@ class LoRALinear(nn.Module):
         self.lora_A: nn.Linear | None = None
         self.lora_B: nn.Linear | None = None
         self.lora_magnitude_vector: nn.Parameter | None = None
+        # False under compilers that cannot trace the grouped operators (thunder): see `forward_together`.
+        self.compute_together = True
         if not self.weight.is_meta:
             self.reset_adapter_parameters()
 
@@ -147,7 +150,18 @@ class LoRALinear(nn.Module):
         """scaling * B @ A, (out, in), in the adapter dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    @staticmethod
+    def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
+        """The outputs of LoRA `layers` that read the same `x` (q, k, v; gate, up), in two opaque operators that
+        read x once for every adapter and write each full-size tensor once (`litft.adapters.lora_projections`);
+        None where they cannot (DoRA, adapter dropout, a float8 base, thunder, autocast): the caller then calls
+        each layer."""
+        return forward_together(x, layers)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        together = forward_together(x, [self])
+        if together is not None:
+            return together[0]
         result = self._base_forward(x)  # (..., out)
         if self.use_dora:
             return self._dora_forward(x, result)

@@ -37,6 +37,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of linear layers that all read `x` (q, k, v; gate, up). Layers that can compute together do
+    (LoRA layers share one read of x and one input gradient: `litft.adapters.lora_projections`); others are called
+    one by one. The layers keep their own modules and parameter names either way."""
+    together = getattr(type(layers[0]), "forward_together", None)
+    outputs = together(x, layers) if together is not None else None
+    return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary position embedding
 # ----------------------------------------------------------------------------------------------------------------

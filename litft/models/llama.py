@@ -27,6 +27,7 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
+    project,
 )
 
 
@@ -122,7 +123,7 @@ class LlamaAttention(nn.Module):
         if hasattr(self, "qkv_proj"):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
@@ -151,7 +152,7 @@ class LlamaMLP(nn.Module):
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(x, self.gate_proj, self.up_proj)
         return self.down_proj(F.silu(gate) * up)
 
 

@@ -8,9 +8,10 @@ adapters and resumed runs do not depend on the compiler. With offloaded activati
 takes the block's inner forward instead (`OffloadedBlocks` in litft.training.strategies): its wrapper moves
 tensors between streams, which neither compiler can trace.
 
-thunder, as released (0.2.6), needs four things from litft that are set up here: an SDPA that takes `enable_gqa`,
-an autocast rule for LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass, and
-dense attention masks for packed rows (no flex_attention). Refused before training starts: a quantized (QLoRA)
+thunder, as released (0.2.6), needs five things from litft that are set up here: an SDPA that takes `enable_gqa`,
+an autocast rule for LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass,
+dense attention masks for packed rows (no flex_attention), and LoRA layers computed one by one (it cannot trace the
+custom operators that compute them together). Refused before training starts: a quantized (QLoRA)
 base, whose dequantizing matmul operator thunder cannot trace, and dropout under activation checkpointing, whose
 recomputation thunder runs with other dropout masks than the forward. thunder traces each block once per input
 shape, so packed rows (one shape) suit it best.
@@ -87,6 +88,10 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
     from litft.models import common
 
     common.FLEX_ATTENTION = "never"
+    # thunder cannot trace custom operators: its LoRA layers compute one by one (litft.adapters.lora_projections).
+    for module in model.modules():
+        if hasattr(module, "compute_together"):
+            module.compute_together = False
     for block in model.blocks:
         offload = getattr(block, "activation_offload", None)
         if offload is not None:

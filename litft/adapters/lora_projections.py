@@ -1,0 +1,225 @@
+"""LoRA layers that read the same input, computed together in two opaque operators (forward, backward).
+
+q, k and v read one normalized hidden state, gate and up another; o and down are groups of one. For a group
+sharing x (tokens M, features K) with frozen weights W_i (N_i, K) and adapters A_i (r_i, K), B_i (N_i, r_i):
+
+    forward    low   = x @ [A_1; A_2; ...]^T                      one read of x for every adapter      (M, sum r_i)
+               y_i   = (s_i low_i) @ B_i^T   then  y_i += x @ W_i^T   the base GEMM adds into the rank-deep
+                                                                    output in its epilogue (beta = 1)
+    backward   g_low = [s_1 dy_1 @ B_1 | s_2 dy_2 @ B_2 | ...]                                       (M, sum r_i)
+               dA    = g_low^T @ x                                one read of x for every adapter
+               dB_i  = s_i dy_i^T @ low_i
+               dx    = g_low @ [A_1; A_2; ...]   then  dx += dy_i @ W_i  for each i, in place (beta = 1)
+
+Traced as separate layers, each adapter read x on its own, its output was written and read again by the next
+kernel, and each projection's input gradient was its own tensor summed afterwards: per llama-8b layer and step,
+about 1.5 GB more memory traffic (benchmarks/NOTES.md, section 8). Here every full-size tensor is written once;
+the additions ride in the epilogues of GEMMs that are bound by arithmetic, not by memory.
+
+The operators are opaque to torch.compile (custom operators, like the dequantizing matmul of a quantized base):
+traced, inductor lowers an addmm into a copy of its addend plus a GEMM. Quantized 4-bit bases dequantize inside
+them, forward and backward, so nothing full-precision is kept between the two. The Hugging Face parameter names
+stay where they are: only the arithmetic is grouped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from litft.adapters.quantization import dequantize_weight
+
+
+def _weights(
+    weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
+    out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
+):
+    """Yields each layer's frozen weight (N_i, K) in `dtype`, dequantized transiently if it is stored quantized."""
+    start = 0
+    for index, weight in enumerate(weights):
+        layer_state = state[start : start + state_counts[index]]
+        start += state_counts[index]
+        if mode == "none":
+            yield weight if weight.dtype == dtype else weight.to(dtype)
+        else:
+            yield dequantize_weight(
+                weight, layer_state, mode, out_features[index], in_features, nested_blocksizes[index], dtype
+            )
+
+
+@torch.library.custom_op("litft::lora_projections", mutates_args=())
+def lora_projections(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    state: list[torch.Tensor],
+    state_counts: list[int],
+    mode: str,
+    out_features: list[int],
+    nested_blocksizes: list[int],
+    biases: list[torch.Tensor | None],
+    lora_a: torch.Tensor,
+    lora_b: list[torch.Tensor],
+    scalings: list[float],
+) -> list[torch.Tensor]:
+    """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
+    kept for the backward. `lora_a` is the layers' A factors stacked (sum r_i, K), in x's dtype."""
+    in_features = x.shape[-1]
+    flat_x = x.reshape(-1, in_features)  # (M, K)
+    low = flat_x @ lora_a.t()  # (M, sum r_i)
+    outputs = []
+    start = 0
+    layer_weights = _weights(weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
+    for weight, bias, update, scaling in zip(layer_weights, biases, lora_b, scalings):
+        rank = update.shape[1]
+        scaled_update = (update * scaling).t()  # (r_i, N_i), small
+        low_i = low[:, start : start + rank]
+        start += rank
+        if bias is None:
+            output = low_i @ scaled_update  # (M, N_i)
+        else:
+            output = torch.addmm(bias.to(x.dtype), low_i, scaled_update)
+        output.addmm_(flat_x, weight.t())
+        outputs.append(output.view(*x.shape[:-1], weight.shape[0]))
+    return [*outputs, low]
+
+
+@lora_projections.register_fake
+def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, scalings):
+    tokens = x.numel() // x.shape[-1]
+    outputs = [x.new_empty((*x.shape[:-1], size)) for size in out_features]
+    return [*outputs, x.new_empty((tokens, lora_a.shape[0]))]
+
+
+@torch.library.custom_op("litft::lora_projections_backward", mutates_args=())
+def lora_projections_backward(
+    grad_outputs: list[torch.Tensor],
+    x: torch.Tensor,
+    low: torch.Tensor,
+    weights: list[torch.Tensor],
+    state: list[torch.Tensor],
+    state_counts: list[int],
+    mode: str,
+    out_features: list[int],
+    nested_blocksizes: list[int],
+    lora_a: torch.Tensor,
+    lora_b: list[torch.Tensor],
+    scalings: list[float],
+    input_grad: bool,
+) -> list[torch.Tensor]:
+    """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]."""
+    in_features = x.shape[-1]
+    flat_x = x.reshape(-1, in_features)  # (M, K)
+    flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
+    grad_low_parts, grad_updates = [], []
+    start = 0
+    for grad, update, scaling in zip(flat_grads, lora_b, scalings):
+        rank = update.shape[1]
+        grad_low_parts.append(grad @ (update * scaling))  # (M, r_i)
+        grad_updates.append((grad.t() @ low[:, start : start + rank]) * scaling)  # (N_i, r_i)
+        start += rank
+    grad_low = torch.cat(grad_low_parts, dim=1) if len(grad_low_parts) > 1 else grad_low_parts[0]  # (M, sum r_i)
+    grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
+    if input_grad:
+        grad_x = grad_low @ lora_a  # (M, K)
+        layer_weights = _weights(
+            weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype
+        )
+        for grad, weight in zip(flat_grads, layer_weights):
+            grad_x.addmm_(grad, weight)
+        grad_x = grad_x.view(x.shape)
+    else:
+        grad_x = x.new_empty(0)
+    return [grad_x, grad_lora_a, *grad_updates]
+
+
+@lora_projections_backward.register_fake
+def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
+      scalings, input_grad):
+    grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
+    return [grad_x, lora_a.new_empty(lora_a.shape), *(update.new_empty(update.shape) for update in lora_b)]
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
+    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, scalings = inputs
+    ctx.save_for_backward(x, output[-1], lora_a, *weights, *state, *lora_b)
+    ctx.sizes = (len(weights), len(state))
+    # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
+    ctx.bias_gradients = [None] * len(biases) if all(bias is not None for bias in biases) else None
+    ctx.arguments = (state_counts, mode, out_features, nested_blocksizes)
+    ctx.scalings = scalings
+
+
+def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
+    layer_count, state_count = ctx.sizes
+    x, low, lora_a, *rest = ctx.saved_tensors
+    weights, state, lora_b = rest[:layer_count], rest[layer_count : layer_count + state_count], rest[-layer_count:]
+    state_counts, mode, out_features, nested_blocksizes = ctx.arguments
+    grads = [
+        torch.zeros((*x.shape[:-1], size), dtype=x.dtype, device=x.device) if grad is None else grad
+        for grad, size in zip(grad_outputs[:layer_count], out_features)
+    ]
+    input_grad = ctx.needs_input_grad[0]
+    grad_x, grad_lora_a, *grad_lora_b = lora_projections_backward(
+        grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
+        ctx.scalings, input_grad,
+    )
+    # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
+    return (
+        grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None,
+    )
+
+
+lora_projections.register_autograd(_backward, setup_context=_setup_context)
+
+
+def computes_together(layer: nn.Module) -> bool:
+    """Whether `layer` is a LoRA layer these operators compute: plain LoRA / rsLoRA (not DoRA), no adapter dropout,
+    adapters switched on, a full-precision or 4-bit base (a float8 base has its own operator), not under thunder
+    (which cannot trace custom operators)."""
+    from litft.adapters.lora import LoRALinear
+
+    if not isinstance(layer, LoRALinear) or layer.use_dora or layer.lora_A is None or not layer.compute_together:
+        return False
+    if not isinstance(layer.lora_dropout, nn.Identity) or "forward" in vars(layer):  # see adapters_disabled
+        return False
+    return layer.quantization is None or layer.quantization.mode != "fp8"
+
+
+def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
+    """The outputs of LoRA `layers` that all read `x`, computed together; None when they cannot be (the caller
+    then calls each layer)."""
+    # Autocast does not reach custom operators: under it (bf16-mixed) each layer's own F.linear casts as it should.
+    if not all(computes_together(layer) for layer in layers) or torch.is_autocast_enabled(x.device.type):
+        return None
+    modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in layers}
+    if len(modes) > 1:
+        return None
+    weights, state, state_counts = [], [], []
+    for layer in layers:
+        weights.append(layer.weight)
+        if layer.quantization is not None:
+            layer_state = layer.quantization.state_tensors(layer)
+            state.extend(layer_state)
+            state_counts.append(len(layer_state))
+        else:
+            state_counts.append(0)
+    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward).
+    lora_a = torch.cat([layer.lora_A.weight for layer in layers]).to(x.dtype)  # (sum r_i, K)
+    *outputs, _ = lora_projections(
+        x,
+        weights,
+        state,
+        state_counts,
+        modes.pop(),
+        [layer.out_features for layer in layers],
+        [getattr(layer, "nested_blocksize", None) or 0 for layer in layers],
+        [layer.bias for layer in layers],
+        lora_a,
+        [layer.lora_B.weight.to(x.dtype) for layer in layers],
+        [float(layer.scaling) for layer in layers],
+    )
+    return outputs

@@ -1,0 +1,248 @@
+"""LoRA layers that share an input, computed together (`litft.adapters.lora_projections`): the same outputs and
+gradients as each layer computed on its own, in eager mode, compiled and over a 4-bit base; the layers that cannot
+join (DoRA, dropout, adapters switched off) still compute as before."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from litft.adapters import lora_projections
+from litft.adapters.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_modules
+from litft.models import build_model
+from litft.models.common import build_attention_context, default_position_ids
+
+CONFIG = {
+    "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "max_position_embeddings": 128, "tie_word_embeddings": False,
+}
+
+
+def lora_model(dtype=torch.float32, **lora) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(dict(CONFIG, **lora.pop("config", {}))).to(dtype)
+    apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 8, "targets": ["all-linear"], **lora}))
+    with torch.no_grad():  # B starts at zero; give the adapters something to contribute
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    return model
+
+
+def set_together(model: nn.Module, enabled: bool) -> None:
+    for layer in lora_modules(model).values():
+        layer.compute_together = enabled
+
+
+def loss_and_grads(model: nn.Module, input_ids: torch.Tensor, step=None) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    logits = (model if step is None else step)(input_ids)
+    loss = logits.float().square().mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def count_calls(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """How many times the grouped forward operator runs in one forward pass."""
+    calls = 0
+    original = lora_projections.lora_projections
+
+    def counting(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        return original(*args, **kwargs)
+
+    lora_projections.lora_projections = counting
+    try:
+        model(input_ids)
+    finally:
+        lora_projections.lora_projections = original
+    return calls
+
+
+def test_grouped_layers_compute_what_each_layer_computes_alone():
+    model = lora_model()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    # q, k, v together; o; gate, up together; down: four groups per block, two blocks.
+    assert count_calls(model, input_ids) == 8
+    loss, grads = loss_and_grads(model, input_ids)
+    set_together(model, False)
+    assert count_calls(model, input_ids) == 0
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert reference_grads.keys() == grads.keys() and len(grads) == 2 * 7 * 2
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_input_gradient_sums_every_projection_and_adapter():
+    """dx of a q/k/v group is the sum over its three base weights and three adapters (checked by autograd on the
+    layers one by one), also with biases and different ranks' scalings."""
+    torch.manual_seed(1)
+    layers = []
+    for out_features, bias in ((12, True), (6, True), (6, False)):
+        base = nn.Linear(10, out_features, bias=bias)
+        layer = LoRALinear(base, LoRAConfig(rank=3, alpha=5, rslora=out_features == 6))
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        layers.append(layer)
+    x = torch.randn(2, 5, 10, requires_grad=True)
+    outputs = LoRALinear.forward_together(x, layers)
+    weights = [torch.randn_like(output) for output in outputs]
+    sum((output * w).sum() for output, w in zip(outputs, weights)).backward()
+    grads = [x.grad.clone()] + [p.grad.clone() for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    x.grad = None
+    for layer in layers:
+        layer.zero_grad(set_to_none=True)
+        layer.compute_together = False
+    reference = [layer(x) for layer in layers]
+    for output, expected in zip(outputs, reference):
+        torch.testing.assert_close(output, expected)
+    sum((output * w).sum() for output, w in zip(reference, weights)).backward()
+    expected = [x.grad] + [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_no_input_gradient_when_the_input_needs_none():
+    layer = LoRALinear(nn.Linear(8, 8), LoRAConfig(rank=2))
+    x = torch.randn(3, 8)  # the first block's input: frozen embeddings
+    layer(x).sum().backward()
+    assert layer.lora_A.weight.grad is not None and x.grad is None
+
+
+@pytest.mark.parametrize("variant", ["dora", "dropout", "disabled"])
+def test_layers_that_cannot_join_compute_as_before(variant):
+    model = lora_model(dora=variant == "dora", dropout=0.1 if variant == "dropout" else 0.0)
+    model.eval()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (1, 8))
+    if variant == "disabled":
+        with adapters_disabled(model):
+            assert count_calls(model, input_ids) == 0
+            with torch.no_grad():
+                base_logits = model(input_ids)
+        set_together(model, False)
+        with torch.no_grad(), adapters_disabled(model):
+            torch.testing.assert_close(base_logits, model(input_ids))
+    else:
+        assert count_calls(model, input_ids) == 0
+
+
+def test_autocast_takes_the_layers_own_path():
+    model = lora_model()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (1, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert count_calls(model, input_ids) == 0
+
+
+def test_compiled_model_runs_the_grouped_operators_and_matches_eager():
+    model = lora_model()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    eager_loss, eager_grads = loss_and_grads(model, input_ids)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(graph_module, example_inputs)
+
+    compiled = torch.compile(model, backend=backend)
+    loss, grads = loss_and_grads(model, input_ids, step=compiled)
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert any("lora_projections" in target for target in targets), targets
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bfloat16_group_is_as_close_to_float32_as_each_layer_alone():
+    """In bf16 the grouped path adds in a GEMM's float32 accumulator where the layers alone rounded each output to
+    bf16 first: it must be no further from the float32 result."""
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    reference = lora_model(torch.float32)(input_ids)
+    model = lora_model(torch.bfloat16)
+    with torch.no_grad():
+        grouped = model(input_ids).float()
+        set_together(model, False)
+        alone = model(input_ids).float()
+    grouped_error = (grouped - reference).norm() / reference.norm()
+    alone_error = (alone - reference).norm() / reference.norm()
+    assert grouped_error < 1.2 * alone_error + 1e-3, (grouped_error, alone_error)
+
+
+@pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
+def test_quantized_base_groups_and_matches_each_layer(mode):
+    pytest.importorskip("bitsandbytes")
+    from litft.adapters.quantization import quantize_model
+
+    torch.manual_seed(0)
+    model = build_model(CONFIG)
+    quantize_model(model, mode, torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
+    with torch.no_grad():
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    assert count_calls(model, input_ids) == 8
+    loss, grads = loss_and_grads(model, input_ids)
+    set_together(model, False)
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_block_forward_with_the_attention_context():
+    """The decoder block as the training loop calls it (rotary tables, attention context) groups too."""
+    model = lora_model()
+    x = torch.randn(1, 6, CONFIG["hidden_size"], requires_grad=True)
+    positions = default_position_ids(1, 6, 0, x.device)
+    cos, sin = model.model.rotary_emb(positions)
+    context = build_attention_context(1, 6, x.device, None, None, None)
+    out = model.blocks[0](x, cos, sin, context)
+    out.sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    set_together(model, False)
+    model.blocks[0](x, cos, sin, context).sum().backward()
+    torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_grouped_projections_on_the_gpu_at_llama_8b_width():
+    """q/k/v of llama-8b's width in bf16 on the GPU (cuBLAS's beta = 1 epilogue, the layouts the kernels take):
+    outputs and gradients as close to float32 as the layers computed one by one."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    layers = []
+    for out_features in (4096, 1024, 1024):
+        layer = LoRALinear(nn.Linear(4096, out_features, bias=False, device=device), LoRAConfig(rank=16, alpha=32))
+        with torch.no_grad():
+            layer.weight.mul_(0.5)
+            layer.lora_B.weight.normal_(0, 0.02)
+        layers.append(layer)
+
+    def run(dtype: torch.dtype, together: bool) -> list[torch.Tensor]:
+        for layer in layers:
+            layer.compute_together = together
+            layer.weight.data = layer.weight.data.to(dtype)
+            layer.zero_grad(set_to_none=True)
+        x = torch.randn(2, 1024, 4096, device=device, generator=torch.Generator(device).manual_seed(1))
+        x = x.to(dtype).requires_grad_(True)
+        outputs = LoRALinear.forward_together(x, layers) if together else [layer(x) for layer in layers]
+        generator = torch.Generator(device).manual_seed(2)
+        weights = [torch.randn(output.shape, device=device, generator=generator) for output in outputs]
+        sum((output.float() * w).sum() for output, w in zip(outputs, weights)).backward()
+        grads = [x.grad] + [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+        return [t.float() for t in (*outputs, *grads)]
+
+    reference = run(torch.float32, together=False)
+    grouped, alone = run(torch.bfloat16, together=True), run(torch.bfloat16, together=False)
+    for index, want in enumerate(reference):
+        grouped_error = ((grouped[index] - want).norm() / want.norm()).item()
+        alone_error = ((alone[index] - want).norm() / want.norm()).item()
+        assert grouped_error < 1.2 * alone_error + 1e-3, (index, grouped_error, alone_error)
