@@ -190,8 +190,42 @@ def profile_steps(step, count: int = 2) -> None:
           file=sys.stderr)
     try:
         print_profile_summary(profiler, count)
+        print_idle_gaps(step, count)
     except Exception as error:  # the summary is a reading aid; the table above is already printed
         print(f"profile summary failed: {error!r}", file=sys.stderr)
+
+
+def print_idle_gaps(step, count: int) -> None:
+    """Where the GPU waits for the host: the gaps between consecutive kernels over `count` steps, traced with the
+    device activity alone (tracing host operators would itself slow the host down and widen the gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+        for _ in range(count):
+            step()
+        synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    kernels = sorted(
+        (event["ts"], event["ts"] + event["dur"], event["name"])
+        for event in events
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event
+    )
+    gaps = []
+    busy_until, previous = kernels[0][1], kernels[0][2]
+    for start, end, name in kernels[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, previous, name))
+        if end > busy_until:
+            busy_until, previous = end, name
+    span = busy_until - kernels[0][0]
+    idle = sum(gap for gap, _, _ in gaps)
+    print(f"GPU idle between kernels: {idle / count / 1e3:.1f} ms per step of {span / count / 1e3:.1f} ms "
+          f"({len(gaps) // count} gaps per step); the largest:", file=sys.stderr)
+    for gap, before, after in sorted(gaps, reverse=True)[:12]:
+        print(f"  {gap / 1e3:7.2f} ms  after {before[:60]}  before {after[:60]}", file=sys.stderr)
 
 
 def device_time(event) -> float:

@@ -5,7 +5,8 @@
 #        lora1b lora8b ckpt8b qlora8b decode8b longest dpo1b        (dpo1b has no peer: peers.py has no DPO task)
 #        fp8lora1b fp8lora8b fp8ckpt8b   litft's float8 base; the table sets them beside the peers' lora rows
 #   PEERS=unsloth,hf,litgpt (default: unsloth, the fastest and leanest peer)
-# With two or more GPUs visible, litft runs on GPU 0 and the peers on GPU 1 at the same time; with one, in turn.
+# Each row runs litft and then its peers on the same GPU (GPUs differ by a few percent in clock and power: measured
+# 2-5% between two H200s of one host); with several GPUs visible the rows are dealt out over them and run at once.
 # Writes $OUT/results.jsonl and $OUT/table.md (or ./benchmarks/out/ without $OUT).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,9 +28,8 @@ for shape in ("llama-1b", "llama-8b"):
     peers.saved_checkpoint(peers.SHAPES[shape], folder)
 PY
 
-litft_rows() {
-  for row in $rows; do
-    case $row in
+litft_row() {
+    case $1 in
       lora1b)   python benchmarks/bench.py --task lora --shape llama-1b --batch 8 --seq 2048 --compile ;;
       lora8b)   python benchmarks/bench.py --task lora --shape llama-8b --batch 4 --seq 2048 --compile ;;
       ckpt8b)   python benchmarks/bench.py --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
@@ -41,11 +41,9 @@ litft_rows() {
       fp8lora8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 4 --seq 2048 --compile ;;
       fp8ckpt8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
     esac
-  done
 }
-peer_rows() {
-  for row in $rows; do
-    case $row in
+peer_row() {
+    case $1 in
       lora1b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-1b --batch 8 --seq 2048 ;;
       lora8b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-8b --batch 4 --seq 2048 ;;
       ckpt8b)   python .bench/peers.py --peers "$peers" --task lora --shape llama-8b --batch 8 --seq 2048 --ckpt ;;
@@ -53,14 +51,20 @@ peer_rows() {
       decode8b) python .bench/peers.py --peers "$peers" --task decode --shape llama-8b --prompt 128 --new 256 ;;
       longest)  python benchmarks/longest_sequence.py --peer unsloth --seqs 16384,32768,65536 ;;
     esac
+}
+gpu_rows() {  # $1 = this GPU's index, $2 = how many GPUs: every $2-th row from the $1-th
+  local index=0
+  for row in $rows; do
+    if [ $((index % $2)) -eq "$1" ]; then
+      litft_row "$row" 2>>"$out/litft.err" | tee -a "$results"
+      peer_row "$row" 2>>"$out/peers.err" | tee -a "$results"
+    fi
+    index=$((index + 1))
   done
 }
-if [ "$gpus" -ge 2 ]; then
-  (CUDA_VISIBLE_DEVICES=0 litft_rows 2>>"$out/litft.err" | tee -a "$results") &
-  (CUDA_VISIBLE_DEVICES=1 peer_rows 2>>"$out/peers.err" | tee -a "$results") &
-  wait
-else
-  litft_rows 2>>"$out/litft.err" | tee -a "$results"
-  peer_rows 2>>"$out/peers.err" | tee -a "$results"
-fi
+gpus=$((gpus > 0 ? gpus : 1))
+for ((gpu = 0; gpu < gpus; gpu++)); do
+  (CUDA_VISIBLE_DEVICES=$gpu gpu_rows $gpu $gpus) &
+done
+wait
 python benchmarks/table.py "$results" | tee "$out/table.md"

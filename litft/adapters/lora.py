@@ -12,7 +12,12 @@ Its adapter tensors are named as PEFT names them (`...q_proj.lora_A.weight`, `..
 Either way step 0 computes exactly the base model: A is Kaiming-uniform (as PEFT), B is zero.
 
 Adapter parameters are float32 whatever the base dtype (PEFT's default too): the optimizer updates small values
-precisely and merging stays exact. The forward casts the input to the adapter dtype only when they differ.
+precisely and merging stays exact. LoRA's forward computes in the activations' dtype, casting the small adapter
+matrices (not x); DoRA's update computes in float32.
+
+Layers that read the same input (q, k, v; gate, up) compute together when the model asks them to
+(`litft.models.common.project` -> `LoRALinear.forward_together` -> `litft.adapters.lora_projections`): one read of
+x for all their adapters, the additions inside the base GEMMs. Each layer keeps its own parameters and names.
 """
 
 from __future__ import annotations
@@ -159,9 +164,10 @@ class LoRALinear(nn.Module):
         return forward_together(x, layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        together = forward_together(x, [self])
+        together = forward_together(x, [self])  # the usual path: see `forward_together`
         if together is not None:
             return together[0]
+        # On its own (DoRA, adapter dropout, a float8 base, autocast, thunder):
         result = self._base_forward(x)  # (..., out)
         if self.use_dora:
             return self._dora_forward(x, result)

@@ -3,13 +3,13 @@
 q, k and v read one normalized hidden state, gate and up another; o and down are groups of one. For a group
 sharing x (tokens M, features K) with frozen weights W_i (N_i, K) and adapters A_i (r_i, K), B_i (N_i, r_i):
 
-    forward    low   = x @ [A_1; A_2; ...]^T                      one read of x for every adapter      (M, sum r_i)
-               y_i   = (s_i low_i) @ B_i^T   then  y_i += x @ W_i^T   the base GEMM adds into the rank-deep
-                                                                    output in its epilogue (beta = 1)
-    backward   g_low = [s_1 dy_1 @ B_1 | s_2 dy_2 @ B_2 | ...]                                       (M, sum r_i)
-               dA    = g_low^T @ x                                one read of x for every adapter
-               dB_i  = s_i dy_i^T @ low_i
-               dx    = g_low @ [A_1; A_2; ...]   then  dx += dy_i @ W_i  for each i, in place (beta = 1)
+    forward    low   = x @ [s_1 A_1; s_2 A_2; ...]^T              one read of x for every adapter      (M, sum r_i)
+               y_i   = low_i @ B_i^T   then  y_i += x @ W_i^T     the base GEMM adds into the rank-deep
+                                                                  output in its epilogue (beta = 1)
+    backward   g_low = [dy_1 @ B_1 | dy_2 @ B_2 | ...]                                                (M, sum r_i)
+               d(s A) = g_low^T @ x                               one read of x for every adapter
+               dB_i  = dy_i^T @ low_i
+               dx    = g_low @ [s_1 A_1; ...]   then  dx += dy_i @ W_i  for each i, in place (beta = 1)
 
 Traced as separate layers, each adapter read x on its own, its output was written and read again by the next
 kernel, and each projection's input gradient was its own tensor summed afterwards: per llama-8b layer and step,
@@ -62,32 +62,31 @@ def lora_projections(
     biases: list[torch.Tensor | None],
     lora_a: torch.Tensor,
     lora_b: list[torch.Tensor],
-    scalings: list[float],
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
-    kept for the backward. `lora_a` is the layers' A factors stacked (sum r_i, K), in x's dtype."""
+    kept for the backward. `lora_a` is the layers' A factors, each times its scaling, stacked (sum r_i, K), in x's
+    dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     low = flat_x @ lora_a.t()  # (M, sum r_i)
     outputs = []
     start = 0
     layer_weights = _weights(weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
-    for weight, bias, update, scaling in zip(layer_weights, biases, lora_b, scalings):
+    for weight, bias, update in zip(layer_weights, biases, lora_b):
         rank = update.shape[1]
-        scaled_update = (update * scaling).t()  # (r_i, N_i), small
         low_i = low[:, start : start + rank]
         start += rank
         if bias is None:
-            output = low_i @ scaled_update  # (M, N_i)
+            output = low_i @ update.t()  # (M, N_i)
         else:
-            output = torch.addmm(bias.to(x.dtype), low_i, scaled_update)
+            output = torch.addmm(bias.to(x.dtype), low_i, update.t())
         output.addmm_(flat_x, weight.t())
         outputs.append(output.view(*x.shape[:-1], weight.shape[0]))
     return [*outputs, low]
 
 
 @lora_projections.register_fake
-def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, scalings):
+def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b):
     tokens = x.numel() // x.shape[-1]
     outputs = [x.new_empty((*x.shape[:-1], size)) for size in out_features]
     return [*outputs, x.new_empty((tokens, lora_a.shape[0]))]
@@ -106,7 +105,6 @@ def lora_projections_backward(
     nested_blocksizes: list[int],
     lora_a: torch.Tensor,
     lora_b: list[torch.Tensor],
-    scalings: list[float],
     input_grad: bool,
 ) -> list[torch.Tensor]:
     """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]."""
@@ -115,10 +113,10 @@ def lora_projections_backward(
     flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
     grad_low_parts, grad_updates = [], []
     start = 0
-    for grad, update, scaling in zip(flat_grads, lora_b, scalings):
+    for grad, update in zip(flat_grads, lora_b):
         rank = update.shape[1]
-        grad_low_parts.append(grad @ (update * scaling))  # (M, r_i)
-        grad_updates.append((grad.t() @ low[:, start : start + rank]) * scaling)  # (N_i, r_i)
+        grad_low_parts.append(grad @ update)  # (M, r_i)
+        grad_updates.append(grad.t() @ low[:, start : start + rank])  # (N_i, r_i)
         start += rank
     grad_low = torch.cat(grad_low_parts, dim=1) if len(grad_low_parts) > 1 else grad_low_parts[0]  # (M, sum r_i)
     grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
@@ -137,19 +135,18 @@ def lora_projections_backward(
 
 @lora_projections_backward.register_fake
 def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
-      scalings, input_grad):
+      input_grad):
     grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     return [grad_x, lora_a.new_empty(lora_a.shape), *(update.new_empty(update.shape) for update in lora_b)]
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, scalings = inputs
+    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b = inputs
     ctx.save_for_backward(x, output[-1], lora_a, *weights, *state, *lora_b)
     ctx.sizes = (len(weights), len(state))
     # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
     ctx.bias_gradients = [None] * len(biases) if all(bias is not None for bias in biases) else None
     ctx.arguments = (state_counts, mode, out_features, nested_blocksizes)
-    ctx.scalings = scalings
 
 
 def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
@@ -163,13 +160,12 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     ]
     input_grad = ctx.needs_input_grad[0]
     grad_x, grad_lora_a, *grad_lora_b = lora_projections_backward(
-        grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
-        ctx.scalings, input_grad,
+        grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b, input_grad
     )
     # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b, None,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b,
     )
 
 
@@ -207,8 +203,9 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
             state_counts.append(len(layer_state))
         else:
             state_counts.append(0)
-    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward).
-    lora_a = torch.cat([layer.lora_A.weight for layer in layers]).to(x.dtype)  # (sum r_i, K)
+    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
+    # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
+    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in layers]).to(x.dtype)  # (sum r_i, K)
     *outputs, _ = lora_projections(
         x,
         weights,
@@ -220,6 +217,5 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
         [layer.bias for layer in layers],
         lora_a,
         [layer.lora_B.weight.to(x.dtype) for layer in layers],
-        [float(layer.scaling) for layer in layers],
     )
     return outputs
