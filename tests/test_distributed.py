@@ -181,6 +181,20 @@ def test_float8_base_trains_alike_on_one_and_two_processes(tmp_path, tiny_llama_
             torch.testing.assert_close(tensor, adapter(tmp_path / "single")[key], rtol=0, atol=1e-4, msg=key)
 
 
+def test_lora_on_every_projection_trains_alike_under_fsdp2(tmp_path, tiny_llama_dir):
+    """With all seven projections adapted, q/k/v and gate/up compute together (litft.adapters.lora_projections):
+    under FSDP2 their operators get the gathered weights and the local shards of A and B get the gradients, as on
+    one process."""
+    cache = tmp_path / "cache"
+    every = ("--lora.targets", "[all-linear]")
+    finetune(tiny_llama_dir, tmp_path / "single", cache, *every)
+    finetune(tiny_llama_dir, tmp_path / "fsdp", cache, *every, "--devices", "2", "--strategy", "fsdp")
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=0, abs=TOLERANCE)
+    single = adapter(tmp_path / "single")
+    assert len(single) == 2 * 7 * 2
+    assert_same_adapter(adapter(tmp_path / "fsdp"), single)
+
+
 def test_float8_base_under_bf16_mixed_fsdp2_follows_one_process(tmp_path, tiny_llama_dir):
     """FSDP2's mixed-precision policy casts the parameters it gathers to bf16: it must leave the float8 bytes (uint8
     Parameters) alone. A cast would turn them into other numbers and the loss far off the one-process run; bf16's
