@@ -175,10 +175,8 @@ lora_projections.register_autograd(_backward, setup_context=_setup_context)
 def computes_together(layer: nn.Module) -> bool:
     """Whether `layer` is a LoRA layer these operators compute: plain LoRA / rsLoRA (not DoRA), no adapter dropout,
     adapters switched on, a full-precision or 4-bit base (a float8 base has its own operator), not under thunder
-    (which cannot trace custom operators)."""
-    from litft.adapters.lora import LoRALinear
-
-    if not isinstance(layer, LoRALinear) or layer.use_dora or layer.lora_A is None or not layer.compute_together:
+    (which cannot trace custom operators). Only a `LoRALinear` has `compute_together`."""
+    if not getattr(layer, "compute_together", False) or layer.use_dora or layer.lora_A is None:
         return False
     if not isinstance(layer.lora_dropout, nn.Identity) or "forward" in vars(layer):  # see adapters_disabled
         return False
