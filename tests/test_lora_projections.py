@@ -77,6 +77,22 @@ def test_grouped_layers_compute_what_each_layer_computes_alone():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_adapted_layers_of_a_group_join_and_the_others_run_alone():
+    """--lora.targets q,v (PEFT's classic choice): q and v share one operator, k stays a plain linear layer; the
+    model computes what it computes with each layer alone."""
+    model = lora_model(targets=["q", "v"])
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    assert type(model.blocks[0].self_attn.k_proj) is nn.Linear
+    assert count_calls(model, input_ids) == 2  # one q/v group per block, nothing else adapted
+    loss, grads = loss_and_grads(model, input_ids)
+    set_together(model, False)
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert len(grads) == 2 * 2 * 2
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_input_gradient_sums_every_projection_and_adapter():
     """dx of a q/k/v group is the sum over its three base weights and three adapters (checked by autograd on the
     layers one by one), also with biases and different ranks' scalings."""

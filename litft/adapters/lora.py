@@ -157,10 +157,10 @@ class LoRALinear(nn.Module):
 
     @staticmethod
     def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
-        """The outputs of LoRA `layers` that read the same `x` (q, k, v; gate, up), in two opaque operators that
-        read x once for every adapter and write each full-size tensor once (`litft.adapters.lora_projections`);
-        None where they cannot (DoRA, adapter dropout, a float8 base, thunder, autocast): the caller then calls
-        each layer."""
+        """The outputs of `layers` that read the same `x` (q, k, v; gate, up): the LoRA layers among them in two
+        opaque operators that read x once for every adapter and write each full-size tensor once
+        (`litft.adapters.lora_projections`), the others (not adapted, DoRA, adapter dropout, a float8 base) on
+        their own; None where no layer can join (thunder, autocast): the caller then calls each layer."""
         return forward_together(x, layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -184,16 +184,18 @@ def computes_together(layer: nn.Module) -> bool:
 
 
 def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
-    """The outputs of LoRA `layers` that all read `x`, computed together; None when they cannot be (the caller
-    then calls each layer)."""
+    """The outputs of `layers` that all read `x`: the LoRA layers among them computed together, any other layer
+    (a linear layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the
+    caller then calls each layer)."""
     # Autocast does not reach custom operators: under it (bf16-mixed) each layer's own F.linear casts as it should.
-    if not all(computes_together(layer) for layer in layers) or torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type):
         return None
-    modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in layers}
-    if len(modes) > 1:
+    joining = [layer for layer in layers if computes_together(layer)]
+    modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
+    if not joining or len(modes) > 1:
         return None
     weights, state, state_counts = [], [], []
-    for layer in layers:
+    for layer in joining:
         weights.append(layer.weight)
         if layer.quantization is not None:
             layer_state = layer.quantization.state_tensors(layer)
@@ -203,17 +205,18 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
             state_counts.append(0)
     # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
     # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
-    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in layers]).to(x.dtype)  # (sum r_i, K)
-    *outputs, _ = lora_projections(
+    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in joining]).to(x.dtype)  # (sum r_i, K)
+    *joined, _ = lora_projections(
         x,
         weights,
         state,
         state_counts,
         modes.pop(),
-        [layer.out_features for layer in layers],
-        [getattr(layer, "nested_blocksize", None) or 0 for layer in layers],
-        [layer.bias for layer in layers],
+        [layer.out_features for layer in joining],
+        [getattr(layer, "nested_blocksize", None) or 0 for layer in joining],
+        [layer.bias for layer in joining],
         lora_a,
-        [layer.lora_B.weight.to(x.dtype) for layer in layers],
+        [layer.lora_B.weight.to(x.dtype) for layer in joining],
     )
-    return outputs
+    computed = dict(zip(map(id, joining), joined))
+    return [computed[id(layer)] if id(layer) in computed else layer(x) for layer in layers]
