@@ -3,6 +3,7 @@
   attention   scaled_dot_product_attention forward + backward (causal, grouped-query) per backend: flash, cuDNN,
               memory-efficient, on llama-1b and llama-8b geometry;
   gemm        the frozen projections' two GEMMs of a LoRA step (forward x @ W^T, input gradient dy @ W) in bf16,
+              the forward accumulating into an existing output in place (beta = 1) and followed by a separate add,
               and the same in 8-bit float (torch._scaled_mm, row-wise scales), with the cost of quantizing the
               activations to 8-bit float counted separately;
   lora        one adapted projection (litft's LoRALinear, compiled) forward + backward against its frozen base alone:
@@ -83,6 +84,7 @@ def bench_gemm(tokens: int) -> None:
             x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
             weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
             grad = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+            addend = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)  # e.g. the LoRA branch's output
             flops = 2 * tokens * n_in * n_out
             x8, x_scale = quantize(x)
             g8, g_scale = quantize(grad)
@@ -92,6 +94,9 @@ def bench_gemm(tokens: int) -> None:
             cases = {
                 "bf16_forward": lambda: x @ weight.t(),
                 "bf16_input_grad": lambda: grad @ weight,
+                # litft.adapters.lora_projections adds the LoRA output inside the base GEMM (cuBLAS beta = 1):
+                "bf16_forward_accumulate_in_place": lambda: addend.addmm_(x, weight.t()),
+                "bf16_forward_then_add": lambda: (x @ weight.t()).add_(addend),
                 "fp8_forward": lambda: torch._scaled_mm(x8, w8.t(), x_scale, w_scale, out_dtype=torch.bfloat16),
                 "fp8_input_grad": lambda: torch._scaled_mm(g8, wt8.t(), g_scale, wt_scale,
                                                            out_dtype=torch.bfloat16),

@@ -262,3 +262,24 @@ def test_grouped_projections_on_the_gpu_at_llama_8b_width():
         grouped_error = ((grouped[index] - want).norm() / want.norm()).item()
         alone_error = ((alone[index] - want).norm() / want.norm()).item()
         assert grouped_error < 1.2 * alone_error + 1e-3, (index, grouped_error, alone_error)
+
+
+def test_compiled_blocks_keep_the_adapters_off_pass_apart():
+    """DPO's reference pass switches the adapters off on the instance; the compiled blocks, traced with the
+    grouped operators, must trace that pass anew and compute the base model, then the adapted one again."""
+    from litft.training.compilation import compile_blocks
+
+    model = lora_model()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    with torch.no_grad():
+        adapted = model(input_ids)
+        with adapters_disabled(model):
+            base = model(input_ids)
+    assert (adapted - base).abs().max() > 0.1
+    torch._dynamo.reset()
+    compile_blocks(model, "torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids), adapted, rtol=1e-5, atol=1e-5)
+        with adapters_disabled(model):
+            torch.testing.assert_close(model(input_ids), base, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(input_ids), adapted, rtol=1e-5, atol=1e-5)
