@@ -416,7 +416,9 @@ def run_finetune(
             memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
     auto_micro_batch = train.micro_batch_size == "auto"  # on a GPU the estimate's pick is probed once set up
     if dry_run or auto_micro_batch:
-        train = fit_micro_batch(train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes)
+        train = fit_micro_batch(
+            train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes, compiler == "torch"
+        )
         if dry_run:
             return out_dir / "final"
     fabric = make_fabric(
@@ -595,7 +597,7 @@ def model_memory(method: str, checkpoint: Path, dtype: torch.dtype, lora_config:
 
 def fit_micro_batch(
     train: TrainConfig, memory, method: str, checkpoint: Path, dtype: torch.dtype, data: DataConfig,
-    accelerator: str, devices: int | str, num_nodes: int,
+    accelerator: str, devices: int | str, num_nodes: int, compiled: bool = False,
 ) -> TrainConfig:
     """Resolves `--train.micro_batch_size auto` to the largest micro-batch whose estimated peak fits in 90% of the
     device, and logs the estimate for the micro-batch the run will use (all that `--dry_run` prints)."""
@@ -610,7 +612,7 @@ def fit_micro_batch(
 
     def estimate_for(micro_batch_size: int):
         return estimate_run(hf_config, memory, method, dtype, micro_batch_size, data.max_seq_length,
-                            train.activation_checkpointing, train.checkpointed_blocks, train.mlp_tile_tokens)
+                            train.activation_checkpointing, train.checkpointed_blocks, train.mlp_tile_tokens, compiled)
 
     if train.micro_batch_size == "auto":
         chosen = largest_micro_batch(estimate_for, train.global_batch_size // world_size, available_device_bytes())
