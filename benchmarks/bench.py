@@ -301,6 +301,21 @@ def bench_decode(args) -> dict:
     return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1))
 
 
+def set_inductor_option(parser: argparse.ArgumentParser, setting: str) -> None:
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    name, _, text = setting.partition("=")
+    *path, leaf = name.split(".")
+    owner = inductor_config
+    for part in path:
+        owner = getattr(owner, part, None)
+    if not text or owner is None or not hasattr(owner, leaf):
+        parser.error(f"--inductor {setting}: expected NAME=VALUE with NAME an option of torch._inductor.config")
+    setattr(owner, leaf, ast.literal_eval(text))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--task", choices=["lora", "qlora", "dpo", "decode"], default="lora")
@@ -315,6 +330,9 @@ def main() -> None:
     parser.add_argument("--mlp_tile_tokens", type=int, default=None,
                         help="training: run each block's MLP on tiles of this many tokens (default: untiled)")
     parser.add_argument("--quantize", default="bnb.nf4", help="qlora: how the base is stored (bnb.nf4, bnb.int8, fp8)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a torch._inductor.config option before compiling, e.g. combo_kernels=True or "
+                             "triton.cudagraphs=True (repeatable; for experiments, recorded in the output)")
     parser.add_argument("--lora_one_by_one", action="store_true",
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
@@ -325,9 +343,13 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", default=None)
     parser.add_argument("--hf_dir", default=os.path.join(tempfile.gettempdir(), "peers-hf-checkpoint"))
     args = parser.parse_args()
+    for setting in args.inductor:
+        set_inductor_option(parser, setting)
     if args.mlp_tile_tokens is not None and args.task == "decode":
         parser.error("--mlp_tile_tokens applies to the training tasks (lora, qlora, dpo)")
     record = dict(peer="litft", task=args.task, shape=args.shape)
+    if args.inductor:
+        record["inductor"] = args.inductor
     if args.task == "qlora":
         record["quantize"] = args.quantize
     try:
