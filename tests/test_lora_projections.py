@@ -146,11 +146,25 @@ def test_layers_that_cannot_join_compute_as_before(variant):
         assert count_calls(model, input_ids) == 0
 
 
-def test_autocast_takes_the_layers_own_path():
+def test_autocast_groups_and_computes_in_the_autocast_dtype():
+    """Under autocast (--precision bf16-mixed) the group casts its input as autocast casts F.linear's: outputs in
+    bf16, gradients within bf16's rounding of the layers computed one by one under the same autocast."""
     model = lora_model()
-    input_ids = torch.randint(0, CONFIG["vocab_size"], (1, 8))
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert count_calls(model, input_ids) == 0
+        assert count_calls(model, input_ids) == 8
+        loss, grads = loss_and_grads(model, input_ids)
+        set_together(model, False)
+        reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    mlp = model.blocks[0].mlp
+    set_together(model, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gate, up = LoRALinear.forward_together(torch.randn(3, CONFIG["hidden_size"]), [mlp.gate_proj, mlp.up_proj])
+    assert gate.dtype == up.dtype == torch.bfloat16 and mlp.gate_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(loss, reference_loss, rtol=2e-2, atol=0)
+    for name, grad in grads.items():
+        relative = (grad - reference_grads[name]).norm() / reference_grads[name].norm()
+        assert relative < 5e-2, (name, relative.item())
 
 
 def test_compiled_model_runs_the_grouped_operators_and_matches_eager():

@@ -187,13 +187,15 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     """The outputs of `layers` that all read `x`: the LoRA layers among them computed together, any other layer
     (a linear layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the
     caller then calls each layer)."""
-    # Autocast does not reach custom operators: under it (bf16-mixed) each layer's own F.linear casts as it should.
-    if torch.is_autocast_enabled(x.device.type):
-        return None
     joining = [layer for layer in layers if computes_together(layer)]
     modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
     if not joining or len(modes) > 1:
         return None
+    # Autocast does not reach into custom operators: cast the input as it would cast F.linear's, and everything
+    # below (weights, adapters, output) follows x's dtype, as autocast's F.linear would compute.
+    group_input = x
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        group_input = x.to(torch.get_autocast_dtype(x.device.type))
     weights, state, state_counts = [], [], []
     for layer in joining:
         weights.append(layer.weight)
@@ -205,9 +207,10 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
             state_counts.append(0)
     # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
     # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
-    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in joining]).to(x.dtype)  # (sum r_i, K)
+    stacked = torch.cat([layer.lora_A.weight * layer.scaling for layer in joining])  # (sum r_i, K)
+    lora_a = stacked.to(group_input.dtype)
     *joined, _ = lora_projections(
-        x,
+        group_input,
         weights,
         state,
         state_counts,
@@ -216,7 +219,7 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
         [getattr(layer, "nested_blocksize", None) or 0 for layer in joining],
         [layer.bias for layer in joining],
         lora_a,
-        [layer.lora_B.weight.to(x.dtype) for layer in joining],
+        [layer.lora_B.weight.to(group_input.dtype) for layer in joining],
     )
     computed = dict(zip(map(id, joining), joined))
     return [computed[id(layer)] if id(layer) in computed else layer(x) for layer in layers]
