@@ -104,7 +104,7 @@ def sample(batch: dict, row: int) -> dict:
 
 
 def bench_training(args) -> dict:
-    from litft.adapters.lora import LoRAConfig
+    from litft.adapters.lora import LoRAConfig, set_compute_together
     from litft.commands.finetune import load_for_training
     from litft.training.config import TrainConfig
     from litft.training.loop import to_device, train_step
@@ -122,9 +122,7 @@ def bench_training(args) -> dict:
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               args.quantize if args.task == "qlora" else None)
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
-        for module in model.modules():
-            if hasattr(module, "compute_together"):
-                module.compute_together = False
+        set_compute_together(model, False)
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:

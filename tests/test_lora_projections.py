@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from litft.adapters import lora_projections
-from litft.adapters.lora import LoRAConfig, LoRALinear, adapters_disabled, apply_lora, lora_modules
+from litft.adapters.lora import (
+    LoRAConfig,
+    LoRALinear,
+    adapters_disabled,
+    apply_lora,
+    lora_modules,
+    set_compute_together,
+)
 from litft.models import build_model
 from litft.models.common import build_attention_context, default_position_ids
 
@@ -28,11 +35,6 @@ def lora_model(dtype=torch.float32, **lora) -> nn.Module:
         for layer in lora_modules(model).values():
             layer.lora_B.weight.normal_(0, 0.5)
     return model
-
-
-def set_together(model: nn.Module, enabled: bool) -> None:
-    for layer in lora_modules(model).values():
-        layer.compute_together = enabled
 
 
 def loss_and_grads(model: nn.Module, input_ids: torch.Tensor, step=None) -> tuple[torch.Tensor, dict]:
@@ -67,7 +69,7 @@ def test_grouped_layers_compute_what_each_layer_computes_alone():
     # q, k, v together; o; gate, up together; down: four groups per block, two blocks.
     assert count_calls(model, input_ids) == 8
     loss, grads = loss_and_grads(model, input_ids)
-    set_together(model, False)
+    set_compute_together(model, False)
     assert count_calls(model, input_ids) == 0
     reference_loss, reference_grads = loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
@@ -85,7 +87,7 @@ def test_adapted_layers_of_a_group_join_and_the_others_run_alone():
     assert type(model.blocks[0].self_attn.k_proj) is nn.Linear
     assert count_calls(model, input_ids) == 2  # one q/v group per block, nothing else adapted
     loss, grads = loss_and_grads(model, input_ids)
-    set_together(model, False)
+    set_compute_together(model, False)
     reference_loss, reference_grads = loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert len(grads) == 2 * 2 * 2
@@ -123,10 +125,25 @@ def test_input_gradient_sums_every_projection_and_adapter():
 
 
 def test_no_input_gradient_when_the_input_needs_none():
+    """The first block's input comes from frozen embeddings: the backward skips dx (its K-wide GEMMs) there, and
+    computes it where the input needs a gradient."""
     layer = LoRALinear(nn.Linear(8, 8), LoRAConfig(rank=2))
-    x = torch.randn(3, 8)  # the first block's input: frozen embeddings
-    layer(x).sum().backward()
-    assert layer.lora_A.weight.grad is not None and x.grad is None
+    asked: list[bool] = []
+    original = lora_projections.lora_projections_backward
+
+    def recording(*args):
+        asked.append(args[-1])  # input_grad
+        return original(*args)
+
+    lora_projections.lora_projections_backward = recording
+    try:
+        layer(torch.randn(3, 8)).sum().backward()
+        x = torch.randn(3, 8, requires_grad=True)
+        layer(x).sum().backward()
+    finally:
+        lora_projections.lora_projections_backward = original
+    assert asked == [False, True]
+    assert layer.lora_A.weight.grad is not None and x.grad is not None
 
 
 @pytest.mark.parametrize("variant", ["dora", "dropout", "disabled"])
@@ -139,7 +156,7 @@ def test_layers_that_cannot_join_compute_as_before(variant):
             assert count_calls(model, input_ids) == 0
             with torch.no_grad():
                 base_logits = model(input_ids)
-        set_together(model, False)
+        set_compute_together(model, False)
         with torch.no_grad(), adapters_disabled(model):
             torch.testing.assert_close(base_logits, model(input_ids))
     else:
@@ -154,10 +171,10 @@ def test_autocast_groups_and_computes_in_the_autocast_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert count_calls(model, input_ids) == 8
         loss, grads = loss_and_grads(model, input_ids)
-        set_together(model, False)
+        set_compute_together(model, False)
         reference_loss, reference_grads = loss_and_grads(model, input_ids)
     mlp = model.blocks[0].mlp
-    set_together(model, True)
+    set_compute_together(model, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         gate, up = LoRALinear.forward_together(torch.randn(3, CONFIG["hidden_size"]), [mlp.gate_proj, mlp.up_proj])
     assert gate.dtype == up.dtype == torch.bfloat16 and mlp.gate_proj.weight.dtype == torch.float32
@@ -197,7 +214,7 @@ def test_bfloat16_group_is_as_close_to_float32_as_each_layer_alone():
     model = lora_model(torch.bfloat16)
     with torch.no_grad():
         grouped = model(input_ids).float()
-        set_together(model, False)
+        set_compute_together(model, False)
         alone = model(input_ids).float()
     grouped_error = (grouped - reference).norm() / reference.norm()
     alone_error = (alone - reference).norm() / reference.norm()
@@ -219,7 +236,7 @@ def test_quantized_base_groups_and_matches_each_layer(mode):
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     assert count_calls(model, input_ids) == 8
     loss, grads = loss_and_grads(model, input_ids)
-    set_together(model, False)
+    set_compute_together(model, False)
     reference_loss, reference_grads = loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
@@ -237,7 +254,7 @@ def test_block_forward_with_the_attention_context():
     out.sum().backward()
     grad = x.grad.clone()
     x.grad = None
-    set_together(model, False)
+    set_compute_together(model, False)
     model.blocks[0](x, cos, sin, context).sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
 

@@ -279,6 +279,13 @@ def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: module for name, module in model.named_modules() if isinstance(module, LoRALinear)}
 
 
+def set_compute_together(model: nn.Module, enabled: bool) -> None:
+    """Whether the LoRA layers of `model` that share an input compute together (the default) or one by one (under
+    thunder, which cannot trace the grouped operators; or to compare the two)."""
+    for layer in lora_modules(model).values():
+        layer.compute_together = enabled
+
+
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Runs every LoRA layer of `model` as its frozen base layer until the block exits: the model computes exactly

@@ -41,8 +41,8 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     """The outputs of linear layers that all read `x` (q, k, v; gate, up). Layers that can compute together do
     (LoRA layers share one read of x and one input gradient: `litft.adapters.lora_projections`); others are called
     one by one. The layers keep their own modules and parameter names either way."""
-    joiners = [type(layer).forward_together for layer in layers if hasattr(type(layer), "forward_together")]
-    outputs = joiners[0](x, layers) if joiners else None
+    joiner = next((type(layer) for layer in layers if hasattr(type(layer), "forward_together")), None)
+    outputs = joiner.forward_together(x, layers) if joiner is not None else None
     return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
 
 

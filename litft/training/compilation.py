@@ -85,13 +85,11 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
     autocast_lora_updates()
     # thunder cannot trace flex_attention (a torch.compile'd function), which packed rows take on CUDA: they attend
     # through SDPA with dense masks instead, in every model of this process.
+    from litft.adapters.lora import set_compute_together
     from litft.models import common
 
     common.FLEX_ATTENTION = "never"
-    # thunder cannot trace custom operators: its LoRA layers compute one by one (litft.adapters.lora_projections).
-    for module in model.modules():
-        if hasattr(module, "compute_together"):
-            module.compute_together = False
+    set_compute_together(model, False)  # thunder cannot trace the grouped LoRA operators (custom operators)
     for block in model.blocks:
         offload = getattr(block, "activation_offload", None)
         if offload is not None:

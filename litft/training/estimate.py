@@ -1,10 +1,10 @@
 """Before training: how much device memory a run will take and how fast it will go, from the model's shape alone.
 
 Used by `--dry_run` (print the estimate, train nothing) and `--train.micro_batch_size auto` (the largest
-micro-batch whose estimate fits in 90% of the device). Two activation models: what litft's compiled blocks keep
-(counted from the compiled graph, tests/test_compiled_memory.py; within 5% of `max_memory_allocated` on an H200,
-Llama-3.2-1B and Llama-3.1-8B geometry, LoRA) and a larger one for eager blocks. Treat the numbers as estimates,
-not promises.
+micro-batch whose estimate fits in 90% of the device). Two activation models, for compiled and for eager LoRA
+blocks, each checked against what a block saves for its backward (tests/test_finetune.py) and within 3% of
+`max_memory_allocated` on an H200 (Llama-3.2-1B and Llama-3.1-8B geometry, compiled). Treat the numbers as
+estimates, not promises.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class RunEstimate:
         )
 
 
+def intermediate_tensors(compiled: bool) -> int:
+    """How many intermediate-size tensors a block keeps per token: gate and up; eager, also SwiGLU's activation
+    and product (compiled blocks recompute those two)."""
+    return 2 if compiled else 4
+
+
 def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size: int, compiled: bool = False) -> int:
     """What autograd keeps per token and decoder layer of a LoRA model (counted with saved-tensor hooks,
     tests/test_finetune.py). Compiled (litft's partitioner settings, which recompute the norms and SwiGLU's
@@ -64,9 +70,8 @@ def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size
     heads = hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim") or hidden // heads
     kv_width = (hf_config.get("num_key_value_heads") or heads) * head_dim
-    if not compiled:
-        return element_size * (17 * hidden // 2 + 2 * kv_width + 4 * intermediate)
-    return element_size * (3 * hidden + heads * head_dim + 2 * kv_width + 2 * intermediate)
+    hidden_sized = 3 * hidden + heads * head_dim if compiled else 17 * hidden // 2
+    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled) * intermediate)
 
 
 def parameter_count(hf_config: dict[str, Any]) -> int:
@@ -107,11 +112,9 @@ def estimate_run(
     per_layer = activation_bytes_per_token_per_layer(hf_config, element_size, compiled)
     mlp_tile_bytes = 0
     if mlp_tile_tokens is not None and tokens > mlp_tile_tokens:
-        # A tiled MLP keeps no intermediate-size tensor per token (compiled: gate and up; eager: also SwiGLU's
-        # activation and product); one tile's (and its gradients) exist at a time.
-        intermediate_count = 2 if compiled else 4
+        # A tiled MLP keeps no intermediate-size tensor per token; one tile's (and its gradients) exist at a time.
         intermediate = hf_config.get("intermediate_size") or 4 * hf_config["hidden_size"]
-        intermediate_bytes = intermediate_count * intermediate * element_size
+        intermediate_bytes = intermediate_tensors(compiled) * intermediate * element_size
         per_layer -= intermediate_bytes
         mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
     checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0
