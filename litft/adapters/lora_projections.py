@@ -187,7 +187,8 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     """The outputs of `layers` that all read `x`: the LoRA layers among them computed together, any other layer
     (a linear layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the
     caller then calls each layer)."""
-    joining = [layer for layer in layers if computes_together(layer)]
+    joins = [computes_together(layer) for layer in layers]
+    joining = [layer for layer, joined in zip(layers, joins) if joined]
     modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
     if not joining or len(modes) > 1:
         return None
@@ -221,5 +222,6 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
         lora_a,
         [layer.lora_B.weight.to(group_input.dtype) for layer in joining],
     )
-    computed = dict(zip(map(id, joining), joined))
-    return [computed[id(layer)] if id(layer) in computed else layer(x) for layer in layers]
+    # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
+    outputs = iter(joined)
+    return [next(outputs) if join else layer(x) for layer, join in zip(layers, joins)]
