@@ -27,6 +27,7 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
+    gated_mlp,
     project,
 )
 
@@ -151,9 +152,8 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
-        else:
-            gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+            return self.down_proj(F.silu(gate) * up)
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "silu")
 
 
 class LlamaDecoderLayer(nn.Module):
