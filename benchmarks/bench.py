@@ -104,7 +104,7 @@ def sample(batch: dict, row: int) -> dict:
 
 
 def bench_training(args) -> dict:
-    from litft.adapters.lora import LoRAConfig, set_compute_together, set_fused_activation
+    from litft.adapters.lora import LoRAConfig, set_compute_together
     from litft.commands.finetune import load_for_training
     from litft.training.config import TrainConfig
     from litft.training.loop import to_device, train_step
@@ -123,8 +123,6 @@ def bench_training(args) -> dict:
                               args.quantize if args.task == "qlora" else None)
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
         set_compute_together(model, False)
-    if args.lora_activation_apart:  # the A/B of litft.adapters.lora_mlp: the MLP's activation apart from its layers
-        set_fused_activation(model, False)
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
@@ -164,8 +162,7 @@ def bench_training(args) -> dict:
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
-                lora_one_by_one=args.lora_one_by_one, lora_activation_apart=args.lora_activation_apart,
-                tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                lora_one_by_one=args.lora_one_by_one, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
@@ -336,8 +333,6 @@ def main() -> None:
                              "triton.cudagraphs=True (repeatable; for experiments, recorded in the output)")
     parser.add_argument("--lora_one_by_one", action="store_true",
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
-    parser.add_argument("--lora_activation_apart", action="store_true",
-                        help="compute the MLP's activation apart from its LoRA layers, not in one operator (to compare)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)

@@ -8,15 +8,14 @@ import torch
 from functorch.compile import min_cut_rematerialization_partition
 from torch._dynamo.backends.common import aot_autograd
 
-from litft.adapters.lora import LoRAConfig, apply_lora, set_fused_activation
+from litft.adapters.lora import LoRAConfig, apply_lora
 from litft.models import build_model
 from litft.models.common import build_attention_context, default_position_ids
 from litft.training.compilation import PARTITIONER_SETTINGS, compile_blocks
 
 
-def saved_activations(settings: dict, fused_activation: bool = False) -> list[tuple[tuple[int, ...], str]]:
-    """The (shape, node name) of every tensor the compiled block's forward saves for its backward; the MLP's
-    activation computed apart from its LoRA layers unless `fused_activation` (the partitioner decides only there)."""
+def saved_activations(settings: dict) -> list[tuple[tuple[int, ...], str]]:
+    """The (shape, node name) of every tensor the compiled block's forward saves for its backward."""
     torch.manual_seed(0)
     config = {
         "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 1,
@@ -25,7 +24,6 @@ def saved_activations(settings: dict, fused_activation: bool = False) -> list[tu
     }
     model = build_model(config)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
-    set_fused_activation(model, fused_activation)
     saved: list[tuple[tuple[int, ...], str]] = []
 
     def record_forward(graph_module, example_inputs):
@@ -70,15 +68,6 @@ def test_compiled_block_recomputes_the_swiglu_product_instead_of_saving_it():
     assert len(intermediate_sized(default, intermediate)) == 3, default
     assert len(intermediate_sized(lean, intermediate)) == 2, lean
     assert saved_elements(lean) < 0.8 * saved_elements(default)
-
-
-def test_fused_lora_mlp_keeps_gate_and_up_only():
-    """The LoRA MLP in one operator (`litft.adapters.lora_mlp`) keeps what the lean partitioner keeps of the layers
-    computed apart: gate and up at the intermediate width, the product recomputed in the backward's kernel."""
-    fused = saved_activations(PARTITIONER_SETTINGS, fused_activation=True)
-    apart = saved_activations(PARTITIONER_SETTINGS)
-    assert len([entry for entry in fused if entry[0][-1] == 96]) == 2, fused
-    assert saved_elements(fused) <= saved_elements(apart), (fused, apart)
 
 
 def test_compile_blocks_applies_the_partitioner_settings():

@@ -329,15 +329,12 @@ def test_memory_estimate_is_close_to_what_was_measured(tmp_path, shape, micro_ba
     assert estimate.peak_gib == pytest.approx(measured_gib, rel=0.06)
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("fused_mlp", [True, False], ids=["fused-mlp", "mlp-apart"])
-def test_activation_model_counts_what_a_block_saves_for_its_backward(compiled, fused_mlp):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_activation_model_counts_what_a_block_saves_for_its_backward(compiled):
     """The estimate's bytes per token and layer against what autograd really keeps for one LoRA decoder block,
-    eager and compiled, the MLP's activation fused with its LoRA layers or apart, counted with saved-tensor hooks
-    (per token: the difference between two sequence lengths, so the weight-sized stacked adapter factors drop
-    out) on shapes that vary hidden, intermediate and KV width."""
-    from litft.adapters.lora import LoRAConfig, apply_lora, set_fused_activation
-    from litft.adapters.lora_mlp import model_computes_gated_mlp
+    eager and compiled, counted with saved-tensor hooks (per token: the difference between two sequence lengths,
+    so the weight-sized stacked adapter factors drop out) on shapes that vary hidden, intermediate and KV width."""
+    from litft.adapters.lora import LoRAConfig, apply_lora
     from litft.models import build_model
     from litft.models.common import build_attention_context, default_position_ids
     from litft.training.compilation import compile_blocks
@@ -347,8 +344,6 @@ def test_activation_model_counts_what_a_block_saves_for_its_backward(compiled, f
         torch.manual_seed(0)
         model = build_model(config).to(torch.bfloat16)
         apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
-        set_fused_activation(model, fused_mlp)
-        assert model_computes_gated_mlp(model) == fused_mlp
         if compiled:
             torch._dynamo.reset()
             compile_blocks(model, "torch")
@@ -374,7 +369,7 @@ def test_activation_model_counts_what_a_block_saves_for_its_backward(compiled, f
             "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": False,
         }
         per_token = (saved_bytes(config, 128) - saved_bytes(config, 64)) / 64
-        estimated = activation_bytes_per_token_per_layer(config, 2, compiled, fused_mlp)
+        estimated = activation_bytes_per_token_per_layer(config, 2, compiled)
         assert estimated == pytest.approx(per_token, rel=0.06), (hidden, intermediate, kv_heads)
 
 

@@ -16,7 +16,6 @@ from litft.adapters.lora import (
     apply_lora,
     lora_modules,
     set_compute_together,
-    set_fused_activation,
 )
 from litft.models import build_model
 from litft.models.common import build_attention_context, default_position_ids
@@ -29,12 +28,9 @@ CONFIG = {
 
 
 def lora_model(dtype=torch.float32, **lora) -> nn.Module:
-    """The MLP's activation computed apart: its gate/up group and down layer are this file's subject (fused with
-    the activation they are tests/test_lora_mlp.py's)."""
     torch.manual_seed(0)
     model = build_model(dict(CONFIG, **lora.pop("config", {}))).to(dtype)
     apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 8, "targets": ["all-linear"], **lora}))
-    set_fused_activation(model, False)
     with torch.no_grad():  # B starts at zero; give the adapters something to contribute
         for layer in lora_modules(model).values():
             layer.lora_B.weight.normal_(0, 0.5)
@@ -234,7 +230,6 @@ def test_quantized_base_groups_and_matches_each_layer(mode):
     model = build_model(CONFIG)
     quantize_model(model, mode, torch.float32)
     apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
-    set_fused_activation(model, False)
     with torch.no_grad():
         for layer in lora_modules(model).values():
             layer.lora_B.weight.normal_(0, 0.5)
@@ -300,15 +295,12 @@ def test_grouped_projections_on_the_gpu_at_llama_8b_width():
         assert grouped_error < 1.2 * alone_error + 1e-3, (index, grouped_error, alone_error)
 
 
-@pytest.mark.parametrize("fused_activation", [False, True], ids=["mlp-apart", "fused-mlp"])
-def test_compiled_blocks_keep_the_adapters_off_pass_apart(fused_activation):
+def test_compiled_blocks_keep_the_adapters_off_pass_apart():
     """DPO's reference pass switches the adapters off on the instance; the compiled blocks, traced with the
-    grouped operators (and the fused MLP's), must trace that pass anew and compute the base model, then the
-    adapted one again."""
+    grouped operators, must trace that pass anew and compute the base model, then the adapted one again."""
     from litft.training.compilation import compile_blocks
 
     model = lora_model()
-    set_fused_activation(model, fused_activation)
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     with torch.no_grad():
         adapted = model(input_ids)

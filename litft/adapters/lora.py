@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from litft.adapters.lora_mlp import forward_gated_mlp
 from litft.adapters.lora_projections import forward_together
 from litft.adapters.quantization import (
     OUTPUT_HEAD_NAMES,
@@ -123,8 +122,6 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         # False under compilers that cannot trace the grouped operators (thunder): see `forward_together`.
         self.compute_together = True
-        # False to compute a gated MLP's activation apart from its LoRA layers (to compare): see `forward_gated_mlp`.
-        self.fuse_activation = True
         if not self.weight.is_meta:
             self.reset_adapter_parameters()
 
@@ -165,15 +162,6 @@ class LoRALinear(nn.Module):
         (`litft.adapters.lora_projections`), the others (not adapted, DoRA, adapter dropout, a float8 base) on
         their own; None where no layer can join (thunder): the caller then calls each layer."""
         return forward_together(x, layers)
-
-    @staticmethod
-    def forward_gated_mlp(
-        x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, activation: str
-    ) -> torch.Tensor | None:
-        """down_proj(act(gate_proj(x)) * up_proj(x)) with all three LoRA layers and the activation in two opaque
-        operators and kernels of our own (`litft.adapters.lora_mlp`); None where they do not apply (the caller
-        then computes the layers apart)."""
-        return forward_gated_mlp(x, gate_proj, up_proj, down_proj, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         together = forward_together(x, [self])  # the usual path: see `forward_together`
@@ -296,13 +284,6 @@ def set_compute_together(model: nn.Module, enabled: bool) -> None:
     thunder, which cannot trace the grouped operators; or to compare the two)."""
     for layer in lora_modules(model).values():
         layer.compute_together = enabled
-
-
-def set_fused_activation(model: nn.Module, enabled: bool) -> None:
-    """Whether a gated MLP whose layers are all LoRA layers computes its activation in one operator with them (the
-    default) or apart (to compare the two: `benchmarks/bench.py --lora_activation_apart`)."""
-    for layer in lora_modules(model).values():
-        layer.fuse_activation = enabled
 
 
 @contextmanager

@@ -33,7 +33,7 @@ from torch import nn
 from litft.adapters.quantization import dequantize_weight
 
 
-def frozen_weights(
+def _weights(
     weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
     out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
 ):
@@ -71,7 +71,7 @@ def lora_projections(
     low = flat_x @ lora_a.t()  # (M, sum r_i)
     outputs = []
     start = 0
-    layer_weights = frozen_weights(weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
+    layer_weights = _weights(weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
     for weight, bias, update in zip(layer_weights, biases, lora_b):
         rank = update.shape[1]
         low_i = low[:, start : start + rank]
@@ -122,7 +122,7 @@ def lora_projections_backward(
     grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
     if input_grad:
         grad_x = grad_low @ lora_a  # (M, K)
-        layer_weights = frozen_weights(
+        layer_weights = _weights(
             weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype
         )
         for grad, weight in zip(flat_grads, layer_weights):
@@ -176,7 +176,7 @@ def computes_together(layer: nn.Module) -> bool:
     """Whether `layer` is a LoRA layer these operators compute: plain LoRA / rsLoRA (not DoRA), no adapter dropout,
     adapters switched on, a full-precision or 4-bit base (a float8 base has its own operator), not under thunder
     (which cannot trace custom operators). Only a `LoRALinear` has `compute_together`."""
-    if not getattr(layer, "compute_together", False) or layer.use_dora:
+    if not getattr(layer, "compute_together", False) or layer.use_dora or layer.lora_A is None:
         return False
     if not isinstance(layer.lora_dropout, nn.Identity) or "forward" in vars(layer):  # see adapters_disabled
         return False

@@ -417,8 +417,7 @@ def run_finetune(
     auto_micro_batch = train.micro_batch_size == "auto"  # on a GPU the estimate's pick is probed once set up
     if dry_run or auto_micro_batch:
         train = fit_micro_batch(
-            train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes, compiler == "torch",
-            memory.fused_lora_mlp and compiler != "thunder",  # thunder computes each LoRA layer apart
+            train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes, compiler == "torch"
         )
         if dry_run:
             return out_dir / "final"
@@ -567,7 +566,6 @@ def setup_for_strategy(fabric, module: torch.nn.Module):
 def model_memory(method: str, checkpoint: Path, dtype: torch.dtype, lora_config: LoRAConfig | None, quantize: str | None):
     """What the model would take on one device unsharded (for `--strategy auto`), counted on the meta device."""
     from litft.adapters.lora import apply_lora, lora_modules
-    from litft.adapters.lora_mlp import model_computes_gated_mlp
     from litft.adapters.quantization import QuantizedLinear, quantize_model
     from litft.checkpoint import read_hf_config
     from litft.models import build_model
@@ -594,13 +592,12 @@ def model_memory(method: str, checkpoint: Path, dtype: torch.dtype, lora_config:
         adapters = lora_modules(model).values()
         trained = sum(m.rank * (m.in_features + m.out_features) + (m.out_features if m.use_dora else 0) for m in adapters)
         trained_bytes = trained * 4  # adapters are float32
-    return ModelMemory(weight_bytes=int(weight_bytes + trained_bytes), trained_parameters=trained,
-                       trained_bytes=trained_bytes, fused_lora_mlp=method != "full" and model_computes_gated_mlp(model))
+    return ModelMemory(weight_bytes=int(weight_bytes + trained_bytes), trained_parameters=trained, trained_bytes=trained_bytes)
 
 
 def fit_micro_batch(
     train: TrainConfig, memory, method: str, checkpoint: Path, dtype: torch.dtype, data: DataConfig,
-    accelerator: str, devices: int | str, num_nodes: int, compiled: bool = False, fused_mlp: bool = False,
+    accelerator: str, devices: int | str, num_nodes: int, compiled: bool = False,
 ) -> TrainConfig:
     """Resolves `--train.micro_batch_size auto` to the largest micro-batch whose estimated peak fits in 90% of the
     device, and logs the estimate for the micro-batch the run will use (all that `--dry_run` prints)."""
@@ -615,8 +612,7 @@ def fit_micro_batch(
 
     def estimate_for(micro_batch_size: int):
         return estimate_run(hf_config, memory, method, dtype, micro_batch_size, data.max_seq_length,
-                            train.activation_checkpointing, train.checkpointed_blocks, train.mlp_tile_tokens, compiled,
-                            fused_mlp)
+                            train.activation_checkpointing, train.checkpointed_blocks, train.mlp_tile_tokens, compiled)
 
     if train.micro_batch_size == "auto":
         chosen = largest_micro_batch(estimate_for, train.global_batch_size // world_size, available_device_bytes())

@@ -3,7 +3,6 @@ cache and the attention call itself. Everything family-specific lives in that fa
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,22 +44,6 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     joiner = next((type(layer) for layer in layers if hasattr(type(layer), "forward_together")), None)
     outputs = joiner.forward_together(x, layers) if joiner is not None else None
     return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
-
-
-GATED_ACTIVATIONS = {"silu": F.silu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}
-
-
-def gated_mlp(x: torch.Tensor, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module,
-              activation: str) -> torch.Tensor:
-    """down_proj(act(gate_proj(x)) * up_proj(x)), act one of `GATED_ACTIVATIONS`. Where all three are LoRA layers,
-    they and the activation compute in one operator with kernels of our own (`litft.adapters.lora_mlp`); otherwise
-    gate and up compute together where they can (`project`) and the activation apart."""
-    joiner = getattr(type(down_proj), "forward_gated_mlp", None)
-    output = joiner(x, gate_proj, up_proj, down_proj, activation) if joiner is not None else None
-    if output is not None:
-        return output
-    gate, up = project(x, gate_proj, up_proj)  # (..., intermediate_size) each
-    return down_proj(GATED_ACTIVATIONS[activation](gate) * up)
 
 
 # ----------------------------------------------------------------------------------------------------------------

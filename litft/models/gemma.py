@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from litft.errors import CheckpointError
@@ -30,7 +31,6 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
-    gated_mlp,
     project,
 )
 
@@ -165,7 +165,8 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "gelu_tanh")
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -27,7 +27,6 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
-    gated_mlp,
     project,
 )
 
@@ -152,8 +151,9 @@ class LlamaMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "gate_up_proj"):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
-            return self.down_proj(F.silu(gate) * up)
-        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "silu")
+        else:
+            gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

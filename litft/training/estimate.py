@@ -53,28 +53,25 @@ class RunEstimate:
         )
 
 
-def intermediate_tensors(compiled: bool, fused_mlp: bool = False) -> int:
-    """How many intermediate-size tensors a block keeps per token: gate and up; eager and with the MLP's activation
-    computed apart from its LoRA layers, also the activation and the product (compiled blocks recompute those two,
-    and so does the fused MLP operator, `litft.adapters.lora_mlp`)."""
-    return 2 if compiled or fused_mlp else 4
+def intermediate_tensors(compiled: bool) -> int:
+    """How many intermediate-size tensors a block keeps per token: gate and up; eager, also SwiGLU's activation
+    and product (compiled blocks recompute those two)."""
+    return 2 if compiled else 4
 
 
-def activation_bytes_per_token_per_layer(
-    hf_config: dict[str, Any], element_size: int, compiled: bool = False, fused_mlp: bool = False
-) -> int:
+def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size: int, compiled: bool = False) -> int:
     """What autograd keeps per token and decoder layer of a LoRA model (counted with saved-tensor hooks,
     tests/test_finetune.py). Compiled (litft's partitioner settings, which recompute the norms and SwiGLU's
     product): the block input, q, k and v, the attention output, the residual between attention and MLP, gate and
     up. Eager: the norms' outputs and SwiGLU's intermediates too, about 8.5 hidden-size, 2 key/value-size and 4
-    intermediate-size tensors (2 where the MLP's LoRA layers and activation compute in one operator)."""
+    intermediate-size tensors."""
     hidden = hf_config["hidden_size"]
     intermediate = hf_config.get("intermediate_size") or 4 * hidden
     heads = hf_config["num_attention_heads"]
     head_dim = hf_config.get("head_dim") or hidden // heads
     kv_width = (hf_config.get("num_key_value_heads") or heads) * head_dim
     hidden_sized = 3 * hidden + heads * head_dim if compiled else 17 * hidden // 2
-    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled, fused_mlp) * intermediate)
+    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled) * intermediate)
 
 
 def parameter_count(hf_config: dict[str, Any]) -> int:
@@ -108,17 +105,16 @@ def estimate_run(
     checkpointed_blocks: int | None = None,
     mlp_tile_tokens: int | None = None,
     compiled: bool = False,
-    fused_mlp: bool = False,
 ) -> RunEstimate:
     element_size = torch.empty((), dtype=dtype).element_size()
     tokens = micro_batch_size * seq_len
     layers = hf_config["num_hidden_layers"]
-    per_layer = activation_bytes_per_token_per_layer(hf_config, element_size, compiled, fused_mlp)
+    per_layer = activation_bytes_per_token_per_layer(hf_config, element_size, compiled)
     mlp_tile_bytes = 0
     if mlp_tile_tokens is not None and tokens > mlp_tile_tokens:
         # A tiled MLP keeps no intermediate-size tensor per token; one tile's (and its gradients) exist at a time.
         intermediate = hf_config.get("intermediate_size") or 4 * hf_config["hidden_size"]
-        intermediate_bytes = intermediate_tensors(compiled, fused_mlp) * intermediate * element_size
+        intermediate_bytes = intermediate_tensors(compiled) * intermediate * element_size
         per_layer -= intermediate_bytes
         mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
     checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0

@@ -55,9 +55,6 @@ class ModelMemory:
     weight_bytes: int  # every parameter and buffer as stored (4-bit bases at their packed size)
     trained_parameters: int
     trained_bytes: int  # the trained parameters as stored; their gradients take as much again
-    # The MLPs and their LoRA layers compute in one operator (`litft.adapters.lora_mlp`), which keeps fewer
-    # activations than eager layers computed apart (`litft.training.estimate`).
-    fused_lora_mlp: bool = False
 
     @property
     def unsharded_bytes(self) -> int:
