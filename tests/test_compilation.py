@@ -243,7 +243,7 @@ def test_thunder_packed_rows_attend_through_dense_masks(tiny_llama_dir, monkeypa
         torch.testing.assert_close(packed, eager(ids, position_ids=position_ids, document_ids=document_ids))
 
 
-VARIANTS = {  # LoRA targets, base storage, checkpointing
+BLOCK_VARIANTS = {  # LoRA targets, base storage, checkpointing
     "all-linear": ({"targets": ["all-linear"]}, None, None),
     "q,v": ({"targets": ["q", "v"]}, None, None),  # groups where only some layers are adapted (the id() bug)
     "qlora-nf4": ({"targets": ["all-linear"]}, "bnb.nf4", None),
@@ -251,7 +251,7 @@ VARIANTS = {  # LoRA targets, base storage, checkpointing
 }
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
 def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
     """Every decoder block runs a graph compiled for the first ones: as many graphs for eight blocks as for two.
     Nothing in a block's forward may guard on the identity of its modules: a dict keyed by id() did, each block
@@ -261,7 +261,7 @@ def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
 
     from torch._dynamo.utils import counters
 
-    lora, quantize, checkpointing = VARIANTS[variant]
+    lora, quantize, checkpointing = BLOCK_VARIANTS[variant]
     if quantize:
         pytest.importorskip("bitsandbytes")
     from litft.adapters.quantization import quantize_model

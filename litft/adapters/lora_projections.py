@@ -187,8 +187,8 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     """The outputs of `layers` that all read `x`: the LoRA layers among them computed together, any other layer
     (a linear layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the
     caller then calls each layer)."""
-    joins = [computes_together(layer) for layer in layers]
-    joining = [layer for layer, joined in zip(layers, joins) if joined]
+    can_join = [computes_together(layer) for layer in layers]
+    joining = [layer for layer, joins in zip(layers, can_join) if joins]
     modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
     if not joining or len(modes) > 1:
         return None
@@ -224,4 +224,4 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     )
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
     outputs = iter(joined)
-    return [next(outputs) if join else layer(x) for layer, join in zip(layers, joins)]
+    return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
