@@ -243,6 +243,36 @@ def test_thunder_packed_rows_attend_through_dense_masks(tiny_llama_dir, monkeypa
         torch.testing.assert_close(packed, eager(ids, position_ids=position_ids, document_ids=document_ids))
 
 
+def compiled_graph_count(checkpoint_dir: Path, repeat: int, lora: dict, quantize: str | None = None,
+                         checkpointing: str | None = None) -> int:
+    """How many graphs one training step of the checkpoint's model compiles, built with `repeat` times its layers
+    (random weights: only the code and the guards matter)."""
+    from torch._dynamo.utils import counters
+
+    from litft.adapters.quantization import quantize_model
+    from litft.checkpoint import read_hf_config
+    from litft.models import build_model
+
+    config = read_hf_config(checkpoint_dir)
+    config["num_hidden_layers"] *= repeat  # each block its own index and modules
+    if "layer_types" in config:  # Gemma 3's sliding / full pattern, repeated
+        config["layer_types"] = config["layer_types"] * repeat
+    torch.manual_seed(0)
+    model = build_model(config)
+    if quantize:
+        quantize_model(model, quantize, torch.float32)
+    apply_lora(model, LoRAConfig(rank=4, **lora))
+    randomize_adapter(model)
+    if checkpointing:
+        enable_activation_checkpointing(model, offload=checkpointing == "offload")
+    torch._dynamo.reset()
+    compile_blocks(model.train(), "torch")
+    graphs_before = counters["stats"]["unique_graphs"]
+    loss, _ = loss_and_gradients(model)
+    assert torch.isfinite(loss)
+    return counters["stats"]["unique_graphs"] - graphs_before
+
+
 BLOCK_VARIANTS = {  # LoRA targets, base storage, checkpointing
     "all-linear": ({"targets": ["all-linear"]}, None, None),
     "q,v": ({"targets": ["q", "v"]}, None, None),  # groups where only some layers are adapted (the id() bug)
@@ -254,33 +284,23 @@ BLOCK_VARIANTS = {  # LoRA targets, base storage, checkpointing
 @pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
 def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
     """Every decoder block runs a graph compiled for the first ones: as many graphs for eight blocks as for two.
-    Nothing in a block's forward may guard on the identity of its modules: a dict keyed by id() did, each block
-    recompiled until dynamo's limit of 8, and the other 24 blocks of llama-8b ran eagerly (14% slower, 17 GiB more
-    on an H200, with every test green)."""
-    import copy
-
-    from torch._dynamo.utils import counters
-
+    Nothing in a block's forward may guard on its index or the identity of its modules: a dict keyed by id() did,
+    each block recompiled until dynamo's limit of 8, and the other 24 blocks of llama-8b ran eagerly (14% slower,
+    17 GiB more on an H200, with every test green)."""
     lora, quantize, checkpointing = BLOCK_VARIANTS[variant]
     if quantize:
         pytest.importorskip("bitsandbytes")
-    from litft.adapters.quantization import quantize_model
-
-    def graphs_for(copies: int) -> int:
-        model = load_model(tiny_llama_dir, dtype=torch.float32)
-        if quantize:
-            quantize_model(model, quantize, torch.float32)
-        apply_lora(model, LoRAConfig(rank=4, **lora))
-        randomize_adapter(model)
-        model.blocks.extend(copy.deepcopy(block) for block in list(model.blocks) * (copies - 1))  # one code
-        if checkpointing:
-            enable_activation_checkpointing(model.train(), offload=checkpointing == "offload")
-        torch._dynamo.reset()
-        compile_blocks(model.train(), "torch")
-        graphs_before = counters["stats"]["unique_graphs"]
-        loss, _ = loss_and_gradients(model)
-        assert torch.isfinite(loss)
-        return counters["stats"]["unique_graphs"] - graphs_before
-
-    two_blocks, eight_blocks = graphs_for(1), graphs_for(4)
+    two_blocks = compiled_graph_count(tiny_llama_dir, 1, lora, quantize, checkpointing)
+    eight_blocks = compiled_graph_count(tiny_llama_dir, 4, lora, quantize, checkpointing)
     assert eight_blocks == two_blocks <= 4, (two_blocks, eight_blocks)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox"])
+def test_every_family_compiles_one_graph_per_kind_of_block(family_checkpoints, family):
+    """The same for each family's block code (biases, q/k norms, GeGLU, sliding and full layers, fused q/k/v,
+    parallel residuals): four times the layers compile no more graphs (a block that guarded on its index would
+    compile once per block and leave all but dynamo's first 8 eager). Gemma 2 and 3 alternate sliding-window and
+    full-attention blocks: a graph for each kind."""
+    lora = {"targets": ["all-linear"]}
+    few, many = (compiled_graph_count(family_checkpoints[family], repeat, lora) for repeat in (1, 4))
+    assert many == few <= 4, (few, many)
