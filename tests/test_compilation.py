@@ -283,8 +283,8 @@ BLOCK_VARIANTS = {  # LoRA targets, base storage, checkpointing
 
 @pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
 def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
-    """Every decoder block runs a graph compiled for the first ones: as many graphs for eight blocks as for two.
-    Nothing in a block's forward may guard on its index or the identity of its modules: a dict keyed by id() did,
+    """Every decoder block runs a graph compiled for the first ones, whole: as many graphs for eight blocks as for
+    two, and no graph break. Nothing in a block's forward may guard on its index or the identity of its modules: a dict keyed by id() did,
     each block recompiled until dynamo's limit of 8, and the other 24 blocks of llama-8b ran eagerly (14% slower,
     17 GiB more on an H200, with every test green)."""
     lora, quantize, checkpointing = BLOCK_VARIANTS[variant]
@@ -292,15 +292,19 @@ def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
         pytest.importorskip("bitsandbytes")
     two_blocks = compiled_graph_count(tiny_llama_dir, 1, lora, quantize, checkpointing)
     eight_blocks = compiled_graph_count(tiny_llama_dir, 4, lora, quantize, checkpointing)
-    assert eight_blocks == two_blocks <= 4, (two_blocks, eight_blocks)
+    # Two graphs: the first block's input needs no gradient (the embedding is frozen), every later one's does; the
+    # offloaded blocks compile each of those twice (the forward without autograd, the recomputation with it). More
+    # would mean a graph break, which also splits each block into graphs run one after the other.
+    assert two_blocks == eight_blocks == (4 if checkpointing == "offload" else 2), (two_blocks, eight_blocks)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gpt_neox"])
 def test_every_family_compiles_one_graph_per_kind_of_block(family_checkpoints, family):
     """The same for each family's block code (biases, q/k norms, GeGLU, sliding and full layers, fused q/k/v,
     parallel residuals): four times the layers compile no more graphs (a block that guarded on its index would
-    compile once per block and leave all but dynamo's first 8 eager). Gemma 2 and 3 alternate sliding-window and
-    full-attention blocks: a graph for each kind."""
+    compile once per block and leave all but dynamo's first 8 eager), and no block breaks its graph."""
     lora = {"targets": ["all-linear"]}
     few, many = (compiled_graph_count(family_checkpoints[family], repeat, lora) for repeat in (1, 4))
-    assert many == few <= 4, (few, many)
+    # Gemma 2 and 3 alternate sliding-window and full-attention blocks: sliding first (no input gradient), sliding
+    # and full; the others two, as for Llama above.
+    assert few == many == (3 if family in ("gemma2", "gemma3") else 2), (few, many)
