@@ -255,7 +255,7 @@ def compiled_graph_count(checkpoint_dir: Path, repeat: int, lora: dict, quantize
 
     config = read_hf_config(checkpoint_dir)
     config["num_hidden_layers"] *= repeat  # each block its own index and modules
-    if "layer_types" in config:  # Gemma 3's sliding / full pattern, repeated
+    if "layer_types" in config:  # a per-layer pattern (Gemma 3's sliding / full layers), repeated
         config["layer_types"] = config["layer_types"] * repeat
     torch.manual_seed(0)
     model = build_model(config)
@@ -284,9 +284,9 @@ BLOCK_VARIANTS = {  # LoRA targets, base storage, checkpointing
 @pytest.mark.parametrize("variant", list(BLOCK_VARIANTS))
 def test_torch_compile_compiles_one_block_for_all(tiny_llama_dir, variant):
     """Every decoder block runs a graph compiled for the first ones, whole: as many graphs for eight blocks as for
-    two, and no graph break. Nothing in a block's forward may guard on its index or the identity of its modules: a dict keyed by id() did,
-    each block recompiled until dynamo's limit of 8, and the other 24 blocks of llama-8b ran eagerly (14% slower,
-    17 GiB more on an H200, with every test green)."""
+    two, and no graph break. Nothing in a block's forward may guard on its index or the identity of its modules:
+    a dict keyed by id() did, each block recompiled until dynamo's limit of 8, and the other 24 blocks of llama-8b
+    ran eagerly (14% slower, 17 GiB more on an H200, with every test green)."""
     lora, quantize, checkpointing = BLOCK_VARIANTS[variant]
     if quantize:
         pytest.importorskip("bitsandbytes")
