@@ -149,6 +149,9 @@ def bench_training(args) -> dict:
         sequences_per_step = args.batch
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             synchronize()
@@ -156,13 +159,17 @@ def bench_training(args) -> dict:
         train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
     synchronize()
     tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
+    # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing). Many more
+    # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
+    compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     if args.profile:
         profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
-                lora_one_by_one=args.lora_one_by_one, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                lora_one_by_one=args.lora_one_by_one, compiled_graphs=compiled_graphs,
+                tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
