@@ -53,6 +53,24 @@ class RunEstimate:
         )
 
 
+@dataclass(frozen=True)
+class Widths:
+    """A decoder's widths from its Hugging Face config, with the defaults the families use where a key is absent."""
+
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, hf_config: dict[str, Any]) -> Widths:
+        hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
+        return cls(hidden=hidden, intermediate=hf_config.get("intermediate_size") or 4 * hidden, heads=heads,
+                   kv_heads=hf_config.get("num_key_value_heads") or heads,
+                   head_dim=hf_config.get("head_dim") or hidden // heads)
+
+
 def intermediate_tensors(compiled: bool) -> int:
     """How many intermediate-size tensors a block keeps per token: gate and up; eager, also SwiGLU's activation
     and product (compiled blocks recompute those two)."""
@@ -65,26 +83,19 @@ def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size
     product): the block input, q, k and v, the attention output, the residual between attention and MLP, gate and
     up. Eager: the norms' outputs and SwiGLU's intermediates too, about 8.5 hidden-size, 2 key/value-size and 4
     intermediate-size tensors."""
-    hidden = hf_config["hidden_size"]
-    intermediate = hf_config.get("intermediate_size") or 4 * hidden
-    heads = hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hidden // heads
-    kv_width = (hf_config.get("num_key_value_heads") or heads) * head_dim
-    hidden_sized = 3 * hidden + heads * head_dim if compiled else 17 * hidden // 2
-    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled) * intermediate)
+    widths = Widths.of(hf_config)
+    kv_width = widths.kv_heads * widths.head_dim
+    hidden_sized = 3 * widths.hidden + widths.heads * widths.head_dim if compiled else 17 * widths.hidden // 2
+    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled) * widths.intermediate)
 
 
 def parameter_count(hf_config: dict[str, Any]) -> int:
     """Parameters of the decoder (attention and MLP matrices) plus embeddings, from the config."""
-    hidden, layers = hf_config["hidden_size"], hf_config["num_hidden_layers"]
-    heads = hf_config["num_attention_heads"]
-    kv_heads = hf_config.get("num_key_value_heads") or heads
-    head_dim = hf_config.get("head_dim") or hidden // heads
-    intermediate = hf_config.get("intermediate_size") or 4 * hidden
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * intermediate
-    embeddings = hf_config["vocab_size"] * hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
-    return layers * (attention + mlp) + embeddings
+    widths = Widths.of(hf_config)
+    attention = widths.hidden * widths.head_dim * (2 * widths.heads + 2 * widths.kv_heads)
+    mlp = 3 * widths.hidden * widths.intermediate
+    embeddings = hf_config["vocab_size"] * widths.hidden * (1 if hf_config.get("tie_word_embeddings") else 2)
+    return hf_config["num_hidden_layers"] * (attention + mlp) + embeddings
 
 
 def device_peak_tflops() -> float | None:
@@ -113,8 +124,7 @@ def estimate_run(
     mlp_tile_bytes = 0
     if mlp_tile_tokens is not None and tokens > mlp_tile_tokens:
         # A tiled MLP keeps no intermediate-size tensor per token; one tile's (and its gradients) exist at a time.
-        intermediate = hf_config.get("intermediate_size") or 4 * hf_config["hidden_size"]
-        intermediate_bytes = intermediate_tensors(compiled) * intermediate * element_size
+        intermediate_bytes = intermediate_tensors(compiled) * Widths.of(hf_config).intermediate * element_size
         per_layer -= intermediate_bytes
         mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
     checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0
