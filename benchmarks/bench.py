@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -121,6 +122,10 @@ def bench_training(args) -> dict:
     method = "lora" if args.task == "dpo" else args.task
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               args.quantize if args.task == "qlora" else None)
+    if args.bnb_dequantize:  # the A/B of litft.adapters.nf4_dequantize: bitsandbytes' dequantization instead
+        from litft.adapters import quantization
+
+        quantization.use_nf4_kernel = False
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
         set_compute_together(model, False)
     if args.mlp_tile_tokens is not None:
@@ -168,8 +173,8 @@ def bench_training(args) -> dict:
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
-                lora_one_by_one=args.lora_one_by_one, compiled_graphs=compiled_graphs,
-                tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
+                compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
@@ -240,6 +245,7 @@ def device_time(event) -> float:
 
 def print_profile_summary(profiler, count: int) -> None:
     kernels: dict[str, float] = {}
+    launches: dict[str, int] = {}
     for event in profiler.key_averages():
         microseconds = device_time(event)
         # Kernels only: operators (aten::), compiled-graph annotations (## ...) and the driver's queue events also
@@ -247,7 +253,10 @@ def print_profile_summary(profiler, count: int) -> None:
         # itself) with the same time: it counts once.
         if microseconds <= 0 or event.key.startswith(("aten::", "##", "Command Buffer", "cuda")):
             continue
+        if re.fullmatch(r"\w+::\w+", event.key):  # a custom operator (litft::..., bitsandbytes::...), not a kernel
+            continue
         kernels[event.key] = max(kernels.get(event.key, 0.0), microseconds)
+        launches[event.key] = max(launches.get(event.key, 0), event.count)
     totals: dict[str, float] = {}
     for name, microseconds in kernels.items():
         category = next(label for label, needles in KERNEL_CATEGORIES if any(n in name.lower() for n in needles))
@@ -257,6 +266,10 @@ def print_profile_summary(profiler, count: int) -> None:
     for category, microseconds in sorted(totals.items(), key=lambda item: -item[1]):
         print(f"  {category:36s} {microseconds / count / 1e3:9.2f} ms  {100 * microseconds / everything:5.1f}%",
               file=sys.stderr)
+    # Every kernel also costs a launch gap (~2-3 us on an H100/H200): many short kernels cost more than their time.
+    print(f"kernels per step: {sum(launches.values()) // count}; the most launched (count, mean us):", file=sys.stderr)
+    for name, calls in sorted(launches.items(), key=lambda item: -item[1])[:30]:
+        print(f"  {calls // count:6d} {kernels[name] / calls:8.1f}  {name[:100]}", file=sys.stderr)
     print("GEMMs by shape (per step): calls, ms, TFLOP/s", file=sys.stderr)
     rows = []
     for event in profiler.key_averages(group_by_input_shape=True):
@@ -340,6 +353,8 @@ def main() -> None:
                              "triton.cudagraphs=True (repeatable; for experiments, recorded in the output)")
     parser.add_argument("--lora_one_by_one", action="store_true",
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
+    parser.add_argument("--bnb_dequantize", action="store_true",
+                        help="qlora nf4: dequantize with bitsandbytes' kernels, not litft's (the A/B of that kernel)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)

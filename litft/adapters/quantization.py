@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litft.adapters import float8
+from litft.adapters import float8, nf4_dequantize
 from litft.errors import ConfigError
 
 QUANTIZE_MODES = ("bnb.nf4", "bnb.fp4", "bnb.int8", "fp8")
@@ -42,6 +42,8 @@ OUTPUT_HEAD_NAMES = ("lm_head", "embed_out")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 BLOCKSIZE_4BIT = 64  # bitsandbytes' default, the one the QLoRA paper uses
+# NF4 weights dequantize in litft's one-kernel Triton version where it runs (False: bitsandbytes', for A/B runs).
+use_nf4_kernel = True
 _WARNED: set[str] = set()
 
 
@@ -122,6 +124,8 @@ def dequantize_weight(
     if mode == "bnb.int8":
         (row_scale,) = state
         return bnb_functional.int8_vectorwise_dequant(weight, row_scale).to(dtype)
+    if mode == "bnb.nf4" and use_nf4_kernel and nf4_dequantize.can_dequantize(weight, out_features, in_features):
+        return nf4_dequantize.dequantize_nf4(weight, state, out_features, in_features, nested_blocksize, dtype)
     nested_state = None
     offset = None
     absmax = state[0]

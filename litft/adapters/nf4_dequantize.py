@@ -1,0 +1,108 @@
+"""NF4 dequantization in one Triton kernel: the QLoRA base weight, rebuilt for each matmul, forward and backward.
+
+bitsandbytes rebuilds a double-quantized weight in three kernels (the block scales from their 8-bit codes, then
+their offset added, then the 4-bit values) and its 4-bit kernel streams at about half of an H200's bandwidth
+(benchmarks/NOTES.md, section 10: 42 us for a 14336 x 4096 weight, ~1.9 TB/s over a llama-8b step). This kernel
+reads each packed byte once, computes its block's scale in registers (the 8-bit code's value times the scale of
+its group of 256 blocks, plus the offset) and writes both bf16 values: one launch per weight, at ~3.5 TB/s.
+
+The result is bit-for-bit bitsandbytes' (tests/test_nf4_dequantize.py): the same table, the scale computed as
+bitsandbytes computes it (a product rounded to float32, then the offset added: the kernel is compiled without
+fused multiply-adds), each value the table entry times the scale, rounded once to the output dtype.
+
+Layout (bitsandbytes' `quantize_4bit`, blocksize 64): byte i holds values 2i (high nibble) and 2i+1 (low nibble);
+block b = values 64b .. 64b+63 = bytes 32b .. 32b+31 has the scale absmax[b]; with double quantization absmax[b] is
+an 8-bit code, its value nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+BYTES_PER_BLOCK = 32  # 64 four-bit values share one scale
+BYTES_PER_PROGRAM = 1024  # with 4 warps, the fastest of 15 sizes on an H200 (benchmarks/NOTES.md, section 10)
+WARPS = 4
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_nf4(
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, out_ptr, byte_count,
+        NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
+        BYTES_PER_PROGRAM: tl.constexpr,
+    ):
+        start = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM
+        byte_index = start + tl.arange(0, BYTES_PER_PROGRAM)
+        in_range = byte_index < byte_count
+        packed = tl.load(packed_ptr + byte_index, mask=in_range, other=0).to(tl.int32)
+        block = byte_index // BYTES_PER_BLOCK
+        if NESTED:
+            code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
+            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
+            scale = tl.load(nested_code_ptr + code) * group_scale + tl.load(offset_ptr)
+        else:
+            scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+        high = tl.load(table_ptr + (packed >> 4)) * scale  # value 2i
+        low = tl.load(table_ptr + (packed & 15)) * scale  # value 2i + 1
+        # (BYTES_PER_PROGRAM, 2) row-major is the values' order: 2i, 2i + 1, ...
+        values = tl.reshape(tl.join(high, low), [2 * BYTES_PER_PROGRAM]).to(out_ptr.dtype.element_ty)
+        out_index = 2 * start + tl.arange(0, 2 * BYTES_PER_PROGRAM)
+        tl.store(out_ptr + out_index, values, mask=out_index < 2 * byte_count)
+
+    return dequantize_nf4
+
+
+@functools.cache
+def _nf4_table(device: torch.device) -> torch.Tensor:
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.get_4bit_type("nf4", device=device).float().contiguous()
+
+
+def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) -> bool:
+    """Whether this kernel takes the weight: a CUDA tensor (or Triton's interpreter, which runs on CPU), Triton
+    importable, and an even number of values (every linear layer's weight; bitsandbytes pads an odd count)."""
+    import os
+
+    on_device = weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return on_device and (out_features * in_features) % 2 == 0 and triton_available()
+
+
+def dequantize_nf4(
+    weight: torch.Tensor, state: list[torch.Tensor], out_features: int, in_features: int, nested_blocksize: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The weight (out_features, in_features) in `dtype` from its packed storage and state (`[absmax]`, or
+    `[absmax codes, nested_absmax, nested_code, offset]` with double quantization)."""
+    import triton
+
+    packed = weight.contiguous().view(torch.uint8).reshape(-1)
+    byte_count = out_features * in_features // 2
+    if packed.numel() < byte_count:
+        raise ValueError(f"a packed NF4 weight of {packed.numel()} bytes cannot hold {out_features} x {in_features}")
+    out = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
+    nested = len(state) == 4
+    absmax = state[0]
+    nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)
+    grid = (triton.cdiv(byte_count, BYTES_PER_PROGRAM),)
+    _kernel()[grid](
+        packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
+        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=BYTES_PER_BLOCK,
+        BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,111 @@
+"""litft's one-kernel NF4 dequantization (litft/adapters/nf4_dequantize.py): the same values as bitsandbytes'.
+
+On CPU the kernel runs in Triton's interpreter and is compared with a plain-torch statement of the format, which is
+itself checked against bitsandbytes (float32 output, where its CPU code computes as its CUDA kernel does); the
+interpreter rounds float32 to bfloat16 by truncation, so bfloat16 is compared on the GPU, bit for bit, with
+bitsandbytes' CUDA kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from litft.adapters import nf4_dequantize, quantization
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+# Shapes: one program's bytes and less, a partial last program, absmax counts that are not a multiple of the nested
+# block (256 scales), more than one nested block.
+SHAPES = [(64, 256), (96, 200), (33, 64), (20, 4100), (130, 512)]
+
+
+def quantize(shape, double_quant: bool, device="cpu", seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(*shape, generator=generator).to(device=device, dtype=torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4", quant_storage=torch.bfloat16
+    )
+    tensors = [state.absmax, state.state2.absmax, state.state2.code, state.offset] if double_quant else [state.absmax]
+    return packed, state, tensors, state.state2.blocksize if double_quant else 0
+
+
+def nf4_definition(packed, tensors, shape, nested_blocksize, dtype):
+    """The format in plain torch: byte i holds values 2i (high nibble) and 2i+1 (low); 64 values share a scale."""
+    count = shape[0] * shape[1]
+    data = packed.view(torch.uint8).reshape(-1).long()
+    codes = torch.stack([data >> 4, data & 15], dim=1).reshape(-1)[:count]
+    table = bnb_functional.get_4bit_type("nf4", device=packed.device).float()
+    if len(tensors) == 4:
+        absmax_codes, nested_absmax, nested_code, offset = tensors
+        group = torch.arange(absmax_codes.numel(), device=packed.device) // nested_blocksize
+        scale = nested_code[absmax_codes.long()] * nested_absmax[group] + offset
+    else:
+        scale = tensors[0]
+    values = table[codes] * scale.repeat_interleave(64)[:count]
+    return values.to(dtype).reshape(shape)
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    nf4_dequantize._kernel.cache_clear()  # the kernel is built interpreted or compiled when first used
+    yield
+    nf4_dequantize._kernel.cache_clear()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_definition_is_bitsandbytes_format(double_quant):
+    """The plain-torch statement equals bitsandbytes' own dequantization (float32, so no rounding differs)."""
+    for shape in SHAPES:
+        packed, state, tensors, nested_blocksize = quantize(shape, double_quant)
+        state.dtype = torch.float32
+        expected = bnb_functional.dequantize_4bit(packed, state)
+        assert torch.equal(nf4_definition(packed, tensors, shape, nested_blocksize, torch.float32), expected), shape
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_equals_the_definition_in_the_interpreter(interpreter, double_quant, dtype, monkeypatch):
+    monkeypatch.setattr(nf4_dequantize, "BYTES_PER_PROGRAM", 256)  # several programs and a partial last one
+    for shape in SHAPES:
+        packed, _, tensors, nested_blocksize = quantize(shape, double_quant)
+        assert nf4_dequantize.can_dequantize(packed, *shape)
+        ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, nested_blocksize, dtype)
+        assert ours.shape == shape and ours.dtype == dtype
+        assert torch.equal(ours, nf4_definition(packed, tensors, shape, nested_blocksize, dtype)), shape
+
+
+def test_quantized_layers_dequantize_through_the_kernel(interpreter, monkeypatch):
+    """`dequantize_weight`, which every QLoRA layer calls forward and backward, takes the kernel for NF4 when it
+    can, and bitsandbytes' path when switched off: both give the format's values."""
+    calls = []
+    original = nf4_dequantize.dequantize_nf4
+    monkeypatch.setattr(nf4_dequantize, "dequantize_nf4", lambda *args: calls.append(args) or original(*args))
+    shape = (96, 256)
+    packed, _, tensors, nested_blocksize = quantize(shape, True)
+    expected = nf4_definition(packed, tensors, shape, nested_blocksize, torch.float32)
+    ours = quantization.dequantize_weight(packed, tensors, "bnb.nf4", *shape, nested_blocksize, torch.float32)
+    assert len(calls) == 1 and torch.equal(ours, expected)
+    monkeypatch.setattr(quantization, "use_nf4_kernel", False)
+    theirs = quantization.dequantize_weight(packed, tensors, "bnb.nf4", *shape, nested_blocksize, torch.float32)
+    assert len(calls) == 1 and torch.equal(theirs, expected)
+
+
+def test_kernel_is_not_taken_without_a_gpu_or_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    packed, *_ = quantize((64, 256), True)
+    assert not nf4_dequantize.can_dequantize(packed, 64, 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_kernel_equals_bitsandbytes_on_the_gpu_bit_for_bit(double_quant):
+    assert nf4_dequantize.can_dequantize(torch.empty(2, device="cuda"), 64, 64)
+    for shape in [*SHAPES, (300, 4096), (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
+        packed, state, tensors, nested_blocksize = quantize(shape, double_quant, device="cuda")
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            state.dtype = dtype
+            expected = bnb_functional.dequantize_4bit(packed, state)
+            ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, nested_blocksize, dtype)
+            assert torch.equal(ours, expected), (shape, dtype)
