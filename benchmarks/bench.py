@@ -164,7 +164,7 @@ def bench_training(args) -> dict:
         train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
     synchronize()
     tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
-    # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing). Many more
+    # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing) and the loss. Many more
     # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
     compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     if args.profile:

@@ -7,9 +7,14 @@
               and the same in 8-bit float (torch._scaled_mm, row-wise scales), with the cost of quantizing the
               activations to 8-bit float counted separately;
   lora        one adapted projection (litft's LoRALinear, compiled) forward + backward against its frozen base alone:
-              what the rank-16 branch costs on top of the base GEMMs.
+              what the rank-16 branch costs on top of the base GEMMs;
+  qkv         q/k/v's base GEMMs as litft's grouped LoRA operator runs them (the A factors batched, the forward adding
+              into the adapters' output, the input gradient accumulated), three GEMMs against one over the
+              concatenated weights;
+  nf4         dequantizing a double-quantized NF4 weight: bitsandbytes' kernels against litft's Triton kernel at
+              several program sizes (timed per call, launch included).
 
-  python benchmarks/bench_kernels.py [--only attention,gemm,lora] [--tokens 8192]
+  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4] [--tokens 8192]
 """
 
 from __future__ import annotations
@@ -146,9 +151,78 @@ def bench_lora(tokens: int) -> None:
                      ms=round(time_ms(step), 4))
 
 
+def bench_qkv(tokens: int, rank: int = 16) -> None:
+    device, dtype = "cuda", torch.bfloat16
+    for shape, projections in PROJECTIONS.items():
+        hidden, kv_width = projections["kv"]
+        sizes = [projections["q"][1], kv_width, kv_width]
+        weights = [torch.randn(size, hidden, device=device, dtype=dtype) * 0.02 for size in sizes]
+        joined_weight = torch.cat(weights)
+        stacked_a = torch.randn(rank * len(sizes), hidden, device=device, dtype=dtype) * 0.02
+        updates = [torch.randn(size, rank, device=device, dtype=dtype) * 0.02 for size in sizes]
+        block_diagonal_b = torch.block_diag(*updates)  # (sum N, 3r): the joined layout's B
+        x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+        grads = [torch.randn(tokens, size, device=device, dtype=dtype) for size in sizes]
+        joined_grad = torch.cat(grads, dim=1)
+
+        def separate_forward():
+            low = x @ stacked_a.t()
+            for index, (weight, update) in enumerate(zip(weights, updates)):
+                (low[:, index * rank : (index + 1) * rank] @ update.t()).addmm_(x, weight.t())
+
+        def joined_forward():
+            (x @ stacked_a.t() @ block_diagonal_b.t()).addmm_(x, joined_weight.t())
+
+        def separate_backward():
+            grad_low = torch.cat([grad @ update for grad, update in zip(grads, updates)], dim=1)
+            grad_x = grad_low @ stacked_a
+            for grad, weight in zip(grads, weights):
+                grad_x.addmm_(grad, weight)
+
+        def joined_backward():
+            (joined_grad @ block_diagonal_b @ stacked_a).addmm_(joined_grad, joined_weight)
+
+        for case, step in [("separate_forward", separate_forward), ("joined_forward", joined_forward),
+                           ("separate_input_grad", separate_backward), ("joined_input_grad", joined_backward)]:
+            emit(kind="qkv", shape=shape, tokens=tokens, case=case, ms=round(time_ms(step), 4))
+
+
+def bench_nf4() -> None:
+    import bitsandbytes.functional as bnb_functional
+
+    from litft.adapters import nf4_dequantize, quantization
+
+    for out_features, in_features in [(14336, 4096), (4096, 14336), (4096, 4096), (1024, 4096)]:
+        weight = torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16)
+        packed, state = bnb_functional.quantize_4bit(
+            weight, blocksize=64, compress_statistics=True, quant_type="nf4", quant_storage=torch.bfloat16
+        )
+        tensors = [state.absmax, state.state2.absmax, state.state2.code, state.offset]
+        gigabytes = out_features * in_features * 2.5 / 1e9  # half a byte read, two written per value
+
+        def dequantize():
+            return quantization.dequantize_weight(
+                packed, tensors, "bnb.nf4", out_features, in_features, state.state2.blocksize, torch.bfloat16
+            )
+
+        chosen = (nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS)
+        quantization.use_nf4_kernel = False
+        microseconds = time_ms(dequantize, repeats=200) * 1e3
+        emit(kind="nf4", shape=[out_features, in_features], kernel="bitsandbytes", us=round(microseconds, 1),
+             tb_per_s=round(gigabytes / microseconds * 1e3, 2))
+        quantization.use_nf4_kernel = True
+        for program_bytes in (512, 1024, 2048, 4096, 8192):
+            for warps in (4, 8, 16):
+                nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS = program_bytes, warps
+                microseconds = time_ms(dequantize, repeats=200) * 1e3
+                emit(kind="nf4", shape=[out_features, in_features], kernel="litft", program_bytes=program_bytes,
+                     warps=warps, us=round(microseconds, 1), tb_per_s=round(gigabytes / microseconds * 1e3, 2))
+        nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS = chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", default="attention,gemm,lora")
+    parser.add_argument("--only", default="attention,gemm,lora,qkv,nf4")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per GEMM (rows x sequence length)")
     parser.add_argument("--seq", type=int, default=2048)
     args = parser.parse_args()
@@ -162,6 +236,10 @@ def main() -> None:
         bench_gemm(args.tokens)
     if "lora" in chosen:
         bench_lora(args.tokens)
+    if "qkv" in chosen:
+        bench_qkv(args.tokens)
+    if "nf4" in chosen:
+        bench_nf4()
 
 
 if __name__ == "__main__":
