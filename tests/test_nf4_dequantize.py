@@ -109,3 +109,30 @@ def test_kernel_equals_bitsandbytes_on_the_gpu_bit_for_bit(double_quant):
             expected = bnb_functional.dequantize_4bit(packed, state)
             ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, nested_blocksize, dtype)
             assert torch.equal(ours, expected), (shape, dtype)
+
+
+@pytest.mark.gpu
+@torch.inference_mode()
+def test_nf4_model_generates_what_its_dequantized_weights_generate(stories_dir, monkeypatch):
+    """Greedy decoding from an NF4 base, whose weights the kernel rebuilds at every step (eagerly, replayed in a CUDA
+    graph, and in the compiled step), gives the ids of the same model with its weights dequantized once by
+    bitsandbytes into plain layers (float32, so the weights are exact and the matmuls the same)."""
+    from litft.adapters.quantization import QuantizedLinear, quantize_model
+    from litft.checkpoint import load_model
+    from litft.generation import generate
+
+    quantized = load_model(
+        stories_dir, dtype=torch.float32, device="cuda",
+        prepare=lambda model: quantize_model(model, "bnb.nf4", compute_dtype=torch.float32),
+    ).eval()
+    plain = load_model(stories_dir, dtype=torch.float32, device="cuda").eval()
+    layers = {name: module for name, module in quantized.named_modules() if isinstance(module, QuantizedLinear)}
+    assert layers
+    with monkeypatch.context() as patch:
+        patch.setattr(quantization, "use_nf4_kernel", False)
+        for name, layer in layers.items():
+            plain.get_submodule(name).weight.copy_(layer.dequantized_weight())
+    prompts = [[1, 400, 300, 20, 7], [1, 50]]
+    reference = [result.token_ids for result in generate(plain, prompts, 24, [], use_cuda_graph=False)]
+    for options in ({"use_cuda_graph": False}, {"use_cuda_graph": True}, {"use_cuda_graph": True, "compile": True}):
+        assert [result.token_ids for result in generate(quantized, prompts, 24, [], **options)] == reference, options

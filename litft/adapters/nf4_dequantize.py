@@ -18,6 +18,7 @@ an 8-bit code, its value nested_code[absmax[b]] * nested_absmax[b // nested_bloc
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -77,8 +78,6 @@ def _nf4_table(device: torch.device) -> torch.Tensor:
 def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether this kernel takes the weight: a CUDA tensor (or Triton's interpreter, which runs on CPU), Triton
     importable, and an even number of values (every linear layer's weight; bitsandbytes pads an odd count)."""
-    import os
-
     on_device = weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return on_device and (out_features * in_features) % 2 == 0 and triton_available()
 
