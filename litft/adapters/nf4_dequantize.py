@@ -17,6 +17,7 @@ an 8-bit code, its value nested_code[absmax[b]] * nested_absmax[b // nested_bloc
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -99,9 +100,11 @@ def dequantize_nf4(
     absmax = state[0]
     nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)
     grid = (triton.cdiv(byte_count, BYTES_PER_PROGRAM),)
-    _kernel()[grid](
-        packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
-        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=BYTES_PER_BLOCK,
-        BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
-    )
+    # Triton launches on the current device: a weight on another GPU than the current one must not run there.
+    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+        _kernel()[grid](
+            packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
+            NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=BYTES_PER_BLOCK,
+            BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
+        )
     return out
