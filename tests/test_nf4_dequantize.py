@@ -71,7 +71,7 @@ def test_kernel_equals_the_definition_in_the_interpreter(interpreter, double_qua
     for shape in SHAPES:
         packed, _, tensors, nested_blocksize = quantize(shape, double_quant)
         assert nf4_dequantize.can_dequantize(packed, *shape)
-        ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, nested_blocksize, dtype)
+        ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, 64, nested_blocksize, dtype)
         assert ours.shape == shape and ours.dtype == dtype
         assert torch.equal(ours, nf4_definition(packed, tensors, shape, nested_blocksize, dtype)), shape
 
@@ -107,7 +107,7 @@ def test_kernel_equals_bitsandbytes_on_the_gpu_bit_for_bit(double_quant):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             state.dtype = dtype
             expected = bnb_functional.dequantize_4bit(packed, state)
-            ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, nested_blocksize, dtype)
+            ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, 64, nested_blocksize, dtype)
             assert torch.equal(ours, expected), (shape, dtype)
 
 

@@ -10,9 +10,10 @@ The result is bit-for-bit bitsandbytes' (tests/test_nf4_dequantize.py): the same
 bitsandbytes computes it (a product rounded to float32, then the offset added: the kernel is compiled without
 fused multiply-adds), each value the table entry times the scale, rounded once to the output dtype.
 
-Layout (bitsandbytes' `quantize_4bit`, blocksize 64): byte i holds values 2i (high nibble) and 2i+1 (low nibble);
-block b = values 64b .. 64b+63 = bytes 32b .. 32b+31 has the scale absmax[b]; with double quantization absmax[b] is
-an 8-bit code, its value nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset.
+Layout (bitsandbytes' `quantize_4bit`; litft quantizes with blocksize 64): byte i holds values 2i (high nibble)
+and 2i+1 (low nibble); block b = values 64b .. 64b+63 = bytes 32b .. 32b+31 has the scale absmax[b]; with double
+quantization absmax[b] is an 8-bit code, its value nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] +
+offset.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import os
 
 import torch
 
-BYTES_PER_BLOCK = 32  # 64 four-bit values share one scale
 BYTES_PER_PROGRAM = 1024  # with 4 warps, the fastest of 15 sizes on an H200 (benchmarks/NOTES.md, section 10)
 WARPS = 4
 
@@ -84,11 +84,12 @@ def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) ->
 
 
 def dequantize_nf4(
-    weight: torch.Tensor, state: list[torch.Tensor], out_features: int, in_features: int, nested_blocksize: int,
-    dtype: torch.dtype,
+    weight: torch.Tensor, state: list[torch.Tensor], out_features: int, in_features: int, blocksize: int,
+    nested_blocksize: int, dtype: torch.dtype,
 ) -> torch.Tensor:
     """The weight (out_features, in_features) in `dtype` from its packed storage and state (`[absmax]`, or
-    `[absmax codes, nested_absmax, nested_code, offset]` with double quantization)."""
+    `[absmax codes, nested_absmax, nested_code, offset]` with double quantization); `blocksize` values share a
+    scale."""
     import triton
 
     packed = weight.contiguous().view(torch.uint8).reshape(-1)
@@ -104,7 +105,7 @@ def dequantize_nf4(
     with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
         _kernel()[grid](
             packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
-            NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=BYTES_PER_BLOCK,
+            NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=blocksize // 2,
             BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
         )
     return out

@@ -125,7 +125,9 @@ def dequantize_weight(
         (row_scale,) = state
         return bnb_functional.int8_vectorwise_dequant(weight, row_scale).to(dtype)
     if mode == "bnb.nf4" and use_nf4_kernel and nf4_dequantize.can_dequantize(weight, out_features, in_features):
-        return nf4_dequantize.dequantize_nf4(weight, state, out_features, in_features, nested_blocksize, dtype)
+        return nf4_dequantize.dequantize_nf4(
+            weight, state, out_features, in_features, BLOCKSIZE_4BIT, nested_blocksize, dtype
+        )
     nested_state = None
     offset = None
     absmax = state[0]
