@@ -8,9 +8,9 @@
               activations to 8-bit float counted separately;
   lora        one adapted projection (litft's LoRALinear, compiled) forward + backward against its frozen base alone:
               what the rank-16 branch costs on top of the base GEMMs;
-  qkv         q/k/v's base GEMMs as litft's grouped LoRA operator runs them (the A factors batched, the forward adding
-              into the adapters' output, the input gradient accumulated), three GEMMs against one over the
-              concatenated weights;
+  qkv         q/k/v's (and gate/up's) base GEMMs as litft's grouped LoRA operator runs them (the A factors batched,
+              the forward adding into the adapters' output, the input gradient accumulated), one GEMM per layer
+              against one over the concatenated weights;
   nf4         dequantizing a double-quantized NF4 weight: bitsandbytes' kernels against litft's Triton kernel at
               several program sizes (timed per call, launch included).
 
@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -153,9 +154,9 @@ def bench_lora(tokens: int) -> None:
 
 def bench_qkv(tokens: int, rank: int = 16) -> None:
     device, dtype = "cuda", torch.bfloat16
-    for shape, projections in PROJECTIONS.items():
+    for (shape, projections), group in itertools.product(PROJECTIONS.items(), ("qkv", "gate_up")):
         hidden, kv_width = projections["kv"]
-        sizes = [projections["q"][1], kv_width, kv_width]
+        sizes = [projections["q"][1], kv_width, kv_width] if group == "qkv" else [projections["gate_up"][1]] * 2
         weights = [torch.randn(size, hidden, device=device, dtype=dtype) * 0.02 for size in sizes]
         joined_weight = torch.cat(weights)
         stacked_a = torch.randn(rank * len(sizes), hidden, device=device, dtype=dtype) * 0.02
@@ -184,7 +185,7 @@ def bench_qkv(tokens: int, rank: int = 16) -> None:
 
         for case, step in [("separate_forward", separate_forward), ("joined_forward", joined_forward),
                            ("separate_input_grad", separate_backward), ("joined_input_grad", joined_backward)]:
-            emit(kind="qkv", shape=shape, tokens=tokens, case=case, ms=round(time_ms(step), 4))
+            emit(kind="qkv", shape=shape, group=group, tokens=tokens, case=case, ms=round(time_ms(step), 4))
 
 
 def bench_nf4() -> None:

@@ -45,6 +45,19 @@ def loss_and_grads(model: nn.Module, input_ids: torch.Tensor, step=None) -> tupl
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_computes_what_each_layer_computes_alone(model: nn.Module, input_ids: torch.Tensor) -> dict:
+    """The loss and every adapter's gradient of `model` equal those with each LoRA layer computed on its own;
+    returns the gradients. Leaves the layers computing on their own."""
+    loss, grads = loss_and_grads(model, input_ids)
+    set_compute_together(model, False)
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == reference_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    return grads
+
+
 def count_calls(model: nn.Module, input_ids: torch.Tensor) -> int:
     """How many times the grouped forward operator runs in one forward pass."""
     calls = 0
@@ -185,7 +198,10 @@ def test_autocast_groups_and_computes_in_the_autocast_dtype():
 
 
 def test_compiled_model_runs_the_grouped_operators_and_matches_eager():
+    """Compiled, the grouped operators run (q/k/v joined: the weights reach the operator still back to back, one
+    base GEMM for the three) and compute what eager computes."""
     model = lora_model()
+    lora_projections.join_frozen_weights(model)
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     eager_loss, eager_grads = loss_and_grads(model, input_ids)
     torch._dynamo.reset()
@@ -204,6 +220,7 @@ def test_compiled_model_runs_the_grouped_operators_and_matches_eager():
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert base_gemm_count(compiled, input_ids) == 2 * 5  # q/k/v, o, gate, up, down
 
 
 def test_bfloat16_group_is_as_close_to_float32_as_each_layer_alone():
@@ -221,8 +238,10 @@ def test_bfloat16_group_is_as_close_to_float32_as_each_layer_alone():
     assert grouped_error < 1.2 * alone_error + 1e-3, (grouped_error, alone_error)
 
 
+@pytest.mark.parametrize("joined", [False, True])
 @pytest.mark.parametrize("mode", ["bnb.nf4", "bnb.int8"])
-def test_quantized_base_groups_and_matches_each_layer(mode):
+def test_quantized_base_groups_and_matches_each_layer(mode, joined):
+    """Also joined: q/k/v's 4-bit weights dequantize into one buffer for one base GEMM."""
     pytest.importorskip("bitsandbytes")
     from litft.adapters.quantization import quantize_model
 
@@ -234,13 +253,11 @@ def test_quantized_base_groups_and_matches_each_layer(mode):
         for layer in lora_modules(model).values():
             layer.lora_B.weight.normal_(0, 0.5)
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    if joined:
+        assert lora_projections.join_frozen_weights(model) == 2
     assert count_calls(model, input_ids) == 8
-    loss, grads = loss_and_grads(model, input_ids)
-    set_compute_together(model, False)
-    reference_loss, reference_grads = loss_and_grads(model, input_ids)
-    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert base_gemm_count(model, input_ids) == 2 * (5 if joined else 7)
+    assert_computes_what_each_layer_computes_alone(model, input_ids)
 
 
 def test_block_forward_with_the_attention_context():
@@ -257,6 +274,78 @@ def test_block_forward_with_the_attention_context():
     set_compute_together(model, False)
     model.blocks[0](x, cos, sin, context).sum().backward()
     torch.testing.assert_close(grad, x.grad, rtol=1e-4, atol=1e-6)
+
+
+def base_gemm_count(model: nn.Module, input_ids: torch.Tensor) -> int:
+    """How many in-place GEMMs (the base projections' addmm_, accumulating into the adapters' output) one forward
+    pass runs, counted by the profiler inside the grouped operator."""
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        model(input_ids)
+    return sum(event.count for event in profiler.key_averages() if event.key == "aten::addmm_")
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_joined_frozen_weights_keep_names_and_values_and_run_one_gemm_per_group(qkv_bias):
+    """`join_frozen_weights` lays q/k/v's frozen weights back to back in one storage: every parameter keeps its name,
+    shape and values; the grouped operator then runs one base GEMM for q/k/v, and the model computes (loss and
+    every adapter's gradient) what each layer computes alone."""
+    model = lora_model(config={"attention_bias": qkv_bias})
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    assert base_gemm_count(model, input_ids) == 2 * 7  # one per projection, two blocks
+    assert lora_projections.join_frozen_weights(model) == 2  # q/k/v in each block
+    assert lora_projections.join_frozen_weights(model) == 0  # already joined
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for name, tensor in before.items():
+        assert torch.equal(after[name], tensor), name
+    attention, mlp = model.blocks[0].self_attn, model.blocks[0].mlp
+    qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+    assert all(not weight.requires_grad for weight in qkv)
+    assert len({weight.untyped_storage().data_ptr() for weight in qkv}) == 1
+    assert lora_projections.back_to_back(qkv) is not None
+    assert lora_projections.back_to_back([mlp.gate_proj.weight, mlp.up_proj.weight]) is None  # gate/up: two GEMMs
+    assert base_gemm_count(model, input_ids) == 2 * 5  # q/k/v, o, gate, up, down
+    grads = assert_computes_what_each_layer_computes_alone(model, input_ids)
+    assert len(grads) == 2 * 7 * 2 and all(grad.abs().sum() > 0 for grad in grads.values())
+
+
+def test_a_joined_group_whose_weights_were_moved_apart_still_computes_each_layer():
+    """Marked joined, but the weights no longer back to back (FSDP2 re-allocates each parameter): each weight's GEMM
+    writes its own columns, with the same result."""
+    model = lora_model()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    lora_projections.join_frozen_weights(model)
+    for layer in lora_modules(model).values():
+        layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    assert base_gemm_count(model, input_ids) == 2 * 7
+    assert_computes_what_each_layer_computes_alone(model, input_ids)
+
+
+def test_weights_out_of_order_in_one_storage_do_not_join():
+    """Only rows in the group's own order, back to back, make the joined matrix: k before q, or a gap, does not."""
+    storage = torch.randn(10, 4)
+    q, k, v = storage[0:4], storage[4:6], storage[6:8]
+    assert torch.equal(lora_projections.back_to_back([q, k, v]), storage[:8])
+    assert lora_projections.back_to_back([k, q, v]) is None
+    assert lora_projections.back_to_back([q, k, storage[7:9]]) is None
+    assert lora_projections.back_to_back([q, k, v.clone()]) is None
+
+
+def test_the_training_loader_joins_the_groups(family_checkpoints):
+    """`litft finetune lora` loads the base with each group's weights joined."""
+    from litft.commands.finetune import load_for_training
+
+    model = load_for_training(
+        "lora", family_checkpoints["llama"], torch.float32, torch.device("cpu"),
+        LoRAConfig(rank=2, targets=["all-linear"]), None,
+    )
+    for block in model.blocks:
+        attention, mlp = block.self_attn, block.mlp
+        qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+        assert lora_projections.back_to_back(qkv) is not None
+        assert all(layer.joined_base for layer in (attention.q_proj, attention.k_proj, attention.v_proj))
+        assert not mlp.gate_proj.joined_base
 
 
 @pytest.mark.gpu

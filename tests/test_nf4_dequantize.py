@@ -81,15 +81,25 @@ def test_quantized_layers_dequantize_through_the_kernel(interpreter, monkeypatch
     can, and bitsandbytes' path when switched off: both give the format's values."""
     calls = []
     original = nf4_dequantize.dequantize_nf4
-    monkeypatch.setattr(nf4_dequantize, "dequantize_nf4", lambda *args: calls.append(args) or original(*args))
+    monkeypatch.setattr(
+        nf4_dequantize, "dequantize_nf4", lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+    )
     shape = (96, 256)
     packed, _, tensors, nested_blocksize = quantize(shape, True)
     expected = nf4_definition(packed, tensors, shape, nested_blocksize, torch.float32)
     ours = quantization.dequantize_weight(packed, tensors, "bnb.nf4", *shape, nested_blocksize, torch.float32)
     assert len(calls) == 1 and torch.equal(ours, expected)
+    # Into rows of a larger buffer, as a joined q/k/v group dequantizes its weights for one GEMM.
+    joined = torch.zeros(3 * shape[0], shape[1])
+    rows = joined[shape[0] : 2 * shape[0]]
+    written = quantization.dequantize_weight(
+        packed, tensors, "bnb.nf4", *shape, nested_blocksize, torch.float32, out=rows
+    )
+    assert len(calls) == 2 and written.data_ptr() == rows.data_ptr() and torch.equal(rows, expected)
+    assert not joined[: shape[0]].any() and not joined[2 * shape[0] :].any()
     monkeypatch.setattr(quantization, "use_nf4_kernel", False)
     theirs = quantization.dequantize_weight(packed, tensors, "bnb.nf4", *shape, nested_blocksize, torch.float32)
-    assert len(calls) == 1 and torch.equal(theirs, expected)
+    assert len(calls) == 2 and torch.equal(theirs, expected)
 
 
 def test_kernel_is_not_taken_without_a_gpu_or_the_interpreter(monkeypatch):

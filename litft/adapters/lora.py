@@ -122,6 +122,8 @@ class LoRALinear(nn.Module):
         self.lora_magnitude_vector: nn.Parameter | None = None
         # False under compilers that cannot trace the grouped operators (thunder): see `forward_together`.
         self.compute_together = True
+        # True once `join_frozen_weights` has given this layer's group (q, k, v) one base GEMM.
+        self.joined_base = False
         if not self.weight.is_meta:
             self.reset_adapter_parameters()
 

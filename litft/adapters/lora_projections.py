@@ -16,6 +16,13 @@ kernel, and each projection's input gradient was its own tensor summed afterward
 about 1.5 GB more memory traffic (benchmarks/NOTES.md, section 8). Here every full-size tensor is written once;
 the additions ride in the epilogues of GEMMs that are bound by arithmetic, not by memory.
 
+q, k and v also share one base GEMM (`join_frozen_weights`): their outputs come side by side in one tensor
+y = [y_1 | y_2 | y_3] = low @ diag(B_1, B_2, B_3)^T + x @ [W_1; W_2; W_3]^T, and dx takes one GEMM over all three,
+dy @ [W_1; W_2; W_3]. Full-precision weights lie back to back in one storage for it (each layer's `weight` stays its
+own parameter, a view into it); 4-bit weights dequantize into one buffer. k's and v's input gradients alone reduce
+over 1024 columns, where cuBLAS runs well below its rate (NOTES.md, section 11). Weights that no longer lie back to
+back (sharded by FSDP2) take one GEMM each, into their columns of y.
+
 The operators are opaque to torch.compile (custom operators, like the dequantizing matmul of a quantized base):
 traced, inductor lowers an addmm into a copy of its addend plus a GEMM. Quantized 4-bit bases dequantize inside
 them, forward and backward, so nothing full-precision is kept between the two. The Hugging Face parameter names
@@ -50,6 +57,55 @@ def _weights(
             )
 
 
+def back_to_back(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The weights (N_i, K) as one (sum N_i, K) matrix without a copy when they lie back to back in one storage, in
+    order, contiguous and of one dtype (as `join_frozen_weights` lays them out); else None."""
+    first = weights[0]
+    offset = first.storage_offset()
+    for weight in weights:
+        if (
+            weight.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or weight.storage_offset() != offset
+            or not weight.is_contiguous()
+            or weight.dtype != first.dtype
+            or weight.shape[1:] != first.shape[1:]
+        ):
+            return None
+        offset += weight.numel()
+    return first.as_strided((sum(weight.shape[0] for weight in weights), first.shape[1]), (first.shape[1], 1))
+
+
+def _joined_weight(
+    weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
+    out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """Every layer's frozen weight in one (sum N_i, K) matrix in `dtype` where that costs no copy of a weight: a
+    quantized group dequantizes into one buffer (one layer's rows after another's); full-precision weights join
+    when they lie back to back already. None: one GEMM per layer."""
+    if mode == "none":
+        joined = back_to_back(weights)
+        return joined if joined is not None and joined.dtype == dtype else None
+    joined = torch.empty((sum(out_features), in_features), dtype=dtype, device=weights[0].device)
+    row = 0
+    start = 0
+    for index, weight in enumerate(weights):
+        layer_state = state[start : start + state_counts[index]]
+        start += state_counts[index]
+        rows = joined[row : row + out_features[index]]
+        row += out_features[index]
+        dequantize_weight(
+            weight, layer_state, mode, out_features[index], in_features, nested_blocksizes[index], dtype, out=rows
+        )
+    return joined
+
+
+def _column_ranges(sizes: Sequence[int]) -> list[slice]:
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    return [slice(begin, end) for begin, end in zip(starts, starts[1:])]
+
+
 @torch.library.custom_op("litft::lora_projections", mutates_args=())
 def lora_projections(
     x: torch.Tensor,
@@ -62,17 +118,37 @@ def lora_projections(
     biases: list[torch.Tensor | None],
     lora_a: torch.Tensor,
     lora_b: list[torch.Tensor],
+    joined: bool,
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
-    kept for the backward. `lora_a` is the layers' A factors, each times its scaling, stacked (sum r_i, K), in x's
-    dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own."""
+    kept for the backward; `joined`: [y, low], the outputs side by side in one tensor (..., sum N_i), from one base
+    GEMM when the weights join. `lora_a` is the layers' A factors, each times its scaling, stacked (sum r_i, K), in
+    x's dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     low = flat_x @ lora_a.t()  # (M, sum r_i)
+    arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
+    if joined:
+        # diag(B_1, B_2, ...): every adapter's up-projection in one GEMM, each column reading only its own layer's
+        # rank-sized input (the zeros add nothing).
+        updates = torch.block_diag(*lora_b)  # (sum N_i, sum r_i)
+        if all(bias is None for bias in biases):
+            output = low @ updates.t()  # (M, sum N_i)
+        else:
+            bias = torch.cat(
+                [x.new_zeros(size) if bias is None else bias.to(x.dtype) for bias, size in zip(biases, out_features)]
+            )
+            output = torch.addmm(bias, low, updates.t())
+        weight = _joined_weight(*arguments)
+        if weight is not None:
+            output.addmm_(flat_x, weight.t())
+        else:  # the weights no longer lie back to back (sharded by FSDP2): each into its columns, in place
+            for columns, weight in zip(_column_ranges(out_features), _weights(*arguments)):
+                output[:, columns].addmm_(flat_x, weight.t())
+        return [output.view(*x.shape[:-1], output.shape[-1]), low]
     outputs = []
     start = 0
-    layer_weights = _weights(weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
-    for weight, bias, update in zip(layer_weights, biases, lora_b):
+    for weight, bias, update in zip(_weights(*arguments), biases, lora_b):
         rank = update.shape[1]
         low_i = low[:, start : start + rank]
         start += rank
@@ -86,10 +162,10 @@ def lora_projections(
 
 
 @lora_projections.register_fake
-def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b):
+def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined):
     tokens = x.numel() // x.shape[-1]
-    outputs = [x.new_empty((*x.shape[:-1], size)) for size in out_features]
-    return [*outputs, x.new_empty((tokens, lora_a.shape[0]))]
+    sizes = [sum(out_features)] if joined else out_features
+    return [*(x.new_empty((*x.shape[:-1], size)) for size in sizes), x.new_empty((tokens, lora_a.shape[0]))]
 
 
 @torch.library.custom_op("litft::lora_projections_backward", mutates_args=())
@@ -107,10 +183,16 @@ def lora_projections_backward(
     lora_b: list[torch.Tensor],
     input_grad: bool,
 ) -> list[torch.Tensor]:
-    """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]."""
+    """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]; `grad_outputs` is one
+    tensor per layer, or one for all side by side (the joined forward's output)."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
-    flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
+    if len(grad_outputs) == 1 and len(out_features) > 1:  # joined: each layer's gradient is a block of columns
+        joined_grad = grad_outputs[0].reshape(-1, sum(out_features))  # (M, sum N_i)
+        flat_grads = [joined_grad[:, columns] for columns in _column_ranges(out_features)]
+    else:
+        joined_grad = None
+        flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
     grad_low_parts, grad_updates = [], []
     start = 0
     for grad, update in zip(flat_grads, lora_b):
@@ -122,11 +204,13 @@ def lora_projections_backward(
     grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
     if input_grad:
         grad_x = grad_low @ lora_a  # (M, K)
-        layer_weights = _weights(
-            weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype
-        )
-        for grad, weight in zip(flat_grads, layer_weights):
-            grad_x.addmm_(grad, weight)
+        arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
+        weight = _joined_weight(*arguments) if joined_grad is not None else None
+        if weight is not None:
+            grad_x.addmm_(joined_grad, weight)
+        else:
+            for grad, weight in zip(flat_grads, _weights(*arguments)):
+                grad_x.addmm_(grad, weight)
         grad_x = grad_x.view(x.shape)
     else:
         grad_x = x.new_empty(0)
@@ -141,7 +225,7 @@ def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, ne
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b = inputs
+    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined = inputs
     ctx.save_for_backward(x, output[-1], lora_a, *weights, *state, *lora_b)
     ctx.sizes = (len(weights), len(state))
     # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
@@ -154,9 +238,10 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     x, low, lora_a, *rest = ctx.saved_tensors
     weights, state, lora_b = rest[:layer_count], rest[layer_count : layer_count + state_count], rest[-layer_count:]
     state_counts, mode, out_features, nested_blocksizes = ctx.arguments
+    sizes = [sum(out_features)] if len(grad_outputs) == 2 else out_features  # joined: [y, low]
     grads = [
         torch.zeros((*x.shape[:-1], size), dtype=x.dtype, device=x.device) if grad is None else grad
-        for grad, size in zip(grad_outputs[:layer_count], out_features)
+        for grad, size in zip(grad_outputs[:-1], sizes)
     ]
     input_grad = ctx.needs_input_grad[0]
     grad_x, grad_lora_a, *grad_lora_b = lora_projections_backward(
@@ -165,7 +250,7 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None,
     )
 
 
@@ -210,7 +295,10 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
     stacked = torch.cat([layer.lora_A.weight * layer.scaling for layer in joining])  # (sum r_i, K)
     lora_a = stacked.to(group_input.dtype)
-    *joined, _ = lora_projections(
+    # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
+    # block specializes on it once; whether the weights still lie back to back is the operator's to check).
+    joined = len(joining) > 1 and all(getattr(layer, "joined_base", False) for layer in joining)
+    *outputs, _ = lora_projections(
         group_input,
         weights,
         state,
@@ -221,7 +309,49 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
         [layer.bias for layer in joining],
         lora_a,
         [layer.lora_B.weight.to(group_input.dtype) for layer in joining],
+        joined,
     )
+    if joined:  # views of the one output tensor
+        outputs = outputs[0].split([layer.out_features for layer in joining], dim=-1)
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
-    outputs = iter(joined)
+    outputs = iter(outputs)
     return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
+
+
+# The layers of a model's `project` call whose base weights join into one GEMM, by module name. Only q/k/v: one
+# GEMM saves 0.10 ms per llama-8b layer there (k's and v's input gradients reduce over 1024 columns only), while
+# gate/up's 28672-wide GEMM ran 8% slower than its two halves on an H200 (benchmarks/NOTES.md, section 11).
+JOINED_GROUPS = (("q_proj", "k_proj", "v_proj"),)
+
+
+@torch.no_grad()
+def join_frozen_weights(model: nn.Module) -> int:
+    """Marks each q/k/v group of LoRA layers to run one base GEMM, and lays their frozen full-precision weights back
+    to back in one storage for it (4-bit weights stay where they are: they dequantize into one buffer). Each layer's
+    `weight` stays its own parameter under its own name, with its own shape and values: a view into the group's
+    storage. Returns how many groups it marked."""
+    joined = 0
+    for module in model.modules():
+        for names in JOINED_GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if not all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
+                continue
+            if all(getattr(layer, "joined_base", False) for layer in layers):
+                continue
+            weights = [layer.weight for layer in layers]
+            if any(weight.requires_grad or weight.is_meta for weight in weights):
+                continue
+            if len({layer.quantization.mode if layer.quantization else "none" for layer in layers}) > 1:
+                continue
+            if layers[0].quantization is None:
+                if len({(weight.dtype, weight.device, weight.shape[1:]) for weight in weights}) > 1:
+                    continue
+                storage = torch.cat(weights)  # (sum N_i, K)
+                start = 0
+                for layer, weight in zip(layers, weights):
+                    layer.weight = nn.Parameter(storage[start : start + weight.shape[0]], requires_grad=False)
+                    start += weight.shape[0]
+            for layer in layers:
+                layer.joined_base = True
+            joined += 1
+    return joined

@@ -85,18 +85,21 @@ def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) ->
 
 def dequantize_nf4(
     weight: torch.Tensor, state: list[torch.Tensor], out_features: int, in_features: int, blocksize: int,
-    nested_blocksize: int, dtype: torch.dtype,
+    nested_blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The weight (out_features, in_features) in `dtype` from its packed storage and state (`[absmax]`, or
     `[absmax codes, nested_absmax, nested_code, offset]` with double quantization); `blocksize` values share a
-    scale."""
+    scale. Written into `out` when given (contiguous, of that shape and dtype: rows of a group's joined weight)."""
     import triton
 
     packed = weight.contiguous().view(torch.uint8).reshape(-1)
     byte_count = out_features * in_features // 2
     if packed.numel() < byte_count:
         raise ValueError(f"a packed NF4 weight of {packed.numel()} bytes cannot hold {out_features} x {in_features}")
-    out = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
+    if out is None:
+        out = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
+    elif out.shape != (out_features, in_features) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"NF4 output must be a contiguous {out_features} x {in_features} {dtype} tensor")
     nested = len(state) == 4
     absmax = state[0]
     nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)

@@ -117,17 +117,20 @@ def dequantize_weight(
     in_features: int,
     nested_blocksize: int,
     dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A quantized weight (out, in) in `dtype`, from its storage and `WeightQuantization.state_tensors`."""
+    """A quantized weight (out, in) in `dtype`, from its storage and `WeightQuantization.state_tensors`; written
+    into `out` (contiguous, (out, in), `dtype`) when given, as the grouped LoRA operator joins a group's weights."""
     import bitsandbytes.functional as bnb_functional
 
-    if mode == "bnb.int8":
-        (row_scale,) = state
-        return bnb_functional.int8_vectorwise_dequant(weight, row_scale).to(dtype)
     if mode == "bnb.nf4" and use_nf4_kernel and nf4_dequantize.can_dequantize(weight, out_features, in_features):
         return nf4_dequantize.dequantize_nf4(
-            weight, state, out_features, in_features, BLOCKSIZE_4BIT, nested_blocksize, dtype
+            weight, state, out_features, in_features, BLOCKSIZE_4BIT, nested_blocksize, dtype, out=out
         )
+    if mode == "bnb.int8":
+        (row_scale,) = state
+        result = bnb_functional.int8_vectorwise_dequant(weight, row_scale).to(dtype)
+        return result if out is None else out.copy_(result)
     nested_state = None
     offset = None
     absmax = state[0]
@@ -145,7 +148,8 @@ def dequantize_weight(
         offset=offset,
         state2=nested_state,
     )
-    return bnb_functional.dequantize_4bit(weight, quant_state).to(dtype)
+    result = bnb_functional.dequantize_4bit(weight, quant_state).to(dtype)
+    return result if out is None else out.copy_(result)
 
 
 # The dequantize-and-multiply is one opaque operator (forward and input-gradient), not Python that torch.compile

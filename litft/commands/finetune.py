@@ -663,7 +663,10 @@ def load_for_training(
 
     model = load_model(checkpoint, dtype=dtype, device=device, prepare=prepare)
     if method in ("lora", "qlora"):
+        from litft.adapters.lora_projections import join_frozen_weights
+
         apply_lora(model, lora_config)
+        join_frozen_weights(model)  # one base GEMM for q/k/v and one for gate/up (4-bit bases join as they dequantize)
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)

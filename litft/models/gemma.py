@@ -143,6 +143,9 @@ class GemmaAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        # q, k and v are column blocks of one tensor when computed together (litft.adapters.lora_projections): q
+        # and k leave it through the rotary embedding, v would keep all of it alive as a tensor attention saves.
+        v = v.contiguous()
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)

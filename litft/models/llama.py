@@ -124,6 +124,9 @@ class LlamaAttention(nn.Module):
             q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        # q, k and v are column blocks of one tensor (one GEMM, or a fused qkv_proj): q and k leave it through
+        # the rotary embedding, v would keep all of it alive as a tensor attention saves for its backward.
+        v = v.contiguous()
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
         k = k.view(B, T, self.n_kv_head, self.head_dim)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
