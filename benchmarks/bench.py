@@ -92,11 +92,15 @@ def random_checkpoint(shape_name: str, folder: Path) -> Path:
 
 def random_batch(rows: int, seq: int, vocab: int, device: torch.device, seed: int) -> dict:
     """A training batch of random tokens, every position trained but the last (as the peers' labels=inputs)."""
+    from litft.training.loss import find_trained_positions
+
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, vocab, (rows, seq), generator=generator).to(device)
+    tokens = torch.randint(0, vocab, (rows, seq), generator=generator)
     targets = torch.cat([tokens[:, 1:], torch.full_like(tokens[:, :1], -100)], dim=1)
-    return {"input_ids": tokens, "targets": targets, "position_ids": None, "document_ids": None,
-            "num_tokens": tokens.numel()}
+    # As SupervisedObjective.collate builds a batch: the trained positions found on the host.
+    return {"input_ids": tokens.to(device), "targets": targets.to(device), "position_ids": None,
+            "document_ids": None, "num_tokens": tokens.numel(),
+            "trained_positions": find_trained_positions(targets).to(device)}
 
 
 def sample(batch: dict, row: int) -> dict:
@@ -128,6 +132,12 @@ def bench_training(args) -> dict:
         quantization.use_nf4_kernel = False
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
         set_compute_together(model, False)
+    if args.separate_base_gemms:  # the A/B of join_frozen_weights: each frozen weight in its own storage again
+        from litft.adapters.lora import lora_modules
+
+        for layer in lora_modules(model).values():
+            if layer.quantization is None:
+                layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
@@ -157,24 +167,62 @@ def bench_training(args) -> dict:
     from torch._dynamo.utils import counters
 
     graphs_before = counters["stats"]["unique_graphs"]
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
+
+    def step():
+        return train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
+
+    if args.cuda_graph:
+        step = whole_step_graph(step, optimizer)
+    pending = None
+    for index in range(args.warmup + args.steps):
+        if index == args.warmup:
             synchronize()
             started = time.perf_counter()
-        train_step(fabric, wrapped, optimizer, objective, [batch], train_config)
+        metrics = step()
+        # Read as litft.training.loop.fit reads them: after the next step is queued (--sync_each_step: at once).
+        if args.sync_each_step:
+            metrics.resolve()
+        elif pending is not None:
+            pending.resolve()
+        pending = metrics
+    pending.resolve()
     synchronize()
     tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
     # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing) and the loss. Many more
     # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
     compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     if args.profile:
-        profile_steps(lambda: train_step(fabric, wrapped, optimizer, objective, [batch], train_config))
+        profile_steps(lambda: step().resolve())
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
                 compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
+                separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
+                cuda_graph=args.cuda_graph,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+
+
+def whole_step_graph(step, optimizer):
+    """An experiment, not a litft feature: the whole training step (forward, backward, optimizer) captured once in a
+    CUDA graph and replayed, to measure what launching kernels from the host costs. Needs fixed shapes, a step
+    without host reads, and an optimizer whose step counter lives on the GPU."""
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step().resolve()  # compiled and allocated outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    def replay():
+        graph.replay()
+        return captured  # its tensors are the graph's outputs, rewritten by each replay
+
+    return replay
 
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
@@ -355,6 +403,12 @@ def main() -> None:
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
     parser.add_argument("--bnb_dequantize", action="store_true",
                         help="qlora nf4: dequantize with bitsandbytes' kernels, not litft's (the A/B of that kernel)")
+    parser.add_argument("--separate_base_gemms", action="store_true",
+                        help="one base GEMM per projection, not one per q/k/v and gate/up group (for comparison)")
+    parser.add_argument("--sync_each_step", action="store_true",
+                        help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
+    parser.add_argument("--cuda_graph", action="store_true",
+                        help="experiment: replay the whole step from one CUDA graph (what host launches cost)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)

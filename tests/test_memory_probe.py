@@ -259,7 +259,7 @@ def train(fabric, wrapped, optimizer):
     for _ in range(3):  # two micro-batches per step, as after a probe of 2 rows out of 4
         rows = [synthetic_rows(2, 32, 512, False, generator) for _ in range(2)]
         batches = [to_device(objective.collate(chunk), fabric.device) for chunk in rows]
-        losses.append(train_step(fabric, wrapped, optimizer, objective, batches, TrainConfig())["loss"])
+        losses.append(train_step(fabric, wrapped, optimizer, objective, batches, TrainConfig()).resolve()["loss"])
     return losses
 
 

@@ -225,6 +225,10 @@ class TrainingState:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     def move(value):
         if isinstance(value, torch.Tensor):
+            # From pageable memory a copy to the GPU waits for the work queued before it; from pinned memory it
+            # does not, and the host goes on collating while the device trains (`fit` reads metrics a step late).
+            if device.type == "cuda" and value.device.type == "cpu":
+                value = value.pin_memory()
             return value.to(device, non_blocking=True)
         if isinstance(value, dict):
             return {k: move(v) for k, v in value.items()}
@@ -246,6 +250,20 @@ class FitResult:
     stopped_early: str | None = None
 
 
+@dataclass
+class _PendingStep:
+    """A step queued on the device whose metrics `fit` has not read yet, with what it knew when it queued it."""
+
+    metrics: StepMetrics
+    step: int
+    epoch: int
+    lr: float
+    peak_memory_gib: float
+    started: float  # time.perf_counter() when the host began collating the step
+    queued: float  # time.perf_counter() when `train_step` returned
+    micro_batches: list[Batch]  # only for the out-of-memory advice
+
+
 def fit(
     fabric: Fabric,
     model: nn.Module,
@@ -263,7 +281,11 @@ def fit(
     should_stop: Callable[[], bool] | None = None,
 ) -> FitResult:
     """Trains until the epochs, `max_steps` or `max_time` run out, or `should_stop()` (a preemption signal) says so;
-    saves a resumable checkpoint at every `save_interval` and at the end."""
+    saves a resumable checkpoint at every `save_interval` and at the end.
+
+    A step's metrics are read one step late, once the next step is queued, so the device never waits for the host
+    to collate a batch. Every step is read before anything that needs its metrics or its weights: an evaluation, a
+    checkpoint, the last step and a stop."""
     progress = state.progress
     world_size, rank = fabric.world_size, fabric.global_rank
     accumulation = check_batch_sizes(train_config, world_size, len(train_rows))
@@ -277,6 +299,59 @@ def fit(
     stopped: str | None = None
     started = time.perf_counter() - progress.train_seconds
     last_saved_step = progress.step
+    pending: _PendingStep | None = None
+    previous_finished = -math.inf  # time.perf_counter() when the previous step was known to be finished
+
+    def report(step: _PendingStep) -> None:
+        """Reads a step's metrics (waiting for the device to finish it), logs them and stops on a non-finite loss."""
+        nonlocal previous_finished
+        try:
+            metrics = step.metrics.resolve()
+        except torch.OutOfMemoryError:
+            raise TrainingStopped(out_of_memory_advice(train_config, step.micro_batches, out_dir)) from None
+        tokens = int(metrics.pop("tokens"))
+        progress.tokens_seen += tokens
+        now = time.perf_counter()
+        # A step's wall time runs from the end of the previous step to its own. On an accelerator the host cannot
+        # see when a step ends, only that it has ended once its metrics are read: the time between two reads. On
+        # the CPU a step has ended when `train_step` returns. A step begun after the previous one ended (the first,
+        # or the first after an evaluation or a checkpoint) is timed from its own start, so that pause does not
+        # count. Never less than the host's own time for the step: two reads in a row (before an evaluation, a
+        # checkpoint or the end) find the second step already done when the host is the slower one.
+        finished = step.queued if fabric.device.type == "cpu" else now
+        elapsed = max(finished - max(previous_finished, step.started), step.queued - step.started)
+        previous_finished = finished
+        progress.train_seconds = now - started
+        metrics.update(
+            step=step.step,
+            epoch=step.epoch,
+            lr=step.lr,
+            tokens_per_second=tokens / max(elapsed, 1e-9),
+            tokens_seen=progress.tokens_seen,
+            peak_memory_gib=step.peak_memory_gib,
+        )
+        if not math.isfinite(metrics["loss"]):
+            last = latest_checkpoint(out_dir)
+            raise TrainingStopped(
+                f"the loss became {metrics['loss']} at step {step.step}; lower --train.lr or check the data"
+                + (f"; the last good checkpoint is {last}" if last else "")
+            )
+        if step.step % train_config.log_interval == 0 or step.step == steps:
+            fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=step.step)
+            progress.history.append({"step": step.step, "train_loss": metrics["loss"]})
+        if progress_bar is not None:
+            progress_bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
+                mem=f"{metrics['peak_memory_gib']:.1f}G",
+            )
+            progress_bar.update(1)
+
+    def report_pending() -> None:
+        nonlocal pending
+        if pending is not None:
+            step, pending = pending, None
+            report(step)
+
     try:
         while progress.step < steps and stopped is None:
             batches = global_batch_order(len(train_rows), train_config.global_batch_size, seed, progress.epoch)
@@ -288,54 +363,44 @@ def fit(
                     for chunk in split_global_batch(rows, world_size, rank, train_config.micro_batch_size, objective.row_length)
                 ]
                 try:
-                    metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
+                    step_metrics = train_step(fabric, model, optimizer, objective, micro_batches, train_config)
                 except torch.OutOfMemoryError:
                     raise TrainingStopped(out_of_memory_advice(train_config, micro_batches, out_dir)) from None
+                step_queued = time.perf_counter()
                 scheduler.step()
                 progress.step += 1
                 progress.batch_in_epoch += 1
-                tokens = int(metrics.pop("tokens"))
-                progress.tokens_seen += tokens
-                elapsed = time.perf_counter() - step_started
-                progress.train_seconds = time.perf_counter() - started
-                metrics.update(
-                    step=progress.step,
-                    epoch=progress.epoch,
-                    lr=optimizer.param_groups[0]["lr"],
-                    tokens_per_second=tokens / max(elapsed, 1e-9),
-                    tokens_seen=progress.tokens_seen,
-                    peak_memory_gib=_memory_gib(fabric.device),
+                previous, pending = pending, _PendingStep(
+                    step_metrics, progress.step, progress.epoch, lr=optimizer.param_groups[0]["lr"],
+                    peak_memory_gib=_memory_gib(fabric.device), started=step_started, queued=step_queued,
+                    micro_batches=micro_batches,
                 )
-                if not math.isfinite(metrics["loss"]):
-                    last = latest_checkpoint(out_dir)
-                    raise TrainingStopped(
-                        f"the loss became {metrics['loss']} at step {progress.step}; lower --train.lr or check the data"
-                        + (f"; the last good checkpoint is {last}" if last else "")
-                    )
-                if progress.step % train_config.log_interval == 0 or progress.step == steps:
-                    fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=progress.step)
-                    progress.history.append({"step": progress.step, "train_loss": metrics["loss"]})
-                if progress_bar is not None:
-                    progress_bar.set_postfix(
-                        loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
-                        mem=f"{metrics['peak_memory_gib']:.1f}G",
-                    )
-                    progress_bar.update(1)
-                if val_rows and eval_config.interval and progress.step % eval_config.interval == 0 and progress.step < steps:
+                if previous is not None:
+                    report(previous)  # only now that this step is queued: the device goes on while the host reads
+                progress.train_seconds = time.perf_counter() - started
+                evaluating = bool(val_rows and eval_config.interval and progress.step % eval_config.interval == 0)
+                evaluating = evaluating and progress.step < steps
+                saving = bool(train_config.save_interval and progress.step % train_config.save_interval == 0)
+                if evaluating or saving or progress.step == steps:
+                    report_pending()
+                if evaluating:
                     evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
-                if train_config.save_interval and progress.step % train_config.save_interval == 0:
+                if saving:
                     state.save(out_dir)
                     last_saved_step = progress.step
                 if train_config.max_time is not None and progress.train_seconds >= train_config.max_time:
+                    report_pending()
                     stopped = "max_time"
                     break
                 if should_stop is not None and should_stop():
+                    report_pending()
                     stopped = "signal"
                     break
             else:
                 if progress.batch_in_epoch >= len(batches):
                     progress.epoch += 1
                     progress.batch_in_epoch = 0
+        report_pending()  # a safety net: every way out of the loop above has read its last step already
     finally:
         if progress_bar is not None:
             progress_bar.close()  # before any error is printed, so it starts on a line of its own
@@ -360,6 +425,44 @@ def out_of_memory_advice(config: TrainConfig, micro_batches: list[Batch], out_di
     return "the GPU ran out of memory; lower, in this order: " + "; ".join(advice) + kept
 
 
+@dataclass
+class StepMetrics:
+    """A training step's metrics, left on the device so that queuing the step never waits for it to finish;
+    `resolve` reads them, waiting for the step."""
+
+    names: list[str]  # of the summed metrics at the front of `totals`, "loss" first
+    totals: torch.Tensor  # the summed metrics, then the token count, each summed over devices
+    global_units: torch.Tensor  # the normaliser: units (trained tokens, pairs) of the whole global batch
+    grad_norm: torch.Tensor | None = None  # before clipping; None without --train.max_norm
+
+    def resolve(self) -> dict[str, float]:
+        """The metrics averaged over the global batch, the step's token count ("tokens") and, when clipping, the
+        gradient norm; one read from the device."""
+        values = [self.totals, self.global_units.reshape(1).to(self.totals)]
+        if self.grad_norm is not None:
+            values.append(self.grad_norm.reshape(1).to(self.totals))  # on the host under FSDP's CPU offload
+        read = torch.cat(values).tolist()
+        count = len(self.names)
+        summed, tokens, units = read[:count], read[count], read[count + 1]
+        if units == 0:
+            raise TrainingStopped(
+                "a global batch has no trained token; check the data masking (--data.train_on_prompt)"
+            )
+        result = {name: value / units for name, value in zip(self.names, summed)}
+        result["tokens"] = tokens
+        if self.grad_norm is not None:
+            result["grad_norm"] = read[count + 2]
+        return result
+
+
+def _sum_over_devices(fabric: Fabric, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over all processes, in place. Not `fabric.all_reduce`: that runs a barrier first, and a NCCL
+    barrier blocks the host until the device has finished all its queued work."""
+    if fabric.world_size > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor
+
+
 def train_step(
     fabric: Fabric,
     model: nn.Module,
@@ -367,16 +470,16 @@ def train_step(
     objective: Objective,
     micro_batches: list[Batch],
     config: TrainConfig,
-) -> dict[str, float]:
-    """One optimizer step over this device's micro-batches; returns the step's metrics averaged over the global
-    batch."""
+) -> StepMetrics:
+    """One optimizer step over this device's micro-batches, queued without reading anything back from the device;
+    the returned metrics are averaged over the global batch once resolved."""
     local_units = sum(objective.count(b) for b in micro_batches)
-    global_units = fabric.all_reduce(local_units.float(), reduce_op="sum")
-    units = global_units.item()
-    if units == 0:
-        raise TrainingStopped("a global batch has no trained token; check the data masking (--data.train_on_prompt)")
-    # DDP and FSDP average gradients over devices; scaling by the world size turns that average into a sum.
-    scale = fabric.world_size / global_units
+    global_units = _sum_over_devices(fabric, local_units.float())
+    # DDP and FSDP average gradients over devices; scaling by the world size turns that average into a sum. The
+    # clamp avoids reading the unit count on the host: a global batch without trained tokens gets a zero loss and
+    # zero gradients instead of NaN, and `resolve` reports it as an error. That step's optimizer update is never
+    # saved: `fit` resolves every step before a checkpoint, so the error stops training first.
+    scale = fabric.world_size / global_units.clamp(min=1)
     loss_total = torch.zeros((), device=fabric.device)
     metric_totals: dict[str, torch.Tensor] = {}
     for index, batch in enumerate(micro_batches):
@@ -387,22 +490,21 @@ def train_step(
         loss_total += loss_sum.detach().float()
         for name, value in metrics.items():
             metric_totals[name] = metric_totals.get(name, 0) + value.detach().float()
+    grad_norm = None
     if config.max_norm is not None:
+        from torch.distributed.tensor import DTensor
+
         grad_norm = fabric.clip_gradients(model, optimizer, max_norm=config.max_norm, error_if_nonfinite=False)
-    else:
-        grad_norm = None
+        if isinstance(grad_norm, DTensor):  # under FSDP2; a collective, not a read
+            grad_norm = grad_norm.full_tensor()
+        grad_norm = grad_norm.detach()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    names = ["loss", *metric_totals]
-    # One all-reduce for every metric and the token count: each collective is a sync point.
-    local_tokens = torch.tensor(float(sum(b["num_tokens"] for b in micro_batches)), device=loss_total.device)
-    totals = fabric.all_reduce(torch.stack([loss_total, *metric_totals.values(), local_tokens]), reduce_op="sum")
-    *summed, tokens = totals.tolist()
-    result = {name: value / units for name, value in zip(names, summed)}
-    result["tokens"] = tokens
-    if grad_norm is not None:
-        result["grad_norm"] = float(grad_norm)
-    return result
+    # `torch.full`, not `torch.tensor`: copying a host value to the device would wait for the device.
+    local_tokens = torch.full((), float(sum(b["num_tokens"] for b in micro_batches)), device=loss_total.device)
+    # One all-reduce for every metric and the token count.
+    totals = _sum_over_devices(fabric, torch.stack([loss_total, *metric_totals.values(), local_tokens]))
+    return StepMetrics(["loss", *metric_totals], totals, global_units, grad_norm)
 
 
 @torch.no_grad()

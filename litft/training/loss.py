@@ -120,6 +120,12 @@ def token_cross_entropy(
     return torch.cat(losses) if losses else hidden.new_zeros(0, dtype=torch.float32)
 
 
+def find_trained_positions(targets: torch.Tensor) -> torch.Tensor:
+    """The flat indices (N,) of the trained positions of `targets` (B, T). Found on the host while collating, they
+    let the loss select those positions on the device without waiting for it (a boolean mask there would)."""
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+
 def causal_lm_loss(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -127,23 +133,25 @@ def causal_lm_loss(
     logits_fn: Callable[[torch.Tensor], torch.Tensor],
     softcap: float | None = None,
     reduction: str = "sum",
+    trained_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross-entropy of already-shifted `targets` (B, T) (-100 = not trained) given final hidden states (B, T, D).
 
     reduction="sum": the summed loss over trained positions (float32 scalar); the caller divides by the trained-token
-    count of the whole global batch. reduction="none": (B, T) per-position losses, 0 where not trained."""
-    mask = targets != IGNORE_INDEX
-    flat_hidden = hidden[mask]  # (N, D) only the trained positions
-    flat_targets = targets[mask]
+    count of the whole global batch. reduction="none": (B, T) per-position losses, 0 where not trained.
+    `trained_positions`: the flat indices (N,) of the trained positions, as the objectives' `collate` finds them on
+    the host; without them they are found here, on the device, and the host waits for it to learn N."""
+    positions = find_trained_positions(targets) if trained_positions is None else trained_positions
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
+    flat_targets = targets.reshape(-1).index_select(0, positions)  # (N,)
     chunk_size = chunk_size_for(head.weight.shape[0] if hasattr(head, "weight") else 32000, hidden.element_size())
     if reduction == "sum" and type(head) is nn.Linear and head.bias is None:
         return _LinearCrossEntropySum.apply(flat_hidden, head.weight, flat_targets, chunk_size, softcap)
     losses = token_cross_entropy(flat_hidden, flat_targets, logits_fn, chunk_size)
     if reduction == "sum":
         return losses.sum()
-    per_position = torch.zeros(targets.shape, dtype=losses.dtype, device=losses.device)
-    per_position[mask] = losses
-    return per_position
+    per_position = torch.zeros(targets.numel(), dtype=losses.dtype, device=losses.device)
+    return per_position.index_copy(0, positions, losses).view(targets.shape)
 
 
 class CausalLMObjective(nn.Module):
@@ -161,7 +169,10 @@ class CausalLMObjective(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         reduction: str = "sum",
+        trained_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return causal_lm_loss(hidden, targets, self.model.head, self.model.logits, softcap, reduction)
+        return causal_lm_loss(
+            hidden, targets, self.model.head, self.model.logits, softcap, reduction, trained_positions
+        )

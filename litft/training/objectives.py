@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from litft.training.loss import IGNORE_INDEX
+from litft.training.loss import IGNORE_INDEX, find_trained_positions
 
 
 class SupervisedObjective:
@@ -25,6 +25,7 @@ class SupervisedObjective:
 
         batch = collate(rows, pad_id=self.pad_id)
         batch["num_tokens"] = sum(self.row_length(row) for row in rows)
+        batch["trained_positions"] = find_trained_positions(batch["targets"])
         return batch
 
     @staticmethod
@@ -42,6 +43,7 @@ class SupervisedObjective:
             batch["targets"],
             position_ids=batch.get("position_ids"),
             document_ids=batch.get("document_ids"),
+            trained_positions=batch.get("trained_positions"),
         )
         return loss, {}
 

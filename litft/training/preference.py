@@ -33,7 +33,7 @@ from torch import nn
 
 from litft.adapters.lora import adapters_disabled
 from litft.errors import ConfigError
-from litft.training.loss import IGNORE_INDEX
+from litft.training.loss import IGNORE_INDEX, find_trained_positions
 
 Batch = dict[str, Any]
 PreferencePair = dict[str, Any]  # {"chosen": Sample, "rejected": Sample}
@@ -74,6 +74,7 @@ def sequence_log_probs(model: nn.Module, batch: Batch) -> SequenceLogProbs:
         position_ids=batch.get("position_ids"),
         document_ids=batch.get("document_ids"),
         reduction="none",
+        trained_positions=batch.get("trained_positions"),
     )  # (2B, T): -log p(target), 0 where not trained
     log_probs = -token_losses.sum(dim=-1)  # (2B,)
     tokens = (batch["targets"] != IGNORE_INDEX).sum(dim=-1)  # (2B,)
@@ -301,6 +302,7 @@ class PreferenceObjective:
 
         sequences = [[pair["chosen"]] for pair in rows] + [[pair["rejected"]] for pair in rows]
         batch = collate(sequences, pad_id=self.pad_id)
+        batch["trained_positions"] = find_trained_positions(batch["targets"])
         batch["num_pairs"] = torch.tensor(len(rows))
         batch["num_tokens"] = sum(len(pair["chosen"]["input_ids"]) + len(pair["rejected"]["input_ids"]) for pair in rows)
         return batch
