@@ -129,6 +129,8 @@ def test_a_step_on_the_gpu_makes_no_host_synchronisation(tiny_llama_dir):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     for metrics in queued:
+        # Copied into pinned host memory by the step itself: reading step 1 does not wait for step 2.
+        assert metrics.ready is not None and metrics.values.is_pinned()
         resolved = metrics.resolve()
         assert resolved.keys() == {"loss", "tokens", "grad_norm"}
         assert math.isfinite(resolved["loss"]) and resolved["loss"] > 0 and resolved["grad_norm"] > 0

@@ -261,6 +261,8 @@ class _PendingStep:
     peak_memory_gib: float
     started: float  # time.perf_counter() when the host began collating the step
     queued: float  # time.perf_counter() when `train_step` returned
+    start_event: torch.cuda.Event | None  # on a GPU: recorded before the step's work
+    after_pause: bool  # the first step, or the first after an evaluation or a checkpoint
     micro_batches: list[Batch]  # only for the out-of-memory advice
 
 
@@ -300,11 +302,22 @@ def fit(
     started = time.perf_counter() - progress.train_seconds
     last_saved_step = progress.step
     pending: _PendingStep | None = None
-    previous_finished = -math.inf  # time.perf_counter() when the previous step was known to be finished
+    previous_ready: torch.cuda.Event | None = None  # the last read step's end, on a GPU
+    paused = True  # nothing ran before the next step, or an evaluation or a checkpoint did
+
+    def step_seconds(step: _PendingStep) -> float:
+        """How long a step took. On a GPU, from the events it recorded in the device's stream: from the previous
+        step's end to its own (a step that waited for the host counts that wait), or from its own start after a
+        pause, which must not count. The host's clock cannot tell: it reads a step when the next is queued, and
+        reads two at once before a pause. Elsewhere a step has ended when `train_step` returns."""
+        if step.metrics.ready is None:
+            return step.queued - step.started
+        begin = step.start_event if step.after_pause or previous_ready is None else previous_ready
+        return begin.elapsed_time(step.metrics.ready) / 1e3
 
     def report(step: _PendingStep) -> None:
         """Reads a step's metrics (waiting for the device to finish it), logs them and stops on a non-finite loss."""
-        nonlocal previous_finished
+        nonlocal previous_ready
         try:
             metrics = step.metrics.resolve()
         except torch.OutOfMemoryError:
@@ -312,15 +325,8 @@ def fit(
         tokens = int(metrics.pop("tokens"))
         progress.tokens_seen += tokens
         now = time.perf_counter()
-        # A step's wall time runs from the end of the previous step to its own. On an accelerator the host cannot
-        # see when a step ends, only that it has ended once its metrics are read: the time between two reads. On
-        # the CPU a step has ended when `train_step` returns. A step begun after the previous one ended (the first,
-        # or the first after an evaluation or a checkpoint) is timed from its own start, so that pause does not
-        # count. Never less than the host's own time for the step: two reads in a row (before an evaluation, a
-        # checkpoint or the end) find the second step already done when the host is the slower one.
-        finished = step.queued if fabric.device.type == "cpu" else now
-        elapsed = max(finished - max(previous_finished, step.started), step.queued - step.started)
-        previous_finished = finished
+        elapsed = step_seconds(step)
+        previous_ready = step.metrics.ready
         progress.train_seconds = now - started
         metrics.update(
             step=step.step,
@@ -357,6 +363,10 @@ def fit(
             batches = global_batch_order(len(train_rows), train_config.global_batch_size, seed, progress.epoch)
             while progress.batch_in_epoch < len(batches) and progress.step < steps:
                 step_started = time.perf_counter()
+                start_event = None
+                if fabric.device.type == "cuda":
+                    start_event = torch.cuda.Event(enable_timing=True)
+                    start_event.record()
                 rows = [train_rows[i] for i in batches[progress.batch_in_epoch]]
                 micro_batches = [
                     to_device(objective.collate(chunk), fabric.device)
@@ -373,8 +383,9 @@ def fit(
                 previous, pending = pending, _PendingStep(
                     step_metrics, progress.step, progress.epoch, lr=optimizer.param_groups[0]["lr"],
                     peak_memory_gib=_memory_gib(fabric.device), started=step_started, queued=step_queued,
-                    micro_batches=micro_batches,
+                    start_event=start_event, after_pause=paused, micro_batches=micro_batches,
                 )
+                paused = False
                 if previous is not None:
                     report(previous)  # only now that this step is queued: the device goes on while the host reads
                 progress.train_seconds = time.perf_counter() - started
@@ -383,6 +394,7 @@ def fit(
                 saving = bool(train_config.save_interval and progress.step % train_config.save_interval == 0)
                 if evaluating or saving or progress.step == steps:
                     report_pending()
+                    paused = True
                 if evaluating:
                     evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
                 if saving:
@@ -427,21 +439,21 @@ def out_of_memory_advice(config: TrainConfig, micro_batches: list[Batch], out_di
 
 @dataclass
 class StepMetrics:
-    """A training step's metrics, left on the device so that queuing the step never waits for it to finish;
-    `resolve` reads them, waiting for the step."""
+    """A training step's metrics, read without waiting for anything queued after the step: on a GPU the step's last
+    work copies them into pinned host memory and records `ready`, and `resolve` waits for that event alone (a read
+    queued later would wait for the steps queued meanwhile too)."""
 
-    names: list[str]  # of the summed metrics at the front of `totals`, "loss" first
-    totals: torch.Tensor  # the summed metrics, then the token count, each summed over devices
-    global_units: torch.Tensor  # the normaliser: units (trained tokens, pairs) of the whole global batch
-    grad_norm: torch.Tensor | None = None  # before clipping; None without --train.max_norm
+    names: list[str]  # of the summed metrics at the front of `values`, "loss" first
+    values: torch.Tensor  # the summed metrics, the token count, the global unit count, then the gradient norm if any
+    has_grad_norm: bool
+    ready: torch.cuda.Event | None  # on a GPU: recorded after the copy; it also marks the step's end for timing
 
     def resolve(self) -> dict[str, float]:
         """The metrics averaged over the global batch, the step's token count ("tokens") and, when clipping, the
-        gradient norm; one read from the device."""
-        values = [self.totals, self.global_units.reshape(1).to(self.totals)]
-        if self.grad_norm is not None:
-            values.append(self.grad_norm.reshape(1).to(self.totals))  # on the host under FSDP's CPU offload
-        read = torch.cat(values).tolist()
+        gradient norm."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        read = self.values.tolist()
         count = len(self.names)
         summed, tokens, units = read[:count], read[count], read[count + 1]
         if units == 0:
@@ -450,7 +462,7 @@ class StepMetrics:
             )
         result = {name: value / units for name, value in zip(self.names, summed)}
         result["tokens"] = tokens
-        if self.grad_norm is not None:
+        if self.has_grad_norm:
             result["grad_norm"] = read[count + 2]
         return result
 
@@ -504,7 +516,18 @@ def train_step(
     local_tokens = torch.full((), float(sum(b["num_tokens"] for b in micro_batches)), device=loss_total.device)
     # One all-reduce for every metric and the token count.
     totals = _sum_over_devices(fabric, torch.stack([loss_total, *metric_totals.values(), local_tokens]))
-    return StepMetrics(["loss", *metric_totals], totals, global_units, grad_norm)
+    values = [totals, global_units.reshape(1).to(totals)]
+    if grad_norm is not None:
+        values.append(grad_norm.reshape(1).to(totals))  # on the host under FSDP's CPU offload
+    values = torch.cat(values)
+    ready = None
+    # A step captured into a CUDA graph (benchmarks/bench.py --cuda_graph) leaves its metrics on the device.
+    if values.is_cuda and not torch.cuda.is_current_stream_capturing():
+        host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+        values = host.copy_(values, non_blocking=True)
+        ready = torch.cuda.Event(enable_timing=True)
+        ready.record()
+    return StepMetrics(["loss", *metric_totals], values, grad_norm is not None, ready)
 
 
 @torch.no_grad()
