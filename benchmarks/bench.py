@@ -132,10 +132,11 @@ def bench_training(args) -> dict:
         quantization.use_nf4_kernel = False
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
         set_compute_together(model, False)
-    if args.separate_base_gemms:  # the A/B of join_frozen_weights: each frozen weight in its own storage again
+    if args.separate_base_gemms:  # the A/B of join_frozen_weights: q/k/v as before, one base GEMM each
         from litft.adapters.lora import lora_modules
 
         for layer in lora_modules(model).values():
+            layer.joined_base = False
             if layer.quantization is None:
                 layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
     if args.mlp_tile_tokens is not None:
@@ -404,7 +405,7 @@ def main() -> None:
     parser.add_argument("--bnb_dequantize", action="store_true",
                         help="qlora nf4: dequantize with bitsandbytes' kernels, not litft's (the A/B of that kernel)")
     parser.add_argument("--separate_base_gemms", action="store_true",
-                        help="one base GEMM per projection, not one per q/k/v and gate/up group (for comparison)")
+                        help="one base GEMM for each of q, k and v, not one for the three (for comparison)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",

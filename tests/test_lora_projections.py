@@ -333,7 +333,8 @@ def test_weights_out_of_order_in_one_storage_do_not_join():
 
 
 def test_the_training_loader_joins_the_groups(family_checkpoints):
-    """`litft finetune lora` loads the base with each group's weights joined."""
+    """`litft finetune lora` loads the base with each q/k/v group's weights joined (not for FSDP2, whose shards
+    would each take their own storage)."""
     from litft.commands.finetune import load_for_training
 
     model = load_for_training(
@@ -346,6 +347,11 @@ def test_the_training_loader_joins_the_groups(family_checkpoints):
         assert lora_projections.back_to_back(qkv) is not None
         assert all(layer.joined_base for layer in (attention.q_proj, attention.k_proj, attention.v_proj))
         assert not mlp.gate_proj.joined_base
+    apart = load_for_training(
+        "lora", family_checkpoints["llama"], torch.float32, torch.device("cpu"),
+        LoRAConfig(rank=2, targets=["all-linear"]), None, join_weights=False,
+    )
+    assert not any(layer.joined_base for layer in lora_modules(apart).values())
 
 
 @pytest.mark.gpu

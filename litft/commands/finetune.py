@@ -546,7 +546,9 @@ def load_for_strategy(
     from litft.training.parallel import share_model
 
     load_device = fabric.device if method == "qlora" else torch.device("cpu")
-    return share_model(fabric, lambda: load_for_training(method, checkpoint, dtype, load_device, lora_config, quantize))
+    return share_model(
+        fabric, lambda: load_for_training(method, checkpoint, dtype, load_device, lora_config, quantize, False)
+    )
 
 
 def setup_for_strategy(fabric, module: torch.nn.Module):
@@ -638,9 +640,12 @@ def load_for_training(
     device: torch.device,
     lora_config: LoRAConfig | None,
     quantize: str | None,
+    join_weights: bool = True,
 ):
     """Loads the base onto `device` in `dtype`; QLoRA quantizes each weight as it arrives, so the full-precision
-    base never exists on the device. LoRA freezes the base and adds adapters; full fine-tuning trains everything."""
+    base never exists on the device. LoRA freezes the base and adds adapters; full fine-tuning trains everything.
+    `join_weights`: give each q/k/v group one base GEMM (`join_frozen_weights`); not under FSDP2, which
+    re-allocates every parameter as its own shard."""
     from litft.adapters.lora import apply_lora
     from litft.checkpoint import load_model
 
@@ -666,7 +671,8 @@ def load_for_training(
         from litft.adapters.lora_projections import join_frozen_weights
 
         apply_lora(model, lora_config)
-        join_frozen_weights(model)  # one base GEMM for q/k/v and one for gate/up (4-bit bases join as they dequantize)
+        if join_weights:
+            join_frozen_weights(model)
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
