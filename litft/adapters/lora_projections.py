@@ -40,21 +40,27 @@ from torch import nn
 from litft.adapters.quantization import dequantize_weight
 
 
+def _layer_states(state: list[torch.Tensor], state_counts: list[int]) -> list[list[torch.Tensor]]:
+    """The flat list of quantization state tensors, split into each layer's own."""
+    states, start = [], 0
+    for count in state_counts:
+        states.append(state[start : start + count])
+        start += count
+    return states
+
+
 def _weights(
     weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
     out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
 ):
     """Yields each layer's frozen weight (N_i, K) in `dtype`, dequantized transiently if it is stored quantized."""
-    start = 0
-    for index, weight in enumerate(weights):
-        layer_state = state[start : start + state_counts[index]]
-        start += state_counts[index]
+    for weight, layer_state, size, nested_blocksize in zip(
+        weights, _layer_states(state, state_counts), out_features, nested_blocksizes
+    ):
         if mode == "none":
             yield weight if weight.dtype == dtype else weight.to(dtype)
         else:
-            yield dequantize_weight(
-                weight, layer_state, mode, out_features[index], in_features, nested_blocksizes[index], dtype
-            )
+            yield dequantize_weight(weight, layer_state, mode, size, in_features, nested_blocksize, dtype)
 
 
 def back_to_back(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
@@ -86,24 +92,11 @@ def _joined_weight(
         joined = back_to_back(weights)
         return joined if joined is not None and joined.dtype == dtype else None
     joined = torch.empty((sum(out_features), in_features), dtype=dtype, device=weights[0].device)
-    row = 0
-    start = 0
-    for index, weight in enumerate(weights):
-        layer_state = state[start : start + state_counts[index]]
-        start += state_counts[index]
-        rows = joined[row : row + out_features[index]]
-        row += out_features[index]
-        dequantize_weight(
-            weight, layer_state, mode, out_features[index], in_features, nested_blocksizes[index], dtype, out=rows
-        )
+    for weight, layer_state, rows, nested_blocksize in zip(
+        weights, _layer_states(state, state_counts), joined.split(out_features), nested_blocksizes
+    ):
+        dequantize_weight(weight, layer_state, mode, rows.shape[0], in_features, nested_blocksize, dtype, out=rows)
     return joined
-
-
-def _column_ranges(sizes: Sequence[int]) -> list[slice]:
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    return [slice(begin, end) for begin, end in zip(starts, starts[1:])]
 
 
 @torch.library.custom_op("litft::lora_projections", mutates_args=())
@@ -142,9 +135,9 @@ def lora_projections(
         weight = _joined_weight(*arguments)
         if weight is not None:
             output.addmm_(flat_x, weight.t())
-        else:  # the weights no longer lie back to back (sharded by FSDP2): each into its columns, in place
-            for columns, weight in zip(_column_ranges(out_features), _weights(*arguments)):
-                output[:, columns].addmm_(flat_x, weight.t())
+        else:  # the weights no longer lie back to back (moved since joining): each into its columns, in place
+            for columns, weight in zip(output.split(out_features, dim=1), _weights(*arguments)):
+                columns.addmm_(flat_x, weight.t())
         return [output.view(*x.shape[:-1], output.shape[-1]), low]
     outputs = []
     start = 0
@@ -189,7 +182,7 @@ def lora_projections_backward(
     flat_x = x.reshape(-1, in_features)  # (M, K)
     if len(grad_outputs) == 1 and len(out_features) > 1:  # joined: each layer's gradient is a block of columns
         joined_grad = grad_outputs[0].reshape(-1, sum(out_features))  # (M, sum N_i)
-        flat_grads = [joined_grad[:, columns] for columns in _column_ranges(out_features)]
+        flat_grads = joined_grad.split(out_features, dim=1)
     else:
         joined_grad = None
         flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
@@ -297,7 +290,7 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     lora_a = stacked.to(group_input.dtype)
     # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
     # block specializes on it once; whether the weights still lie back to back is the operator's to check).
-    joined = len(joining) > 1 and all(getattr(layer, "joined_base", False) for layer in joining)
+    joined = len(joining) > 1 and all(layer.joined_base for layer in joining)
     *outputs, _ = lora_projections(
         group_input,
         weights,
@@ -336,7 +329,7 @@ def join_frozen_weights(model: nn.Module) -> int:
             layers = [getattr(module, name, None) for name in names]
             if not all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
                 continue
-            if all(getattr(layer, "joined_base", False) for layer in layers):
+            if all(layer.joined_base for layer in layers):
                 continue
             weights = [layer.weight for layer in layers]
             if any(weight.requires_grad or weight.is_meta for weight in weights):

@@ -262,8 +262,7 @@ class _PendingStep:
     started: float  # time.perf_counter() when the host began collating the step
     queued: float  # time.perf_counter() when `train_step` returned
     start_event: torch.cuda.Event | None  # on a GPU: recorded before the step's work
-    after_pause: bool  # the first step, or the first after an evaluation or a checkpoint
-    micro_batches: list[Batch]  # only for the out-of-memory advice
+    after_pause: bool  # the first step, or the first after an evaluation or a checkpoint (nothing was pending)
 
 
 def fit(
@@ -303,7 +302,6 @@ def fit(
     last_saved_step = progress.step
     pending: _PendingStep | None = None
     previous_ready: torch.cuda.Event | None = None  # the last read step's end, on a GPU
-    paused = True  # nothing ran before the next step, or an evaluation or a checkpoint did
 
     def step_seconds(step: _PendingStep) -> float:
         """How long a step took. On a GPU, from the events it recorded in the device's stream: from the previous
@@ -318,10 +316,7 @@ def fit(
     def report(step: _PendingStep) -> None:
         """Reads a step's metrics (waiting for the device to finish it), logs them and stops on a non-finite loss."""
         nonlocal previous_ready
-        try:
-            metrics = step.metrics.resolve()
-        except torch.OutOfMemoryError:
-            raise TrainingStopped(out_of_memory_advice(train_config, step.micro_batches, out_dir)) from None
+        metrics = step.metrics.resolve()
         tokens = int(metrics.pop("tokens"))
         progress.tokens_seen += tokens
         now = time.perf_counter()
@@ -380,21 +375,19 @@ def fit(
                 scheduler.step()
                 progress.step += 1
                 progress.batch_in_epoch += 1
-                previous, pending = pending, _PendingStep(
+                queued_step = _PendingStep(
                     step_metrics, progress.step, progress.epoch, lr=optimizer.param_groups[0]["lr"],
                     peak_memory_gib=_memory_gib(fabric.device), started=step_started, queued=step_queued,
-                    start_event=start_event, after_pause=paused, micro_batches=micro_batches,
+                    start_event=start_event, after_pause=pending is None,
                 )
-                paused = False
-                if previous is not None:
-                    report(previous)  # only now that this step is queued: the device goes on while the host reads
+                report_pending()  # the previous step, only now that this one is queued: the device goes on meanwhile
+                pending = queued_step
                 progress.train_seconds = time.perf_counter() - started
                 evaluating = bool(val_rows and eval_config.interval and progress.step % eval_config.interval == 0)
                 evaluating = evaluating and progress.step < steps
                 saving = bool(train_config.save_interval and progress.step % train_config.save_interval == 0)
                 if evaluating or saving or progress.step == steps:
                     report_pending()
-                    paused = True
                 if evaluating:
                     evaluate_and_log(fabric, model, objective, val_rows, train_config, eval_config, progress, sample_fn)
                 if saving:
