@@ -144,9 +144,11 @@ def bench_training(args) -> dict:
     if args.ckpt:
         enable_activation_checkpointing(model, offload=args.offload, blocks=args.ckpt_blocks)
     if args.compile:
-        from litft.training.compilation import compile_blocks
+        from litft.training import compilation
 
-        compile_blocks(model, args.compiler)  # litft's own compile path: per block, its partitioner settings, offloading
+        if args.thunder_fusion == "none":
+            compilation.THUNDER_FUSION_EXECUTOR = None
+        compilation.compile_blocks(model, args.compiler)  # litft's own compile path: per block, its partitioner settings, offloading
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))
@@ -197,7 +199,9 @@ def bench_training(args) -> dict:
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
-                compiler=args.compiler if args.compile else None, mlp_tile_tokens=args.mlp_tile_tokens,
+                compiler=args.compiler if args.compile else None,
+                **({"thunder_fusion": args.thunder_fusion} if args.compile and args.compiler == "thunder" else {}),
+                mlp_tile_tokens=args.mlp_tile_tokens,
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
@@ -394,6 +398,8 @@ def main() -> None:
     parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--compiler", choices=["torch", "thunder"], default="torch", help="with --compile: which compiler")
+    parser.add_argument("--thunder_fusion", choices=["torchcompile", "none"], default="torchcompile",
+                        help="with --compiler thunder: its fusion executor (none: thunder's defaults alone, as before)")
     parser.add_argument("--mlp_tile_tokens", type=int, default=None,
                         help="training: run each block's MLP on tiles of this many tokens (default: untiled)")
     parser.add_argument("--quantize", default="bnb.nf4", help="qlora: how the base is stored (bnb.nf4, bnb.int8, fp8)")

@@ -179,6 +179,24 @@ def test_thunder_lora_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointi
 
 
 @pytest.mark.usefixtures("needs_thunder")
+def test_thunder_fuses_the_blocks_elementwise_work(tiny_llama_dir):
+    """Without nvFuser, thunder's defaults run every elementwise operation as its own kernel and keep each result
+    for the backward; litft adds thunder's torch.compile executor, whose fused regions must appear in the forward
+    and backward that thunder runs, with no elementwise operation left outside them."""
+    import thunder
+
+    model = lora_model(tiny_llama_dir)
+    compile_blocks(model, "thunder")
+    loss_and_gradients(model)
+    compiled = next(iter(model.blocks[0].forward.compiled_by_swapped_forwards.values()))
+    elementwise = {"add", "mul", "silu", "rsqrt", "pow", "neg", "exp"}
+    for trace in (thunder.last_traces(compiled)[-1], thunder.last_backward_traces(compiled)[-1]):
+        names = [bound.sym.name for bound in trace.bound_symbols]
+        assert any(name.startswith("TorchCompile") for name in names), names
+        assert not elementwise & set(names), names
+
+
+@pytest.mark.usefixtures("needs_thunder")
 def test_thunder_keeps_the_adapters_off_pass_apart_and_decodes_eagerly(tiny_llama_dir):
     """DPO's reference pass swaps the LoRA layers' forward, which thunder's cache alone would not notice; the
     training samples decode with a KV cache."""

@@ -8,10 +8,11 @@ adapters and resumed runs do not depend on the compiler. With offloaded activati
 takes the block's inner forward instead (`OffloadedBlocks` in litft.training.strategies): its wrapper moves
 tensors between streams, which neither compiler can trace.
 
-thunder, as released (0.2.6), needs five things from litft that are set up here: an SDPA that takes `enable_gqa`,
-an autocast rule for LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass,
-dense attention masks for packed rows (no flex_attention), and LoRA layers computed one by one (it cannot trace the
-custom operators that compute them together). Refused before training starts: a quantized (QLoRA)
+thunder, as released (0.2.6), needs six things from litft that are set up here: a fusion executor (its wheel has
+no nvFuser; thunder's torch.compile executor fuses instead), an SDPA that takes `enable_gqa`, an autocast rule for
+LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass, dense attention masks for
+packed rows (no flex_attention), and LoRA layers computed one by one (it cannot trace the custom operators that
+compute them together). Refused before training starts: a quantized (QLoRA)
 base, whose dequantizing matmul operator thunder cannot trace, and dropout under activation checkpointing, whose
 recomputation thunder runs with other dropout masks than the forward. thunder traces each block once per input
 shape, so packed rows (one shape) suit it best.
@@ -148,7 +149,9 @@ class ThunderCompiledForward:
         swapped = tuple(name for name, module in self.block.named_modules() if name and "forward" in vars(module))
         compiled = self.compiled_by_swapped_forwards.get(swapped)
         if compiled is None:
-            compiled = self.compiled_by_swapped_forwards[swapped] = self.thunder.jit(self.eager_forward)
+            compiled = self.compiled_by_swapped_forwards[swapped] = self.thunder.jit(
+                self.eager_forward, executors=thunder_executors()
+            )
         return compiled(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ThunderCompiledForward:
@@ -156,6 +159,28 @@ class ThunderCompiledForward:
         return ThunderCompiledForward(
             copy.deepcopy(self.block, memo), copy.deepcopy(self.eager_forward, memo), self.thunder
         )
+
+
+# thunder's executor that fuses what no other executor claims, where thunder has no nvFuser of its own; None leaves
+# thunder's defaults alone (the comparison in `benchmarks/bench.py --thunder_fusion none`).
+THUNDER_FUSION_EXECUTOR: str | None = "torchcompile"
+
+
+def thunder_executors() -> list[Any]:
+    """The executors each thunder-compiled block runs with: thunder's defaults, then, where those include no
+    fusion executor, thunder's torch.compile executor for everything they leave.
+
+    thunder 0.2.6's wheel comes without nvFuser: its defaults are SDPA and a cross-entropy kernel only, so every
+    other operation of a block ran as a kernel of its own, and each result was kept for the backward (LoRA on
+    llama-1b: half torch.compile's speed at 3.5x its memory, benchmarks/NOTES.md). With the torch.compile executor
+    the elementwise chains between the matmuls become inductor's fused kernels."""
+    from thunder.extend import get_default_executors, get_executor
+
+    executors = list(get_default_executors())
+    names = {executor.name for executor in executors}
+    if THUNDER_FUSION_EXECUTOR is not None and not names & {"nvfuser", THUNDER_FUSION_EXECUTOR}:
+        executors.append(get_executor(THUNDER_FUSION_EXECUTOR))
+    return executors
 
 
 def import_thunder() -> ModuleType:
