@@ -148,7 +148,8 @@ def bench_training(args) -> dict:
 
         if args.thunder_fusion == "none":
             compilation.THUNDER_FUSION_EXECUTOR = None
-        compilation.compile_blocks(model, args.compiler)  # litft's own compile path: per block, its partitioner settings, offloading
+        # litft's own compile path: per block, its partitioner settings, offloading
+        compilation.compile_blocks(model, args.compiler)
     wrapped = fabric.setup_module(CausalLMObjective(model))
     train_config = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, max_norm=None, lr=1e-4)
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train_config))

@@ -12,10 +12,10 @@ thunder, as released (0.2.6), needs six things from litft that are set up here: 
 no nvFuser; thunder's torch.compile executor fuses instead), an SDPA that takes `enable_gqa`, an autocast rule for
 LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the policy pass, dense attention masks for
 packed rows (no flex_attention), and LoRA layers computed one by one (it cannot trace the custom operators that
-compute them together). Refused before training starts: a quantized (QLoRA)
-base, whose dequantizing matmul operator thunder cannot trace, and dropout under activation checkpointing, whose
-recomputation thunder runs with other dropout masks than the forward. thunder traces each block once per input
-shape, so packed rows (one shape) suit it best.
+compute them together). Refused before training starts: a quantized (QLoRA) base, whose dequantizing matmul
+operator thunder cannot trace, and dropout under activation checkpointing, whose recomputation thunder runs with
+other dropout masks than the forward. thunder traces each block once per input shape (~20 s each), so packed rows
+(one shape) suit it best.
 """
 
 from __future__ import annotations
@@ -167,13 +167,14 @@ THUNDER_FUSION_EXECUTOR: str | None = "torchcompile"
 
 
 def thunder_executors() -> list[Any]:
-    """The executors each thunder-compiled block runs with: thunder's defaults, then, where those include no
-    fusion executor, thunder's torch.compile executor for everything they leave.
+    """The executors each thunder-compiled block runs with: thunder's defaults, then, where those do not include
+    nvFuser, thunder's torch.compile executor for everything they leave.
 
     thunder 0.2.6's wheel comes without nvFuser: its defaults are SDPA and a cross-entropy kernel only, so every
     other operation of a block ran as a kernel of its own, and each result was kept for the backward (LoRA on
-    llama-1b: half torch.compile's speed at 3.5x its memory, benchmarks/NOTES.md). With the torch.compile executor
-    the elementwise chains between the matmuls become inductor's fused kernels."""
+    llama-1b: half torch.compile's speed at 3.5x its memory). With the torch.compile executor a block's forward and
+    its backward each become one inductor graph, the elementwise work fused between the library matmuls: 2x the
+    speed at a third of the memory (benchmarks/NOTES.md, section 12)."""
     from thunder.extend import get_default_executors, get_executor
 
     executors = list(get_default_executors())
