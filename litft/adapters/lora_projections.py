@@ -224,6 +224,7 @@ def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
     # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
     ctx.bias_gradients = [None] * len(biases) if all(bias is not None for bias in biases) else None
     ctx.arguments = (state_counts, mode, out_features, nested_blocksizes)
+    ctx.joined = joined
 
 
 def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
@@ -231,7 +232,7 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     x, low, lora_a, *rest = ctx.saved_tensors
     weights, state, lora_b = rest[:layer_count], rest[layer_count : layer_count + state_count], rest[-layer_count:]
     state_counts, mode, out_features, nested_blocksizes = ctx.arguments
-    sizes = [sum(out_features)] if len(grad_outputs) == 2 else out_features  # joined: [y, low]
+    sizes = [sum(out_features)] if ctx.joined else out_features  # joined: the outputs are [y, low]
     grads = [
         torch.zeros((*x.shape[:-1], size), dtype=x.dtype, device=x.device) if grad is None else grad
         for grad, size in zip(grad_outputs[:-1], sizes)
