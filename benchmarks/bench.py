@@ -142,6 +142,10 @@ def bench_training(args) -> dict:
     if args.mlp_tile_tokens is not None:
         enable_tiled_mlp(model, args.mlp_tile_tokens)
     if args.ckpt:
+        from litft.training import strategies
+
+        if args.kept_output_widening is not None:  # the A/B of keeping projection outputs (0: recompute them all)
+            strategies.KEPT_OUTPUT_WIDENING = args.kept_output_widening
         enable_activation_checkpointing(model, offload=args.offload, blocks=args.ckpt_blocks)
     if args.compile:
         from litft.training import compilation
@@ -203,6 +207,7 @@ def bench_training(args) -> dict:
                 compiler=args.compiler if args.compile else None,
                 **({"thunder_fusion": args.thunder_fusion} if args.compile and args.compiler == "thunder" else {}),
                 mlp_tile_tokens=args.mlp_tile_tokens,
+                **({"kept_output_widening": strategies.KEPT_OUTPUT_WIDENING} if args.ckpt and args.offload else {}),
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
@@ -397,6 +402,9 @@ def main() -> None:
     parser.add_argument("--ckpt", action="store_true", help="activation checkpointing (every block unless --ckpt_blocks)")
     parser.add_argument("--offload", action="store_true", help="with --ckpt: keep the saved block inputs in host memory")
     parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
+    parser.add_argument("--kept_output_widening", type=float, default=None,
+                        help="with --ckpt --offload: keep the outputs of projections widening a token at most this "
+                             "much (default litft's, 1.0: o and down; 0: recompute every projection, as before)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--compiler", choices=["torch", "thunder"], default="torch", help="with --compile: which compiler")
     parser.add_argument("--thunder_fusion", choices=["torchcompile", "none"], default="torchcompile",

@@ -9,6 +9,11 @@ minutes per point (attention FLOPs grow with T^2).
   python benchmarks/longest_sequence.py --peer litft   --seqs 8192,16384,32768 [--verify] [--mlp_tile_tokens 8192]
   python benchmarks/longest_sequence.py --peer unsloth --seqs 8192,16384,32768 [--verify]
 
+litft's offloaded blocks keep some projection outputs for their recomputation, capped per block at a share of the
+GPU (`litft.training.strategies.KEPT_OUTPUT_DEVICE_SHARE`, 1%): below the cap that memory grows with the sequence,
+above it it is constant, so a line through short sequences would overstate the slope. The points are measured with
+keeping off and the cap is added to every prediction, as an upper bound; `--verify` runs with keeping on.
+
 Needs .bench/peers.py (a copy of ../shared/bench/peers.py) for the Unsloth side. Prints one JSON line.
 """
 
@@ -117,6 +122,14 @@ def main() -> None:
             step = litft_step_factory(checkpoint, 4 * max(seqs), args.mlp_tile_tokens)
         else:
             step = unsloth_step_factory(checkpoint, 4 * max(seqs))
+        capacity = torch.cuda.get_device_properties(0).total_memory / GIB
+        kept_cap = 0.0
+        if args.peer == "litft":
+            from litft.training import strategies
+
+            widening, strategies.KEPT_OUTPUT_WIDENING = strategies.KEPT_OUTPUT_WIDENING, 0.0
+            kept_cap = strategies.KEPT_OUTPUT_DEVICE_SHARE * capacity
+            record["kept_outputs_cap_gib"] = round(kept_cap, 2)
         peak_of(step, 1024)  # warm-up: kernels, workspaces
         points = {seq: peak_of(step, seq) for seq in seqs}
         record["peak_gib"] = {str(seq): (round(peak, 2) if peak else None) for seq, peak in points.items()}
@@ -124,11 +137,12 @@ def main() -> None:
         if len(fitted) >= 2:
             (s0, p0), (s1, p1) = fitted[0], fitted[-1]
             slope = (p1 - p0) / (s1 - s0)  # GiB per token
-            capacity = torch.cuda.get_device_properties(0).total_memory / GIB
-            longest = int(s1 + (capacity * 0.97 - p1) / slope)
+            longest = int(s1 + (capacity * 0.97 - kept_cap - p1) / slope)
             record.update(gib_per_1k_tokens=round(slope * 1024, 4), intercept_gib=round(p0 - slope * s0, 2),
                           predicted_longest=longest)
             if args.verify:
+                if args.peer == "litft":
+                    strategies.KEPT_OUTPUT_WIDENING = widening
                 probe = int(longest * 0.95) // 1024 * 1024
                 peak = peak_of(step, probe)
                 record["verified"] = {str(probe): round(peak, 2) if peak else "out of memory"}

@@ -16,7 +16,12 @@ from typing import Any
 import torch
 
 from litft.training.loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
-from litft.training.strategies import ModelMemory, checkpointed_block_count
+from litft.training.strategies import (
+    KEPT_OUTPUT_DEVICE_SHARE,
+    KEPT_OUTPUT_WIDENING,
+    ModelMemory,
+    checkpointed_block_count,
+)
 
 GIB = 1024**3
 # What litft's compiled LoRA step reached on an H200 (72% of 790 TFLOP/s measured bf16 matrix throughput), rounded
@@ -98,6 +103,20 @@ def parameter_count(hf_config: dict[str, Any]) -> int:
     return hf_config["num_hidden_layers"] * (attention + mlp) + embeddings
 
 
+def kept_projections(hf_config: dict[str, Any]) -> tuple[int, float]:
+    """Under offloaded checkpointing, the projections whose outputs a block keeps for its recomputation
+    (`KEPT_OUTPUT_WIDENING`): (their output columns per token, their share of the block's base-GEMM work)."""
+    widths = Widths.of(hf_config)
+    q_width, kv_width = widths.heads * widths.head_dim, widths.kv_heads * widths.head_dim
+    groups = [  # (in, out) of q/k/v, o, gate/up and down
+        (widths.hidden, q_width + 2 * kv_width), (q_width, widths.hidden),
+        (widths.hidden, 2 * widths.intermediate), (widths.intermediate, widths.hidden),
+    ]
+    kept = [(in_width, out_width) for in_width, out_width in groups if out_width <= KEPT_OUTPUT_WIDENING * in_width]
+    work = sum(in_width * out_width for in_width, out_width in groups)
+    return sum(out_width for _, out_width in kept), sum(i * o for i, o in kept) / work
+
+
 def device_peak_tflops() -> float | None:
     if not torch.cuda.is_available():
         return None
@@ -128,10 +147,17 @@ def estimate_run(
         per_layer -= intermediate_bytes
         mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
     checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0
+    kept_columns, kept_work = kept_projections(hf_config) if activation_checkpointing == "offload" else (0, 0.0)
     if checkpointed:
         # A checkpointed block keeps only its input; one block's full activations exist during its recomputation.
+        # Offloaded, the inputs wait in host memory, and the next block's kept outputs arrive meanwhile (up to
+        # their share of the device; past it a block keeps fewer of them and recomputes more).
         input_bytes = 0 if activation_checkpointing == "offload" else hf_config["hidden_size"] * element_size
+        kept_bytes = tokens * kept_columns * element_size
+        arriving = min(kept_bytes, KEPT_OUTPUT_DEVICE_SHARE * available_device_bytes())
+        kept_work *= arriving / kept_bytes if kept_bytes else 0.0
         activations = tokens * (checkpointed * input_bytes + (layers - checkpointed) * per_layer + per_layer)
+        activations += arriving
     else:
         activations = tokens * layers * per_layer
     activations += mlp_tile_bytes
@@ -139,8 +165,8 @@ def estimate_run(
     parameters = parameter_count(hf_config)
     attention_flops = 4 * layers * seq_len * hf_config["hidden_size"]
     # Forward 2N; backward 2N for the input gradient (+2N for weight gradients when every weight trains);
-    # recomputation adds another forward.
-    multiplier = (6 if method == "full" else 4) + 2 * checkpointed / layers
+    # recomputation adds another forward, less the projections whose outputs were kept.
+    multiplier = (6 if method == "full" else 4) + 2 * checkpointed / layers * (1 - kept_work)
     flops_per_token = multiplier * parameters + (3 + checkpointed / layers) * attention_flops
     peak = device_peak_tflops()
     speed = peak * 1e12 * ASSUMED_MFU / flops_per_token if peak else None

@@ -180,7 +180,7 @@ def drop_probe_leftovers(model: nn.Module, aborted: bool = False) -> None:
     for module in model.modules():
         offload = getattr(module, "activation_offload", None)
         if offload is not None:
-            offload.owner.pending.clear()
+            offload.owner.clear()
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2

@@ -23,6 +23,7 @@ import torch
 from lightning.fabric import Fabric
 from torch import nn
 
+from litft.adapters.lora_projections import keeping_outputs
 from litft.errors import ConfigError
 
 PRECISIONS = ("bf16-true", "16-true", "32-true", "bf16-mixed", "16-mixed")
@@ -225,6 +226,21 @@ def checkpointed_block_count(layers: int, blocks: int | None) -> int:
     return min(blocks, layers)
 
 
+# Which projection groups an offloaded block keeps the outputs of from its forward (instead of computing them again
+# in the backward), by how much wider a token's output is than its input. 1.5 keeps o, down and grouped-query q/k/v:
+# on llama-8b 28 KB per token and layer, 46% of the block's base GEMMs not recomputed (+12% tokens/s on an H200,
+# benchmarks/NOTES.md, section 13); gate/up (7x) would add 56 KB, more than PCIe carries while a forward runs
+# (~55 GB/s each way against ~34 KB per token and layer of forward time, block input included). 0 keeps none.
+KEPT_OUTPUT_WIDENING = 1.5
+# The kept outputs of one process hold at most this share of the machine's memory (divided among its GPUs) at a
+# time; past it the outputs are recomputed, as without keeping. Block inputs are not counted: they must be kept.
+KEPT_OUTPUT_HOST_SHARE = 0.25
+# One block's kept outputs come back to the GPU while the block after it recomputes, so they add to the peak: at
+# most this share of the GPU's memory (llama-8b keeps 0.44 GiB per block at 16k tokens, 1% of an H200 is 1.4 GiB),
+# so that very long sequences, where memory and not speed is the point, lose at most 1% of their length.
+KEPT_OUTPUT_DEVICE_SHARE = 0.01
+
+
 class OffloadedBlocks:
     """Activation checkpointing with the checkpoints (the block inputs) kept in host memory.
 
@@ -232,14 +248,41 @@ class OffloadedBlocks:
     stream. The backward of a block brings its input back (the copy started when the block after it began its
     backward), runs the block again with autograd on, and backpropagates through that recomputation. The block's
     own forward is `inner_forward`: a compiler replaces that (not the wrapper, whose stream work it cannot trace),
-    see `litft.training.compilation`."""
+    see `litft.training.compilation`.
+
+    The outputs of the projections that widen a token little (o, down, grouped-query q/k/v: `KEPT_OUTPUT_WIDENING`)
+    go to host memory beside the input and come back with it: the recomputation takes them instead of running
+    those GEMMs again (`litft.adapters.lora_projections.keeping_outputs`; LoRA layers computed by litft's operators,
+    so not a float8 base, adapter dropout or DoRA)."""
 
     def __init__(self, blocks: list[nn.Module]) -> None:
-        self.pending: list[_HostCheckpoint] = []  # forward order; the backward walks it from the end
+        self.pending: list[_BlockCheckpoint] = []  # forward order; the backward walks it from the end
         self.side_stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.kept_bytes = 0
+        self.kept_budget = host_memory_bytes() * KEPT_OUTPUT_HOST_SHARE / max(1, torch.cuda.device_count())
+        self.block_budget = kept_bytes_per_block()
         for block in blocks:
             block.activation_offload = _OffloadedBlock(self, block.forward)
             block.forward = block.activation_offload
+
+    def clear(self) -> None:
+        """Drops what forwards without a backward left behind (the memory probe's passes)."""
+        self.pending.clear()
+        self.kept_bytes = 0
+
+
+def kept_bytes_per_block() -> float:
+    """How many bytes of kept outputs one block may hold (`KEPT_OUTPUT_DEVICE_SHARE`; on CPU only the host budget)."""
+    if not torch.cuda.is_available():
+        return float("inf")
+    return KEPT_OUTPUT_DEVICE_SHARE * torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+
+
+def host_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system: keep nothing beyond the inputs
+        return 0
 
 
 class _OffloadedBlock:
@@ -256,12 +299,13 @@ class _OffloadedBlock:
 
 
 class _HostCheckpoint:
-    """A block input on its way to host memory and back."""
+    """A tensor on its way to host memory and back."""
 
     def __init__(self, tensor: torch.Tensor, stream: torch.cuda.Stream | None) -> None:
         self.device = tensor.device
         self.stream = stream
         self.on_device: torch.Tensor | None = None
+        self.bytes = tensor.numel() * tensor.element_size()
         if stream is None or tensor.device.type != "cuda":
             self.host = tensor.detach().clone()  # CPU runs: a copy, so the caller may reuse its tensor
             self.copied = None
@@ -296,6 +340,66 @@ class _HostCheckpoint:
         return tensor
 
 
+class _KeptOutputs:
+    """One block's kept projection outputs (`litft.adapters.lora_projections.OutputKeeper`), one entry per call the
+    keeper was asked about, in call order: the forward fills the entries, the recomputation takes them in the same
+    order. An entry is None where a budget was spent (the host's, or the block's share of the GPU): that call
+    computes its outputs again."""
+
+    def __init__(self, owner: OffloadedBlocks) -> None:
+        self.owner = owner
+        self.calls: list[list[_HostCheckpoint] | None] = []
+        self.bytes = 0
+        self.replaying = False
+        self.taken = 0
+
+    def keeps(self, out_width: int, in_width: int) -> bool:
+        return out_width <= KEPT_OUTPUT_WIDENING * in_width
+
+    def keep(self, outputs: list[torch.Tensor]) -> None:
+        if self.replaying:  # a call whose outputs were not kept computed them again: nothing to keep now
+            return
+        size = sum(output.numel() * output.element_size() for output in outputs)
+        if self.bytes + size > self.owner.block_budget or self.owner.kept_bytes + size > self.owner.kept_budget:
+            self.calls.append(None)
+            return
+        self.bytes += size
+        self.owner.kept_bytes += size
+        self.calls.append([_HostCheckpoint(output, self.owner.side_stream) for output in outputs])
+
+    def take(self, shapes: list[tuple[int, ...]]) -> list[torch.Tensor] | None:
+        if not self.replaying:
+            return None
+        if self.taken >= len(self.calls):
+            raise RuntimeError("litft: a block's recomputation asked for more kept outputs than its forward kept")
+        call, self.calls[self.taken] = self.calls[self.taken], None
+        self.taken += 1
+        if call is None:
+            return None
+        outputs = [checkpoint.take() for checkpoint in call]
+        if [tuple(output.shape) for output in outputs] != [tuple(shape) for shape in shapes]:
+            raise RuntimeError("litft: a block's recomputation called its projections in a new order")
+        self.owner.kept_bytes -= sum(checkpoint.bytes for checkpoint in call)
+        return outputs
+
+    def prefetch(self) -> None:
+        for call in self.calls:
+            for checkpoint in call or ():
+                checkpoint.prefetch()
+
+
+class _BlockCheckpoint:
+    """What an offloaded block keeps between its forward and its backward: its input, and the kept outputs."""
+
+    def __init__(self, hidden: torch.Tensor, owner: OffloadedBlocks) -> None:
+        self.input = _HostCheckpoint(hidden, owner.side_stream)
+        self.outputs = _KeptOutputs(owner)
+
+    def prefetch(self) -> None:
+        self.input.prefetch()
+        self.outputs.prefetch()
+
+
 _GRAD_ANCHOR = torch.empty(0, requires_grad=True)
 
 
@@ -306,27 +410,33 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         # Recomputation must draw the same dropout masks as this pass did.
         ctx.cpu_rng_state = torch.get_rng_state()
         ctx.cuda_rng_state = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.checkpoint = _HostCheckpoint(hidden, block.owner.side_stream)
+        ctx.checkpoint = _BlockCheckpoint(hidden, block.owner)
         block.owner.pending.append(ctx.checkpoint)
-        with torch.no_grad():
+        with torch.no_grad(), keeping_outputs(ctx.checkpoint.outputs):
             return block.inner_forward(hidden, *args, **kwargs)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        pending = ctx.block.owner.pending
-        index = pending.index(ctx.checkpoint)
+        owner = ctx.block.owner
+        index = owner.pending.index(ctx.checkpoint)
         if index > 0:
-            pending[index - 1].prefetch()  # the block before this one is next in the backward
+            owner.pending[index - 1].prefetch()  # the block before this one is next in the backward
         needs_input_grad = ctx.needs_input_grad[3]
-        hidden = ctx.checkpoint.take().detach().requires_grad_(needs_input_grad)
-        pending.pop(index)
+        hidden = ctx.checkpoint.input.take().detach().requires_grad_(needs_input_grad)
+        kept = ctx.checkpoint.outputs
+        kept.replaying = True
+        owner.pending.pop(index)
         devices = [hidden.device] if hidden.is_cuda else []
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(ctx.cpu_rng_state)
             if ctx.cuda_rng_state is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng_state, hidden.device)
-            with torch.enable_grad():
+            with torch.enable_grad(), keeping_outputs(kept):
                 output = ctx.block.inner_forward(hidden, *ctx.args, **ctx.kwargs)
+        if kept.taken != len(kept.calls):
+            raise RuntimeError("litft: a block's recomputation took fewer kept outputs than its forward kept")
+        if not owner.pending:
+            owner.kept_bytes = 0  # the step's last block: whatever is left counted belongs to no one
         torch.autograd.backward(output, grad_output)
         return None, None, None, hidden.grad if needs_input_grad else None, None
 
