@@ -122,7 +122,7 @@ def bench_training(args) -> dict:
     shape = SHAPES[args.shape]
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
     fabric = make_fabric(accelerator=DEVICE, devices=1, precision="32-true")
-    lora = LoRAConfig(rank=16, alpha=32, dropout=0.0, targets=TARGETS)
+    lora = LoRAConfig(rank=16, alpha=32, dropout=args.lora_dropout, targets=TARGETS)
     method = "lora" if args.task == "dpo" else args.task
     model = load_for_training(method, checkpoint, torch.bfloat16, fabric.device, lora,
                               args.quantize if args.task == "qlora" else None)
@@ -208,6 +208,7 @@ def bench_training(args) -> dict:
                 **({"thunder_fusion": args.thunder_fusion} if args.compile and args.compiler == "thunder" else {}),
                 mlp_tile_tokens=args.mlp_tile_tokens,
                 **({"kept_output_widening": strategies.KEPT_OUTPUT_WIDENING} if args.ckpt and args.offload else {}),
+                **({"lora_dropout": args.lora_dropout} if args.lora_dropout else {}),
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
@@ -415,6 +416,8 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set a torch._inductor.config option before compiling, e.g. combo_kernels=True or "
                              "triton.cudagraphs=True (repeatable; for experiments, recorded in the output)")
+    parser.add_argument("--lora_dropout", type=float, default=0.0,
+                        help="adapter dropout (the peers' protocol: 0; with dropout each LoRA layer runs on its own)")
     parser.add_argument("--lora_one_by_one", action="store_true",
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
     parser.add_argument("--bnb_dequantize", action="store_true",
