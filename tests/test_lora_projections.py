@@ -1,14 +1,18 @@
 """LoRA layers that share an input, computed together (`litft.adapters.lora_projections`): the same outputs and
-gradients as each layer computed on its own, in eager mode, compiled and over a 4-bit base; the layers that cannot
-join (DoRA, dropout, adapters switched off) still compute as before."""
+gradients as each layer computed on its own, in eager mode, compiled and over a 4-bit base, with and without adapter
+dropout; the layers that cannot join (DoRA, adapters switched off) still compute as before."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from litft.adapters import lora_projections
+from litft.adapters import lora_dropout, lora_projections
 from litft.adapters.lora import (
     LoRAConfig,
     LoRALinear,
@@ -145,7 +149,7 @@ def test_no_input_gradient_when_the_input_needs_none():
     original = lora_projections.lora_projections_backward
 
     def recording(*args):
-        asked.append(args[-1])  # input_grad
+        asked.append(args[11])  # input_grad
         return original(*args)
 
     lora_projections.lora_projections_backward = recording
@@ -159,9 +163,9 @@ def test_no_input_gradient_when_the_input_needs_none():
     assert layer.lora_A.weight.grad is not None and x.grad is not None
 
 
-@pytest.mark.parametrize("variant", ["dora", "dropout", "disabled"])
+@pytest.mark.parametrize("variant", ["dora", "disabled"])
 def test_layers_that_cannot_join_compute_as_before(variant):
-    model = lora_model(dora=variant == "dora", dropout=0.1 if variant == "dropout" else 0.0)
+    model = lora_model(dora=variant == "dora")
     model.eval()
     input_ids = torch.randint(0, CONFIG["vocab_size"], (1, 8))
     if variant == "disabled":
@@ -174,6 +178,116 @@ def test_layers_that_cannot_join_compute_as_before(variant):
             torch.testing.assert_close(base_logits, model(input_ids))
     else:
         assert count_calls(model, input_ids) == 0
+
+
+class FixedMask(nn.Module):
+    """Adapter dropout with a given mask: x * mask / (1 - p), as nn.Dropout computes with the mask it draws."""
+
+    def __init__(self, mask: torch.Tensor, p: float) -> None:
+        super().__init__()
+        self.mask, self.p = mask, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask.view(x.shape) / (1 - self.p)
+
+
+@pytest.fixture(params=["torch", "kernels", pytest.param("gpu", marks=pytest.mark.gpu)])
+def mask_path(request):
+    """The dropout masks drawn by torch's generator (CPU), by litft's Triton kernels in Triton's interpreter (CPU),
+    or by the kernels on the GPU. The interpreter must be chosen before triton is imported (the kernels call
+    triton's own jitted Philox functions), so without it the test runs again in a process that starts with it, and
+    "elsewhere" tells the test body that its assertions ran there."""
+    if request.param == "kernels" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.importorskip("triton")
+        done = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::{request.node.name}"],
+            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=600,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        yield "elsewhere"
+        return
+    yield request.param
+
+
+def test_dropout_groups_and_computes_each_layer_alone_with_the_same_masks(mask_path, monkeypatch):
+    """With adapter dropout the layers still compute together, each adapter reading x through a mask of its own;
+    given those masks, every output and gradient equals each layer computed alone (its dropout applying the same
+    mask). The masks drop about p of the elements, differ between the adapters of a group and between steps, and
+    the backward draws the forward's masks again."""
+    if mask_path == "elsewhere":
+        return
+    p = 0.3
+    device = "cuda" if mask_path == "gpu" else "cpu"
+    model = lora_model(dropout=p).to(device).train()
+    lora_projections.join_frozen_weights(model)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12), device=device)
+    seeds: list[int] = []  # each masked copy of an input, by the seed of its mask
+    masked_input = lora_dropout.masked_input
+
+    def recording(x, seed, dropout):
+        assert lora_dropout.uses_kernels(x) == (mask_path != "torch")
+        seeds.append(seed)
+        return masked_input(x, seed, dropout)
+
+    monkeypatch.setattr(lora_dropout, "masked_input", recording)
+    torch.manual_seed(7)
+    assert count_calls(model, input_ids) == 2 * 4  # per block: q/k/v, o, gate/up, down
+    first_step = list(seeds)
+    seeds.clear()
+    torch.manual_seed(8)
+    loss, grads = loss_and_grads(model, input_ids)
+    layers = list(lora_modules(model).values())
+    forward, backward = seeds[: len(layers)], seeds[len(layers) :]
+    assert sorted(backward) == sorted(forward)  # drawn again in the backward, last call first
+    assert len(set(forward)) == len(layers) and not set(forward) & set(first_step)
+
+    masks = [
+        lora_dropout.mask(torch.empty(24, layer.in_features, device=device), seed, p)
+        for layer, seed in zip(layers, forward)
+    ]
+    dropped = torch.cat([mask.flatten() for mask in masks]).eq(0).float().mean().item()
+    assert abs(dropped - p) < 0.05, dropped
+    assert not torch.equal(masks[0], masks[1])  # q's and k's masks
+    for layer, mask in zip(layers, masks):
+        layer.lora_dropout = FixedMask(mask, p)
+    set_compute_together(model, False)
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_dropout_is_off_in_evaluation_and_the_step_needs_no_mask():
+    """In evaluation the adapters read x itself: the same logits as a model without dropout, and no mask drawn."""
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    with_dropout, without = lora_model(dropout=0.3).eval(), lora_model().eval()
+    original = lora_dropout.masked_input
+    lora_dropout.masked_input = None  # any call would fail
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(with_dropout(input_ids), without(input_ids), rtol=0, atol=0)
+    finally:
+        lora_dropout.masked_input = original
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiled_dropout_draws_the_masks_eager_draws(device):
+    """Compiled, the grouped operator still draws its masks' seed from the host generator when it runs (not once
+    when traced): the same seed gives eager's loss and gradients, another seed other ones."""
+    model = lora_model(dropout=0.2).to(device).train()
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12), device=device)
+    torch.manual_seed(3)
+    eager_loss, eager_grads = loss_and_grads(model, input_ids)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    torch.manual_seed(4)
+    other_loss, _ = loss_and_grads(model, input_ids, step=compiled)
+    torch.manual_seed(3)
+    loss, grads = loss_and_grads(model, input_ids, step=compiled)
+    assert not torch.equal(other_loss, loss)
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_autocast_groups_and_computes_in_the_autocast_dtype():

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from litft.adapters import lora_dropout
 from litft.adapters.quantization import dequantize_weight
 
 
@@ -148,25 +149,41 @@ def lora_projections(
     lora_a: torch.Tensor,
     lora_b: list[torch.Tensor],
     joined: bool,
+    dropout: float,
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
     kept for the backward; `joined`: [y, low], the outputs side by side in one tensor (..., sum N_i), from one base
     GEMM when the weights join. `lora_a` is the layers' A factors, each times its scaling, stacked (sum r_i, K), in
-    x's dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own."""
+    x's dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own.
+
+    `dropout` > 0: each adapter reads x through a dropout mask of its own, and the outputs end with the seed the
+    masks were drawn from (a host int64 tensor (1,), see `litft.adapters.lora_dropout`), from which the backward
+    draws them again."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
-    low = flat_x @ lora_a.t()  # (M, sum r_i)
+    seed = []
+    if dropout > 0:
+        # Drawn from the host generator: no wait for the device, and a recomputation that restores the RNG state
+        # (activation checkpointing) draws the same seed, hence the same masks.
+        seed = [torch.randint(2**31 - 2**10, (1,), dtype=torch.int64)]  # adapter i draws from seed + i
+        ranks = [update.shape[1] for update in lora_b]
+        low = torch.cat([
+            lora_dropout.masked_input(flat_x, int(seed[0]) + index, dropout) @ (a / (1 - dropout)).t()
+            for index, a in enumerate(lora_a.split(ranks))
+        ], dim=1)
+    else:
+        low = flat_x @ lora_a.t()  # (M, sum r_i)
     keeper = _output_keeper
     if keeper is None or not keeper.keeps(sum(out_features), in_features):
         return [*_base_and_updates(x, flat_x, low, weights, state, state_counts, mode, out_features,
-                                   nested_blocksizes, biases, lora_b, joined), low]
+                                   nested_blocksizes, biases, lora_b, joined), low, *seed]
     sizes = [sum(out_features)] if joined else out_features
     kept = keeper.take([(*x.shape[:-1], size) for size in sizes])
     if kept is None:
         kept = _base_and_updates(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes,
                                  biases, lora_b, joined)
         keeper.keep(kept)
-    return [*kept, low]
+    return [*kept, low, *seed]
 
 
 def _base_and_updates(
@@ -211,10 +228,11 @@ def _base_and_updates(
 
 
 @lora_projections.register_fake
-def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined):
+def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout):
     tokens = x.numel() // x.shape[-1]
     sizes = [sum(out_features)] if joined else out_features
-    return [*(x.new_empty((*x.shape[:-1], size)) for size in sizes), x.new_empty((tokens, lora_a.shape[0]))]
+    seed = [torch.empty(1, dtype=torch.int64)] if dropout > 0 else []
+    return [*(x.new_empty((*x.shape[:-1], size)) for size in sizes), x.new_empty((tokens, lora_a.shape[0])), *seed]
 
 
 @torch.library.custom_op("litft::lora_projections_backward", mutates_args=())
@@ -231,9 +249,12 @@ def lora_projections_backward(
     lora_a: torch.Tensor,
     lora_b: list[torch.Tensor],
     input_grad: bool,
+    dropout: float,
+    seed: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]; `grad_outputs` is one
-    tensor per layer, or one for all side by side (the joined forward's output)."""
+    tensor per layer, or one for all side by side (the joined forward's output). With `dropout`, the forward's masks
+    are drawn again from its `seed`."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     if len(grad_outputs) == 1 and len(out_features) > 1:  # joined: each layer's gradient is a block of columns
@@ -250,9 +271,12 @@ def lora_projections_backward(
         grad_updates.append(grad.t() @ low[:, start : start + rank])  # (N_i, r_i)
         start += rank
     grad_low = torch.cat(grad_low_parts, dim=1) if len(grad_low_parts) > 1 else grad_low_parts[0]  # (M, sum r_i)
-    grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
+    if dropout > 0:
+        grad_lora_a, lora_grad_x = _dropped_gradients(flat_x, grad_low, lora_a, lora_b, dropout, int(seed), input_grad)
+    else:
+        grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
     if input_grad:
-        grad_x = grad_low @ lora_a  # (M, K)
+        grad_x = lora_grad_x if dropout > 0 else grad_low @ lora_a  # (M, K)
         arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
         weight = _joined_weight(*arguments) if joined_grad is not None else None
         if weight is not None:
@@ -266,16 +290,38 @@ def lora_projections_backward(
     return [grad_x, grad_lora_a, *grad_updates]
 
 
+def _dropped_gradients(
+    flat_x: torch.Tensor, grad_low: torch.Tensor, lora_a: torch.Tensor, lora_b: list[torch.Tensor], dropout: float,
+    seed: int, input_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A's gradient and the adapters' share of x's gradient when each adapter read x through its own mask:
+    low_i = (x * m_i) @ (A_i / (1 - p))^T, so d(A_i) = g_i^T @ (x * m_i) / (1 - p) and
+    dx = sum_i (g_i @ A_i) * m_i / (1 - p), one mask alive at a time."""
+    ranks = [update.shape[1] for update in lora_b]
+    rescale = 1 / (1 - dropout)
+    grad_a_parts, grad_x = [], None
+    for index, (a, grad) in enumerate(zip(lora_a.split(ranks), grad_low.split(ranks, dim=1))):
+        grad_a_parts.append((grad.t() @ lora_dropout.masked_input(flat_x, seed + index, dropout)) * rescale)  # (r_i, K)
+        if input_grad:
+            grad_x = lora_dropout.add_masked(grad_x, grad @ a, seed + index, dropout, rescale)  # (M, K)
+    return torch.cat(grad_a_parts), grad_x
+
+
 @lora_projections_backward.register_fake
 def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
-      input_grad):
+      input_grad, dropout, seed):
     grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     return [grad_x, lora_a.new_empty(lora_a.shape), *(update.new_empty(update.shape) for update in lora_b)]
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined = inputs
-    ctx.save_for_backward(x, output[-1], lora_a, *weights, *state, *lora_b)
+    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout = (
+        inputs
+    )
+    output_count = 1 if joined else len(out_features)
+    seed = output[output_count + 1] if dropout > 0 else None  # the outputs are [y..., low, seed]
+    ctx.save_for_backward(x, output[output_count], seed, lora_a, *weights, *state, *lora_b)
+    ctx.dropout = dropout
     ctx.sizes = (len(weights), len(state))
     # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
     ctx.bias_gradients = [None] * len(biases) if all(bias is not None for bias in biases) else None
@@ -285,22 +331,23 @@ def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
 
 def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     layer_count, state_count = ctx.sizes
-    x, low, lora_a, *rest = ctx.saved_tensors
+    x, low, seed, lora_a, *rest = ctx.saved_tensors
     weights, state, lora_b = rest[:layer_count], rest[layer_count : layer_count + state_count], rest[-layer_count:]
     state_counts, mode, out_features, nested_blocksizes = ctx.arguments
     sizes = [sum(out_features)] if ctx.joined else out_features  # joined: the outputs are [y, low]
     grads = [
         torch.zeros((*x.shape[:-1], size), dtype=x.dtype, device=x.device) if grad is None else grad
-        for grad, size in zip(grad_outputs[:-1], sizes)
+        for grad, size in zip(grad_outputs[: len(sizes)], sizes)
     ]
     input_grad = ctx.needs_input_grad[0]
     grad_x, grad_lora_a, *grad_lora_b = lora_projections_backward(
-        grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b, input_grad
+        grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b, input_grad,
+        ctx.dropout, seed,
     )
     # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b, None,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None,
     )
 
 
@@ -308,14 +355,20 @@ lora_projections.register_autograd(_backward, setup_context=_setup_context)
 
 
 def computes_together(layer: nn.Module) -> bool:
-    """Whether `layer` is a LoRA layer these operators compute: plain LoRA / rsLoRA (not DoRA), no adapter dropout,
-    adapters switched on, a full-precision or 4-bit base (a float8 base has its own operator), not under thunder
-    (which cannot trace custom operators). Only a `LoRALinear` has `compute_together`."""
+    """Whether `layer` is a LoRA layer these operators compute: plain LoRA / rsLoRA (not DoRA), with or without
+    adapter dropout, adapters switched on, a full-precision or 4-bit base (a float8 base has its own operator), not
+    under thunder (which cannot trace custom operators). Only a `LoRALinear` has `compute_together`."""
     if not getattr(layer, "compute_together", False) or layer.use_dora or layer.lora_A is None:
         return False
-    if not isinstance(layer.lora_dropout, nn.Identity) or "forward" in vars(layer):  # see adapters_disabled
+    if "forward" in vars(layer):  # see adapters_disabled
         return False
     return layer.quantization is None or layer.quantization.mode != "fp8"
+
+
+def dropout_probability(layer: nn.Module) -> float:
+    """The adapter dropout a layer applies now: its probability while training, 0 in evaluation or without one."""
+    dropout = layer.lora_dropout
+    return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
 def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
@@ -325,7 +378,8 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     can_join = [computes_together(layer) for layer in layers]
     joining = [layer for layer, joins in zip(layers, can_join) if joins]
     modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
-    if not joining or len(modes) > 1:
+    dropouts = {dropout_probability(layer) for layer in joining}
+    if not joining or len(modes) > 1 or len(dropouts) > 1:
         return None
     # Autocast does not reach into custom operators: cast the input as it would cast F.linear's, and everything
     # below (weights, adapters, output) follows x's dtype, as autocast's F.linear would compute.
@@ -348,7 +402,7 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
     # block specializes on it once; whether the weights still lie back to back is the operator's to check).
     joined = len(joining) > 1 and all(layer.joined_base for layer in joining)
-    *outputs, _ = lora_projections(
+    outputs = lora_projections(
         group_input,
         weights,
         state,
@@ -360,9 +414,12 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
         lora_a,
         [layer.lora_B.weight.to(group_input.dtype) for layer in joining],
         joined,
+        dropouts.pop(),
     )
     if joined:  # views of the one output tensor
         outputs = outputs[0].split([layer.out_features for layer in joining], dim=-1)
+    else:  # the outputs end with low (and the dropout seed)
+        outputs = outputs[: len(joining)]
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
     outputs = iter(outputs)
     return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
