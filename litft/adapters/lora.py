@@ -161,7 +161,7 @@ class LoRALinear(nn.Module):
     def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
         """The outputs of `layers` that read the same `x` (q, k, v; gate, up): the LoRA layers among them in two
         opaque operators that read x once for every adapter and write each full-size tensor once
-        (`litft.adapters.lora_projections`), the others (not adapted, DoRA, adapter dropout, a float8 base) on
+        (`litft.adapters.lora_projections`), the others (not adapted, DoRA, a float8 base) on
         their own; None where no layer can join (thunder): the caller then calls each layer."""
         return forward_together(x, layers)
 
@@ -169,7 +169,7 @@ class LoRALinear(nn.Module):
         together = forward_together(x, [self])  # the usual path: see `forward_together`
         if together is not None:
             return together[0]
-        # On its own (DoRA, adapter dropout, a float8 base, thunder):
+        # On its own (DoRA, a float8 base, thunder):
         result = self._base_forward(x)  # (..., out)
         if self.use_dora:
             return self._dora_forward(x, result)

@@ -27,6 +27,10 @@ Under offloaded activation checkpointing a keeper (`keeping_outputs`) may hold o
 widen a token little (o, down, grouped-query q/k/v) from the block's forward, and hand them back when the backward
 recomputes the block: those base GEMMs (46% of a llama-8b block's) are not run twice.
 
+With adapter dropout each adapter reads x through a mask of its own (`litft.adapters.lora_dropout`): low is then one
+rank-deep GEMM per adapter over its masked copy of x, and the backward draws the masks again from the forward's seed
+rather than keeping them.
+
 The operators are opaque to torch.compile (custom operators, like the dequantizing matmul of a quantized base):
 traced, inductor lowers an addmm into a copy of its addend plus a GEMM. Quantized 4-bit bases dequantize inside
 them, forward and backward, so nothing full-precision is kept between the two. The Hugging Face parameter names
