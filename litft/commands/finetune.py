@@ -416,8 +416,11 @@ def run_finetune(
             memory = replace(memory, weight_bytes=memory.weight_bytes + memory.trained_bytes)
     auto_micro_batch = train.micro_batch_size == "auto"  # on a GPU the estimate's pick is probed once set up
     if dry_run or auto_micro_batch:
+        # Either compiler keeps what a compiled block keeps: thunder, with its torch.compile fusion executor, peaked at
+        # 18.39 GiB where torch.compile peaked at 16.97 and the eager model says ~28 (LoRA llama-1b 8 x 2048, H200).
+        compiled = compiler is not None
         train = fit_micro_batch(
-            train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes, compiler == "torch"
+            train, memory, method, checkpoint, weights_dtype, data, accelerator, devices, num_nodes, compiled
         )
         if dry_run:
             return out_dir / "final"
