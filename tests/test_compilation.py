@@ -159,6 +159,53 @@ def test_torch_compile_keeps_names_loss_and_gradients(tiny_llama_dir, checkpoint
     assert counters["stats"]["unique_graphs"] > graphs_before  # the blocks really ran compiled
 
 
+def test_a_block_compiles_every_variant_a_run_needs(tiny_llama_dir):
+    """Offloaded checkpointing over rows of varying length gives a block's forward eight graphs in training alone
+    (without and with autograd, the first block's input without a gradient, a static and then a dynamic length);
+    evaluation needs one more. Past dynamo's default limit of eight that evaluation would run eagerly."""
+    from torch._dynamo.utils import counters
+
+    model = lora_model(tiny_llama_dir)
+    enable_activation_checkpointing(model, offload=True)
+    torch._dynamo.reset()
+    compile_blocks(model, "torch")
+    objective = CausalLMObjective(model)
+    for length in (24, 16, 20):
+        ids = input_ids(seed=1, batch=2, length=length)
+        objective(ids, ids.roll(-1, dims=1)).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    model.eval()
+    with torch.no_grad():
+        objective(ids[:1], ids[:1].roll(-1, dims=1))
+    assert counters["stats"]["unique_graphs"] > graphs  # evaluation ran compiled
+
+
+def test_the_training_sample_decodes_the_compiled_blocks_eagerly(stories_dir):
+    """`--eval.sample_prompt` decodes with a KV cache through blocks that --compile compiled: compiled, each layer
+    (its own cache slot) would trace a graph of its own until dynamo's recompile limit, after which a block runs
+    eagerly for every input it has no graph for. The sample must compile nothing; the training step still runs
+    compiled afterwards."""
+    from torch._dynamo.utils import counters
+
+    from litft.chat_templates import resolve_chat_template
+    from litft.commands.finetune import make_sample_fn
+    from litft.tokenizer import Tokenizer
+    from litft.training.config import EvalConfig
+
+    model = lora_model(stories_dir)
+    tokenizer = Tokenizer.from_checkpoint(stories_dir)
+    template = resolve_chat_template(tokenizer, None, flag="--data.template")
+    sample = make_sample_fn(model, tokenizer, template, EvalConfig(sample_prompt="Tell me a story", max_new_tokens=8))
+    torch._dynamo.reset()
+    compile_blocks(model, "torch")
+    loss_and_gradients(model)
+    graphs = counters["stats"]["unique_graphs"]
+    assert isinstance(sample(), str) and model.training
+    assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled while sampling
+    loss_and_gradients(model)
+    assert counters["stats"]["unique_graphs"] == graphs  # the step found its graphs again
+
+
 # ---------------------------------------------------------------- thunder
 
 

@@ -696,9 +696,13 @@ def make_sample_fn(model, tokenizer, template, eval_config: EvalConfig):
         was_training = model.training
         model.eval()
         # Eager decoding: a short sample gains nothing from graph capture, and the model may be compiled or 4-bit.
-        result = generate(
-            model, [prompt_ids], eval_config.max_new_tokens, stop_ids, pad_id=padding_id(tokenizer), use_cuda_graph=False
-        )
+        # Under --compile the blocks' forwards are torch.compile'd: decoding through them would compile a graph per
+        # layer (each reads its own cache slot) until dynamo's recompile limit, so they run eagerly here.
+        with torch.compiler.set_stance("force_eager"):
+            result = generate(
+                model, [prompt_ids], eval_config.max_new_tokens, stop_ids, pad_id=padding_id(tokenizer),
+                use_cuda_graph=False,
+            )
         model.train(was_training)
         return tokenizer.decode(result[0].token_ids)
 

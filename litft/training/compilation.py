@@ -41,6 +41,10 @@ COMPILERS = ("torch", "thunder")
 # elementwise kernels and saves 32% of each block's activations (llama-8b LoRA: 40.5 instead of 50.8 GiB at the
 # same speed; benchmarks/NOTES.md, section 5).
 PARTITIONER_SETTINGS = {"ban_recompute_materialized_backward": False}
+# How many graphs dynamo may compile for one block's forward before it runs new variants eagerly (see
+# `compile_blocks`). A block recompiled for every layer (session 6: a guard on each module's identity) still shows
+# in the graph counts that tests/test_compilation.py asserts.
+BLOCK_GRAPH_LIMIT = 32
 
 
 def resolve_compiler(compile: bool, compiler: str, quantize: str | None = None) -> str | None:
@@ -67,6 +71,12 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
     if compiler == "torch":
         for name, value in PARTITIONER_SETTINGS.items():
             setattr(torch._functorch.config, name, value)
+        # One block's forward has up to eight graphs in a training step alone: the first block's input needs no
+        # gradient, the others' do; offloaded checkpointing runs the forward without autograd and the recomputation
+        # with it; rows of varying length compile a static graph first and then a dynamic one. Evaluation (no
+        # autograd, another batch size) adds more. Past dynamo's limit (8 by default) a new variant runs eagerly:
+        # seen on the quickstart with offloading, whose evaluation then ran uncompiled.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
             forward = block.forward
