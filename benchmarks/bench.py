@@ -405,7 +405,7 @@ def main() -> None:
     parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--kept_output_widening", type=float, default=None,
                         help="with --ckpt --offload: keep the outputs of projections widening a token at most this "
-                             "much (default litft's, 1.0: o and down; 0: recompute every projection, as before)")
+                             "much (default litft's, 1.5: q/k/v, o and down; 0: recompute every projection)")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block")
     parser.add_argument("--compiler", choices=["torch", "thunder"], default="torch", help="with --compile: which compiler")
     parser.add_argument("--thunder_fusion", choices=["torchcompile", "none"], default="torchcompile",
@@ -417,7 +417,7 @@ def main() -> None:
                         help="set a torch._inductor.config option before compiling, e.g. combo_kernels=True or "
                              "triton.cudagraphs=True (repeatable; for experiments, recorded in the output)")
     parser.add_argument("--lora_dropout", type=float, default=0.0,
-                        help="adapter dropout (the peers' protocol: 0; with dropout each LoRA layer runs on its own)")
+                        help="adapter dropout (the peers' protocol: 0; with --lora_one_by_one: the per-layer path)")
     parser.add_argument("--lora_one_by_one", action="store_true",
                         help="compute each LoRA layer on its own, not q/k/v and gate/up together (for comparison)")
     parser.add_argument("--bnb_dequantize", action="store_true",

@@ -9,7 +9,6 @@ estimates, not promises.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ from litft.training.strategies import (
     KEPT_OUTPUT_WIDENING,
     ModelMemory,
     checkpointed_block_count,
+    host_memory_bytes,
 )
 
 GIB = 1024**3
@@ -184,7 +184,7 @@ def available_device_bytes() -> int:
     """The memory a run may fill: the GPU's total, or the host's physical memory on CPU."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host_memory_bytes()
 
 
 def micro_batch_candidates(per_device_rows: int) -> list[int]:

@@ -172,9 +172,9 @@ def synthetic_rows(
 
 
 def drop_probe_leftovers(model: nn.Module, aborted: bool = False) -> None:
-    """Frees what probe passes leave on the model: gradients, block inputs waiting in offloaded activation
-    checkpointing, and FSDP2's unsharded gradients and gathered weights. `aborted`: a pass stopped half-way (out
-    of memory), which also leaves FSDP2's per-iteration state behind."""
+    """Frees what probe passes leave on the model: gradients, block inputs and kept outputs waiting in offloaded
+    activation checkpointing, and FSDP2's unsharded gradients and gathered weights. `aborted`: a pass stopped
+    half-way (out of memory), which also leaves FSDP2's per-iteration state behind."""
     for parameter in model.parameters():
         parameter.grad = None
     for module in model.modules():

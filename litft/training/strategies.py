@@ -253,7 +253,7 @@ class OffloadedBlocks:
     The outputs of the projections that widen a token little (o, down, grouped-query q/k/v: `KEPT_OUTPUT_WIDENING`)
     go to host memory beside the input and come back with it: the recomputation takes them instead of running
     those GEMMs again (`litft.adapters.lora_projections.keeping_outputs`; LoRA layers computed by litft's operators,
-    so not a float8 base, adapter dropout or DoRA)."""
+    so not a float8 base or DoRA)."""
 
     def __init__(self, blocks: list[nn.Module]) -> None:
         self.pending: list[_BlockCheckpoint] = []  # forward order; the backward walks it from the end
@@ -305,7 +305,6 @@ class _HostCheckpoint:
         self.device = tensor.device
         self.stream = stream
         self.on_device: torch.Tensor | None = None
-        self.bytes = tensor.numel() * tensor.element_size()
         if stream is None or tensor.device.type != "cuda":
             self.host = tensor.detach().clone()  # CPU runs: a copy, so the caller may reuse its tensor
             self.copied = None
@@ -359,7 +358,7 @@ class _KeptOutputs:
     def keep(self, outputs: list[torch.Tensor]) -> None:
         if self.replaying:  # a call whose outputs were not kept computed them again: nothing to keep now
             return
-        size = sum(output.numel() * output.element_size() for output in outputs)
+        size = _byte_count(outputs)
         if self.bytes + size > self.owner.block_budget or self.owner.kept_bytes + size > self.owner.kept_budget:
             self.calls.append(None)
             return
@@ -379,13 +378,17 @@ class _KeptOutputs:
         outputs = [checkpoint.take() for checkpoint in call]
         if [tuple(output.shape) for output in outputs] != [tuple(shape) for shape in shapes]:
             raise RuntimeError("litft: a block's recomputation called its projections in a new order")
-        self.owner.kept_bytes -= sum(checkpoint.bytes for checkpoint in call)
+        self.owner.kept_bytes -= _byte_count(outputs)
         return outputs
 
     def prefetch(self) -> None:
         for call in self.calls:
             for checkpoint in call or ():
                 checkpoint.prefetch()
+
+
+def _byte_count(tensors: list[torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
 class _BlockCheckpoint:
