@@ -428,6 +428,9 @@ def main() -> None:
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",
                         help="experiment: replay the whole step from one CUDA graph (what host launches cost)")
+    parser.add_argument("--lora_gemm", choices=["auto", "cublas", "triton"], default=None,
+                        help="LITFT_LORA_GEMM: a projection's base GEMM and adapter update through cuBLAS, litft's "
+                             "Triton kernel, or whichever was faster for each shape (auto, the default)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
@@ -441,6 +444,8 @@ def main() -> None:
     if args.mlp_tile_tokens is not None and args.task == "decode":
         parser.error("--mlp_tile_tokens applies to the training tasks (lora, qlora, dpo)")
     record = dict(peer="litft", task=args.task, shape=args.shape)
+    if args.lora_gemm is not None:
+        os.environ["LITFT_LORA_GEMM"] = record["lora_gemm"] = args.lora_gemm
     if args.inductor:
         record["inductor"] = args.inductor
     if args.task == "qlora":

@@ -12,9 +12,18 @@
               the forward adding into the adapters' output, the input gradient accumulated), one GEMM per layer
               against one over the concatenated weights;
   nf4         dequantizing a double-quantized NF4 weight: bitsandbytes' kernels against litft's Triton kernel at
-              several program sizes (timed per call, launch included).
+              several program sizes (timed per call, launch included);
+  gemm_backends
+              the frozen projections' bf16 GEMMs (forward, forward adding into an existing output, input gradient)
+              through cuBLAS (torch's default), cuBLASLt (torch.backends.cuda.preferred_blas_library) and the
+              best of inductor's autotuned Triton templates (max-autotune, persistent TMA kernels allowed): whether
+              a library other than the default runs the base GEMMs of a LoRA step faster.
 
-  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4] [--tokens 8192]
+  lora_gemm   a projection's base GEMM and its adapter's update as litft's grouped operator computes them: through
+              cuBLAS (the update, then the base GEMM adding into it in place; the input gradient likewise) against
+              litft.adapters.lora_gemm's one Triton kernel, each configuration, and what `auto` picks.
+
+  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm] [--tokens 8192]
 """
 
 from __future__ import annotations
@@ -130,6 +139,105 @@ def bench_gemm(tokens: int) -> None:
                  bf16_relative_error=round((((x @ weight.t()).float() - reference).norm() / reference.norm()).item(), 5))
 
 
+def bench_gemm_backends(tokens: int, shapes: list[str]) -> None:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.max_autotune_gemm_backends = "TRITON"  # the default library is measured on its own below
+    inductor_config.triton.enable_persistent_tma_matmul = True
+    for shape in shapes:
+        for name, (n_in, n_out) in PROJECTIONS[shape].items():
+            x = torch.randn(tokens, n_in, device="cuda", dtype=torch.bfloat16)
+            weight = torch.randn(n_out, n_in, device="cuda", dtype=torch.bfloat16) / n_in**0.5
+            grad = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+            addend = torch.randn(tokens, n_out, device="cuda", dtype=torch.bfloat16)
+            flops = 2 * tokens * n_in * n_out
+            cases = {
+                "forward": (lambda: x @ weight.t(), lambda a, w: a @ w.t(), (x, weight)),
+                "forward_accumulate": (lambda: addend.addmm_(x, weight.t()),
+                                       lambda y, a, w: torch.addmm(y, a, w.t()), (addend, x, weight)),
+                "input_grad": (lambda: grad @ weight, lambda g, w: g @ w, (grad, weight)),
+            }
+            for case, (eager, definition, inputs) in cases.items():
+                timings = {}
+                for library in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(library)
+                    timings[library] = time_ms(eager)
+                torch.backends.cuda.preferred_blas_library("cublas")
+                try:
+                    compiled = torch.compile(definition, mode="max-autotune-no-cudagraphs", dynamic=False)
+                    timings["triton_autotuned"] = time_ms(lambda: compiled(*inputs))
+                except Exception as error:  # noqa: BLE001 - an autotuning failure is a result here
+                    emit(kind="gemm_backend", shape=shape, projection=name, case=case, backend="triton_autotuned",
+                         error=str(error)[:160])
+                for backend, elapsed in timings.items():
+                    emit(kind="gemm_backend", shape=shape, projection=name, tokens=tokens, case=case,
+                         backend=backend, ms=round(elapsed, 4), tflops=round(flops / elapsed / 1e9, 1))
+                torch._dynamo.reset()
+
+
+def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
+    from litft.adapters import lora_gemm
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    for shape in shapes:
+        projections = PROJECTIONS[shape]
+        hidden, kv = projections["q"][0], projections["kv"][1]
+        inter = projections["gate_up"][1]
+        # (name, pairs, transposed): the forward of one projection, the input gradient of a group
+        cases = [
+            ("forward_qkv_joined", [(randn(tokens, hidden), randn(hidden + 2 * kv, hidden)),
+                                    (randn(tokens, 3 * rank), randn(hidden + 2 * kv, 3 * rank))], True),
+            ("forward_o", [(randn(tokens, hidden), randn(hidden, hidden)), (randn(tokens, rank), randn(hidden, rank))],
+             True),
+            ("forward_gate", [(randn(tokens, hidden), randn(inter, hidden)), (randn(tokens, rank), randn(inter, rank))],
+             True),
+            ("forward_down", [(randn(tokens, inter), randn(hidden, inter)), (randn(tokens, rank), randn(hidden, rank))],
+             True),
+            ("input_grad_qkv_joined", [(randn(tokens, hidden + 2 * kv), randn(hidden + 2 * kv, hidden)),
+                                       (randn(tokens, 3 * rank), randn(3 * rank, hidden))], False),
+            ("input_grad_o", [(randn(tokens, hidden), randn(hidden, hidden)),
+                              (randn(tokens, rank), randn(rank, hidden))], False),
+            ("input_grad_gate_up", [(randn(tokens, inter), randn(inter, hidden)),
+                                    (randn(tokens, inter), randn(inter, hidden)),
+                                    (randn(tokens, 2 * rank), randn(2 * rank, hidden))], False),
+            ("input_grad_down", [(randn(tokens, hidden), randn(hidden, inter)),
+                                 (randn(tokens, rank), randn(rank, inter))], False),
+        ]
+        for name, pairs, transposed in cases:
+            flops = sum(2 * a.shape[0] * a.shape[1] * (b.shape[0] if transposed else b.shape[1]) for a, b in pairs)
+
+            def cublas(pairs=pairs, transposed=transposed):
+                *base, (low, update) = pairs
+                out = low @ (update.t() if transposed else update)
+                for a, b in base:
+                    out.addmm_(a, b.t() if transposed else b)
+                return out
+
+            base_a, base_b = pairs[0]
+            timings = {"cublas": time_ms(cublas),
+                       "cublas_first_base_gemm_alone": time_ms(lambda: base_a @ (base_b.t() if transposed else base_b))}
+            variants = [(index, False, True) for index in range(len(lora_gemm.CONFIGS))]
+            variants += [(0, True, True), (0, False, False), (0, True, False)]  # epilogue, rank-deep pair looped
+            for index, store_through_tma, prefetch_low in variants:
+                label = "triton_" + "x".join(map(str, lora_gemm.CONFIGS[index]))
+                label += "_tma_store" * store_through_tma + "_low_looped" * (not prefetch_low)
+                try:
+                    timings[label] = time_ms(lambda: lora_gemm._run(
+                        pairs, transposed, index, store_through_tma=store_through_tma, prefetch_low=prefetch_low))
+                except Exception as error:  # noqa: BLE001 - a configuration too large for shared memory
+                    emit(kind="lora_gemm", shape=shape, case=name, path=label, error=str(error)[:160])
+            lora_gemm._choices.clear()
+            lora_gemm.sum_of_products(pairs, transposed, cublas)
+            choice = next(iter(lora_gemm._choices.values()))
+            for path, elapsed in timings.items():
+                emit(kind="lora_gemm", shape=shape, case=name, tokens=tokens, path=path, ms=round(elapsed, 4),
+                     tflops=round(flops / elapsed / 1e9, 1))
+            emit(kind="lora_gemm_choice", shape=shape, case=name,
+                 auto="cublas" if choice == lora_gemm.CUBLAS else "x".join(map(str, lora_gemm.CONFIGS[choice])))
+
+
 def bench_lora(tokens: int) -> None:
     from litft.adapters.lora import LoRAConfig, LoRALinear
 
@@ -226,6 +334,7 @@ def main() -> None:
     parser.add_argument("--only", default="attention,gemm,lora,qkv,nf4")
     parser.add_argument("--tokens", type=int, default=8192, help="tokens per GEMM (rows x sequence length)")
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--shapes", default="llama-8b,llama-1b", help="geometries for gemm_backends")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a GPU")
@@ -241,6 +350,10 @@ def main() -> None:
         bench_qkv(args.tokens)
     if "nf4" in chosen:
         bench_nf4()
+    if "lora_gemm" in chosen:
+        bench_lora_gemm(args.tokens, args.shapes.split(","))
+    if "gemm_backends" in chosen:
+        bench_gemm_backends(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

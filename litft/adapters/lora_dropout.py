@@ -23,24 +23,17 @@ import os
 
 import torch
 
+from litft.adapters.nf4_dequantize import triton_available
+
 ELEMENTS_PER_PROGRAM = 2048
 # Philox counters are 32-bit: a larger tensor would repeat its mask; it takes the torch path instead.
 LARGEST_KERNEL_TENSOR = 2**31 - 1
 
 
-@functools.cache
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether masks for `x` come from the Triton kernels (a CUDA tensor, or Triton's interpreter on CPU)."""
     on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and x.numel() <= LARGEST_KERNEL_TENSOR and _triton_available()
+    return on_device and x.numel() <= LARGEST_KERNEL_TENSOR and triton_available()
 
 
 @functools.cache

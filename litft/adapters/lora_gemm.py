@@ -1,0 +1,305 @@
+"""A frozen projection and its adapter's update in one GEMM: C = sum_j A_j @ B_j (or B_j^T).
+
+The grouped LoRA operator (`litft.adapters.lora_projections`) computes, per projection,
+    forward:         y = x @ W^T + low @ B^T                  (low = x @ (sA)^T, rank-deep)
+    input gradient:  dx = dy_1 @ W_1 + ... + g_low @ (sA)     (g_low = dy @ B, one per group)
+Through cuBLAS each sum is a rank-deep GEMM that writes an output-sized tensor and a base GEMM that reads it back
+as its addend (beta = 1): on llama-8b's MLP that is 235 MB written and read again per projection and pass. Here
+the rank-deep operands are one more stretch of the reduction: a persistent Triton kernel walks each tile's K
+through every pair (A_j, B_j) into one float32 accumulator and writes C once. Operands are read through TMA
+descriptors (Hopper and later); a pair with a short K (the adapters' rank) reads one zero-padded block.
+
+Which path is faster depends on the shape and the GPU. On an H200 (benchmarks/NOTES.md, section 14) the kernel
+ties or wins on llama's projections, most on the input gradients (llama-8b's down: 1.29 ms against 1.50), and
+cuBLAS keeps some small ones (llama-1b's o forward); a LoRA llama-1b step gains 2-3%, a llama-8b step stays
+within the run-to-run spread (+0.2%).
+So each shape is timed once, on its first call, through cuBLAS and through the kernel, and the faster is kept
+(as cuDNN's benchmark mode does): the first training step takes some seconds more, for the kernel's
+compilations. `LITFT_LORA_GEMM=cublas` or `=triton` forces a path (benchmarks, tests; `cublas` also for runs
+that must repeat bit for bit, since a timing can choose differently between runs).
+
+The widths (N and each K) are compile-time constants of the kernel, as in inductor's GEMM templates: with the
+loops' trip counts known the pipelined loads keep up (as runtime arguments the kernel ran 8-20% slower on the
+MLP's projections, against cuBLAS in the same call); only the token count M is a runtime argument, so a model
+compiles one kernel per kind of projection.
+
+Numerics: the kernel rounds the whole sum once, where cuBLAS rounds the update to the output dtype before adding
+it; the results differ by that rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from litft.adapters.nf4_dequantize import triton_available
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, pipeline stages, warps): the shapes inductor's autotuner picked for llama's
+# projections on an H200 (NOTES.md, section 14). The first that compiles is the one used: the first won or tied
+# on every llama shape measured; the others are for GPUs with less shared memory.
+CONFIGS = ((128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 4, 8), (128, 128, 64, 4, 8))
+# Below this many rows a GEMM is launch-bound (decoding, short evaluation prompts): cuBLAS, nothing timed.
+SMALLEST_ROWS = 1024
+# The kernel loops over up to three pairs' reductions (a group's frozen weights: q/k/v apart, gate and up) and
+# takes a last pair whose reduction fits one block (the adapters' stacked ranks) without a loop.
+LOOPED_PAIRS = 3
+LOW_RANK_BLOCK = 64
+MOST_PAIRS = LOOPED_PAIRS + 1
+CUBLAS = -1  # the choice "the caller's cuBLAS path"
+
+_choices: dict[tuple, int] = {}
+
+
+@functools.cache
+def _tensor_descriptors_available() -> bool:
+    """Triton with host-side TMA descriptors (3.4 and later)."""
+    return triton_available() and importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
+
+
+def _forced() -> str:
+    setting = os.environ.get("LITFT_LORA_GEMM", "auto")
+    if setting not in ("auto", "cublas", "triton"):
+        raise ValueError(f"LITFT_LORA_GEMM={setting!r}: expected auto, cublas or triton")
+    return setting
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether the kernel can read these operands: 2-D, rows contiguous, strides and addresses 16-byte aligned
+    (TMA's rule), one dtype, on a Hopper-or-later GPU (or in Triton's interpreter, on CPU)."""
+    if not pairs or len(pairs) > MOST_PAIRS or not _tensor_descriptors_available():
+        return False
+    if len(pairs) == MOST_PAIRS and pairs[-1][0].shape[1] > LOW_RANK_BLOCK:
+        return False
+    first = pairs[0][0]
+    if first.is_cuda:
+        if _interpreting() or torch.cuda.get_device_capability(first.device) < (9, 0):
+            return False
+        dtypes = (torch.bfloat16, torch.float16)
+    elif _interpreting():
+        dtypes = (torch.bfloat16, torch.float16, torch.float32)  # float32: exact sums for the CPU tests
+    else:
+        return False
+    if first.dtype not in dtypes:
+        return False
+    for tensor in (tensor for pair in pairs for tensor in pair):
+        if tensor.dim() != 2 or tensor.dtype != first.dtype or tensor.device != first.device:
+            return False
+        size = tensor.element_size()
+        if tensor.stride(1) != 1 or (tensor.stride(0) * size) % 16 or tensor.data_ptr() % 16:
+            return False
+    return True
+
+
+def sum_of_products(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], transposed: bool, cublas: Callable[[], torch.Tensor]
+) -> torch.Tensor:
+    """sum_j A_j @ B_j^T (`transposed`: each B_j stored (N, K_j)) or sum_j A_j @ B_j (B_j stored (K_j, N)), a new
+    (M, N) tensor: through the kernel where it takes these operands and was the faster for their shape, else
+    `cublas()`, the caller's own computation of the same sum."""
+    forced = _forced()
+    rows = pairs[0][0].shape[0]
+    if forced == "cublas" or not can_fuse(pairs) or (forced == "auto" and rows < SMALLEST_ROWS):
+        return cublas()
+    if forced == "triton":
+        return _first_that_compiles(pairs, transposed)
+    key = choice_key(pairs, transposed)
+    choice = _choices.get(key)
+    if choice is None:
+        if pairs[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+            return cublas()  # timing would synchronize inside a CUDA-graph capture
+        choice = _choices[key] = _fastest(pairs, transposed, cublas)
+    return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
+
+
+def choice_key(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], transposed: bool) -> tuple:
+    """What a timing is kept for: the widths, the layout, the dtype, the GPU, and the token count rounded up to a
+    power of two (batches of varying length would otherwise each be timed)."""
+    first = pairs[0][0]
+    rows = 1 << (first.shape[0] - 1).bit_length()
+    widths = tuple((a.shape[1], b.shape[0] if transposed else b.shape[1]) for a, b in pairs)
+    device = torch.cuda.get_device_name(first.device) if first.is_cuda else "cpu"
+    return rows, widths, transposed, first.dtype, device
+
+
+def _out_of_shared_memory(error: Exception) -> bool:
+    """Whether a launch failed because its configuration's blocks do not fit the GPU's shared memory."""
+    return "OutOfResources" in type(error).__name__ or "out of resource" in str(error).lower()
+
+
+def _first_that_compiles(pairs, transposed) -> torch.Tensor:
+    for index in range(len(CONFIGS)):
+        try:
+            return _run(pairs, transposed, index)
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is a configuration too large to compile
+            if not _out_of_shared_memory(error):
+                raise
+    raise RuntimeError("no configuration of the LoRA GEMM kernel fits this GPU's shared memory")
+
+
+def _fastest(pairs, transposed, cublas) -> int:
+    """CUBLAS, or the index of the first kernel configuration that compiles for these operands, whichever ran
+    faster over a few calls after one that warms it up (and compiles the kernel). On CPU (the interpreter) the
+    kernel, untimed."""
+    if not pairs[0][0].is_cuda:
+        return 0
+    timings = {}
+    # The first training step may run under torch.cuda.set_sync_debug_mode("error") (tests of a step that never
+    # waits for the host): this one-time measurement waits on purpose.
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode(0)
+    try:
+        for index in (CUBLAS, *range(len(CONFIGS))):
+            function = cublas if index == CUBLAS else functools.partial(_run, pairs, transposed, index)
+            try:
+                function()
+            except Exception as error:  # noqa: BLE001 - see _first_that_compiles
+                if index == CUBLAS or not _out_of_shared_memory(error):
+                    raise
+                continue
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                function()
+            end.record()
+            end.synchronize()
+            timings[index] = start.elapsed_time(end)
+            if index != CUBLAS:
+                break
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return min(timings, key=timings.get)
+
+
+_accumulate = None  # the kernel's inner loop, a module global once built: Triton resolves calls through globals
+
+
+@functools.cache
+def _kernel():
+    # Built on first use, not at import: Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a
+    # function is decorated.
+    import triton
+    import triton.language as tl
+
+    global _accumulate
+
+    def accumulate(acc, a_desc, b_desc, row, column, DEPTH: tl.constexpr, BLOCK_K: tl.constexpr,
+                   TRANSPOSED: tl.constexpr):
+        for k in tl.range(0, DEPTH, BLOCK_K):
+            a = a_desc.load([row, k])  # (BLOCK_M, BLOCK_K)
+            if TRANSPOSED:
+                acc = tl.dot(a, b_desc.load([column, k]).T, acc)  # B stored (N, K): a (BLOCK_N, BLOCK_K) block
+            else:
+                acc = tl.dot(a, b_desc.load([k, column]), acc)  # B stored (K, N): a (BLOCK_K, BLOCK_N) block
+        return acc
+
+    _accumulate = triton.jit(accumulate)
+
+    @triton.jit
+    def sum_of_products_kernel(
+        c_pointer, c_desc, c_row_stride, rows, a0, b0, a1, b1, a2, b2, low_a, low_b,
+        # The model's widths are compile-time constants (as in inductor's GEMM templates), so the pipelined loops
+        # know their trip counts; only the token count varies between calls.
+        COLUMNS: tl.constexpr, DEPTH0: tl.constexpr, DEPTH1: tl.constexpr, DEPTH2: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K0: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr, LOW_BLOCK_K: tl.constexpr,
+        TRANSPOSED: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, STORE_THROUGH_TMA: tl.constexpr,
+    ):
+        # Not tl.cdiv or tl.zeros: triton.language's own jitted helpers are built when triton is imported, and so
+        # are not interpreted in a process that chose the interpreter later (the CPU tests).
+        row_tiles = (rows + BLOCK_M - 1) // BLOCK_M
+        column_tiles = (COLUMNS + BLOCK_N - 1) // BLOCK_N
+        tiles_per_group = GROUP_M * column_tiles
+        # Persistent: each program walks tiles PROGRAMS apart, in groups of GROUP_M row tiles so that the tiles in
+        # flight at once share their B blocks in L2.
+        for tile in tl.range(tl.program_id(0), row_tiles * column_tiles, PROGRAMS):
+            group = tile // tiles_per_group
+            first_row_tile = group * GROUP_M
+            group_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
+            row = ((first_row_tile + (tile % tiles_per_group) % group_rows) * BLOCK_M).to(tl.int32)
+            column = (((tile % tiles_per_group) // group_rows) * BLOCK_N).to(tl.int32)
+            if LOW_BLOCK_K > 0:
+                # The rank-deep pair is one block: loaded as the tile starts, so that it arrives while the long
+                # reductions run, and multiplied after them (no second pipelined loop per tile).
+                low = low_a.load([row, 0])  # (BLOCK_M, LOW_BLOCK_K)
+                update = low_b.load([column, 0]) if TRANSPOSED else low_b.load([0, column])
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+            acc = _accumulate(acc, a0, b0, row, column, DEPTH0, BLOCK_K0, TRANSPOSED)
+            if BLOCK_K1 > 0:
+                acc = _accumulate(acc, a1, b1, row, column, DEPTH1, BLOCK_K1, TRANSPOSED)
+            if BLOCK_K2 > 0:
+                acc = _accumulate(acc, a2, b2, row, column, DEPTH2, BLOCK_K2, TRANSPOSED)
+            if LOW_BLOCK_K > 0:
+                acc = tl.dot(low, update.T if TRANSPOSED else update, acc)
+            if STORE_THROUGH_TMA:
+                c_desc.store([row, column], acc.to(c_desc.dtype))
+            else:
+                out_rows = row + tl.arange(0, BLOCK_M)
+                out_columns = column + tl.arange(0, BLOCK_N)
+                inside = (out_rows[:, None] < rows) & (out_columns[None, :] < COLUMNS)
+                pointers = c_pointer + out_rows[:, None].to(tl.int64) * c_row_stride + out_columns[None, :]
+                tl.store(pointers, acc.to(c_pointer.dtype.element_ty), mask=inside)
+
+    return sum_of_products_kernel
+
+
+@functools.cache
+def _program_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
+         prefetch_low: bool = True) -> torch.Tensor:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_m, block_n, block_k, stages, warps = CONFIGS[config]
+    rows = pairs[0][0].shape[0]
+    columns = pairs[0][1].shape[0] if transposed else pairs[0][1].shape[1]
+    out = torch.empty((rows, columns), dtype=pairs[0][0].dtype, device=pairs[0][0].device)
+
+    def blocks(a, b, step):
+        return (TensorDescriptor.from_tensor(a, [block_m, step]),
+                TensorDescriptor.from_tensor(b, [block_n, step] if transposed else [step, block_n]))
+
+    def smallest_block(depth):  # the tensor cores' smallest reduction is 16
+        return max(16, 1 << (depth - 1).bit_length())
+
+    looped, low_pair = list(pairs), None
+    if prefetch_low and len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK:
+        *looped, low_pair = pairs
+    if len(looped) > LOOPED_PAIRS:
+        raise ValueError(f"at most {LOOPED_PAIRS} pairs besides a rank-deep one")
+    arguments, constants = [], {}
+    for index in range(LOOPED_PAIRS):
+        a, b = looped[min(index, len(looped) - 1)]  # absent pairs repeat the last (never read: their BLOCK_K is 0)
+        depth = a.shape[1]
+        step = block_k if depth >= block_k else smallest_block(depth)
+        arguments += blocks(a, b, step)
+        constants[f"BLOCK_K{index}"] = step if index < len(looped) else 0
+        constants[f"DEPTH{index}"] = depth if index < len(looped) else 0
+    if low_pair is not None:
+        arguments += blocks(*low_pair, smallest_block(low_pair[0].shape[1]))
+        constants["LOW_BLOCK_K"] = smallest_block(low_pair[0].shape[1])
+    else:
+        arguments += arguments[:2]
+        constants["LOW_BLOCK_K"] = 0
+    tiles = -(-rows // block_m) * -(-columns // block_n)
+    programs = min(_program_count(out.device), tiles)
+    # Triton launches on the current device: a tensor on another GPU than the current one must not run there.
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _kernel()[(programs,)](
+            out, TensorDescriptor.from_tensor(out, [block_m, block_n]), out.stride(0), rows, *arguments,
+            COLUMNS=columns, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed, GROUP_M=8, PROGRAMS=programs,
+            STORE_THROUGH_TMA=store_through_tma, num_stages=stages, num_warps=warps, **constants,
+        )
+    return out

@@ -1,0 +1,210 @@
+"""A frozen projection and its adapter's update in one GEMM (`litft.adapters.lora_gemm`): the kernel's sum of
+products equals torch's, in Triton's interpreter on CPU and compiled on the GPU; the grouped LoRA operator computes
+through it the same outputs and gradients as each layer alone; operands the kernel cannot read, and shapes where
+cuBLAS was faster, go through the caller's cuBLAS path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lora_projections import CONFIG, assert_computes_what_each_layer_computes_alone, lora_model, loss_and_grads
+
+from litft.adapters import lora_gemm, lora_projections
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lora_gemm._kernel.cache_clear()  # the kernel is built interpreted or compiled when first used
+    yield
+    lora_gemm._kernel.cache_clear()
+
+
+@pytest.fixture
+def kernel_runs(monkeypatch):
+    """The number of kernel launches, counted as they pass through to the kernel."""
+    launches = []
+    run = lora_gemm._run
+
+    def counting(pairs, transposed, config, **variant):
+        launches.append((len(pairs), transposed))
+        return run(pairs, transposed, config, **variant)
+
+    monkeypatch.setattr(lora_gemm, "_run", counting)
+    return launches
+
+
+def unreachable() -> torch.Tensor:
+    raise AssertionError("the cuBLAS path ran where the kernel should have")
+
+
+def forward_and_backward_operands(rows, in_features, out_features, rank, device="cpu", dtype=torch.float32):
+    """A projection's forward pairs (x, W), (low, B) with low a column block of a group's (M, 3r) tensor, and an
+    input gradient's pairs (dy_1, W_1), (dy_2, W_2), (g_low, sA) with dy_2 a column block of a joined gradient."""
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    x, weight, low_group, update = randn(rows, in_features), randn(out_features, in_features), randn(rows, 3 * rank), \
+        randn(out_features, rank)
+    forward = [(x, weight), (low_group[:, rank : 2 * rank], update)]
+    joined_grad = randn(rows, 2 * out_features)
+    backward = [
+        (randn(rows, out_features), weight), (joined_grad[:, out_features:], randn(out_features, in_features)),
+        (randn(rows, 2 * rank), randn(2 * rank, in_features)),
+    ]
+    return forward, backward
+
+
+def reference(pairs, transposed):
+    return sum(a.double() @ (b.double().t() if transposed else b.double()) for a, b in pairs)
+
+
+@pytest.mark.parametrize("rows, in_features, out_features, rank", [(300, 96, 200, 4), (130, 64, 264, 16)])
+def test_the_kernel_sums_the_products_in_the_interpreter(interpreter, monkeypatch, rows, in_features, out_features,
+                                                         rank, kernel_runs):
+    """Shapes that are not multiples of the blocks, strided column blocks, a rank shorter than the smallest block
+    (zero-padded reads), one to four pairs, both layouts of B."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    torch.manual_seed(0)
+    forward, backward = forward_and_backward_operands(rows, in_features, out_features, rank)
+    deep_update = [(torch.randn(rows, 80), torch.randn(out_features, 80))]  # past one block: looped, not prefetched
+    four_pairs = backward[:2] + backward[:1] + backward[2:]
+    cases = [(forward, True), (forward[:1], True), (backward, False), (four_pairs, False),
+             (forward[:1] + deep_update, True)]
+    for pairs, transposed in cases:
+        assert lora_gemm.can_fuse(pairs)
+        result = lora_gemm.sum_of_products(pairs, transposed, cublas=unreachable)
+        torch.testing.assert_close(result.double(), reference(pairs, transposed), rtol=1e-5, atol=1e-4)
+    assert kernel_runs == [(2, True), (1, True), (3, False), (4, False), (2, True)]
+    # Both epilogues and the rank-deep pair looped like the others give the same sums.
+    for store_through_tma, prefetch_low in [(True, True), (False, False)]:
+        result = lora_gemm._run(backward, False, 0, store_through_tma=store_through_tma, prefetch_low=prefetch_low)
+        torch.testing.assert_close(result.double(), reference(backward, False), rtol=1e-5, atol=1e-4)
+
+
+def test_the_grouped_operator_computes_through_the_kernel_what_each_layer_computes(interpreter, monkeypatch,
+                                                                                  kernel_runs):
+    """Every group's forward and input gradient through the kernel (q/k/v joined in one weight), and the loss and
+    every adapter's gradient equal each LoRA layer computed on its own."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    model = lora_model()
+    assert lora_projections.join_frozen_weights(model) > 0
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    assert_computes_what_each_layer_computes_alone(model, input_ids)
+    # Per block: forward q/k/v (joined), o, gate, up, down; input gradients q/k/v, o, gate + up, down. The first
+    # block's q/k/v input needs no gradient.
+    layers = CONFIG["num_hidden_layers"]
+    assert sum(transposed for _, transposed in kernel_runs) == 5 * layers
+    assert [count for count, transposed in kernel_runs if not transposed] == [2, 3, 2, 2] * (layers - 1) + [2, 3, 2]
+
+
+def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monkeypatch, kernel_runs):
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    forward, _ = forward_and_backward_operands(64, 32, 48, 4)
+    (x, weight), (low, update) = forward
+    misaligned = torch.randn(64, 33)[:, 1:]  # starts 4 bytes into its storage; TMA needs 16
+    odd_rows = torch.randn(64, 34)[:, :32]  # rows 136 bytes apart
+    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(x.t(), weight)], [(x.double(), weight.double())],
+                  [(x, weight), (low, update)] * 3, [(torch.randn(64, 80), torch.randn(48, 80))] * 4):
+        assert not lora_gemm.can_fuse(pairs)
+        torch.testing.assert_close(lora_gemm.sum_of_products(pairs, True, cublas=lambda: x), x)
+    monkeypatch.setenv("LITFT_LORA_GEMM", "cublas")
+    assert lora_gemm.sum_of_products(forward, True, cublas=lambda: x) is x
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")  # 64 rows: launch-bound, never timed
+    assert lora_gemm.sum_of_products(forward, True, cublas=lambda: x) is x
+    assert kernel_runs == []
+    monkeypatch.setenv("LITFT_LORA_GEMM", "fast")
+    with pytest.raises(ValueError, match="LITFT_LORA_GEMM='fast'"):
+        lora_gemm.sum_of_products(forward, True, cublas=lambda: x)
+
+
+def test_a_timing_is_kept_per_width_and_token_count_rounded_up():
+    """Batches of 3,000 and 4,096 tokens share a timing, 4,097 tokens have their own, and so do other widths and the
+    other layout."""
+    def pairs(rows, width=64):
+        return [(torch.empty(rows, width), torch.empty(48, width)), (torch.empty(rows, 16), torch.empty(48, 16))]
+
+    key = lora_gemm.choice_key
+    assert key(pairs(3000), True) == key(pairs(4096), True)
+    keys = {key(pairs(4096), True), key(pairs(4097), True), key(pairs(4096, 32), True), key(pairs(4096), False)}
+    assert len(keys) == 4
+
+
+def test_no_kernel_runs_on_cpu_without_the_interpreter(monkeypatch, kernel_runs):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    forward, _ = forward_and_backward_operands(64, 32, 48, 4)
+    assert not lora_gemm.can_fuse(forward)
+    model = lora_model()
+    assert_computes_what_each_layer_computes_alone(model, torch.randint(0, CONFIG["vocab_size"], (2, 12)))
+    assert kernel_runs == []
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_kernel_rounds_the_sum_once_and_auto_keeps_its_choice(monkeypatch, kernel_runs):
+    """bf16 at a shape where tiles are full and partial: the kernel's error against a float64 reference is no
+    larger than cuBLAS's two GEMMs' (the kernel rounds once, cuBLAS rounds the update first); `auto` times both
+    paths once per shape, keeps its choice, and gives a result within bf16 rounding of the reference either way."""
+    torch.manual_seed(0)
+    forward, backward = forward_and_backward_operands(2048 + 64, 1024, 3072 + 128, 16, "cuda", torch.bfloat16)
+    for pairs, transposed in [(forward, True), (backward, False)]:
+        monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+        exact = reference(pairs, transposed)
+        fused = lora_gemm.sum_of_products(pairs, transposed, cublas=unreachable)
+
+        def cublas():
+            first, *rest = pairs
+            out = rest[-1][0] @ (rest[-1][1].t() if transposed else rest[-1][1])
+            for a, b in [first, *rest[:-1]]:
+                out.addmm_(a, b.t() if transposed else b)
+            return out
+
+        two_gemms = cublas()
+        fused_error = (fused.double() - exact).norm() / exact.norm()
+        cublas_error = (two_gemms.double() - exact).norm() / exact.norm()
+        assert fused_error <= cublas_error * 1.05, (fused_error, cublas_error)
+        monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+        lora_gemm._choices.clear()
+        with _sync_debug("error"):
+            chosen = lora_gemm.sum_of_products(pairs, transposed, cublas=cublas)
+        assert len(lora_gemm._choices) == 1
+        choice = next(iter(lora_gemm._choices.values()))
+        before = len(kernel_runs)
+        again = lora_gemm.sum_of_products(pairs, transposed, cublas=cublas)
+        assert len(kernel_runs) - before == (choice != lora_gemm.CUBLAS)  # one call, no timing the second time
+        for result in (chosen, again):
+            assert (result.double() - exact).norm() / exact.norm() < 4e-3
+
+
+class _sync_debug:
+    """torch.cuda.set_sync_debug_mode for a block: the one-time timing must not trip a step that never waits."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __enter__(self):
+        self.previous = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(self.mode)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode(self.previous)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_training_step_through_the_kernel_matches_the_cublas_path(monkeypatch, kernel_runs):
+    """bf16 (the kernel's dtypes): the loss and every adapter's gradient through the kernel are those of the cuBLAS
+    path within bf16's rounding."""
+    model = lora_model(torch.bfloat16, config={"hidden_size": 128, "intermediate_size": 384}, rank=8).cuda()
+    lora_projections.join_frozen_weights(model)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 64), device="cuda")
+    results = {}
+    for path in ("triton", "cublas"):
+        monkeypatch.setenv("LITFT_LORA_GEMM", path)
+        results[path] = loss_and_grads(model, input_ids)
+    assert len(kernel_runs) == 5 * CONFIG["num_hidden_layers"] + 4 * CONFIG["num_hidden_layers"] - 1
+    (loss, grads), (reference_loss, reference_grads) = results["triton"], results["cublas"]
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
+    for name, grad in grads.items():
+        error = (grad.float() - reference_grads[name].float()).norm() / reference_grads[name].float().norm()
+        assert error < 2e-2, (name, error)
