@@ -109,6 +109,7 @@ def sample(batch: dict, row: int) -> dict:
 
 
 def bench_training(args) -> dict:
+    from litft.adapters import lora_gemm
     from litft.adapters.lora import LoRAConfig, set_compute_together
     from litft.commands.finetune import load_for_training
     from litft.training.config import TrainConfig
@@ -212,7 +213,8 @@ def bench_training(args) -> dict:
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
-                compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3))
+                compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3),
+                **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
 
 
 def whole_step_graph(step, optimizer):

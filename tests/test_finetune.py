@@ -408,6 +408,34 @@ def test_memory_estimate_is_close_to_what_was_measured(tmp_path, shape, micro_ba
     assert estimate.peak_gib == pytest.approx(measured_gib, rel=0.06)
 
 
+def test_the_estimate_caps_kept_outputs_as_the_run_does(tmp_path, monkeypatch):
+    """Offloaded checkpointing: the kept outputs that arrive during a recomputation count up to the runtime's
+    per-block budget (`strategies.kept_bytes_per_block`, uncapped on CPU), and what is not kept is recomputed."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench import SHAPES, hf_config
+
+    from litft.adapters.lora import LoRAConfig
+    from litft.commands.finetune import model_memory
+    from litft.training import estimate
+
+    config = hf_config(SHAPES["llama-1b"])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    memory = model_memory("lora", tmp_path, torch.bfloat16, LoRAConfig(rank=16, alpha=32, targets=["all-linear"]),
+                          None)
+
+    def run(budget):
+        monkeypatch.setattr(estimate, "kept_bytes_per_block", lambda: budget)
+        return estimate.estimate_run(config, memory, "lora", torch.bfloat16, 8, 2048, "offload", compiled=True)
+
+    kept_bytes = 8 * 2048 * estimate.kept_projections(config)[0] * 2
+    uncapped, half, none = run(float("inf")), run(kept_bytes / 2), run(0)
+    assert (uncapped.activations_gib - none.activations_gib) * 2**30 == pytest.approx(kept_bytes)
+    assert (half.activations_gib - none.activations_gib) * 2**30 == pytest.approx(kept_bytes / 2)
+    assert uncapped.flops_per_token < half.flops_per_token < none.flops_per_token
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_activation_model_counts_what_a_block_saves_for_its_backward(compiled):
     """The estimate's bytes per token and layer against what autograd really keeps for one LoRA decoder block,

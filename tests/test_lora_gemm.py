@@ -105,7 +105,7 @@ def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monke
     (x, weight), (low, update) = forward
     misaligned = torch.randn(64, 33)[:, 1:]  # starts 4 bytes into its storage; TMA needs 16
     odd_rows = torch.randn(64, 34)[:, :32]  # rows 136 bytes apart
-    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(x.t(), weight)], [(x.double(), weight.double())],
+    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(torch.randn(32, 64).t(), weight)], [(x.double(), weight.double())],
                   [(x, weight), (low, update)] * 3, [(torch.randn(64, 80), torch.randn(48, 80))] * 4):
         assert not lora_gemm.can_fuse(pairs)
         torch.testing.assert_close(lora_gemm.sum_of_products(pairs, True, cublas=lambda: x), x)
@@ -114,6 +114,9 @@ def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monke
     monkeypatch.setenv("LITFT_LORA_GEMM", "auto")  # 64 rows: launch-bound, never timed
     assert lora_gemm.sum_of_products(forward, True, cublas=lambda: x) is x
     assert kernel_runs == []
+    assert not lora_gemm.can_fuse([(x[:0], weight)])  # no rows: nothing to launch
+    with pytest.raises(ValueError, match="do not make one"):
+        lora_gemm.sum_of_products([(x, weight), (low, update.t())], True, cublas=lambda: x)
     monkeypatch.setenv("LITFT_LORA_GEMM", "fast")
     with pytest.raises(ValueError, match="LITFT_LORA_GEMM='fast'"):
         lora_gemm.sum_of_products(forward, True, cublas=lambda: x)
@@ -129,6 +132,19 @@ def test_a_timing_is_kept_per_width_and_token_count_rounded_up():
     assert key(pairs(3000), True) == key(pairs(4096), True)
     keys = {key(pairs(4096), True), key(pairs(4097), True), key(pairs(4096, 32), True), key(pairs(4096), False)}
     assert len(keys) == 4
+
+
+def test_auto_keeps_one_choice_per_kind_of_call_and_reports_it(interpreter, monkeypatch, kernel_runs):
+    """In the interpreter `auto` takes the kernel untimed (the GPU test times it); a second batch of another token
+    count in the same power-of-two bucket reuses the choice, and `choices()` names it."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+    monkeypatch.setattr(lora_gemm, "_choices", {})
+    for rows in (1100, 1500):
+        forward, _ = forward_and_backward_operands(rows, 32, 48, 8)
+        torch.testing.assert_close(lora_gemm.sum_of_products(forward, True, cublas=unreachable).double(),
+                                   reference(forward, True), rtol=1e-5, atol=1e-4)
+    assert len(kernel_runs) == 2 and len(lora_gemm._choices) == 1
+    assert lora_gemm.choices() == ["forward 2048 tokens, (K, N) [(32, 48), (8, 48)]: kernel 128x256x64x3x8"]
 
 
 def test_no_kernel_runs_on_cpu_without_the_interpreter(monkeypatch, kernel_runs):

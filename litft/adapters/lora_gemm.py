@@ -81,7 +81,8 @@ def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
         return False
     first = pairs[0][0]
     if first.is_cuda:
-        if _interpreting() or torch.cuda.get_device_capability(first.device) < (9, 0):
+        # TMA is NVIDIA's (Hopper and later); ROCm reports its own capability numbers.
+        if _interpreting() or torch.version.hip or torch.cuda.get_device_capability(first.device) < (9, 0):
             return False
         dtypes = (torch.bfloat16, torch.float16)
     elif _interpreting():
@@ -91,12 +92,22 @@ def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     if first.dtype not in dtypes:
         return False
     for tensor in (tensor for pair in pairs for tensor in pair):
-        if tensor.dim() != 2 or tensor.dtype != first.dtype or tensor.device != first.device:
+        if tensor.dim() != 2 or tensor.numel() == 0 or tensor.dtype != first.dtype or tensor.device != first.device:
             return False
         size = tensor.element_size()
         if tensor.stride(1) != 1 or (tensor.stride(0) * size) % 16 or tensor.data_ptr() % 16:
             return False
     return True
+
+
+def choices() -> list[str]:
+    """The timings' outcomes so far, one line per kind of call: the widths, the layout and the path kept."""
+    lines = []
+    for (rows, widths, transposed, _, _), choice in _choices.items():
+        path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
+        kind = "forward" if transposed else "input gradient"
+        lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}")
+    return lines
 
 
 def sum_of_products(
@@ -107,6 +118,12 @@ def sum_of_products(
     `cublas()`, the caller's own computation of the same sum."""
     forced = _forced()
     rows = pairs[0][0].shape[0]
+    columns = pairs[0][1].shape[0 if transposed else 1]
+    for a, b in pairs:
+        depth, width = (b.shape[1], b.shape[0]) if transposed else b.shape
+        if a.shape[0] != rows or width != columns or a.shape[1] != depth:
+            raise ValueError(f"sum_of_products: pairs of shapes {[(tuple(a.shape), tuple(b.shape)) for a, b in pairs]} "
+                             f"do not make one ({rows}, {columns}) sum")
     if forced == "cublas" or not can_fuse(pairs) or (forced == "auto" and rows < SMALLEST_ROWS):
         return cublas()
     if forced == "triton":
@@ -145,13 +162,18 @@ def _first_that_compiles(pairs, transposed) -> torch.Tensor:
     raise RuntimeError("no configuration of the LoRA GEMM kernel fits this GPU's shared memory")
 
 
+TIMING_ROUNDS = 3
+CALLS_PER_ROUND = 4
+
+
 def _fastest(pairs, transposed, cublas) -> int:
-    """CUBLAS, or the index of the first kernel configuration that compiles for these operands, whichever ran
-    faster over a few calls after one that warms it up (and compiles the kernel). On CPU (the interpreter) the
-    kernel, untimed."""
+    """CUBLAS, or the index of the first kernel configuration that compiles for these operands, whichever was
+    faster: each runs once to warm up (the kernel's first call compiles it), then both are timed in alternating
+    rounds and each keeps its best round, so that a GPU's clock drifting during the measurement does not decide.
+    On CPU (the interpreter) the kernel, untimed."""
     if not pairs[0][0].is_cuda:
         return 0
-    timings = {}
+    candidates = {}
     # The first training step may run under torch.cuda.set_sync_debug_mode("error") (tests of a step that never
     # waits for the host): this one-time measurement waits on purpose.
     previous = torch.cuda.get_sync_debug_mode()
@@ -165,18 +187,22 @@ def _fastest(pairs, transposed, cublas) -> int:
                 if index == CUBLAS or not _out_of_shared_memory(error):
                     raise
                 continue
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(5):
-                function()
-            end.record()
-            end.synchronize()
-            timings[index] = start.elapsed_time(end)
+            candidates[index] = function
             if index != CUBLAS:
                 break
+        best = dict.fromkeys(candidates, float("inf"))
+        for _ in range(TIMING_ROUNDS):
+            for index, function in candidates.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(CALLS_PER_ROUND):
+                    function()
+                end.record()
+                end.synchronize()
+                best[index] = min(best[index], start.elapsed_time(end))
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    return min(timings, key=timings.get)
+    return min(best, key=best.get)
 
 
 _accumulate = None  # the kernel's inner loop, a module global once built: Triton resolves calls through globals

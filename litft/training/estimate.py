@@ -16,11 +16,11 @@ import torch
 
 from litft.training.loss import CHUNK_BYTES as LOSS_CHUNK_BYTES
 from litft.training.strategies import (
-    KEPT_OUTPUT_DEVICE_SHARE,
     KEPT_OUTPUT_WIDENING,
     ModelMemory,
     checkpointed_block_count,
     host_memory_bytes,
+    kept_bytes_per_block,
 )
 
 GIB = 1024**3
@@ -154,7 +154,7 @@ def estimate_run(
         # their share of the device; past it a block keeps fewer of them and recomputes more).
         input_bytes = 0 if activation_checkpointing == "offload" else hf_config["hidden_size"] * element_size
         kept_bytes = tokens * kept_columns * element_size
-        arriving = min(kept_bytes, KEPT_OUTPUT_DEVICE_SHARE * available_device_bytes())
+        arriving = min(kept_bytes, kept_bytes_per_block())  # the runtime's own cap
         kept_work *= arriving / kept_bytes if kept_bytes else 0.0
         activations = tokens * (checkpointed * input_bytes + (layers - checkpointed) * per_layer + per_layer)
         activations += arriving
