@@ -286,6 +286,9 @@ def _program_count(device: torch.device) -> int:
 
 def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
          prefetch_low: bool = True) -> torch.Tensor:
+    """The sum through the kernel in configuration `config`. `store_through_tma` and `prefetch_low` are variants
+    that `benchmarks/bench_kernels.py --only lora_gemm` compares (within 3% of each other, NOTES.md section 14);
+    the defaults are what training runs."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
