@@ -105,7 +105,8 @@ def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monke
     (x, weight), (low, update) = forward
     misaligned = torch.randn(64, 33)[:, 1:]  # starts 4 bytes into its storage; TMA needs 16
     odd_rows = torch.randn(64, 34)[:, :32]  # rows 136 bytes apart
-    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(torch.randn(32, 64).t(), weight)], [(x.double(), weight.double())],
+    columns_apart = torch.randn(32, 64).t()  # its rows are not contiguous
+    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(columns_apart, weight)], [(x.double(), weight.double())],
                   [(x, weight), (low, update)] * 3, [(torch.randn(64, 80), torch.randn(48, 80))] * 4):
         assert not lora_gemm.can_fuse(pairs)
         torch.testing.assert_close(lora_gemm.sum_of_products(pairs, True, cublas=lambda: x), x)
@@ -145,6 +146,12 @@ def test_auto_keeps_one_choice_per_kind_of_call_and_reports_it(interpreter, monk
                                    reference(forward, True), rtol=1e-5, atol=1e-4)
     assert len(kernel_runs) == 2 and len(lora_gemm._choices) == 1
     assert lora_gemm.choices() == ["forward 2048 tokens, (K, N) [(32, 48), (8, 48)]: kernel 128x256x64x3x8"]
+    torch.use_deterministic_algorithms(True)  # a run that must repeat bit for bit: no timing decides its path
+    try:
+        assert lora_gemm.sum_of_products(forward, True, cublas=lambda: forward[0][0]) is forward[0][0]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert len(kernel_runs) == 2
 
 
 def test_no_kernel_runs_on_cpu_without_the_interpreter(monkeypatch, kernel_runs):

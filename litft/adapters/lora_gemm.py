@@ -15,8 +15,8 @@ cuBLAS keeps some small ones (llama-1b's o forward); a LoRA llama-1b step gains 
 within the run-to-run spread (+0.2%).
 So each shape is timed once, on its first call, through cuBLAS and through the kernel, and the faster is kept
 (as cuDNN's benchmark mode does): the first training step takes some seconds more, for the kernel's
-compilations. `LITFT_LORA_GEMM=cublas` or `=triton` forces a path (benchmarks, tests; `cublas` also for runs
-that must repeat bit for bit, since a timing can choose differently between runs).
+compilations. `LITFT_LORA_GEMM=cublas` or `=triton` forces a path (benchmarks, tests); under
+`torch.use_deterministic_algorithms(True)` `auto` takes cuBLAS, since a timing can choose differently between runs.
 
 The widths (N and each K) are compile-time constants of the kernel, as in inductor's GEMM templates: with the
 loops' trip counts known the pipelined loads keep up (as runtime arguments the kernel ran 8-20% slower on the
@@ -124,7 +124,10 @@ def sum_of_products(
         if a.shape[0] != rows or width != columns or a.shape[1] != depth:
             raise ValueError(f"sum_of_products: pairs of shapes {[(tuple(a.shape), tuple(b.shape)) for a, b in pairs]} "
                              f"do not make one ({rows}, {columns}) sum")
-    if forced == "cublas" or not can_fuse(pairs) or (forced == "auto" and rows < SMALLEST_ROWS):
+    if forced == "auto" and (rows < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled()):
+        # torch.use_deterministic_algorithms: a timing could choose differently in the next run.
+        return cublas()
+    if forced == "cublas" or not can_fuse(pairs):
         return cublas()
     if forced == "triton":
         return _first_that_compiles(pairs, transposed)
