@@ -106,7 +106,8 @@ def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monke
     misaligned = torch.randn(64, 33)[:, 1:]  # starts 4 bytes into its storage; TMA needs 16
     odd_rows = torch.randn(64, 34)[:, :32]  # rows 136 bytes apart
     columns_apart = torch.randn(32, 64).t()  # its rows are not contiguous
-    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(columns_apart, weight)], [(x.double(), weight.double())],
+    for pairs in ([(misaligned, weight)], [(odd_rows, weight)], [(columns_apart, weight)],
+                  [(x.double(), weight.double())],
                   [(x, weight), (low, update)] * 3, [(torch.randn(64, 80), torch.randn(48, 80))] * 4):
         assert not lora_gemm.can_fuse(pairs)
         torch.testing.assert_close(lora_gemm.sum_of_products(pairs, True, cublas=lambda: x), x)
