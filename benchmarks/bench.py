@@ -241,7 +241,7 @@ def whole_step_graph(step, optimizer):
 
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
     ("attention", ("flash", "fmha", "cudnn", "attention", "sdpa")),
-    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "sm90_", "splitk")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "gemv", "sm90_", "splitk", "sum_of_products")),  # the last: lora_gemm
     ("triton (fused elementwise, loss)", ("triton",)),
     ("optimizer", ("multi_tensor", "adam", "foreach")),
     ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
