@@ -209,6 +209,42 @@ def test_the_training_sample_decodes_the_compiled_blocks_eagerly(stories_dir):
 # ---------------------------------------------------------------- thunder
 
 
+def test_blocks_built_alike_are_those_a_shared_thunder_trace_computes_right():
+    """`block_build` (what decides which blocks share a thunder trace): the blocks of one model match, with and
+    without (offloaded) checkpointing, though each has its own KV-cache slot and offloading wrapper; a sliding
+    window on some layers, a frozen adapter, a hook on a submodule or a changed attribute set a block apart."""
+    from litft.adapters.lora import lora_modules
+    from litft.models import build_model
+    from litft.training.compilation import block_build
+
+    config = {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": False,
+    }
+
+    def builds(checkpointing=None, **extra) -> tuple[nn.Module, list[tuple]]:
+        model = build_model(dict(config, **extra))
+        apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"], dropout=0.1))
+        if checkpointing:
+            enable_activation_checkpointing(model, offload=checkpointing == "offload")
+        return model, [block_build(block) for block in model.blocks]
+
+    for checkpointing in (None, "recompute", "offload"):
+        _, alike = builds(checkpointing)
+        assert len(set(alike)) == 1, checkpointing
+    _, sliding = builds(layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=8)
+    assert sliding[0] == sliding[2] != sliding[1] == sliding[3]
+    model, _ = builds()
+    layers = list(lora_modules(model.blocks[1]).values())
+    layers[0].lora_A.weight.requires_grad_(False)
+    model.blocks[2].self_attn.o_proj.register_forward_hook(lambda *args: None)
+    model.blocks[3].input_layernorm.eps = 1e-3
+    assert len({block_build(block) for block in model.blocks}) == 4
+
+
+
+
 @pytest.mark.usefixtures("needs_thunder")
 @pytest.mark.parametrize("checkpointing", [None, "recompute", "offload"])
 def test_thunder_lora_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointing):
@@ -219,10 +255,51 @@ def test_thunder_lora_keeps_names_loss_and_gradients(tiny_llama_dir, checkpointi
     compile_blocks(compiled, "thunder")
     assert list(compiled.state_dict()) == keys
     assert_same_step(compiled, eager)
-    for block in compiled.blocks:
-        offload = getattr(block, "activation_offload", None)
-        thunder_forward = offload.inner_forward if offload is not None else block.forward
-        assert thunder_forward.compiled_by_swapped_forwards  # the block really ran through thunder
+    first, *others = [thunder_forward(block) for block in compiled.blocks]
+    assert first.compiled_by_swapped_forwards  # the blocks really ran through thunder, the first block's trace
+    assert all(other.first_alike is first and not other.compiled_by_swapped_forwards for other in others)
+
+
+def thunder_forward(block: nn.Module):
+    offload = getattr(block, "activation_offload", None)
+    return offload.inner_forward if offload is not None else block.forward
+
+
+@pytest.mark.usefixtures("needs_thunder")
+@pytest.mark.parametrize("layer_types", [None, ["sliding_attention", "full_attention"] * 2])
+def test_thunder_traces_blocks_built_alike_once(layer_types):
+    """Four blocks: thunder interprets the first block's Python once (twice: the first block's input needs no
+    gradient, the others' do) and the other blocks run that trace with their own tensors, with eager's loss and
+    gradients. Blocks built otherwise (a sliding window on every other layer) keep their own traces."""
+    import thunder
+
+    from litft.models import build_model
+
+    config = {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 64, "tie_word_embeddings": False,
+        **({"layer_types": layer_types, "sliding_window": 8} if layer_types else {}),
+    }
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        built = build_model(config)
+        apply_lora(built, LoRAConfig(rank=4, targets=["all-linear"]))
+        randomize_adapter(built)
+        return built.train()
+
+    eager, compiled = model(), model()
+    compile_blocks(compiled, "thunder")
+    assert_same_step(compiled, eager)
+    forwards = [thunder_forward(block) for block in compiled.blocks]
+    traced = [forward for forward in forwards if forward.compiled_by_swapped_forwards]
+    traces = sum(thunder.cache_misses(fn) for forward in traced for fn in forward.compiled_by_swapped_forwards.values())
+    if layer_types is None:
+        assert traced == forwards[:1] and traces == 2
+    else:  # blocks 0 and 2 share one build, 1 and 3 the other
+        assert traced == forwards[:2] and traces == 3
+        assert forwards[2].first_alike is forwards[0] and forwards[3].first_alike is forwards[1]
 
 
 @pytest.mark.usefixtures("needs_thunder")

@@ -14,8 +14,9 @@ LoRA's `addmm`, a cache that tells DPO's adapters-off reference pass from the po
 packed rows (no flex_attention), and LoRA layers computed one by one (it cannot trace the custom operators that
 compute them together). Refused before training starts: a quantized (QLoRA) base, whose dequantizing matmul
 operator thunder cannot trace, and dropout under activation checkpointing, whose recomputation thunder runs with
-other dropout masks than the forward. thunder traces each block once per input shape (~20 s each), so packed rows
-(one shape) suit it best.
+other dropout masks than the forward. thunder traces once per input shape (~20 s, most of it thunder interpreting
+the block's Python), so packed rows (one shape) suit it best; blocks built alike share the first one's trace (each
+runs it with its own tensors swapped in) instead of ~20 s each.
 """
 
 from __future__ import annotations
@@ -101,14 +102,57 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
 
     common.FLEX_ATTENTION = "never"
     set_compute_together(model, False)  # thunder cannot trace the grouped LoRA operators (custom operators)
+    first_alike: dict[tuple, ThunderCompiledForward] = {}
     for block in model.blocks:
         offload = getattr(block, "activation_offload", None)
+        eager_forward = offload.inner_forward if offload is not None else block.forward
+        compiled = ThunderCompiledForward(block, eager_forward, thunder)
+        compiled.shares_with(first_alike.setdefault(block_build(block), compiled))
         if offload is not None:
-            offload.inner_forward = ThunderCompiledForward(block, offload.inner_forward, thunder)
+            offload.inner_forward = compiled
         else:
             # A forward on the instance shadows the class's; `nn.Module.__call__` and so every hook still run.
             # With activation checkpointing it is `checkpoint(forward)`, which thunder traces with its own support.
-            block.forward = ThunderCompiledForward(block, block.forward, thunder)
+            block.forward = compiled
+
+
+# Block attributes that a thunder trace does not read: the KV-cache slot (read only when decoding, which runs
+# eagerly) and offloaded checkpointing's wrapper, which calls the traced forward.
+UNTRACED_ATTRIBUTES = frozenset({"layer_idx", "activation_offload"})
+
+
+def _plain(value: Any) -> Any:
+    """A value as `block_build` compares it: numbers, strings and containers of them by value, anything else
+    (a tensor that is not a parameter or buffer, a function, an object) by identity."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(item) for item in value)
+    if isinstance(value, dict):
+        return tuple(sorted((repr(key), _plain(item)) for key, item in value.items()))
+    return ("object", id(value))
+
+
+def block_build(block: nn.Module) -> tuple:
+    """What a thunder trace of `block` depends on besides its tensors' values: each submodule's class, plain
+    attributes (widths, eps, sliding-window or not, LoRA scaling and dropout, ...) and hooks, and each parameter's
+    and buffer's name, shape, dtype, device and whether it trains. Blocks of equal builds compute alike given their
+    own tensors."""
+    parts = []
+    for name, module in block.named_modules():
+        attributes = tuple(sorted(
+            (key, _plain(value)) for key, value in vars(module).items()
+            if not key.startswith("_") and key not in UNTRACED_ATTRIBUTES and key != "forward"
+        ))  # an instance's own `forward` (ours, or adapters_disabled's) is compared when the block runs
+        # A submodule's hooks run inside the trace (the block's own run around it, in the block's `__call__`).
+        hooks = () if not name else tuple(
+            id(hook) for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_pre_hooks,
+                                   module._backward_hooks) for hook in hooks.values()
+        )
+        parts.append((name, type(module), attributes, hooks))
+    for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
+        parts.append((name, tuple(tensor.shape), tensor.dtype, tensor.device, tensor.requires_grad))
+    return tuple(parts)
 
 
 def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:
@@ -145,18 +189,53 @@ class ThunderCompiledForward:
     mode) is unchanged, but not which `forward` a submodule runs. `adapters_disabled` (the reference pass of DPO
     and SimPO with adapters) swaps the LoRA layers' forward on the instance, so each set of swapped submodules
     gets its own compiled function. Decoding with a KV cache (the samples shown during training) runs eagerly:
-    its shapes change at every step, and thunder traces every new shape anew."""
+    its shapes change at every step, and thunder traces every new shape anew.
+
+    Blocks built alike (`block_build`) share one trace: thunder's checks read the tensors, not which tensors they
+    are, so a block runs the first alike block's compiled function with its own parameters and buffers put in that
+    block's place for the call (and back after). Its autograd graph records its own tensors, so its gradients are
+    its own. A block whose state differs from the first's at the call (another `training`, other swapped
+    forwards) compiles its own."""
 
     def __init__(self, block: nn.Module, eager_forward: Callable[..., Any], thunder: ModuleType) -> None:
         self.block = block
         self.eager_forward = eager_forward  # the class's forward, or activation checkpointing's wrapper of it
         self.thunder = thunder
         self.compiled_by_swapped_forwards: dict[tuple[str, ...], Callable[..., Any]] = {}
+        self.first_alike: ThunderCompiledForward | None = None
+        self.tensor_places: list[tuple[dict, dict, str]] = []
+
+    def shares_with(self, first: ThunderCompiledForward) -> None:
+        """Runs `first`'s trace with this block's tensors (nothing to do when this is the first)."""
+        if first is self:
+            return
+        self.first_alike = first
+        # (the first block's dict, this block's dict, key): the places to swap, found once
+        for name, _ in [*self.block.named_parameters(), *self.block.named_buffers()]:
+            owner_name, _, key = name.rpartition(".")
+            mine, theirs = self.block.get_submodule(owner_name), first.block.get_submodule(owner_name)
+            store = "_parameters" if key in mine._parameters else "_buffers"
+            self.tensor_places.append((getattr(theirs, store), getattr(mine, store), key))
+
+    def swapped_forwards(self) -> tuple[str, ...]:
+        return tuple(name for name, module in self.block.named_modules() if name and "forward" in vars(module))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if any(getattr(argument, "kv_cache", None) is not None for argument in (*args, *kwargs.values())):
             return self.eager_forward(*args, **kwargs)
-        swapped = tuple(name for name, module in self.block.named_modules() if name and "forward" in vars(module))
+        first = self.first_alike
+        if first is not None and (first.block.training, first.swapped_forwards()) == (
+            self.block.training, self.swapped_forwards()
+        ):
+            saved = [theirs[key] for theirs, _, key in self.tensor_places]
+            try:
+                for theirs, mine, key in self.tensor_places:
+                    theirs[key] = mine[key]  # read now: FSDP2 swaps the block's parameters between calls
+                return first(*args, **kwargs)
+            finally:
+                for (theirs, _, key), tensor in zip(self.tensor_places, saved):
+                    theirs[key] = tensor
+        swapped = self.swapped_forwards()
         compiled = self.compiled_by_swapped_forwards.get(swapped)
         if compiled is None:
             compiled = self.compiled_by_swapped_forwards[swapped] = self.thunder.jit(
