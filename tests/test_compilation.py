@@ -208,6 +208,13 @@ def test_the_training_sample_decodes_the_compiled_blocks_eagerly(stories_dir):
 
 # ---------------------------------------------------------------- thunder
 
+# A Llama of four blocks built alike (the tiny checkpoint has two): what sharing one thunder trace needs to show.
+FOUR_BLOCKS = {
+    "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "max_position_embeddings": 64, "tie_word_embeddings": False,
+}
+
 
 def test_blocks_built_alike_are_those_a_shared_thunder_trace_computes_right():
     """`block_build` (what decides which blocks share a thunder trace): the blocks of one model match, with and
@@ -217,11 +224,7 @@ def test_blocks_built_alike_are_those_a_shared_thunder_trace_computes_right():
     from litft.models import build_model
     from litft.training.compilation import block_build
 
-    config = {
-        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 64, "tie_word_embeddings": False,
-    }
+    config = FOUR_BLOCKS
 
     def builds(checkpointing=None, **extra) -> tuple[nn.Module, list[tuple]]:
         model = build_model(dict(config, **extra))
@@ -275,12 +278,7 @@ def test_thunder_traces_blocks_built_alike_once(layer_types):
 
     from litft.models import build_model
 
-    config = {
-        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "max_position_embeddings": 64, "tie_word_embeddings": False,
-        **({"layer_types": layer_types, "sliding_window": 8} if layer_types else {}),
-    }
+    config = dict(FOUR_BLOCKS, **({"layer_types": layer_types, "sliding_window": 8} if layer_types else {}))
 
     def model() -> nn.Module:
         torch.manual_seed(0)
