@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -80,3 +82,17 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     """A random 2-layer Llama with the stories260K tokenizer (vocab 512), saved by transformers."""
     folder = tmp_path_factory.mktemp("tiny_llama")
     return save_tiny_hf_model(folder, "LlamaConfig", "LlamaForCausalLM", **TINY_LLAMA)
+
+
+@contextlib.contextmanager
+def triton_interpreter(monkeypatch, *kernel_builders: Callable) -> Iterator[None]:
+    """Triton's interpreter for litft's kernels on CPU: each module builds its kernel when first used (cached),
+    interpreted or compiled by the environment then, so the caches are cleared on the way in and out."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for builder in kernel_builders:
+        builder.cache_clear()
+    yield
+    for builder in kernel_builders:
+        builder.cache_clear()
+

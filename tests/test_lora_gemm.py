@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import triton_interpreter
 from test_lora_projections import CONFIG, assert_computes_what_each_layer_computes_alone, lora_model, loss_and_grads
 
 from litft.adapters import lora_gemm, lora_projections
@@ -14,11 +15,8 @@ from litft.adapters import lora_gemm, lora_projections
 
 @pytest.fixture
 def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    lora_gemm._kernel.cache_clear()  # the kernel is built interpreted or compiled when first used
-    yield
-    lora_gemm._kernel.cache_clear()
+    with triton_interpreter(monkeypatch, lora_gemm._kernel):
+        yield
 
 
 @pytest.fixture

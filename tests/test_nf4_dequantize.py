@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import triton_interpreter
 
 from litft.adapters import nf4_dequantize, quantization
 
@@ -47,11 +48,8 @@ def nf4_definition(packed, tensors, shape, nested_blocksize, dtype):
 
 @pytest.fixture
 def interpreter(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    nf4_dequantize._kernel.cache_clear()  # the kernel is built interpreted or compiled when first used
-    yield
-    nf4_dequantize._kernel.cache_clear()
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
+        yield
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
