@@ -136,7 +136,8 @@ def test_a_timing_is_kept_per_width_and_token_count_rounded_up():
 
 def test_auto_keeps_one_choice_per_kind_of_call_and_reports_it(interpreter, monkeypatch, kernel_runs):
     """In the interpreter `auto` takes the kernel untimed (the GPU test times it); a second batch of another token
-    count in the same power-of-two bucket reuses the choice, and `choices()` names it."""
+    count in the same power-of-two bucket reuses the choice, and `choices()` names it; a forced kernel finds its
+    configuration once; deterministic algorithms take cuBLAS."""
     monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
     monkeypatch.setattr(lora_gemm, "_choices", {})
     for rows in (1100, 1500):
@@ -145,12 +146,20 @@ def test_auto_keeps_one_choice_per_kind_of_call_and_reports_it(interpreter, monk
                                    reference(forward, True), rtol=1e-5, atol=1e-4)
     assert len(kernel_runs) == 2 and len(lora_gemm._choices) == 1
     assert lora_gemm.choices() == ["forward 2048 tokens, (K, N) [(32, 48), (8, 48)]: kernel 128x256x64x3x8"]
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")  # forced: the configuration that compiles is found once
+    searches = []
+    search = lora_gemm._first_that_compiles
+    monkeypatch.setattr(lora_gemm, "_first_that_compiles", lambda *args: searches.append(1) or search(*args))
+    for _ in range(2):
+        lora_gemm.sum_of_products(forward, True, cublas=unreachable)
+    assert len(searches) == 1 and len(kernel_runs) == 4 and len(lora_gemm._choices) == 2
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
     torch.use_deterministic_algorithms(True)  # a run that must repeat bit for bit: no timing decides its path
     try:
         assert lora_gemm.sum_of_products(forward, True, cublas=lambda: forward[0][0]) is forward[0][0]
     finally:
         torch.use_deterministic_algorithms(False)
-    assert len(kernel_runs) == 2
+    assert len(kernel_runs) == 4
 
 
 def test_no_kernel_runs_on_cpu_without_the_interpreter(monkeypatch, kernel_runs):

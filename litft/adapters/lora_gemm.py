@@ -103,7 +103,7 @@ def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
 def choices() -> list[str]:
     """The timings' outcomes so far, one line per kind of call: the widths, the layout and the path kept."""
     lines = []
-    for (rows, widths, transposed, _, _), choice in _choices.items():
+    for (rows, widths, transposed, _, _, _), choice in _choices.items():
         path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}")
@@ -129,14 +129,16 @@ def sum_of_products(
         return cublas()
     if forced == "cublas" or not can_fuse(pairs):
         return cublas()
-    if forced == "triton":
-        return _first_that_compiles(pairs, transposed)
-    key = choice_key(pairs, transposed)
+    key = (*choice_key(pairs, transposed), forced)
     choice = _choices.get(key)
-    if choice is None:
-        if pairs[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
-            return cublas()  # timing would synchronize inside a CUDA-graph capture
-        choice = _choices[key] = _fastest(pairs, transposed, cublas)
+    if choice is not None:
+        return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
+    if forced == "triton":  # the first configuration that compiles, found once (a failed compilation is slow)
+        _choices[key], result = _first_that_compiles(pairs, transposed)
+        return result
+    if pairs[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return cublas()  # timing would synchronize inside a CUDA-graph capture
+    choice = _choices[key] = _fastest(pairs, transposed, cublas)
     return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
 
 
@@ -155,10 +157,11 @@ def _out_of_shared_memory(error: Exception) -> bool:
     return "OutOfResources" in type(error).__name__ or "out of resource" in str(error).lower()
 
 
-def _first_that_compiles(pairs, transposed) -> torch.Tensor:
+def _first_that_compiles(pairs, transposed) -> tuple[int, torch.Tensor]:
+    """The first configuration that compiles for these operands, and the sum it computed."""
     for index in range(len(CONFIGS)):
         try:
-            return _run(pairs, transposed, index)
+            return index, _run(pairs, transposed, index)
         except Exception as error:  # noqa: BLE001 - re-raised unless it is a configuration too large to compile
             if not _out_of_shared_memory(error):
                 raise

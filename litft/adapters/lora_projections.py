@@ -293,24 +293,20 @@ def lora_projections_backward(
     if input_grad:
         arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
         weight = _joined_weight(*arguments) if joined_grad is not None else None
+        # Every layer's frozen weight at once (a quantized group dequantizes them all before the GEMMs).
+        pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, _weights(*arguments)))
+
+        def through_frozen_weights(grad_x: torch.Tensor) -> torch.Tensor:  # (M, K), each base GEMM adding in place
+            for grad, frozen in pairs:
+                grad_x.addmm_(grad, frozen)
+            return grad_x
+
         if dropout > 0:
-            grad_x = lora_grad_x  # (M, K)
-            if weight is not None:
-                grad_x.addmm_(joined_grad, weight)
-            else:
-                for grad, weight in zip(flat_grads, _weights(*arguments)):
-                    grad_x.addmm_(grad, weight)
+            grad_x = through_frozen_weights(lora_grad_x)
         else:
-            # Every layer's frozen weight at once (a quantized group dequantizes them all before the GEMM).
-            pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, _weights(*arguments)))
-
-            def cublas() -> torch.Tensor:
-                grad_x = grad_low @ lora_a  # (M, K)
-                for grad, frozen in pairs:
-                    grad_x.addmm_(grad, frozen)
-                return grad_x
-
-            grad_x = lora_gemm.sum_of_products([*pairs, (grad_low, lora_a)], transposed=False, cublas=cublas)
+            grad_x = lora_gemm.sum_of_products(
+                [*pairs, (grad_low, lora_a)], transposed=False, cublas=lambda: through_frozen_weights(grad_low @ lora_a)
+            )
         grad_x = grad_x.view(x.shape)
     else:
         grad_x = x.new_empty(0)

@@ -223,10 +223,9 @@ class ThunderCompiledForward:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if any(getattr(argument, "kv_cache", None) is not None for argument in (*args, *kwargs.values())):
             return self.eager_forward(*args, **kwargs)
+        swapped = self.swapped_forwards()
         first = self.first_alike
-        if first is not None and (first.block.training, first.swapped_forwards()) == (
-            self.block.training, self.swapped_forwards()
-        ):
+        if first is not None and (first.block.training, first.swapped_forwards()) == (self.block.training, swapped):
             saved = [theirs[key] for theirs, _, key in self.tensor_places]
             try:
                 for theirs, mine, key in self.tensor_places:
@@ -235,7 +234,6 @@ class ThunderCompiledForward:
             finally:
                 for (theirs, _, key), tensor in zip(self.tensor_places, saved):
                     theirs[key] = tensor
-        swapped = self.swapped_forwards()
         compiled = self.compiled_by_swapped_forwards.get(swapped)
         if compiled is None:
             compiled = self.compiled_by_swapped_forwards[swapped] = self.thunder.jit(
