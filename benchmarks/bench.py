@@ -433,6 +433,9 @@ def main() -> None:
     parser.add_argument("--lora_gemm", choices=["auto", "cublas", "triton"], default=None,
                         help="LITFT_LORA_GEMM: a projection's base GEMM and adapter update through cuBLAS, litft's "
                              "Triton kernel, or whichever was faster for each shape (auto, the default)")
+    parser.add_argument("--cross_entropy", choices=["kernel", "compiled"], default=None,
+                        help="LITFT_CROSS_ENTROPY: the loss of each chunk of logits through litft's Triton kernel "
+                             "(the default on GPUs) or torch.compile's fusion of the tensor code (the path before it)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
@@ -448,6 +451,8 @@ def main() -> None:
     record = dict(peer="litft", task=args.task, shape=args.shape)
     if args.lora_gemm is not None:
         os.environ["LITFT_LORA_GEMM"] = record["lora_gemm"] = args.lora_gemm
+    if args.cross_entropy is not None:
+        os.environ["LITFT_CROSS_ENTROPY"] = record["cross_entropy"] = args.cross_entropy
     if args.inductor:
         record["inductor"] = args.inductor
     if args.task == "qlora":

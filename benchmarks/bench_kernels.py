@@ -23,7 +23,13 @@
               cuBLAS (the update, then the base GEMM adding into it in place; the input gradient likewise) against
               litft.adapters.lora_gemm's one Triton kernel, each configuration, and what `auto` picks.
 
-  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm] [--tokens 8192]
+  cross_entropy
+              the loss of one chunk of logits (2,093 rows of a 128k vocabulary in bf16, ~512 MiB: what litft.training.loss
+              projects at a time) and its gradient: torch.compile of the tensor code against
+              litft.training.cross_entropy_kernel at several block sizes, warps and programs per multiprocessor.
+
+  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy]
+                                     [--tokens 8192]
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -228,14 +235,26 @@ def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
                         pairs, transposed, index, store_through_tma=store_through_tma, prefetch_low=prefetch_low))
                 except Exception as error:  # noqa: BLE001 - a configuration too large for shared memory
                     emit(kind="lora_gemm", shape=shape, case=name, path=label, error=str(error)[:160])
-            lora_gemm._choices.clear()
-            lora_gemm.sum_of_products(pairs, transposed, cublas)
-            choice = next(iter(lora_gemm._choices.values()))
             for path, elapsed in timings.items():
                 emit(kind="lora_gemm", shape=shape, case=name, tokens=tokens, path=path, ms=round(elapsed, 4),
                      tflops=round(flops / elapsed / 1e9, 1))
-            emit(kind="lora_gemm_choice", shape=shape, case=name,
-                 auto="cublas" if choice == lora_gemm.CUBLAS else "x".join(map(str, lora_gemm.CONFIGS[choice])))
+            for path, function in (("cublas", cublas), ("triton", lambda: lora_gemm._run(pairs, transposed, 0))):
+                torch.cuda.synchronize()
+                began = time.perf_counter()
+                for _ in range(20):
+                    function()
+                emit(kind="lora_gemm_host", shape=shape, case=name, path=path,
+                     host_us_per_call=round((time.perf_counter() - began) / 20 * 1e6, 1))
+            torch.cuda.synchronize()
+            # What `auto` keeps, and the same timing with the GPU idle as each round starts (the host's launches
+            # timed too: how `auto` measured before NOTES.md section 15).
+            queue_ahead = lora_gemm.QUEUE_AHEAD_CYCLES
+            for label, cycles in (("auto", queue_ahead), ("auto_rounds_from_idle", 0)):
+                lora_gemm.QUEUE_AHEAD_CYCLES = cycles
+                lora_gemm._choices.clear()
+                lora_gemm.sum_of_products(pairs, transposed, cublas)
+                emit(kind="lora_gemm_choice", shape=shape, case=name, timing=label, choice=lora_gemm.choices()[0])
+            lora_gemm.QUEUE_AHEAD_CYCLES = queue_ahead
 
 
 def bench_lora(tokens: int) -> None:
@@ -329,6 +348,45 @@ def bench_nf4() -> None:
         nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS = chosen
 
 
+def bench_cross_entropy(rows: int = 2093, vocab: int = 128256) -> None:
+    from litft.training import cross_entropy_kernel
+    from litft.training.loss import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    logits = (torch.randn(rows, vocab, device="cuda") * 3).to(torch.bfloat16)
+    targets = torch.randint(0, vocab, (rows,), device="cuda")
+    # one read of the logits and one write of their gradient: the traffic the kernel aims at
+    gigabytes = 2 * logits.numel() * logits.element_size() / 1e9
+    compiled = torch.compile(cross_entropy_chunk, dynamic=True)
+    for softcap in (None, 30.0):
+        milliseconds = time_ms(lambda: compiled(logits, targets, softcap))
+        emit(kind="cross_entropy", rows=rows, vocab=vocab, softcap=softcap, path="compiled", ms=round(milliseconds, 3),
+             tb_per_s=round(gigabytes / milliseconds, 2))
+    chosen = cross_entropy_kernel.BLOCK, cross_entropy_kernel.WARPS, cross_entropy_kernel.PROGRAMS_PER_MULTIPROCESSOR
+    scratch = logits.clone()
+    for block, warps, per_multiprocessor in itertools.product((2048, 4096, 8192), (8, 16, 32), (1, 2, 4)):
+        cross_entropy_kernel.BLOCK, cross_entropy_kernel.WARPS = block, warps
+        cross_entropy_kernel.PROGRAMS_PER_MULTIPROCESSOR = per_multiprocessor
+
+        def kernel():
+            scratch.copy_(logits)  # the kernel writes over its input; the copy is timed apart and subtracted
+            return cross_entropy_kernel.cross_entropy_in_place(scratch, targets, None)
+
+        try:
+            milliseconds = time_ms(kernel) - time_ms(lambda: scratch.copy_(logits))
+        except Exception as error:  # noqa: BLE001 - a block too large for the registers
+            emit(kind="cross_entropy", path="kernel", block=block, warps=warps, error=str(error)[:160])
+            continue
+        emit(kind="cross_entropy", rows=rows, vocab=vocab, path="kernel", block=block, warps=warps,
+             programs_per_multiprocessor=per_multiprocessor, ms=round(milliseconds, 3),
+             tb_per_s=round(gigabytes / milliseconds, 2))
+    cross_entropy_kernel.BLOCK, cross_entropy_kernel.WARPS, cross_entropy_kernel.PROGRAMS_PER_MULTIPROCESSOR = chosen
+    scratch.copy_(logits)
+    emit(kind="cross_entropy", path="kernel_chosen", block=chosen[0], warps=chosen[1], programs_per_multiprocessor=chosen[2],
+         softcap=30.0, ms=round(time_ms(lambda: cross_entropy_kernel.cross_entropy_in_place(scratch.copy_(logits), targets, 30.0))
+                                - time_ms(lambda: scratch.copy_(logits)), 3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="attention,gemm,lora,qkv,nf4")
@@ -354,6 +412,8 @@ def main() -> None:
         bench_lora_gemm(args.tokens, args.shapes.split(","))
     if "gemm_backends" in chosen:
         bench_gemm_backends(args.tokens, args.shapes.split(","))
+    if "cross_entropy" in chosen:
+        bench_cross_entropy()
 
 
 if __name__ == "__main__":

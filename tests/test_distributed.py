@@ -174,9 +174,10 @@ def test_float8_base_trains_alike_on_one_and_two_processes(tmp_path, tiny_llama_
     reference = losses(tmp_path / "single")
     assert len(reference) == STEPS
     for name in ("ddp", "fsdp"):
-        assert losses(tmp_path / name) == pytest.approx(reference, rel=0, abs=TOLERANCE), name
         # Not bit for bit: a gradient scaled by another constant (the token count of a process's share) rounds to
-        # float8 a hair differently; float32 LoRA meets 1e-5 here, float8 1e-4 (adapter values ~0.1).
+        # float8 a hair differently; float32 LoRA meets 1e-5 here, float8 1e-4 (adapter values ~0.1), and the
+        # losses (~6) 3e-5 (1.1e-5 seen on an AVX2-only CPU).
+        assert losses(tmp_path / name) == pytest.approx(reference, rel=0, abs=3 * TOLERANCE), name
         for key, tensor in adapter(tmp_path / name).items():
             torch.testing.assert_close(tensor, adapter(tmp_path / "single")[key], rtol=0, atol=1e-4, msg=key)
 

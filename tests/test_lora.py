@@ -118,8 +118,9 @@ def test_logits_and_gradients_match_peft(tiny_llama_dir, case):
     for name, grad in our_grads.items():
         assert grad is not None and grad.abs().sum() > 0, name
         # Relative to the gradient's norm: its entries span orders of magnitude, float32 reassociation does not.
+        # 2e-5: CPUs differ in how their kernels associate the sums (1.1e-5 seen on an AVX2-only machine, rsLoRA).
         relative_error = (grad - reference_grads[name]).norm() / reference_grads[name].norm()
-        assert relative_error < 1e-5, (name, relative_error)
+        assert relative_error < 2e-5, (name, relative_error)
 
 
 @pytest.mark.parametrize("dora", [False, True])

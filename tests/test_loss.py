@@ -97,3 +97,88 @@ def test_fused_loss_under_autocast_matches_float32():
     reference(hidden, targets, head.weight).backward()
     assert grad.dtype == torch.float32
     torch.testing.assert_close(grad, hidden.grad, rtol=0.05, atol=0.01)
+
+
+@pytest.fixture
+def interpreted_cross_entropy_kernel(monkeypatch):
+    from conftest import triton_interpreter
+
+    from litft.training import cross_entropy_kernel
+
+    with triton_interpreter(monkeypatch, cross_entropy_kernel._kernel):
+        monkeypatch.setattr(cross_entropy_kernel, "BLOCK", 64)  # several blocks per row, a padded last one
+        yield cross_entropy_kernel
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_kernel_equals_the_tensor_code(interpreted_cross_entropy_kernel, softcap, dtype):
+    """The Triton kernel (Triton's interpreter on CPU): the chunk's summed loss and its gradient, written over the
+    logits, equal `cross_entropy_chunk`'s; rows outnumber the programs, and a row's largest logit sits in the
+    padded last block."""
+    from litft.training.loss import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    rows, vocab = 9, 300  # 300 = 4 blocks of 64 and a last one of 44
+    logits = (torch.randn(rows, vocab) * 4).to(dtype)
+    logits[0, 299] = 40.0
+    targets = torch.randint(0, vocab, (rows,))
+    targets[1] = vocab - 1
+    expected_loss, expected_grad = cross_entropy_chunk(logits, targets, softcap)
+    in_place = logits.clone()
+    loss, grad = interpreted_cross_entropy_kernel.cross_entropy_in_place(in_place, targets, softcap)
+    assert grad.data_ptr() == in_place.data_ptr() and grad.dtype == dtype
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-4)
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1.6e-2, atol=1e-5)
+    torch.testing.assert_close(grad, expected_grad, **tolerance)
+
+
+def test_the_loss_runs_through_the_kernel_where_it_can(interpreted_cross_entropy_kernel, monkeypatch):
+    """causal_lm_loss's chunks go through the kernel (CPU tensors under the interpreter count as ones it takes) and
+    give full-logit cross-entropy's loss and gradients; LITFT_CROSS_ENTROPY=compiled keeps it out."""
+    import litft.training.loss as loss_module
+
+    calls = []
+    kernel = interpreted_cross_entropy_kernel.cross_entropy_in_place
+    monkeypatch.setattr(interpreted_cross_entropy_kernel, "cross_entropy_in_place",
+                        lambda *arguments: calls.append(1) or kernel(*arguments))
+    monkeypatch.setattr(loss_module, "chunk_size_for", lambda vocab_size, element_size=2: 3)
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    targets[0, :2] = -100
+    loss = causal_lm_loss(hidden, targets, head, head)
+    loss.backward()
+    assert len(calls) == 6  # 16 trained positions in chunks of 3 rows
+    reference_hidden = hidden.detach().clone().requires_grad_(True)
+    reference = F.cross_entropy(head(reference_hidden).reshape(-1, 50), targets.reshape(-1), reduction="sum")
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, reference_hidden.grad, rtol=1e-5, atol=1e-6)
+    calls.clear()
+    monkeypatch.setenv("LITFT_CROSS_ENTROPY", "compiled")
+    causal_lm_loss(hidden, targets, head, head)
+    assert not calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_on_the_gpu_the_cross_entropy_kernel_equals_the_compiled_loss(softcap):
+    """On a GPU, a 128k vocabulary as llama-3's: the kernel's loss and bf16 gradient against the compiled tensor
+    code's (the path it replaced), and float32 cross-entropy's."""
+    from litft.training import cross_entropy_kernel
+    from litft.training.loss import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    logits = (torch.randn(2048, 128256, device="cuda") * 3).to(torch.bfloat16)
+    targets = torch.randint(0, 128256, (2048,), device="cuda")
+    compiled_loss, compiled_grad = torch.compile(cross_entropy_chunk, dynamic=True)(logits, targets, softcap)
+    reference_logits = logits.float().requires_grad_(True)
+    capped = reference_logits if softcap is None else torch.tanh(reference_logits / softcap) * softcap
+    reference = F.cross_entropy(capped, targets, reduction="sum")
+    reference.backward()
+    loss, grad = cross_entropy_kernel.cross_entropy_in_place(logits, targets, softcap)
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-5, atol=1e-2)
+    torch.testing.assert_close(loss, compiled_loss, rtol=1e-5, atol=1e-2)
+    assert (grad.float() - compiled_grad.float()).abs().max() <= 2 * (compiled_grad.float() - reference_logits.grad).abs().max()

@@ -9,10 +9,10 @@ the rank-deep operands are one more stretch of the reduction: a persistent Trito
 through every pair (A_j, B_j) into one float32 accumulator and writes C once. Operands are read through TMA
 descriptors (Hopper and later); a pair with a short K (the adapters' rank) reads one zero-padded block.
 
-Which path is faster depends on the shape and the GPU. On an H200 (benchmarks/NOTES.md, section 14) the kernel
-ties or wins on llama's projections, most on the input gradients (llama-8b's down: 1.29 ms against 1.50), and
-cuBLAS keeps some small ones (llama-1b's o forward); a LoRA llama-1b step gains 2-3%, a llama-8b step stays
-within the run-to-run spread (+0.2%).
+Which path is faster depends on the shape and the GPU. On an H200 (benchmarks/NOTES.md, sections 14-15) the
+kernel wins by 1-6% on every llama-1b projection and ties or wins by 1-2% on llama-8b's (cuBLAS keeps o's forward
+and q/k/v's input gradient there); a LoRA llama-1b step gains 2-3%, a llama-8b step stays within the run-to-run
+spread (+0.2%).
 So each shape is timed once, on its first call, through cuBLAS and through the kernel, and the faster is kept
 (as cuDNN's benchmark mode does): the first training step takes some seconds more, for the kernel's
 compilations. `LITFT_LORA_GEMM=cublas` or `=triton` forces a path (benchmarks, tests); under
@@ -53,6 +53,7 @@ MOST_PAIRS = LOOPED_PAIRS + 1
 CUBLAS = -1  # the choice "the caller's cuBLAS path"
 
 _choices: dict[tuple, int] = {}
+_timings: dict[tuple, dict[int, float]] = {}  # ms per call of each path `auto` timed, for choices()
 
 
 @functools.cache
@@ -101,12 +102,16 @@ def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
 
 
 def choices() -> list[str]:
-    """The timings' outcomes so far, one line per kind of call: the widths, the layout and the path kept."""
+    """The timings' outcomes so far, one line per kind of call: the widths, the layout, the path kept and, where
+    `auto` timed them, each path's milliseconds per call."""
     lines = []
-    for (rows, widths, transposed, _, _, _), choice in _choices.items():
+    for key, choice in _choices.items():
+        rows, widths, transposed = key[:3]
         path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
-        lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}")
+        timed = ", ".join(f"{'cublas' if index == CUBLAS else 'kernel'} {ms:.3f} ms"
+                          for index, ms in _timings.get(key, {}).items())
+        lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
     return lines
 
 
@@ -138,7 +143,8 @@ def sum_of_products(
         return result
     if pairs[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas()  # timing would synchronize inside a CUDA-graph capture
-    choice = _choices[key] = _fastest(pairs, transposed, cublas)
+    choice, _timings[key] = _fastest(pairs, transposed, cublas)
+    _choices[key] = choice
     return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
 
 
@@ -170,15 +176,21 @@ def _first_that_compiles(pairs, transposed) -> tuple[int, torch.Tensor]:
 
 TIMING_ROUNDS = 3
 CALLS_PER_ROUND = 4
+# Each timed round starts behind a wait of the GPU's own (a spin of this many clock cycles, ~2 ms at an H200's
+# clock) so the host has queued the round's calls before the GPU reaches them. Without it a round started on an
+# idle GPU and timed the host's launches too: a Triton launch (descriptors built in Python) costs the host several
+# times what cuBLAS's does, while in a training step the host runs ahead and neither is seen. That bias made
+# `auto` keep cuBLAS on shapes the kernel wins (NOTES.md, section 15).
+QUEUE_AHEAD_CYCLES = 4_000_000
 
 
-def _fastest(pairs, transposed, cublas) -> int:
+def _fastest(pairs, transposed, cublas) -> tuple[int, dict[int, float]]:
     """CUBLAS, or the index of the first kernel configuration that compiles for these operands, whichever was
-    faster: each runs once to warm up (the kernel's first call compiles it), then both are timed in alternating
-    rounds and each keeps its best round, so that a GPU's clock drifting during the measurement does not decide.
-    On CPU (the interpreter) the kernel, untimed."""
+    faster, and each one's time (ms per call): each runs once to warm up (the kernel's first call compiles it),
+    then both are timed in alternating rounds and each keeps its best round, so that a GPU's clock drifting
+    during the measurement does not decide. On CPU (the interpreter) the kernel, untimed."""
     if not pairs[0][0].is_cuda:
-        return 0
+        return 0, {}
     candidates = {}
     # The first training step may run under torch.cuda.set_sync_debug_mode("error") (tests of a step that never
     # waits for the host): this one-time measurement waits on purpose.
@@ -200,15 +212,16 @@ def _fastest(pairs, transposed, cublas) -> int:
         for _ in range(TIMING_ROUNDS):
             for index, function in candidates.items():
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda._sleep(QUEUE_AHEAD_CYCLES)
                 start.record()
                 for _ in range(CALLS_PER_ROUND):
                     function()
                 end.record()
                 end.synchronize()
-                best[index] = min(best[index], start.elapsed_time(end))
+                best[index] = min(best[index], start.elapsed_time(end) / CALLS_PER_ROUND)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    return min(best, key=best.get)
+    return min(best, key=best.get), best
 
 
 _accumulate = None  # the kernel's inner loop, a module global once built: Triton resolves calls through globals

@@ -10,12 +10,15 @@ checkpointing instead: the same memory bound, one extra head projection in the b
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from litft.training import cross_entropy_kernel
 
 IGNORE_INDEX = -100
 # About 512 MiB of logits per chunk in the compute dtype, whatever the vocabulary size: large enough that the head
@@ -52,7 +55,11 @@ _compiled_cross_entropy_chunk = None
 
 
 def fused_cross_entropy_chunk(logits, targets, softcap):
-    """`cross_entropy_chunk`, compiled on GPUs (eager elsewhere: on CPU the compile time would outweigh the gain)."""
+    """`cross_entropy_chunk` on GPUs through litft's Triton kernel (`cross_entropy_kernel`), which writes the
+    gradient over `logits`, or torch.compile's fusion of it where the kernel cannot run or
+    `LITFT_CROSS_ENTROPY=compiled` asks for it (benchmarks); eager on CPU, where compiling would outweigh the gain."""
+    if cross_entropy_kernel.can_run(logits) and os.environ.get("LITFT_CROSS_ENTROPY", "kernel") != "compiled":
+        return cross_entropy_kernel.cross_entropy_in_place(logits, targets, softcap)
     global _compiled_cross_entropy_chunk
     if logits.device.type != "cuda":
         return cross_entropy_chunk(logits, targets, softcap)
