@@ -79,7 +79,9 @@ def _kernel():
                               0, _add)
             log_normalizer = row_max + tl.log(total)
             target = tl.load(targets_ptr + row)
-            target_logit = tl.load(base + target).to(tl.float32)
+            # Masked so that a target outside the vocabulary reads nothing out of bounds (the embedding lookup of
+            # the same token ids has refused such an id before the loss runs).
+            target_logit = tl.load(base + target, mask=(target >= 0) & (target < vocab), other=0.0).to(tl.float32)
             if HAS_SOFTCAP:
                 target_logit = softcap * (2 / (1 + tl.exp(-2 * target_logit / softcap)) - 1)
             tl.store(losses_ptr + row, log_normalizer - target_logit)
