@@ -329,12 +329,19 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
         raise ValueError(f"at most {LOOPED_PAIRS} pairs besides a rank-deep one")
     arguments, constants = [], {}
     for index in range(LOOPED_PAIRS):
-        a, b = looped[min(index, len(looped) - 1)]  # absent pairs repeat the last (never read: their BLOCK_K is 0)
+        if index >= len(looped):
+            # An absent pair passes the last pair's descriptors again (never read: its BLOCK_K is 0). Reused, not
+            # rebuilt: building a descriptor is a few microseconds of the host's launch, which is already several
+            # times cuBLAS's (NOTES.md, section 15).
+            arguments += arguments[-2:]
+            constants[f"BLOCK_K{index}"] = constants[f"DEPTH{index}"] = 0
+            continue
+        a, b = looped[index]
         depth = a.shape[1]
         step = block_k if depth >= block_k else smallest_block(depth)
         arguments += blocks(a, b, step)
-        constants[f"BLOCK_K{index}"] = step if index < len(looped) else 0
-        constants[f"DEPTH{index}"] = depth if index < len(looped) else 0
+        constants[f"BLOCK_K{index}"] = step
+        constants[f"DEPTH{index}"] = depth
     if low_pair is not None:
         arguments += blocks(*low_pair, smallest_block(low_pair[0].shape[1]))
         constants["LOW_BLOCK_K"] = smallest_block(low_pair[0].shape[1])
