@@ -107,6 +107,7 @@ def interpreted_cross_entropy_kernel(monkeypatch):
 
     with triton_interpreter(monkeypatch, cross_entropy_kernel._kernel):
         monkeypatch.setattr(cross_entropy_kernel, "BLOCK", 64)  # several blocks per row, a padded last one
+        monkeypatch.setattr(cross_entropy_kernel, "PROGRAMS_PER_MULTIPROCESSOR", 1)  # 4 programs: rows outnumber them
         yield cross_entropy_kernel
 
 

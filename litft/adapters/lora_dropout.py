@@ -17,13 +17,11 @@ every time. The 1 / (1 - p) rescaling is the caller's (it rides on the small A f
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
-from litft.adapters.nf4_dequantize import triton_available
+from litft.triton_support import kernels_run_on, launching_on
 
 ELEMENTS_PER_PROGRAM = 2048
 # Philox counters are 32-bit: a larger tensor would repeat its mask; it takes the torch path instead.
@@ -32,8 +30,7 @@ LARGEST_KERNEL_TENSOR = 2**31 - 1
 
 def uses_kernels(x: torch.Tensor) -> bool:
     """Whether masks for `x` come from the Triton kernels (a CUDA tensor, or Triton's interpreter on CPU)."""
-    on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and x.numel() <= LARGEST_KERNEL_TENSOR and triton_available()
+    return kernels_run_on(x) and x.numel() <= LARGEST_KERNEL_TENSOR
 
 
 @functools.cache
@@ -75,8 +72,7 @@ def _launch(kernel, tensor: torch.Tensor, *arguments, **constants) -> None:
     import triton
 
     grid = (triton.cdiv(tensor.numel(), ELEMENTS_PER_PROGRAM),)
-    # Triton launches on the current device: a tensor on another GPU than the current one must not run there.
-    with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+    with launching_on(tensor):
         kernel[grid](*arguments, ELEMENTS=ELEMENTS_PER_PROGRAM, **constants)
 
 

@@ -29,7 +29,6 @@ it; the results differ by that rounding.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import os
@@ -37,7 +36,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from litft.adapters.nf4_dequantize import triton_available
+from litft.triton_support import interpreting, launching_on, multiprocessor_count, triton_available
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, pipeline stages, warps): the shapes inductor's autotuner picked for llama's
 # projections on an H200 (NOTES.md, section 14). The first that compiles is the one used: the first won or tied
@@ -69,10 +68,6 @@ def _forced() -> str:
     return setting
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Whether the kernel can read these operands: 2-D, rows contiguous, strides and addresses 16-byte aligned
     (TMA's rule), one dtype, on a Hopper-or-later GPU (or in Triton's interpreter, on CPU)."""
@@ -83,10 +78,10 @@ def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     first = pairs[0][0]
     if first.is_cuda:
         # TMA is NVIDIA's (Hopper and later); ROCm reports its own capability numbers.
-        if _interpreting() or torch.version.hip or torch.cuda.get_device_capability(first.device) < (9, 0):
+        if interpreting() or torch.version.hip or torch.cuda.get_device_capability(first.device) < (9, 0):
             return False
         dtypes = (torch.bfloat16, torch.float16)
-    elif _interpreting():
+    elif interpreting():
         dtypes = (torch.bfloat16, torch.float16, torch.float32)  # float32: exact sums for the CPU tests
     else:
         return False
@@ -296,13 +291,6 @@ def _kernel():
     return sum_of_products_kernel
 
 
-@functools.cache
-def _program_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
          prefetch_low: bool = True) -> torch.Tensor:
     """The sum through the kernel in configuration `config`. `store_through_tma` and `prefetch_low` are variants
@@ -349,9 +337,8 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
         arguments += arguments[:2]
         constants["LOW_BLOCK_K"] = 0
     tiles = -(-rows // block_m) * -(-columns // block_n)
-    programs = min(_program_count(out.device), tiles)
-    # Triton launches on the current device: a tensor on another GPU than the current one must not run there.
-    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+    programs = min(multiprocessor_count(out.device), tiles)
+    with launching_on(out):
         _kernel()[(programs,)](
             out, TensorDescriptor.from_tensor(out, [block_m, block_n]), out.stride(0), rows, *arguments,
             COLUMNS=columns, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed, GROUP_M=8, PROGRAMS=programs,

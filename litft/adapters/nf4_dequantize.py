@@ -18,23 +18,14 @@ offset.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
+from litft.triton_support import kernels_run_on, launching_on
+
 BYTES_PER_PROGRAM = 1024  # with 4 warps, the fastest of 15 sizes on an H200 (benchmarks/NOTES.md, section 10)
 WARPS = 4
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @functools.cache
@@ -79,8 +70,7 @@ def _nf4_table(device: torch.device) -> torch.Tensor:
 def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) -> bool:
     """Whether this kernel takes the weight: a CUDA tensor (or Triton's interpreter, which runs on CPU), Triton
     importable, and an even number of values (every linear layer's weight; bitsandbytes pads an odd count)."""
-    on_device = weight.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-    return on_device and (out_features * in_features) % 2 == 0 and triton_available()
+    return kernels_run_on(weight) and (out_features * in_features) % 2 == 0
 
 
 def dequantize_nf4(
@@ -104,8 +94,7 @@ def dequantize_nf4(
     absmax = state[0]
     nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)
     grid = (triton.cdiv(byte_count, BYTES_PER_PROGRAM),)
-    # Triton launches on the current device: a weight on another GPU than the current one must not run there.
-    with torch.cuda.device(weight.device) if weight.is_cuda else contextlib.nullcontext():
+    with launching_on(weight):
         _kernel()[grid](
             packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
             NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=blocksize // 2,

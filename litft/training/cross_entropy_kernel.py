@@ -16,13 +16,11 @@ Only the summation order of the log-normalizer differs (blockwise here), within 
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 
 import torch
 
-from litft.adapters.nf4_dequantize import triton_available
+from litft.triton_support import kernels_run_on, launching_on, multiprocessor_count
 
 # Measured on an H200 over a 2,093 x 128,256 bf16 chunk (benchmarks/bench_kernels.py --only cross_entropy,
 # NOTES.md section 15): 4,096 columns per step, 16 warps and four programs per multiprocessor took 0.44 ms against
@@ -104,10 +102,8 @@ def _kernel():
 def can_run(logits: torch.Tensor) -> bool:
     """Whether the kernel takes these logits: a CUDA tensor (or any, under Triton's interpreter) whose rows are
     contiguous, with Triton importable."""
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     return (
-        triton_available()
-        and (logits.is_cuda or interpreting)
+        kernels_run_on(logits)
         and logits.dim() == 2
         and logits.stride(1) == 1
         and logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
@@ -124,12 +120,8 @@ def cross_entropy_in_place(
     targets = targets.contiguous()  # read one per row
     losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
-        if logits.is_cuda:
-            multiprocessors = torch.cuda.get_device_properties(logits.device).multi_processor_count
-        else:
-            multiprocessors = 2
-        programs = min(rows, multiprocessors * PROGRAMS_PER_MULTIPROCESSOR)
-        with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        programs = min(rows, multiprocessor_count(logits.device) * PROGRAMS_PER_MULTIPROCESSOR)
+        with launching_on(logits):
             _kernel()[(programs,)](
                 logits, logits.stride(0), targets, losses, rows, vocab, float(softcap or 0.0),
                 HAS_SOFTCAP=softcap is not None, BLOCK=BLOCK, PROGRAMS=programs, num_warps=WARPS,
