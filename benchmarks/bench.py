@@ -133,6 +133,14 @@ def bench_training(args) -> dict:
         quantization.use_nf4_kernel = False
     if args.lora_one_by_one:  # the A/B of litft.adapters.lora_projections: each LoRA layer on its own
         set_compute_together(model, False)
+    if args.gated_product_apart:  # the A/B of litft.adapters.lora_gated_down: act(gate) * up as written
+        from litft.adapters import lora_gated_down
+
+        lora_gated_down.ENABLED = False
+    if args.adapter_gradients_apart:  # the A/B of litft.adapters.adapter_gradients: two GEMMs reading dy each
+        from litft.adapters import lora_projections
+
+        lora_projections.FUSED_ADAPTER_GRADIENTS = False
     if args.separate_base_gemms:  # the A/B of join_frozen_weights: q/k/v as before, one base GEMM each
         from litft.adapters.lora import lora_modules
 
@@ -211,7 +219,9 @@ def bench_training(args) -> dict:
                 **({"kept_output_widening": strategies.KEPT_OUTPUT_WIDENING} if args.ckpt and args.offload else {}),
                 **({"lora_dropout": args.lora_dropout} if args.lora_dropout else {}),
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
-                separate_base_gemms=args.separate_base_gemms, sync_each_step=args.sync_each_step,
+                separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
+                adapter_gradients_apart=args.adapter_gradients_apart,
+                sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3),
                 **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
@@ -332,6 +342,12 @@ def print_profile_summary(profiler, count: int) -> None:
     print(f"kernels per step: {sum(launches.values()) // count}; the most launched (count, mean us):", file=sys.stderr)
     for name, calls in sorted(launches.items(), key=lambda item: -item[1])[:30]:
         print(f"  {calls // count:6d} {kernels[name] / calls:8.1f}  {name[:100]}", file=sys.stderr)
+    # Where the time goes, kernel by kernel: the compiled blocks' elementwise kernels are many small names.
+    print("the kernels that take the most time (ms per step, launches per step, mean us):", file=sys.stderr)
+    for name, microseconds in sorted(kernels.items(), key=lambda item: -item[1])[:40]:
+        calls = launches[name]
+        print(f"  {microseconds / count / 1e3:8.2f} {calls // count:6d} {microseconds / calls:8.1f}  {name[:100]}",
+              file=sys.stderr)
     print("GEMMs by shape (per step): calls, ms, TFLOP/s", file=sys.stderr)
     rows = []
     for event in profiler.key_averages(group_by_input_shape=True):
@@ -426,6 +442,12 @@ def main() -> None:
                         help="qlora nf4: dequantize with bitsandbytes' kernels, not litft's (the A/B of that kernel)")
     parser.add_argument("--separate_base_gemms", action="store_true",
                         help="one base GEMM for each of q, k and v, not one for the three (for comparison)")
+    parser.add_argument("--gated_product_apart", action="store_true",
+                        help="the MLP's act(gate) * up as written and down in the grouped operator, not down's "
+                             "operator with the activation (the A/B of litft.adapters.lora_gated_down)")
+    parser.add_argument("--adapter_gradients_apart", action="store_true",
+                        help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
+                             "(the A/B of litft.adapters.adapter_gradients)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",

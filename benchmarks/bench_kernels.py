@@ -28,7 +28,18 @@
               projects at a time) and its gradient: torch.compile of the tensor code against
               litft.training.cross_entropy_kernel at several block sizes, warps and programs per multiprocessor.
 
-  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy]
+  adapter_gradients
+              an adapted projection's two adapter gradients, grad @ B and grad^T @ low (rank 16, bf16), on llama-8b's
+              widths (14,336, 4,096, 1,024) and on q's and k's column blocks of the joined q/k/v gradient (8,192 x
+              6,144): the two torch matmuls (each reading grad) against litft.adapters.adapter_gradients' one kernel
+              (reading it once) at several block sizes, warps, stages and programs per multiprocessor; GB/s counts
+              one read of grad.
+  gated_down  the down projection's gated activation (litft.adapters.lora_gated_down): what inductor ran before
+              (act(gate) * up; in the backward h recomputed, g_low^T @ h, the activation's gradient) against the
+              operator's kernels over a sweep of tiles.
+
+  python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
+                                             adapter_gradients,gated_down]
                                      [--tokens 8192]
 """
 
@@ -387,6 +398,140 @@ def bench_cross_entropy(rows: int = 2093, vocab: int = 128256) -> None:
                                 - time_ms(lambda: scratch.copy_(logits)), 3))
 
 
+# The kernel's configurations timed (keyword arguments of fused_adapter_gradients; unnamed ones take the
+# module's defaults): the defaults first, then programs per multiprocessor, pipeline depth, and block shapes from
+# short-and-wide to tall.
+ADAPTER_GRADIENT_CONFIGS = [
+    {},
+    dict(programs_per_multiprocessor=1),
+    dict(programs_per_multiprocessor=4, largest_partial_share=1 / 4),
+    dict(stages=4),
+    dict(stages=2),
+    dict(block_rows=64, warps=8),
+    dict(block_rows=64, block_columns=256, warps=4),
+    dict(block_rows=16, block_columns=1024),
+    dict(block_rows=64, block_columns=1024, stages=2, programs_per_multiprocessor=1),
+    dict(block_rows=128, block_columns=256, warps=8, stages=2),
+]
+
+
+def bench_adapter_gradients(tokens: int, rank: int = 16) -> None:
+    from litft.adapters import adapter_gradients as kernel
+    from litft.triton_support import multiprocessor_count
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    joined = randn(tokens, 6144)  # llama-8b's q, k and v gradients side by side (4,096 + 1,024 + 1,024)
+    cases = [("width_14336", randn(tokens, 14336)), ("width_4096", randn(tokens, 4096)),
+             ("width_1024", randn(tokens, 1024)), ("joined_qkv_q_4096", joined[:, :4096]),
+             ("joined_qkv_k_1024", joined[:, 4096:5120])]
+    multiprocessors = multiprocessor_count(joined.device)
+    for name, grad in cases:
+        rows, columns = grad.shape
+        update, low = randn(columns, rank) * 0.02, randn(rows, rank)
+        gigabytes = grad.numel() * grad.element_size() / 1e9  # one read of grad
+        exact = (grad.float() @ update.float(), grad.float().t() @ low.float())
+        case = dict(kind="adapter_gradients", case=name, rows=rows, columns=columns, row_stride=grad.stride(0),
+                    rank=rank)
+
+        def relative_error(results) -> float:
+            return max(((result.float() - reference).norm() / reference.norm()).item()
+                       for result, reference in zip(results, exact))
+
+        for path, function in [("torch_two_matmuls", lambda: (grad @ update, grad.t() @ low)),
+                               ("torch_grad_low_matmul_alone", lambda: grad @ update),
+                               ("torch_grad_update_matmul_alone", lambda: grad.t() @ low)]:
+            milliseconds = time_ms(function)
+            record = dict(**case, path=path, ms=round(milliseconds, 4),
+                          gb_per_s=round(gigabytes / milliseconds * 1e3, 1))
+            if path == "torch_two_matmuls":
+                record["relative_error"] = round(relative_error(function()), 5)
+            emit(**record)
+        for config in ADAPTER_GRADIENT_CONFIGS:
+            settings = dict(block_rows=kernel.BLOCK_ROWS, block_columns=kernel.BLOCK_COLUMNS, stages=kernel.STAGES,
+                            programs_per_multiprocessor=kernel.PROGRAMS_PER_MULTIPROCESSOR,
+                            largest_partial_share=kernel.LARGEST_PARTIAL_SHARE)
+            settings.update(config)
+            settings.setdefault("warps", kernel.default_warps(settings["block_columns"], rank))
+            split = kernel.plan(rows, columns, rank, grad.element_size(), multiprocessors,
+                                **{key: settings[key] for key in ("block_rows", "block_columns",
+                                                                   "programs_per_multiprocessor",
+                                                                   "largest_partial_share")})
+            partial_bytes = (split.column_groups * rows + split.row_groups * columns) * rank * 4
+            described = dict(**case, path="kernel", **settings, programs=split.programs,
+                             partial_share=round(partial_bytes / (gigabytes * 1e9), 4))
+            try:
+                milliseconds = time_ms(lambda: kernel.fused_adapter_gradients(grad, update, low, **settings))
+            except Exception as error:  # noqa: BLE001 - a configuration too large for shared memory or registers
+                emit(**described, error=str(error)[:160])
+                continue
+            error = relative_error(kernel.fused_adapter_gradients(grad, update, low, **settings))
+            emit(**described, ms=round(milliseconds, 4), gb_per_s=round(gigabytes / milliseconds * 1e3, 1),
+                 relative_error=round(error, 5))
+
+
+def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
+    """The down projection's gated activation (litft.adapters.lora_gated_down) against what torch.compile ran
+    before: forward act(gate) * up; backward h recomputed, g_low^T @ h, and the activation's gradient, each timed
+    alone and as inductor fuses them, then the operator's kernel over a sweep of tiles."""
+    from litft.adapters import lora_gated_down
+
+    for shape in shapes:
+        width = PROJECTIONS[shape]["down"][0]
+        gate, up, grad_product = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        grad_low = torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16)
+        gigabytes = tokens * width * 2 / 1e9  # one (tokens x width) bf16 tensor
+
+        @torch.compile
+        def product_compiled(gate, up):
+            return F.silu(gate.float()).mul(up.float()).to(gate.dtype)
+
+        @torch.compile
+        def recompute_compiled(gate, up):
+            return F.silu(gate) * up
+
+        @torch.compile
+        def backward_compiled(grad_product, gate, up):
+            sigmoid = torch.sigmoid(gate.float())
+            value = gate.float() * sigmoid
+            grad_gate = grad_product.float() * up.float() * sigmoid * (1 + gate.float() * (1 - sigmoid))
+            return grad_gate.to(gate.dtype), (grad_product.float() * value).to(gate.dtype)
+
+        product = recompute_compiled(gate, up)
+        ms = time_ms(lambda: product_compiled(gate, up))
+        emit(section="gated_down", shape=shape, what="forward, inductor", ms=ms)
+        for block in (1024, 2048, 4096):
+            lora_gated_down.PRODUCT_BLOCK = block
+            ms = time_ms(lambda: lora_gated_down.gated_product(gate, up, "silu"))
+            emit(section="gated_down", shape=shape, what=f"forward, kernel block {block}", ms=ms,
+                 gb_per_s=round(3 * gigabytes / ms * 1e3))
+        lora_gated_down.PRODUCT_BLOCK = 2048
+        before = {
+            "recompute h": lambda: recompute_compiled(gate, up),
+            "g_low^T @ h": lambda: grad_low.t() @ product,
+            "activation backward": lambda: backward_compiled(grad_product, gate, up),
+        }
+        total = 0.0
+        for what, function in before.items():
+            ms = time_ms(function)
+            total += ms
+            emit(section="gated_down", shape=shape, what=f"backward before: {what}", ms=ms)
+        emit(section="gated_down", shape=shape, what="backward before: all three", ms=total)
+        for rows, columns, warps, groups in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (16, 32)):
+            if rows * columns > 16384:
+                continue
+            try:
+                ms = time_ms(lambda: lora_gated_down.gated_backward(
+                    grad_product, gate, up, grad_low, "silu", block_rows=rows, block_columns=columns, warps=warps,
+                    max_row_groups=groups))
+            except Exception as error:  # a tile that does not fit the GPU's shared memory
+                emit(section="gated_down", shape=shape, tile=[rows, columns, warps, groups], error=repr(error)[:200])
+                continue
+            emit(section="gated_down", shape=shape, what="backward, kernel", tile=[rows, columns, warps, groups],
+                 ms=ms, gb_per_s=round(5 * gigabytes / ms * 1e3))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", default="attention,gemm,lora,qkv,nf4")
@@ -414,6 +559,10 @@ def main() -> None:
         bench_gemm_backends(args.tokens, args.shapes.split(","))
     if "cross_entropy" in chosen:
         bench_cross_entropy()
+    if "adapter_gradients" in chosen:
+        bench_adapter_gradients(args.tokens)
+    if "gated_down" in chosen:
+        bench_gated_down(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

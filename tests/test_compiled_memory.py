@@ -59,15 +59,24 @@ def saved_elements(saved) -> int:
     return sum(torch.Size(shape).numel() for shape, _ in saved)
 
 
-def test_compiled_block_recomputes_the_swiglu_product_instead_of_saving_it():
+def test_compiled_block_recomputes_the_swiglu_product_instead_of_saving_it(monkeypatch):
+    """Where the product is computed as written (a down projection without LoRA's gated operator: adapter dropout,
+    full fine-tuning), litft's partitioner settings rebuild it in the backward; through the operator
+    (`litft.adapters.lora_gated_down`) it is never a saved tensor, whatever the settings."""
+    from litft.adapters import lora_gated_down
+
     intermediate = 96
     # torch's own default, set explicitly: compile_blocks changes the process-wide setting, other tests call it
-    default = saved_activations({name: not value for name, value in PARTITIONER_SETTINGS.items()})
+    torch_default = {name: not value for name, value in PARTITIONER_SETTINGS.items()}
+    through_operator = saved_activations(torch_default)
+    monkeypatch.setattr(lora_gated_down, "ENABLED", False)
+    default = saved_activations(torch_default)
     lean = saved_activations(PARTITIONER_SETTINGS)
     # By default: gate, up and their product; with litft's settings only gate and up (the product is rebuilt).
     assert len(intermediate_sized(default, intermediate)) == 3, default
     assert len(intermediate_sized(lean, intermediate)) == 2, lean
     assert saved_elements(lean) < 0.8 * saved_elements(default)
+    assert len(intermediate_sized(through_operator, intermediate)) == 2, through_operator
 
 
 def test_compile_blocks_applies_the_partitioner_settings():

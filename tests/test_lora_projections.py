@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from litft.adapters import lora_dropout, lora_projections
+from litft.adapters import lora_dropout, lora_gated_down, lora_projections
 from litft.adapters.lora import (
     LoRAConfig,
     LoRALinear,
@@ -63,20 +63,27 @@ def assert_computes_what_each_layer_computes_alone(model: nn.Module, input_ids: 
 
 
 def count_calls(model: nn.Module, input_ids: torch.Tensor) -> int:
-    """How many times the grouped forward operator runs in one forward pass."""
+    """How many times the grouped forward operators run in one forward pass (the down projection of a gated MLP
+    runs in its own, `lora_gated_down`)."""
     calls = 0
-    original = lora_projections.lora_projections
+    names = [(lora_projections, "lora_projections"), (lora_gated_down, "lora_gated_down")]
+    originals = [(module, name, getattr(module, name)) for module, name in names]
 
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return original(*args, **kwargs)
+    def counting(original):
+        def count(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            return original(*args, **kwargs)
 
-    lora_projections.lora_projections = counting
+        return count
+
+    for module, name, original in originals:
+        setattr(module, name, counting(original))
     try:
         model(input_ids)
     finally:
-        lora_projections.lora_projections = original
+        for module, name, original in originals:
+            setattr(module, name, original)
     return calls
 
 

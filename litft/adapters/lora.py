@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from litft.adapters import lora_gated_down
 from litft.adapters.lora_projections import forward_together
 from litft.adapters.quantization import (
     OUTPUT_HEAD_NAMES,
@@ -164,6 +165,13 @@ class LoRALinear(nn.Module):
         (`litft.adapters.lora_projections`), the others (not adapted, DoRA, a float8 base) on
         their own; None where no layer can join (thunder): the caller then calls each layer."""
         return forward_together(x, layers)
+
+    @staticmethod
+    def gated_down(gate: torch.Tensor, up: torch.Tensor, layer: nn.Module, activation: str) -> torch.Tensor | None:
+        """down(act(gate) * up) for this layer as a gated MLP's down projection, in one operator whose backward
+        never writes act(gate) * up to memory (`litft.adapters.lora_gated_down`); None where it does not apply (the
+        caller then calls the layer on the product)."""
+        return lora_gated_down.gated_down(gate, up, layer, activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         together = forward_together(x, [self])  # the usual path: see `forward_together`

@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from litft.adapters import lora_dropout, lora_gemm
+from litft.adapters.adapter_gradients import adapter_gradients
 from litft.adapters.quantization import dequantize_weight
 
 
@@ -67,6 +68,9 @@ class OutputKeeper(Protocol):
 
 
 _output_keeper: OutputKeeper | None = None
+# dy_i @ B_i and dy_i^T @ low_i from one read of dy_i (`litft.adapters.adapter_gradients`); False: two cuBLAS GEMMs
+# (the benchmarks' A/B).
+FUSED_ADAPTER_GRADIENTS = True
 
 
 @contextlib.contextmanager
@@ -278,39 +282,65 @@ def lora_projections_backward(
     else:
         joined_grad = None
         flat_grads = [grad.reshape(-1, size) for grad, size in zip(grad_outputs, out_features)]  # (M, N_i) each
-    grad_low_parts, grad_updates = [], []
-    start = 0
-    for grad, update in zip(flat_grads, lora_b):
-        rank = update.shape[1]
-        grad_low_parts.append(grad @ update)  # (M, r_i)
-        grad_updates.append(grad.t() @ low[:, start : start + rank])  # (N_i, r_i)
-        start += rank
-    grad_low = torch.cat(grad_low_parts, dim=1) if len(grad_low_parts) > 1 else grad_low_parts[0]  # (M, sum r_i)
+    grad_low, grad_updates = update_gradients(flat_grads, lora_b, low)
+    lora_grad_x = None
     if dropout > 0:
         grad_lora_a, lora_grad_x = _dropped_gradients(flat_x, grad_low, lora_a, lora_b, dropout, int(seed), input_grad)
     else:
         grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
     if input_grad:
-        arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, x.dtype)
-        weight = _joined_weight(*arguments) if joined_grad is not None else None
-        # Every layer's frozen weight at once (a quantized group dequantizes them all before the GEMMs).
-        pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, _weights(*arguments)))
-
-        def through_frozen_weights(grad_x: torch.Tensor) -> torch.Tensor:  # (M, K), each base GEMM adding in place
-            for grad, frozen in pairs:
-                grad_x.addmm_(grad, frozen)
-            return grad_x
-
-        if dropout > 0:
-            grad_x = through_frozen_weights(lora_grad_x)
-        else:
-            grad_x = lora_gemm.sum_of_products(
-                [*pairs, (grad_low, lora_a)], transposed=False, cublas=lambda: through_frozen_weights(grad_low @ lora_a)
-            )
-        grad_x = grad_x.view(x.shape)
+        grad_x = input_gradient(
+            flat_grads, joined_grad, grad_low, weights, state, state_counts, mode, out_features, in_features,
+            nested_blocksizes, x.dtype, lora_a, lora_grad_x,
+        ).view(x.shape)
     else:
         grad_x = x.new_empty(0)
     return [grad_x, grad_lora_a, *grad_updates]
+
+
+def update_gradients(
+    flat_grads: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], low: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """g_low = [dy_1 @ B_1 | dy_2 @ B_2 | ...] (M, sum r_i) and each dB_i = dy_i^T @ low_i, from the layers' output
+    gradients dy_i (M, N_i)."""
+    grad_low_parts, grad_updates = [], []
+    start = 0
+    for grad, update in zip(flat_grads, lora_b):
+        rank = update.shape[1]
+        if FUSED_ADAPTER_GRADIENTS:  # both from one read of dy_i where a kernel runs
+            grad_low_i, grad_update = adapter_gradients(grad, update, low[:, start : start + rank])
+        else:
+            grad_low_i, grad_update = grad @ update, grad.t() @ low[:, start : start + rank]
+        grad_low_parts.append(grad_low_i)  # (M, r_i)
+        grad_updates.append(grad_update)  # (N_i, r_i)
+        start += rank
+    grad_low = torch.cat(grad_low_parts, dim=1) if len(grad_low_parts) > 1 else grad_low_parts[0]  # (M, sum r_i)
+    return grad_low, grad_updates
+
+
+def input_gradient(
+    flat_grads: Sequence[torch.Tensor], joined_grad: torch.Tensor | None, grad_low: torch.Tensor,
+    weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
+    out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
+    lora_a: torch.Tensor, lora_grad_x: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """dx (M, K) = g_low @ (sA) + sum_i dy_i @ W_i, each base GEMM adding in place; `lora_grad_x`: the adapters'
+    share computed already (through dropout masks), which the base GEMMs then add into."""
+    arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, dtype)
+    weight = _joined_weight(*arguments) if joined_grad is not None else None
+    # Every layer's frozen weight at once (a quantized group dequantizes them all before the GEMMs).
+    pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, _weights(*arguments)))
+
+    def through_frozen_weights(grad_x: torch.Tensor) -> torch.Tensor:  # (M, K), each base GEMM adding in place
+        for grad, frozen in pairs:
+            grad_x.addmm_(grad, frozen)
+        return grad_x
+
+    if lora_grad_x is not None:
+        return through_frozen_weights(lora_grad_x)
+    return lora_gemm.sum_of_products(
+        [*pairs, (grad_low, lora_a)], transposed=False, cublas=lambda: through_frozen_weights(grad_low @ lora_a)
+    )
 
 
 def _dropped_gradients(

@@ -46,6 +46,19 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
 
 
+def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> torch.Tensor:
+    """A gated MLP's last projection, down(act(gate) * up), `activation` "silu" (Llama) or "gelu_tanh" (Gemma). A
+    LoRA down projection computes it in one operator whose backward never writes act(gate) * up to memory
+    (`litft.adapters.lora_gated_down`); other layers take the product as written."""
+    fused = getattr(type(down), "gated_down", None)
+    output = fused(gate, up, down, activation) if fused is not None else None
+    if output is not None:
+        return output
+    if activation == "gelu_tanh":
+        return down(F.gelu(gate, approximate="tanh") * up)
+    return down(F.silu(gate) * up)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Rotary position embedding
 # ----------------------------------------------------------------------------------------------------------------

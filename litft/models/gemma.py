@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from litft.errors import CheckpointError
@@ -31,6 +30,7 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
+    gated_down,
     project,
 )
 
@@ -169,7 +169,7 @@ class GemmaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return gated_down(gate, up, self.down_proj, "gelu_tanh")  # down(act(gate) * up)
 
 
 class GemmaDecoderLayer(nn.Module):

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from litft.models.common import (
@@ -27,6 +26,7 @@ from litft.models.common import (
     RotaryEmbedding,
     apply_rotary,
     attend,
+    gated_down,
     project,
 )
 
@@ -156,7 +156,7 @@ class LlamaMLP(nn.Module):
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
         else:
             gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.silu(gate) * up)
+        return gated_down(gate, up, self.down_proj, "silu")  # down(act(gate) * up)
 
 
 class LlamaDecoderLayer(nn.Module):

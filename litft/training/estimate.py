@@ -80,22 +80,25 @@ class Widths:
                    head_dim=hf_config.get("head_dim") or hidden // heads)
 
 
-def intermediate_tensors(compiled: bool) -> int:
-    """How many intermediate-size tensors a block keeps per token: gate and up; eager, also SwiGLU's activation
-    and product (compiled blocks recompute those two)."""
-    return 2 if compiled else 4
+def intermediate_tensors(compiled: bool, lora: bool = True) -> int:
+    """How many intermediate-size tensors a block keeps per token: gate and up. A full fine-tune run eagerly also
+    keeps SwiGLU's activation and product; compiled blocks recompute those two, and LoRA's down operator
+    (`litft.adapters.lora_gated_down`) forms them again inside its backward kernel."""
+    return 2 if compiled or lora else 4
 
 
-def activation_bytes_per_token_per_layer(hf_config: dict[str, Any], element_size: int, compiled: bool = False) -> int:
+def activation_bytes_per_token_per_layer(
+    hf_config: dict[str, Any], element_size: int, compiled: bool = False, lora: bool = True
+) -> int:
     """What autograd keeps per token and decoder layer of a LoRA model (counted with saved-tensor hooks,
     tests/test_finetune.py). Compiled (litft's partitioner settings, which recompute the norms and SwiGLU's
     product): the block input, q, k and v, the attention output, the residual between attention and MLP, gate and
-    up. Eager: the norms' outputs and SwiGLU's intermediates too, about 8.5 hidden-size, 2 key/value-size and 4
-    intermediate-size tensors."""
+    up. Eager: the norms' outputs too, about 8.5 hidden-size, 2 key/value-size and 2 intermediate-size tensors (4
+    for a full fine-tune, whose down projection keeps SwiGLU's activation and product)."""
     widths = Widths.of(hf_config)
     kv_width = widths.kv_heads * widths.head_dim
     hidden_sized = 3 * widths.hidden + widths.heads * widths.head_dim if compiled else 17 * widths.hidden // 2
-    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled) * widths.intermediate)
+    return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled, lora) * widths.intermediate)
 
 
 def parameter_count(hf_config: dict[str, Any]) -> int:
@@ -143,11 +146,12 @@ def estimate_run(
     element_size = torch.empty((), dtype=dtype).element_size()
     tokens = micro_batch_size * seq_len
     layers = hf_config["num_hidden_layers"]
-    per_layer = activation_bytes_per_token_per_layer(hf_config, element_size, compiled)
+    lora = method != "full"
+    per_layer = activation_bytes_per_token_per_layer(hf_config, element_size, compiled, lora)
     mlp_tile_bytes = 0
     if mlp_tile_tokens is not None and tokens > mlp_tile_tokens:
         # A tiled MLP keeps no intermediate-size tensor per token; one tile's (and its gradients) exist at a time.
-        intermediate_bytes = intermediate_tensors(compiled) * Widths.of(hf_config).intermediate * element_size
+        intermediate_bytes = intermediate_tensors(compiled, lora) * Widths.of(hf_config).intermediate * element_size
         per_layer -= intermediate_bytes
         mlp_tile_bytes = 2 * intermediate_bytes * mlp_tile_tokens
     checkpointed = checkpointed_block_count(layers, checkpointed_blocks) if activation_checkpointing else 0

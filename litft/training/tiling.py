@@ -3,7 +3,8 @@
 Why: with activation checkpointing (and offload) what is left of a long sequence's memory is the transient work of
 one block, and most of it is the MLP's. llama-8b's SwiGLU MLP makes gate and up (14336 wide), silu(gate) and their
 product, each (tokens x 14336): in bf16 28 KiB per token and tensor. Eager autograd keeps all four for the backward
-(112 KiB per token; compiled, gate and up: 56 KiB) and the backward makes their gradients on top, in the backward of
+(112 KiB per token; compiled, or through LoRA's down operator `litft.adapters.lora_gated_down`, gate and up:
+56 KiB) and the backward makes their gradients on top, in the backward of
 the one recomputed block: 10.7 GiB of kept intermediates at 100k tokens, 64 GiB at 600k. The MLP works on each token
 independently, so running it on `tile_tokens` tokens at a time gives the same result, and with each tile under
 non-reentrant `torch.utils.checkpoint` only one tile's intermediates are ever alive, in the forward and the backward
