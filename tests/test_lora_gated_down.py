@@ -70,6 +70,26 @@ def test_kernels_compute_the_activation_its_gradient_and_the_adapter_gradient(pa
     assert ((got_lora_a - grad_lora_a).abs().max() / scale) < tolerance
 
 
+def test_kernels_read_the_halves_of_a_fused_gate_up_output_in_place(path):
+    """Phi-3's gate and up are the two halves of one (M, 2N) output: rows a wider stride apart. Read in place, the
+    kernels give what they give on contiguous copies."""
+    torch.manual_seed(0)
+    rows, columns, rank = 70, 48, 8
+    gate_up = torch.randn(rows, 2 * columns)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert lora_gated_down.rows_of(gate).data_ptr() == gate.data_ptr()  # a view, not a copy
+    grad_product, grad_low = torch.randn(rows, columns), torch.randn(rows, rank)
+    strided = lora_gated_down.gated_product(gate, up, "silu")
+    copied = lora_gated_down.gated_product(gate.contiguous(), up.contiguous(), "silu")
+    torch.testing.assert_close(strided, copied, rtol=0, atol=0)
+    for got, expected in zip(
+        lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu", block_rows=16, block_columns=32),
+        lora_gated_down.gated_backward(grad_product, gate.contiguous(), up.contiguous(), grad_low, "silu",
+                                       block_rows=16, block_columns=32),
+    ):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def lora_model(config: dict, dtype=torch.float32, quantize: str | None = None, **lora) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(config)
@@ -110,7 +130,10 @@ def gated_calls(model, input_ids) -> int:
     return calls
 
 
-@pytest.mark.parametrize("config", [LLAMA, GEMMA], ids=["llama-silu", "gemma-gelu-tanh"])
+PHI3 = dict(LLAMA, model_type="phi3")  # gate and up fused into one projection: the operator reads its halves
+
+
+@pytest.mark.parametrize("config", [LLAMA, GEMMA, PHI3], ids=["llama-silu", "gemma-gelu-tanh", "phi3-fused-gate-up"])
 def test_model_through_the_operator_matches_each_layer_alone(path, config):
     model = lora_model(config)
     input_ids = torch.randint(0, config["vocab_size"], (2, 12))

@@ -80,18 +80,24 @@ def _kernels():
     activation_and_slope = triton.jit(activation)
 
     @triton.jit
-    def gated_product(gate_ptr, up_ptr, out_ptr, count, GELU: tl.constexpr, BLOCK: tl.constexpr):
+    def gated_product(gate_ptr, up_ptr, out_ptr, count, columns, gate_row_stride, up_row_stride,
+                      GELU: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
         index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         inside = index < count
-        gate = tl.load(gate_ptr + index, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        if CONTIGUOUS:
+            gate_index, up_index = index, index
+        else:  # rows of a wider tensor (the halves of a fused gate_up projection's output)
+            row, column = index // columns, index % columns
+            gate_index, up_index = row * gate_row_stride + column, row * up_row_stride + column
+        gate = tl.load(gate_ptr + gate_index, mask=inside, other=0.0).to(tl.float32)
+        up = tl.load(up_ptr + up_index, mask=inside, other=0.0).to(tl.float32)
         value, _ = activation_and_slope(gate, GELU)
         tl.store(out_ptr + index, (value * up).to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def gated_backward(
         grad_product_ptr, gate_ptr, up_ptr, grad_low_ptr, grad_gate_ptr, grad_up_ptr, partial_ptr,
-        rows, columns, rank, group_rows,
+        rows, columns, rank, group_rows, gate_row_stride, up_row_stride,
         GELU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr, RANK_BLOCK: tl.constexpr,
         DOT_IN_FLOAT32: tl.constexpr,
     ):
@@ -109,8 +115,11 @@ def _kernels():
             offsets = row_index.to(tl.int64)[:, None] * columns + column_index[None, :]  # (BLOCK_ROWS, BLOCK_COLUMNS)
             inside = row_inside[:, None] & column_inside[None, :]
             grad_product = tl.load(grad_product_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-            up = tl.load(up_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+            rows_64 = row_index.to(tl.int64)[:, None]
+            gate = tl.load(gate_ptr + rows_64 * gate_row_stride + column_index[None, :], mask=inside,
+                           other=0.0).to(tl.float32)
+            up = tl.load(up_ptr + rows_64 * up_row_stride + column_index[None, :], mask=inside,
+                         other=0.0).to(tl.float32)
             value, slope = activation_and_slope(gate, GELU)
             tl.store(grad_gate_ptr + offsets, (grad_product * up * slope).to(grad_gate_ptr.dtype.element_ty),
                      mask=inside)
@@ -147,17 +156,33 @@ def _activation_torch(gate: torch.Tensor, activation: str) -> tuple[torch.Tensor
 
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up, computed in float32 and rounded once to the inputs' dtype (contiguous inputs of one shape)."""
+    """act(gate) * up (M, N), computed in float32 and rounded once to the inputs' dtype, a new contiguous tensor.
+    gate and up are (M, N) with contiguous rows (`rows_of`)."""
     if not kernels_run_on(gate) or gate.numel() == 0:
         value, _ = _activation_torch(gate, activation)
         return (value * up.float()).to(gate.dtype)
-    out = torch.empty_like(gate)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     count = gate.numel()
+    contiguous = gate.is_contiguous() and up.is_contiguous()
     with launching_on(gate):
         _kernels()[0][((count + PRODUCT_BLOCK - 1) // PRODUCT_BLOCK,)](
-            gate, up, out, count, GELU=activation == "gelu_tanh", BLOCK=PRODUCT_BLOCK,
+            gate, up, out, count, gate.shape[1], gate.stride(0), up.stride(0),
+            GELU=activation == "gelu_tanh", CONTIGUOUS=contiguous, BLOCK=PRODUCT_BLOCK,
         )
     return out
+
+
+def rows_of(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (..., N) as (M, N) with contiguous rows: a view where its rows lie evenly apart (also the halves of
+    a fused gate_up output), else a copy."""
+    if tensor.stride(-1) == 1:
+        try:
+            flat = tensor.view(-1, tensor.shape[-1])
+        except RuntimeError:  # leading dimensions that no single row stride spans
+            flat = None
+        if flat is not None and flat.stride(0) >= flat.shape[1]:
+            return flat
+    return tensor.reshape(-1, tensor.shape[-1]).contiguous()
 
 
 def gated_backward(
@@ -165,8 +190,8 @@ def gated_backward(
     block_rows: int = BLOCK_ROWS, block_columns: int = BLOCK_COLUMNS, warps: int = BACKWARD_WARPS,
     max_row_groups: int = MAX_ROW_GROUPS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d gate, d up, g_low^T @ h) for h = act(gate) * up, from d h (all (M, N), contiguous) and g_low (M, r):
-    the gradients in gate's dtype, the last (r, N) in float32."""
+    """(d gate, d up, g_low^T @ h) for h = act(gate) * up, from d h (all (M, N); gate and up with contiguous rows,
+    `rows_of`) and g_low (M, r): the gradients new contiguous tensors in gate's dtype, the last (r, N) in float32."""
     rows, columns = gate.shape
     rank = grad_low.shape[1]
     if not kernels_run_on(gate) or gate.numel() == 0:
@@ -177,7 +202,9 @@ def gated_backward(
         return ((grad_product * up_float * slope).to(gate.dtype), (grad_product * value).to(gate.dtype),
                 grad_low.t().float() @ product.float())
     grad_low = grad_low.contiguous()
-    grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
+    grad_product = grad_product.contiguous()
+    grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    grad_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
     groups = max(1, min(max_row_groups, rows // MIN_GROUP_ROWS))
     group_rows = -(-rows // groups)
     group_rows = -(-group_rows // block_rows) * block_rows
@@ -187,6 +214,7 @@ def gated_backward(
     with launching_on(gate):
         _kernels()[1][((columns + block_columns - 1) // block_columns, groups)](
             grad_product, gate, up, grad_low, grad_gate, grad_up, partials, rows, columns, rank, group_rows,
+            gate.stride(0), up.stride(0),
             GELU=activation == "gelu_tanh", BLOCK_ROWS=block_rows, BLOCK_COLUMNS=block_columns,
             RANK_BLOCK=rank_block, num_warps=warps,
             # float32 inputs, and the interpreter, whose bf16 dot returns garbage (Triton 3.9): the products of the
@@ -213,8 +241,8 @@ def lora_gated_down(
 ) -> list[torch.Tensor]:
     """[y, low]: down(act(gate) * up) for one LoRA down projection (the lists hold its one weight, state, bias and
     B, as `lora_projections` takes them), and the adapter's rank-sized input kept for the backward."""
-    product = gated_product(gate.contiguous(), up.contiguous(), activation)  # (..., N)
-    flat_product = product.view(-1, product.shape[-1])  # (M, N)
+    flat_product = gated_product(rows_of(gate), rows_of(up), activation)  # (M, N)
+    product = flat_product.view(*gate.shape[:-1], gate.shape[-1])  # (..., N)
     # Through cuBLAS, reading h back: computing low from the tiles of h inside the product's kernel (row tiles
     # walking groups of columns, partial sums added afterwards) measured slower, 0.27 ms against 0.23 on llama-8b.
     low = flat_product @ lora_a.t()  # (M, r)
@@ -255,7 +283,6 @@ def lora_gated_down_backward(
     lora_b: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """[grad_gate, grad_up, grad_lora_a, grad_lora_b]."""
-    gate, up = gate.contiguous(), up.contiguous()
     in_features = gate.shape[-1]
     flat_grad = grad_output.reshape(-1, out_features[0])  # (M, out)
     grad_low, grad_updates = projections.update_gradients([flat_grad], lora_b, low)
@@ -263,9 +290,7 @@ def lora_gated_down_backward(
         [flat_grad], None, grad_low, weights, state, state_counts, mode, out_features, in_features,
         nested_blocksizes, gate.dtype, lora_a,
     )  # (M, N)
-    grad_gate, grad_up, grad_lora_a = gated_backward(
-        grad_product, gate.view(-1, in_features), up.view(-1, in_features), grad_low, activation
-    )
+    grad_gate, grad_up, grad_lora_a = gated_backward(grad_product, rows_of(gate), rows_of(up), grad_low, activation)
     return [grad_gate.view(gate.shape), grad_up.view(up.shape), grad_lora_a.to(lora_a.dtype), *grad_updates]
 
 
