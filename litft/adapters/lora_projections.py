@@ -181,17 +181,29 @@ def lora_projections(
         ], dim=1)
     else:
         low = flat_x @ lora_a.t()  # (M, sum r_i)
+    outputs = kept_or_computed(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes,
+                               biases, lora_b, joined)
+    return [*outputs, low, *seed]
+
+
+def kept_or_computed(
+    x: torch.Tensor, flat_x: torch.Tensor, low: torch.Tensor, weights: list[torch.Tensor], state: list[torch.Tensor],
+    state_counts: list[int], mode: str, out_features: list[int], nested_blocksizes: list[int],
+    biases: list[torch.Tensor | None], lora_b: list[torch.Tensor], joined: bool,
+) -> list[torch.Tensor]:
+    """The group's outputs (`_base_and_updates`), through the output keeper where one keeps this group's: handed
+    back while the backward recomputes the block, kept during its forward."""
+    arguments = (x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_b,
+                 joined)
     keeper = _output_keeper
-    if keeper is None or not keeper.keeps(sum(out_features), in_features):
-        return [*_base_and_updates(x, flat_x, low, weights, state, state_counts, mode, out_features,
-                                   nested_blocksizes, biases, lora_b, joined), low, *seed]
+    if keeper is None or not keeper.keeps(sum(out_features), x.shape[-1]):
+        return _base_and_updates(*arguments)
     sizes = [sum(out_features)] if joined else out_features
     kept = keeper.take([(*x.shape[:-1], size) for size in sizes])
     if kept is None:
-        kept = _base_and_updates(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes,
-                                 biases, lora_b, joined)
+        kept = _base_and_updates(*arguments)
         keeper.keep(kept)
-    return [*kept, low, *seed]
+    return kept
 
 
 def _base_and_updates(
