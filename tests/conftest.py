@@ -96,3 +96,18 @@ def triton_interpreter(monkeypatch, *kernel_builders: Callable) -> Iterator[None
     for builder in kernel_builders:
         builder.cache_clear()
 
+
+
+def compiled_recording_operators(module: torch.nn.Module) -> tuple[Callable, set[str]]:
+    """torch.compile(module) through inductor, and the set that each compiled graph's called operators are added to
+    as it compiles (to assert that litft's custom operators reach the compiled graph)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    operators: set[str] = set()
+
+    def backend(graph_module, example_inputs):
+        operators.update(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return compile_fx(graph_module, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(module, backend=backend), operators

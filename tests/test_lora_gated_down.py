@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import triton_interpreter
+from conftest import compiled_recording_operators, triton_interpreter
 from torch import nn
 
 from litft.adapters import lora_gated_down, lora_projections
@@ -165,19 +165,9 @@ def test_compiled_model_runs_the_operator_and_matches_eager():
     model = lora_model(LLAMA)
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
     eager_loss, eager_grads = loss_and_grads(model, input_ids)
-    torch._dynamo.reset()
-    graphs = []
-
-    def backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(graph_module, example_inputs)
-
-    compiled = torch.compile(model, backend=backend)
+    compiled, operators = compiled_recording_operators(model)
     loss, grads = loss_and_grads(model, input_ids, step=compiled)
-    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
-    assert any("lora_gated_down" in target for target in targets), targets
+    assert any("lora_gated_down" in operator for operator in operators), operators
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-6, msg=name)
