@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from litft.adapters import lora_projections as projections
+from litft.adapters.adapter_gradients import padded_rank
 from litft.triton_support import interpreting, kernels_run_on, launching_on
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -142,25 +143,29 @@ def _kernels():
     return gated_product, gated_backward
 
 
-def _activation_torch(gate: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """act(gate) and its slope in float32, the kernels' formulas as torch operations (CPU without the interpreter)."""
+def _activation_torch(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) in float32 through torch's own activations (CPU without the interpreter): a float32 model then
+    computes what `down(act(gate) * up)` does, to the last bit (a fresh adapter leaves the base model unchanged)."""
+    if activation == "gelu_tanh":
+        return nn.functional.gelu(gate.float(), approximate="tanh")
+    return nn.functional.silu(gate.float())
+
+
+def _slope_torch(gate: torch.Tensor, activation: str) -> torch.Tensor:
+    """d act / d gate in float32, the kernels' formula as torch operations."""
     gate = gate.float()
-    # The values through torch's own activations: a float32 model then computes what `down(act(gate) * up)` does,
-    # to the last bit (a fresh adapter leaves the base model's output unchanged).
     if activation == "gelu_tanh":
         tanh = torch.tanh(0.7978845608028654 * (gate + 0.044715 * gate**3))
-        slope = 0.5 * (1 + tanh) + 0.5 * gate * (1 - tanh**2) * 0.7978845608028654 * (1 + 3 * 0.044715 * gate**2)
-        return nn.functional.gelu(gate, approximate="tanh"), slope
+        return 0.5 * (1 + tanh) + 0.5 * gate * (1 - tanh**2) * 0.7978845608028654 * (1 + 3 * 0.044715 * gate**2)
     sigmoid = torch.sigmoid(gate)
-    return nn.functional.silu(gate), sigmoid * (1 + gate * (1 - sigmoid))
+    return sigmoid * (1 + gate * (1 - sigmoid))
 
 
 def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """act(gate) * up (M, N), computed in float32 and rounded once to the inputs' dtype, a new contiguous tensor.
     gate and up are (M, N) with contiguous rows (`rows_of`)."""
     if not kernels_run_on(gate) or gate.numel() == 0:
-        value, _ = _activation_torch(gate, activation)
-        return (value * up.float()).to(gate.dtype)
+        return (_activation_torch(gate, activation) * up.float()).to(gate.dtype)
     out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     count = gate.numel()
     contiguous = gate.is_contiguous() and up.is_contiguous()
@@ -195,7 +200,7 @@ def gated_backward(
     rows, columns = gate.shape
     rank = grad_low.shape[1]
     if not kernels_run_on(gate) or gate.numel() == 0:
-        value, slope = _activation_torch(gate, activation)
+        value, slope = _activation_torch(gate, activation), _slope_torch(gate, activation)
         grad_product = grad_product.float()
         up_float = up.float()
         product = (value * up_float).to(gate.dtype)
@@ -210,7 +215,7 @@ def gated_backward(
     group_rows = -(-group_rows // block_rows) * block_rows
     groups = -(-rows // group_rows)
     partials = torch.empty((groups, rank, columns), dtype=torch.float32, device=gate.device)
-    rank_block = max(16, 1 << (rank - 1).bit_length())
+    rank_block = padded_rank(rank)
     with launching_on(gate):
         _kernels()[1][((columns + block_columns - 1) // block_columns, groups)](
             grad_product, gate, up, grad_low, grad_gate, grad_up, partials, rows, columns, rank, group_rows,
@@ -326,24 +331,11 @@ lora_gated_down.register_autograd(_backward, setup_context=_setup_context)
 def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> torch.Tensor | None:
     """down(act(gate) * up), `activation` "silu" or "gelu_tanh", through the operator above where `down` is a LoRA
     layer it takes; None where it is not (the caller computes it as written)."""
-    if _takes(gate, up, down, activation):
-        product_dtype = gate.dtype
-        if torch.is_autocast_enabled(gate.device.type) and gate.is_floating_point():
-            product_dtype = torch.get_autocast_dtype(gate.device.type)  # as autocast would cast down's input
-        gate, up = gate.to(product_dtype), up.to(product_dtype)
-        weights, state, state_counts = [down.weight], [], [0]
-        if down.quantization is not None:
-            state = list(down.quantization.state_tensors(down))
-            state_counts = [len(state)]
-        lora_a = (down.lora_A.weight * down.scaling).to(product_dtype)
-        output, _ = lora_gated_down(
-            gate, up, activation, weights, state, state_counts,
-            "none" if down.quantization is None else down.quantization.mode, [down.out_features],
-            [getattr(down, "nested_blocksize", None) or 0], [down.bias], lora_a,
-            [down.lora_B.weight.to(product_dtype)],
-        )
-        return output
-    return None
+    if not _takes(gate, up, down, activation):
+        return None
+    gate, up = projections.operator_input(gate), projections.operator_input(up)
+    output, _ = lora_gated_down(gate, up, activation, *projections.layer_arguments([down], gate.dtype))
+    return output
 
 
 def _takes(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> bool:

@@ -446,41 +446,11 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     dropouts = {dropout_probability(layer) for layer in joining}
     if not joining or len(modes) > 1 or len(dropouts) > 1:
         return None
-    # Autocast does not reach into custom operators: cast the input as it would cast F.linear's, and everything
-    # below (weights, adapters, output) follows x's dtype, as autocast's F.linear would compute.
-    group_input = x
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        group_input = x.to(torch.get_autocast_dtype(x.device.type))
-    weights, state, state_counts = [], [], []
-    for layer in joining:
-        weights.append(layer.weight)
-        if layer.quantization is not None:
-            layer_state = layer.quantization.state_tensors(layer)
-            state.extend(layer_state)
-            state_counts.append(len(layer_state))
-        else:
-            state_counts.append(0)
-    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
-    # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
-    stacked = torch.cat([layer.lora_A.weight * layer.scaling for layer in joining])  # (sum r_i, K)
-    lora_a = stacked.to(group_input.dtype)
+    group_input = operator_input(x)
     # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
     # block specializes on it once; whether the weights still lie back to back is the operator's to check).
     joined = len(joining) > 1 and all(layer.joined_base for layer in joining)
-    outputs = lora_projections(
-        group_input,
-        weights,
-        state,
-        state_counts,
-        modes.pop(),
-        [layer.out_features for layer in joining],
-        [getattr(layer, "nested_blocksize", None) or 0 for layer in joining],
-        [layer.bias for layer in joining],
-        lora_a,
-        [layer.lora_B.weight.to(group_input.dtype) for layer in joining],
-        joined,
-        dropouts.pop(),
-    )
+    outputs = lora_projections(group_input, *layer_arguments(joining, group_input.dtype), joined, dropouts.pop())
     if joined:  # views of the one output tensor
         outputs = outputs[0].split([layer.out_features for layer in joining], dim=-1)
     else:  # the outputs end with low (and the dropout seed)
@@ -488,6 +458,39 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
     outputs = iter(outputs)
     return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
+
+
+def operator_input(x: torch.Tensor) -> torch.Tensor:
+    """x as the LoRA operators take it. Autocast does not reach into custom operators: cast the input as it would
+    cast F.linear's, and everything below (weights, adapters, output) follows its dtype, as autocast's F.linear
+    would compute."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
+
+
+def layer_arguments(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple:
+    """What the LoRA operators take of `layers` (computing together, one base storage mode): weights, quantization
+    state and its count per layer, the mode, out_features, nested block sizes, biases, the stacked A factors and
+    each B, the adapters in the activations' `dtype`."""
+    weights, state, state_counts = [], [], []
+    for layer in layers:
+        weights.append(layer.weight)
+        if layer.quantization is not None:
+            layer_state = layer.quantization.state_tensors(layer)
+            state.extend(layer_state)
+            state_counts.append(len(layer_state))
+        else:
+            state_counts.append(0)
+    mode = "none" if layers[0].quantization is None else layers[0].quantization.mode
+    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
+    # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
+    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in layers]).to(dtype)  # (sum r_i, K)
+    return (
+        weights, state, state_counts, mode, [layer.out_features for layer in layers],
+        [getattr(layer, "nested_blocksize", None) or 0 for layer in layers], [layer.bias for layer in layers],
+        lora_a, [layer.lora_B.weight.to(dtype) for layer in layers],
+    )
 
 
 # The layers of a model's `project` call whose base weights join into one GEMM, by module name. Only q/k/v: one
