@@ -141,6 +141,14 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_projections
 
         lora_projections.FUSED_ADAPTER_GRADIENTS = False
+    if args.rotary_as_written:  # the A/B of litft.models.rotary_heads: autograd's backward of split and rotate
+        from litft.models import rotary_heads
+
+        rotary_heads.ENABLED = False
+    if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
+        from litft.adapters import adapter_gradients
+
+        adapter_gradients.SMALLEST_KERNEL_COLUMNS = args.adapter_gradients_smallest_columns
     if args.separate_base_gemms:  # the A/B of join_frozen_weights: q/k/v as before, one base GEMM each
         from litft.adapters.lora import lora_modules
 
@@ -221,6 +229,8 @@ def bench_training(args) -> dict:
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
                 adapter_gradients_apart=args.adapter_gradients_apart,
+                adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
+                rotary_as_written=args.rotary_as_written,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3),
@@ -448,6 +458,12 @@ def main() -> None:
     parser.add_argument("--adapter_gradients_apart", action="store_true",
                         help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
                              "(the A/B of litft.adapters.adapter_gradients)")
+    parser.add_argument("--adapter_gradients_smallest_columns", type=int, default=None,
+                        help="the narrowest output gradient that takes the one-read adapter-gradient kernel on the "
+                             "GPU (litft.adapters.adapter_gradients.SMALLEST_KERNEL_COLUMNS)")
+    parser.add_argument("--rotary_as_written", action="store_true",
+                        help="q, k, v split and rotated with autograd's backward, not litft.models.rotary_heads' "
+                             "kernel writing the joined gradient")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",

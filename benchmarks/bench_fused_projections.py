@@ -37,11 +37,16 @@ def fused_projection(x, fused_weight, fused_a, lora_b, sizes, scaling):
     return [y + (d @ b.t()) * scaling for y, d, b in zip(base, down, lora_b)]
 
 
-def time_ms(function, repeats: int = 20) -> float:
+def time_ms(function, repeats: int = 20, queued: bool = False) -> float:
+    """GPU milliseconds per call. `queued`: the calls are queued behind a ~10 ms spin of the GPU's own before the
+    clock starts, so a call whose host side (Python, launches) outlasts its kernels is timed by its kernels, as in
+    a training step, where the host runs ahead of the GPU; otherwise back-to-back calls from an idle GPU."""
     for _ in range(3):
         function()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    if queued:
+        torch.cuda._sleep(20_000_000)  # cycles: ~10 ms at the H200's clock, time for the host to queue the calls
     start.record()
     for _ in range(repeats):
         function()

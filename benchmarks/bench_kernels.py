@@ -34,12 +34,15 @@
               6,144): the two torch matmuls (each reading grad) against litft.adapters.adapter_gradients' one kernel
               (reading it once) at several block sizes, warps, stages and programs per multiprocessor; GB/s counts
               one read of grad.
+  rotary      q, k, v split into heads and rotated from the joined projection output, into causal attention and
+              back, compiled: autograd's backward fused by inductor against litft.models.rotary_heads' kernel, and
+              that kernel alone over a sweep of tokens per program and warps.
   gated_down  the down projection's gated activation (litft.adapters.lora_gated_down): what inductor ran before
               (act(gate) * up; in the backward h recomputed, g_low^T @ h, the activation's gradient) against the
               operator's kernels over a sweep of tiles.
 
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
-                                             adapter_gradients,gated_down]
+                                             adapter_gradients,gated_down,rotary]
                                      [--tokens 8192]
 """
 
@@ -412,6 +415,11 @@ ADAPTER_GRADIENT_CONFIGS = [
     dict(block_rows=16, block_columns=1024),
     dict(block_rows=64, block_columns=1024, stages=2, programs_per_multiprocessor=1),
     dict(block_rows=128, block_columns=256, warps=8, stages=2),
+    # narrow gradients (1,024 columns are two 512-column groups): more, smaller column blocks, more row groups
+    dict(block_columns=256),
+    dict(block_columns=256, largest_partial_share=1 / 4),
+    dict(block_columns=128, largest_partial_share=1 / 4),
+    dict(block_rows=64, block_columns=256, largest_partial_share=1 / 4),
 ]
 
 
@@ -442,9 +450,9 @@ def bench_adapter_gradients(tokens: int, rank: int = 16) -> None:
         for path, function in [("torch_two_matmuls", lambda: (grad @ update, grad.t() @ low)),
                                ("torch_grad_low_matmul_alone", lambda: grad @ update),
                                ("torch_grad_update_matmul_alone", lambda: grad.t() @ low)]:
-            milliseconds = time_ms(function)
-            record = dict(**case, path=path, ms=round(milliseconds, 4),
-                          gb_per_s=round(gigabytes / milliseconds * 1e3, 1))
+            milliseconds, queued = time_ms(function), time_ms(function, queued=True)
+            record = dict(**case, path=path, ms=round(milliseconds, 4), queued_ms=round(queued, 4),
+                          gb_per_s=round(gigabytes / queued * 1e3, 1))
             if path == "torch_two_matmuls":
                 record["relative_error"] = round(relative_error(function()), 5)
             emit(**record)
@@ -463,12 +471,13 @@ def bench_adapter_gradients(tokens: int, rank: int = 16) -> None:
                              partial_share=round(partial_bytes / (gigabytes * 1e9), 4))
             try:
                 milliseconds = time_ms(lambda: kernel.fused_adapter_gradients(grad, update, low, **settings))
+                queued = time_ms(lambda: kernel.fused_adapter_gradients(grad, update, low, **settings), queued=True)
             except Exception as error:  # noqa: BLE001 - a configuration too large for shared memory or registers
                 emit(**described, error=str(error)[:160])
                 continue
             error = relative_error(kernel.fused_adapter_gradients(grad, update, low, **settings))
-            emit(**described, ms=round(milliseconds, 4), gb_per_s=round(gigabytes / milliseconds * 1e3, 1),
-                 relative_error=round(error, 5))
+            emit(**described, ms=round(milliseconds, 4), queued_ms=round(queued, 4),
+                 gb_per_s=round(gigabytes / queued * 1e3, 1), relative_error=round(error, 5))
 
 
 def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
@@ -530,6 +539,71 @@ def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
                 continue
             emit(section="gated_down", shape=shape, what="backward, kernel", tile=[rows, columns, warps, groups],
                  ms=ms, gb_per_s=round(5 * gigabytes / ms * 1e3))
+        # Queued (the host ahead, as in a step), around the default tile: row blocks of 16, 2 warps, the software
+        # pipeline's stages.
+        for rows, columns, warps, stages in itertools.product((16, 32), (64, 128), (2, 4), (1, 2, 3, 4)):
+            try:
+                ms = time_ms(lambda: lora_gated_down.gated_backward(
+                    grad_product, gate, up, grad_low, "silu", block_rows=rows, block_columns=columns, warps=warps,
+                    stages=stages), queued=True)
+            except Exception as error:  # a tile that does not fit the GPU's shared memory
+                emit(section="gated_down", shape=shape, tile=[rows, columns, warps, stages], error=repr(error)[:200])
+                continue
+            emit(section="gated_down", shape=shape, what="backward, kernel, queued",
+                 tile_warps_stages=[rows, columns, warps, stages], ms=ms, gb_per_s=round(5 * gigabytes / ms * 1e3))
+
+
+def bench_rotary(seq: int, shapes: list[str]) -> None:
+    """q, k, v from the joined projection output into attention and back (causal, grouped-query), compiled as a
+    block compiles it: split and rotated as written (autograd's backward, fused by inductor) against
+    litft.models.rotary_heads (the same forward, one kernel of ours writing the joined gradient); then that kernel
+    alone over its tokens per program and warps, on the gradients attention gave."""
+    from litft.models import rotary_heads
+
+    for shape in shapes:
+        rows, heads, kv_heads, head_dim = ATTENTION[shape]
+        width = (heads + 2 * kv_heads) * head_dim
+        joined = torch.randn(rows, seq, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        positions = torch.arange(seq, device="cuda")[None].expand(rows, seq)
+        frequencies = positions[..., None].float() / (500000 ** (torch.arange(0, head_dim, 2, device="cuda").float()
+                                                                  / head_dim))
+        angles = torch.cat((frequencies, frequencies), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
+        grad_output = torch.randn(rows, heads, seq, head_dim, device="cuda", dtype=torch.bfloat16)
+
+        def attention(joined, cos, sin):
+            q, k, v = rotary_heads.rotary_heads(joined, cos, sin, heads, kv_heads, head_dim)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        compiled = torch.compile(attention)
+        gigabytes = 2 * joined.numel() * joined.element_size() / 1e9  # the backward's read of dq/dk/dv and write
+        for label, enabled in (("as_written", False), ("rotary_heads", True)):
+            rotary_heads.ENABLED = enabled
+            torch._dynamo.reset()
+
+            def step():
+                y = compiled(joined, cos, sin)
+                (grad,) = torch.autograd.grad(y, joined, grad_output)
+                return grad
+
+            step()
+            emit(section="rotary", shape=shape, path=label, what="attention forward + backward, compiled",
+                 ms=round(time_ms(step, queued=True), 4))
+        rotary_heads.ENABLED = True
+        q, k, v = (t.detach().requires_grad_() for t in rotary_heads.split_heads(
+            joined.detach(), cos.to(torch.bfloat16), sin.to(torch.bfloat16), heads, kv_heads, head_dim))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        grads = torch.autograd.grad(y, (q, k, v), grad_output)
+        emit(section="rotary", shape=shape, what="attention's gradient strides",
+             strides=[list(grad.stride()) for grad in grads])
+        tables = cos.to(torch.bfloat16), sin.to(torch.bfloat16)
+        defaults = rotary_heads.BLOCK_TOKENS, rotary_heads.WARPS
+        for tokens, warps in itertools.product((16, 32, 64, 128), (2, 4, 8)):
+            rotary_heads.BLOCK_TOKENS, rotary_heads.WARPS = tokens, warps
+            ms = time_ms(lambda: rotary_heads.rotary_heads_backward(*grads, *tables), queued=True)
+            emit(section="rotary", shape=shape, what="backward kernel", tokens=tokens, warps=warps, ms=round(ms, 4),
+                 gb_per_s=round(gigabytes / ms * 1e3))
+        rotary_heads.BLOCK_TOKENS, rotary_heads.WARPS = defaults
 
 
 def main() -> None:
@@ -563,6 +637,8 @@ def main() -> None:
         bench_adapter_gradients(args.tokens)
     if "gated_down" in chosen:
         bench_gated_down(args.tokens, args.shapes.split(","))
+    if "rotary" in chosen:
+        bench_rotary(args.seq, args.shapes.split(","))
 
 
 if __name__ == "__main__":

@@ -105,6 +105,27 @@ def test_the_same_bits_every_run(interpreter):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_partial_sums_add_the_groups_in_order_in_one_launch(interpreter, dtype):
+    """One partial or two (the kernel's pair, of different sizes, neither a whole number of summing blocks): each
+    summed over its groups first to last in float32, then rounded once, as a sequential loop does it."""
+    generator = torch.Generator().manual_seed(3)
+    partials = [torch.randn(7, 300, 5, generator=generator) * 1e3, torch.randn(3, 2100, 16, generator=generator)]
+    assert all(partial[0].numel() % module.SUM_BLOCK for partial in partials)
+
+    def in_order(partial):
+        total = partial[0].clone()
+        for group in partial[1:]:
+            total += group
+        return total.to(dtype)
+
+    for chosen in ([partials[0]], partials):
+        summed = module.summed_partials(chosen, dtype)
+        assert [tuple(result.shape) for result in summed] == [tuple(partial.shape[1:]) for partial in chosen]
+        for result, partial in zip(summed, chosen):
+            assert result.dtype == dtype and torch.equal(result, in_order(partial))
+
+
 def test_without_the_interpreter_cpu_tensors_take_the_torch_matmuls(monkeypatch, launches):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for dtype in (torch.float32, torch.bfloat16):

@@ -10,7 +10,7 @@ import torch
 from conftest import compiled_recording_operators, triton_interpreter
 from torch import nn
 
-from litft.adapters import lora_gated_down, lora_projections
+from litft.adapters import adapter_gradients, lora_gated_down, lora_projections
 from litft.adapters.lora import LoRAConfig, apply_lora, lora_modules, set_compute_together
 from litft.models import build_model
 
@@ -38,7 +38,7 @@ def path(request, monkeypatch):
     if request.param == "torch":
         yield request.param
         return
-    with triton_interpreter(monkeypatch, lora_gated_down._kernels):
+    with triton_interpreter(monkeypatch, lora_gated_down._kernels, adapter_gradients._kernels):
         yield request.param
 
 

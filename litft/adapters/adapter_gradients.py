@@ -17,9 +17,9 @@ torch adds them over the groups (no atomics: the same sums in the same order eve
 grad's dtype. The partials are the price of reading `grad` once: with the defaults at M = 8192, N = 14336, r = 16
 on an H200 (132 multiprocessors) 28 column groups x 9 row groups launch 252 programs, and the partials are
 14.7 MB + 8.3 MB (6.25% + 3.5% of grad's 235 MB), written and read back once, so ~280 MB move where the two
-GEMMs read 470 MB. Measured on an H200 (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md section 16):
-0.099 ms against the GEMMs' 0.120 at llama-8b's 14,336 columns, but no faster at narrower widths (a floor of ~0.095
-ms), so on GPUs only gradients of at least SMALLEST_KERNEL_COLUMNS columns (the MLP's gate and up) take it.
+GEMMs read 470 MB. Measured on an H200 (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md section 17):
+0.081 ms against the GEMMs' 0.117 at llama-8b's 14,336 columns, 0.034 against 0.043 at 4,096, no faster at 1,024;
+so on GPUs only gradients of at least SMALLEST_KERNEL_COLUMNS columns take it (llama-8b's q, o, gate, up, down).
 
 The kernel runs on a GPU (bf16 or fp16) or in Triton's interpreter (also float32); elsewhere, and for
     - a rank above 64 (the column block's [BLOCK_COLUMNS, r] sum and B's block no longer fit the registers, and
@@ -40,9 +40,9 @@ import torch
 
 from litft.triton_support import interpreting, kernels_run_on, launching_on, multiprocessor_count
 
-# The best of the sweep at 14,336 columns (0.099 ms; 2 or 4 stages, 64-row steps, 1 program per multiprocessor:
-# 0.13-0.18 ms). 512 columns keep grad_low's partial at 4r / 1024 of
-# grad's bytes in bf16 (6.25% at rank 16) with a [512, 16] float32 sum that 4 warps hold in 64 registers a thread;
+# The best of the sweep at 14,336 columns (0.081 ms queued; 2 or 4 stages, 64-row steps, 1 program per
+# multiprocessor: 0.087-0.099 ms). 512 columns keep grad_low's partial at 4r / 1024 of grad's bytes in bf16
+# (6.25% at rank 16) with a [512, 16] float32 sum that 4 warps hold in 64 registers a thread;
 # 32 rows a step make a 32 KiB bf16 tile, three in flight (96 KiB of shared memory), so two programs fit on a
 # Hopper multiprocessor.
 BLOCK_ROWS = 32
@@ -56,11 +56,16 @@ LARGEST_PARTIAL_SHARE = 1 / 8
 # at most this many of its floats (more warps for larger ranks, up to 16).
 SUM_FLOATS_PER_THREAD = 64
 LARGEST_RANK = 64
-# Measured on an H200 at 8,192 tokens and rank 16 (benchmarks/bench_kernels.py --only adapter_gradients,
-# NOTES.md section 16): 0.099 ms against the two GEMMs' 0.120 at 14,336 columns, but ~0.095 ms at any width, so
-# 2.2x slower than the GEMMs' 0.043 at 4,096 columns and 2.7x at 1,024. Narrower gradients take the GEMMs on GPUs.
-SMALLEST_KERNEL_COLUMNS = 8192
+# Measured on an H200 at 8,192 tokens and rank 16 with the calls queued behind the GPU, as a step queues them
+# (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md section 17): 0.081 ms against the two GEMMs' 0.117
+# at 14,336 columns, 0.034 against 0.043 at 4,096 (also a block of the joined q/k/v gradient), 0.015-0.020 against
+# 0.016 at 1,024: a wash there, so narrower gradients take the GEMMs on GPUs. (Timed from an idle GPU, the kernel
+# showed a ~0.095 ms floor at every width: its host side, not its kernels; section 16 read that as the kernel's.)
+SMALLEST_KERNEL_COLUMNS = 4096
 SMALLEST_DOT = 16  # tl.dot's smallest dimension: smaller ranks are padded with zeros
+SUM_BLOCK = 1024  # partial-sum elements per program of the kernel that adds the groups
+
+sum_over_groups = None  # the summing kernel's jitted helper, a module global once built (see _kernels)
 
 _does_not_fit: set[tuple] = set()  # (device, dtype, padded rank) whose launch ran out of shared memory
 
@@ -182,7 +187,7 @@ def fused_adapter_gradients(
     low_partials = torch.empty(split.column_groups, rows, rank, dtype=torch.float32, device=grad.device)
     update_partials = torch.empty(split.row_groups, columns, rank, dtype=torch.float32, device=grad.device)
     with launching_on(grad):
-        _kernels()[(split.row_groups, split.column_groups)](
+        _kernels()[0][(split.row_groups, split.column_groups)](
             grad, grad.stride(0), update, update.stride(0), update.stride(1), low, low.stride(0), low.stride(1),
             low_partials, update_partials, rows, columns, rank, split.rows_per_program,
             BLOCK_ROWS=block_rows, BLOCK_COLUMNS=block_columns, RANK_BLOCK=rank_block,
@@ -192,7 +197,32 @@ def fused_adapter_gradients(
             DOT_IN_FLOAT32=grad.dtype == torch.float32 or interpreting(),
             num_warps=warps, num_stages=stages,
         )
-    return low_partials.sum(0).to(grad.dtype), update_partials.sum(0).to(grad.dtype)
+    grad_low, grad_update = summed_partials([low_partials, update_partials], grad.dtype)
+    return grad_low, grad_update
+
+
+def summed_partials(partials: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Each float32 (groups, ...) partial summed over its groups in order and rounded once to `dtype`. On a GPU (or
+    the interpreter) all of them in one launch: the sums of one projection's kernel are four small torch kernels
+    otherwise (two sums, two casts), ~3 us each plus their gaps, about what the kernel saves on a 1,024-column
+    gradient. The same bits every run either way."""
+    if not all(kernels_run_on(partial) for partial in partials) or len(partials) > 2 \
+            or any(partial.numel() == 0 or not partial.is_contiguous() for partial in partials):
+        return [partial.sum(0).to(dtype) for partial in partials]
+    # Triton 3.9's interpreter truncates float32 to bf16 where a GPU rounds to nearest even: there the kernel writes
+    # float32 and torch rounds, so the CPU tests see the GPU's numbers.
+    written = torch.float32 if interpreting() else dtype
+    outputs = [torch.empty(partial.shape[1:], dtype=written, device=partial.device) for partial in partials]
+    first, second = partials[0], partials[-1]  # one partial: its programs only (second_programs below is 0)
+    first_size, second_size = first[0].numel(), second[0].numel()
+    first_programs = _ceil_div(first_size, SUM_BLOCK)
+    second_programs = _ceil_div(second_size, SUM_BLOCK) if len(partials) == 2 else 0
+    with launching_on(first):
+        _kernels()[1][(first_programs + second_programs,)](
+            first, outputs[0], first.shape[0], first_size, second, outputs[-1], second.shape[0], second_size,
+            first_programs, BLOCK=SUM_BLOCK,
+        )
+    return [output.to(dtype) for output in outputs]
 
 
 @functools.cache
@@ -258,4 +288,26 @@ def _kernels():
             + (column_index[:, None] * rank + rank_index[None, :])
         tl.store(update_partial_ptr, update_sum, mask=column_inside[:, None] & rank_inside[None, :])
 
-    return adapter_gradients_kernel
+    global sum_over_groups
+
+    def sum_groups(partials_ptr, out_ptr, groups, size, program, BLOCK: tl.constexpr):
+        index = program.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = index < size
+        total = tl.load(partials_ptr + index, mask=inside, other=0.0)
+        for group in tl.range(1, groups):
+            total += tl.load(partials_ptr + group * size + index, mask=inside, other=0.0)
+        tl.store(out_ptr + index, total.to(out_ptr.dtype.element_ty), mask=inside)
+
+    sum_over_groups = triton.jit(sum_groups)
+
+    @triton.jit
+    def partial_sums_kernel(first_ptr, first_out_ptr, first_groups, first_size,
+                            second_ptr, second_out_ptr, second_groups, second_size, first_programs,
+                            BLOCK: tl.constexpr):
+        program = tl.program_id(0)
+        if program < first_programs:
+            sum_over_groups(first_ptr, first_out_ptr, first_groups, first_size, program, BLOCK)
+        else:
+            sum_over_groups(second_ptr, second_out_ptr, second_groups, second_size, program - first_programs, BLOCK)
+
+    return adapter_gradients_kernel, partial_sums_kernel

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from litft.adapters import lora_gated_down
-from litft.adapters.lora_projections import forward_together
+from litft.adapters.lora_projections import forward_joined, forward_together
 from litft.adapters.quantization import (
     OUTPUT_HEAD_NAMES,
     QuantizedLinear,
@@ -165,6 +165,12 @@ class LoRALinear(nn.Module):
         (`litft.adapters.lora_projections`), the others (not adapted, DoRA, a float8 base) on
         their own; None where no layer can join (thunder): the caller then calls each layer."""
         return forward_together(x, layers)
+
+    @staticmethod
+    def forward_joined(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | None:
+        """The outputs of `layers` side by side in one tensor where they compute as one base GEMM with their
+        adapters (q, k, v with joined frozen weights); None otherwise (the caller then uses `forward_together`)."""
+        return forward_joined(x, layers)
 
     @staticmethod
     def gated_down(gate: torch.Tensor, up: torch.Tensor, layer: nn.Module, activation: str) -> torch.Tensor | None:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from litft.adapters import lora_projections as projections
-from litft.adapters.adapter_gradients import padded_rank
+from litft.adapters.adapter_gradients import padded_rank, summed_partials
 from litft.triton_support import interpreting, kernels_run_on, launching_on
 
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -193,10 +193,11 @@ def rows_of(tensor: torch.Tensor) -> torch.Tensor:
 def gated_backward(
     grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, grad_low: torch.Tensor, activation: str,
     block_rows: int = BLOCK_ROWS, block_columns: int = BLOCK_COLUMNS, warps: int = BACKWARD_WARPS,
-    max_row_groups: int = MAX_ROW_GROUPS,
+    max_row_groups: int = MAX_ROW_GROUPS, stages: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d gate, d up, g_low^T @ h) for h = act(gate) * up, from d h (all (M, N); gate and up with contiguous rows,
-    `rows_of`) and g_low (M, r): the gradients new contiguous tensors in gate's dtype, the last (r, N) in float32."""
+    `rows_of`) and g_low (M, r): new contiguous tensors in gate's dtype, the last (r, N) summed in float32 and
+    rounded once."""
     rows, columns = gate.shape
     rank = grad_low.shape[1]
     if not kernels_run_on(gate) or gate.numel() == 0:
@@ -205,7 +206,7 @@ def gated_backward(
         up_float = up.float()
         product = (value * up_float).to(gate.dtype)
         return ((grad_product * up_float * slope).to(gate.dtype), (grad_product * value).to(gate.dtype),
-                grad_low.t().float() @ product.float())
+                (grad_low.t().float() @ product.float()).to(gate.dtype))
     grad_low = grad_low.contiguous()
     grad_product = grad_product.contiguous()
     grad_gate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -221,12 +222,12 @@ def gated_backward(
             grad_product, gate, up, grad_low, grad_gate, grad_up, partials, rows, columns, rank, group_rows,
             gate.stride(0), up.stride(0),
             GELU=activation == "gelu_tanh", BLOCK_ROWS=block_rows, BLOCK_COLUMNS=block_columns,
-            RANK_BLOCK=rank_block, num_warps=warps,
+            RANK_BLOCK=rank_block, num_warps=warps, **({} if stages is None else {"num_stages": stages}),
             # float32 inputs, and the interpreter, whose bf16 dot returns garbage (Triton 3.9): the products of the
             # rounded h in float32, exactly what a bf16 dot with float32 accumulation computes.
             DOT_IN_FLOAT32=gate.dtype == torch.float32 or interpreting(),
         )
-    return grad_gate, grad_up, partials.sum(0)
+    return grad_gate, grad_up, summed_partials([partials], gate.dtype)[0]
 
 
 @torch.library.custom_op("litft::lora_gated_down", mutates_args=())

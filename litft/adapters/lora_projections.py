@@ -442,15 +442,12 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     caller then calls each layer)."""
     can_join = [computes_together(layer) for layer in layers]
     joining = [layer for layer, joins in zip(layers, can_join) if joins]
-    modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in joining}
-    dropouts = {dropout_probability(layer) for layer in joining}
-    if not joining or len(modes) > 1 or len(dropouts) > 1:
+    if not joining or not _one_group(joining):
         return None
-    group_input = operator_input(x)
     # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
     # block specializes on it once; whether the weights still lie back to back is the operator's to check).
     joined = len(joining) > 1 and all(layer.joined_base for layer in joining)
-    outputs = lora_projections(group_input, *layer_arguments(joining, group_input.dtype), joined, dropouts.pop())
+    outputs = _computed(x, joining, joined)
     if joined:  # views of the one output tensor
         outputs = outputs[0].split([layer.out_features for layer in joining], dim=-1)
     else:  # the outputs end with low (and the dropout seed)
@@ -458,6 +455,27 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
     outputs = iter(outputs)
     return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
+
+
+def forward_joined(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | None:
+    """The outputs of `layers` side by side in one tensor (..., sum of out_features), where all of them compute
+    together through one base GEMM (q, k, v once `join_frozen_weights` joined them); None otherwise."""
+    if len(layers) < 2 or not all(computes_together(layer) and layer.joined_base for layer in layers) \
+            or not _one_group(layers):
+        return None
+    return _computed(x, layers, True)[0]
+
+
+def _one_group(layers: Sequence[nn.Module]) -> bool:
+    """Whether LoRA layers that compute together can share one operator call: one base storage mode, one dropout."""
+    modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in layers}
+    return len(modes) == 1 and len({dropout_probability(layer) for layer in layers}) == 1
+
+
+def _computed(x: torch.Tensor, layers: Sequence[nn.Module], joined: bool) -> list[torch.Tensor]:
+    group_input = operator_input(x)
+    return lora_projections(group_input, *layer_arguments(layers, group_input.dtype), joined,
+                            dropout_probability(layers[0]))
 
 
 def operator_input(x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,14 @@ def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
 
 
+def project_joined(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor | None:
+    """The outputs of `layers` that all read `x` side by side in one tensor (..., sum of their out_features), where
+    they compute as one GEMM (LoRA's q, k, v with their frozen weights joined); None where they do not (then
+    `project`)."""
+    joiner = next((type(layer) for layer in layers if hasattr(type(layer), "forward_joined")), None)
+    return joiner.forward_joined(x, layers) if joiner is not None else None
+
+
 def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> torch.Tensor:
     """A gated MLP's last projection, down(act(gate) * up), `activation` "silu" (Llama) or "gelu_tanh" (Gemma). A
     LoRA down projection computes it in one operator whose backward never writes act(gate) * up to memory
