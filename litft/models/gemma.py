@@ -28,11 +28,11 @@ from litft.models.common import (
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
-    apply_rotary,
     attend,
     gated_down,
     project,
 )
+from litft.models.rotary_heads import attention_heads
 
 # transformers maps Gemma's legacy "gelu" to the tanh approximation its weights were trained with.
 TANH_GELU_NAMES = ("gelu_pytorch_tanh", "gelu", "gelu_new", "gelu_fast")
@@ -142,17 +142,7 @@ class GemmaAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-        # q, k and v are column blocks of one tensor when computed together (litft.adapters.lora_projections): q
-        # and k leave it through the rotary embedding, v would keep all of it alive as a tensor attention saves.
-        v = v.contiguous()
-        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
-        k = k.view(B, T, self.n_kv_head, self.head_dim)
-        v = v.view(B, T, self.n_kv_head, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = attention_heads(x, self, cos, sin)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim) x 2
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
         y = attend(q, k, v, context, sliding=self.sliding, scale=self.scale, softcap=self.softcap)  # (B, n_head, T, hd)

@@ -24,13 +24,11 @@ from litft.models.common import (
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
-    apply_rotary,
     attend,
     gated_down,
     project,
-    project_joined,
 )
-from litft.models.rotary_heads import rotary_heads
+from litft.models.rotary_heads import attention_heads
 
 
 @dataclass
@@ -122,27 +120,7 @@ class LlamaAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        if hasattr(self, "qkv_proj"):
-            joined = self.qkv_proj(x)  # (B, T, q + k + v)
-        else:  # one tensor where the three are one GEMM (LoRA's grouped operator), else None
-            joined = project_joined(x, self.q_proj, self.k_proj, self.v_proj)
-        if joined is not None and not hasattr(self, "q_norm"):
-            # Split into heads and rotated; the backward writes joined's gradient in one kernel.
-            q, k, v = rotary_heads(joined, cos, sin, self.n_head, self.n_kv_head, self.head_dim)
-        else:
-            if joined is not None:
-                q, k, v = joined.split(self.qkv_sizes, dim=-1)
-            else:
-                q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
-            # v would keep a joined tensor alive whole as a tensor attention saves for its backward.
-            v = v.contiguous()
-            q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, n_head, head_dim)
-            k = k.view(B, T, self.n_kv_head, self.head_dim)
-            v = v.view(B, T, self.n_kv_head, self.head_dim)
-            if hasattr(self, "q_norm"):
-                q, k = self.q_norm(q), self.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = attention_heads(x, self, cos, sin)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim) x 2
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
         y = attend(q, k, v, context, sliding=self.sliding)  # (B, n_head, T, head_dim)

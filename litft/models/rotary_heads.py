@@ -1,5 +1,5 @@
-"""q, k and v as attention takes them, from the one tensor their projections wrote side by side, with a backward
-that writes the gradient of that tensor in one pass.
+"""q, k and v as attention takes them (`attention_heads`, for Llama's and Gemma's attention), and, from the one
+tensor their projections wrote side by side, with a backward that writes the gradient of that tensor in one pass.
 
 Where q, k and v come out of one GEMM (a fused qkv_proj, or LoRA's grouped operator with the frozen weights
 joined), the model splits the (B, T, q + k + v) output into heads, (B, n_head, T, head_dim), and rotates q and k.
@@ -27,8 +27,9 @@ import functools
 from typing import Any
 
 import torch
+from torch import nn
 
-from litft.models.common import apply_rotary
+from litft.models.common import apply_rotary, project, project_joined
 from litft.triton_support import kernels_run_on, launching_on
 
 ENABLED = True  # False: the model splits and rotates as written, autograd's backward (the benchmarks' A/B)
@@ -49,6 +50,36 @@ def split_heads(
     q = q.view(B, T, n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
     k = k.view(B, T, n_kv_head, head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
     v = v.contiguous().view(B, T, n_kv_head, head_dim).transpose(1, 2)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
+def attention_heads(
+    x: torch.Tensor, attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim) of an attention module over x (B, T, hidden):
+    its q_proj, k_proj, v_proj (or one fused qkv_proj), its per-head q_norm and k_norm where it has them (Qwen3,
+    Gemma 3), q and k rotated by cos, sin (B, T, rotary_dim, float32). Where the three projections come out as one
+    tensor, through `rotary_heads`."""
+    B, T, _ = x.shape
+    n_head, n_kv_head, head_dim = attention.n_head, attention.n_kv_head, attention.head_dim
+    if hasattr(attention, "qkv_proj"):
+        joined = attention.qkv_proj(x)  # (B, T, (n_head + 2 n_kv_head) head_dim)
+    else:  # one tensor where the three are one GEMM (LoRA's grouped operator), else None
+        joined = project_joined(x, attention.q_proj, attention.k_proj, attention.v_proj)
+    if joined is not None and not hasattr(attention, "q_norm"):
+        return rotary_heads(joined, cos, sin, n_head, n_kv_head, head_dim)
+    if joined is not None:
+        q, k, v = joined.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+    else:
+        q, k, v = project(x, attention.q_proj, attention.k_proj, attention.v_proj)
+    # v would keep a joined tensor alive whole as a tensor attention saves for its backward.
+    v = v.contiguous()
+    q = q.view(B, T, n_head, head_dim)  # (B, T, n_head, head_dim)
+    k = k.view(B, T, n_kv_head, head_dim)
+    v = v.view(B, T, n_kv_head, head_dim)
+    if hasattr(attention, "q_norm"):
+        q, k = attention.q_norm(q), attention.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
