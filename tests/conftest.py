@@ -111,3 +111,31 @@ def compiled_recording_operators(module: torch.nn.Module) -> tuple[Callable, set
 
     torch._dynamo.reset()
     return torch.compile(module, backend=backend), operators
+
+
+def random_lora_model(config: dict, dtype=torch.float32, quantize: str | None = None, **lora) -> torch.nn.Module:
+    """A tiny random model of `config` (a Hugging Face config dict) with LoRA rank 4 on every linear layer (or as
+    `lora` says), over a full-precision or quantized base, its B factors random so that the adapters contribute."""
+    from litft.adapters.lora import LoRAConfig, apply_lora, lora_modules
+    from litft.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(config)
+    if quantize is not None:
+        from litft.adapters.quantization import quantize_model
+
+        quantize_model(model, quantize, torch.float32)
+    model = model.to(dtype)
+    apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 8, "targets": ["all-linear"], **lora}))
+    with torch.no_grad():  # B starts at zero; give the adapters something to contribute
+        for layer in lora_modules(model).values():
+            layer.lora_B.weight.normal_(0, 0.5)
+    return model
+
+
+def square_loss_and_grads(model: torch.nn.Module, input_ids: torch.Tensor, step=None) -> tuple[torch.Tensor, dict]:
+    """The mean square of the logits (of `step`, a compiled model, where given) and every trainable gradient."""
+    model.zero_grad(set_to_none=True)
+    loss = (model if step is None else step)(input_ids).float().square().mean()
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compiled_recording_operators, triton_interpreter
+from conftest import compiled_recording_operators, random_lora_model, square_loss_and_grads, triton_interpreter
 from torch import nn
 
 from litft.adapters import adapter_gradients, lora_gated_down, lora_projections
-from litft.adapters.lora import LoRAConfig, apply_lora, lora_modules, set_compute_together
-from litft.models import build_model
+from litft.adapters.lora import set_compute_together
 
 LLAMA = {
     "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 96, "num_hidden_layers": 2,
@@ -90,28 +89,6 @@ def test_kernels_read_the_halves_of_a_fused_gate_up_output_in_place(path):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def lora_model(config: dict, dtype=torch.float32, quantize: str | None = None, **lora) -> nn.Module:
-    torch.manual_seed(0)
-    model = build_model(config)
-    if quantize is not None:
-        from litft.adapters.quantization import quantize_model
-
-        quantize_model(model, quantize, torch.float32)
-    model = model.to(dtype)
-    apply_lora(model, LoRAConfig(**{"rank": 4, "alpha": 8, "targets": ["all-linear"], **lora}))
-    with torch.no_grad():  # B starts at zero; give the adapters something to contribute
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.5)
-    return model
-
-
-def loss_and_grads(model, input_ids, step=None):
-    model.zero_grad(set_to_none=True)
-    loss = (model if step is None else step)(input_ids).float().square().mean()
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def gated_calls(model, input_ids) -> int:
     calls = 0
     original = lora_gated_down.lora_gated_down
@@ -135,13 +112,13 @@ PHI3 = dict(LLAMA, model_type="phi3")  # gate and up fused into one projection: 
 
 @pytest.mark.parametrize("config", [LLAMA, GEMMA, PHI3], ids=["llama-silu", "gemma-gelu-tanh", "phi3-fused-gate-up"])
 def test_model_through_the_operator_matches_each_layer_alone(path, config):
-    model = lora_model(config)
+    model = random_lora_model(config)
     input_ids = torch.randint(0, config["vocab_size"], (2, 12))
     assert gated_calls(model, input_ids) == config["num_hidden_layers"]
-    loss, grads = loss_and_grads(model, input_ids)
+    loss, grads = square_loss_and_grads(model, input_ids)
     set_compute_together(model, False)
     assert gated_calls(model, input_ids) == 0
-    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    reference_loss, reference_grads = square_loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
     for name, grad in grads.items():
@@ -150,23 +127,23 @@ def test_model_through_the_operator_matches_each_layer_alone(path, config):
 
 def test_four_bit_base_through_the_operator_matches_each_layer_alone():
     pytest.importorskip("bitsandbytes")
-    model = lora_model(LLAMA, quantize="bnb.nf4")
+    model = random_lora_model(LLAMA, quantize="bnb.nf4")
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
     assert gated_calls(model, input_ids) == 2
-    loss, grads = loss_and_grads(model, input_ids)
+    loss, grads = square_loss_and_grads(model, input_ids)
     set_compute_together(model, False)
-    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    reference_loss, reference_grads = square_loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_compiled_model_runs_the_operator_and_matches_eager():
-    model = lora_model(LLAMA)
+    model = random_lora_model(LLAMA)
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
-    eager_loss, eager_grads = loss_and_grads(model, input_ids)
+    eager_loss, eager_grads = square_loss_and_grads(model, input_ids)
     compiled, operators = compiled_recording_operators(model)
-    loss, grads = loss_and_grads(model, input_ids, step=compiled)
+    loss, grads = square_loss_and_grads(model, input_ids, step=compiled)
     assert any("lora_gated_down" in operator for operator in operators), operators
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-6)
     for name, grad in grads.items():
@@ -176,7 +153,7 @@ def test_compiled_model_runs_the_operator_and_matches_eager():
 def test_adapter_dropout_keeps_the_product_as_written():
     """With dropout the down projection's adapter reads h through a mask: the product is written as before, and
     the grouped operator takes down on its own."""
-    model = lora_model(LLAMA, dropout=0.1).train()
+    model = random_lora_model(LLAMA, dropout=0.1).train()
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
     assert gated_calls(model, input_ids) == 0
     model.eval()  # no dropout in evaluation: the operator applies again
@@ -201,7 +178,7 @@ def test_output_keeper_is_consulted_for_down():
         def keep(self, outputs):
             self.kept.append(outputs)
 
-    model = lora_model(LLAMA)
+    model = random_lora_model(LLAMA)
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
     keeper = Keeper()
     with torch.no_grad(), lora_projections.keeping_outputs(keeper):

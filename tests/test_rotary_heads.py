@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import triton_interpreter
+from conftest import random_lora_model, square_loss_and_grads, triton_interpreter
 
 from litft.adapters import lora_projections
-from litft.adapters.lora import LoRAConfig, apply_lora, lora_modules
-from litft.models import build_model, rotary_heads
+from litft.models import rotary_heads
 from litft.models.common import apply_rotary
 
 LLAMA = {
@@ -102,22 +101,10 @@ def test_without_gradients_the_model_path_is_the_plain_split():
 
 
 def lora_model(config):
-    torch.manual_seed(0)
-    model = build_model(config)
-    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
-    with torch.no_grad():  # B starts at zero; give the adapters something to contribute
-        for layer in lora_modules(model).values():
-            layer.lora_B.weight.normal_(0, 0.5)
+    model = random_lora_model(config)
     if config["model_type"] != "phi3":
         assert lora_projections.join_frozen_weights(model) > 0  # q, k, v: one GEMM, one joined output
     return model
-
-
-def loss_and_grads(model, input_ids, step=None):
-    model.zero_grad(set_to_none=True)
-    loss = (model if step is None else step)(input_ids).float().square().mean()
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def counting_backward_calls(monkeypatch) -> list[int]:
@@ -146,14 +133,14 @@ def test_a_model_trains_through_it_to_the_losses_and_gradients_as_written(config
     if compiled:
         torch._dynamo.reset()
         step = torch.compile(model)
-    loss, grads = loss_and_grads(model, input_ids, step)
+    loss, grads = square_loss_and_grads(model, input_ids, step)
     expected_calls = 0 if config is QWEN3 else config["num_hidden_layers"]
     assert len(calls) == expected_calls
     monkeypatch.setattr(rotary_heads, "ENABLED", False)
     if compiled:
         torch._dynamo.reset()
         step = torch.compile(model)
-    expected_loss, expected_grads = loss_and_grads(model, input_ids, step)
+    expected_loss, expected_grads = square_loss_and_grads(model, input_ids, step)
     assert len(calls) == expected_calls
     tolerance = dict(rtol=1e-5, atol=1e-6) if compiled else dict(rtol=0, atol=0)
     torch.testing.assert_close(loss, expected_loss, **tolerance)
