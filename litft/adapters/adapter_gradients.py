@@ -12,9 +12,9 @@ Triton kernel reads each block of `grad` once and multiplies it both ways.
 Layout: a program owns a block of BLOCK_COLUMNS columns, loaded whole, and a range of rows that it walks
 BLOCK_ROWS at a time. Across its rows it keeps grad_update's [BLOCK_COLUMNS, r] sum in registers, complete over
 those rows; each row tile's grad_low [BLOCK_ROWS, r] is complete over the program's columns only. Both go out in
-float32 as partial sums, grad_low's into (column groups, M, r) and grad_update's into (row groups, N, r), and
-torch adds them over the groups (no atomics: the same sums in the same order every run) and rounds once to
-grad's dtype. The partials are the price of reading `grad` once: with the defaults at M = 8192, N = 14336, r = 16
+float32 as partial sums, grad_low's into (column groups, M, r) and grad_update's into (row groups, N, r), and a
+second small kernel adds both over their groups in order (no atomics: the same sums every run) and rounds once to
+grad's dtype (`summed_partials`). The partials are the price of reading `grad` once: with the defaults at M = 8192, N = 14336, r = 16
 on an H200 (132 multiprocessors) 28 column groups x 9 row groups launch 252 programs, and the partials are
 14.7 MB + 8.3 MB (6.25% + 3.5% of grad's 235 MB), written and read back once, so ~280 MB move where the two
 GEMMs read 470 MB. Measured on an H200 (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md section 17):

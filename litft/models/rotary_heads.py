@@ -6,7 +6,7 @@ joined), the model splits the (B, T, q + k + v) output into heads, (B, n_head, T
 Autograd's backward of that walks the same steps in reverse: the rotation's gradient of q and of k, then a
 concatenation of q's, k's and v's gradients into the (B, T, q + k + v) gradient the GEMM's backward reads.
 torch.compile fuses it into one kernel, but one that ran at ~1.5 TB/s on an H200 (135 us per llama-8b layer,
-~1% of a LoRA step: benchmarks/NOTES.md, section 17). Here the forward is the same torch code as before (compiled,
+~1% of a LoRA step; this kernel takes 51 us in the step: benchmarks/NOTES.md, section 17). Here the forward is the same torch code as before (compiled,
 it fuses as before), and the backward is one kernel of ours: a program per (row of heads, block of tokens) reads
 that head's gradient once, rotates it back (or copies it, for v) in float32, and writes its columns of the joined
 gradient, rounded once.
