@@ -9,17 +9,18 @@ Both are rank-deep, so memory-bound, and as two GEMMs each reads the whole of `g
 (M = 8192, N = 14336, bf16) that is 235 MB read twice per projection, against ~7.5 GFLOP between them. Here one
 Triton kernel reads each block of `grad` once and multiplies it both ways.
 
-Layout: a program owns a block of BLOCK_COLUMNS columns, loaded whole, and a range of rows that it walks
-BLOCK_ROWS at a time. Across its rows it keeps grad_update's [BLOCK_COLUMNS, r] sum in registers, complete over
-those rows; each row tile's grad_low [BLOCK_ROWS, r] is complete over the program's columns only. Both go out in
-float32 as partial sums, grad_low's into (column groups, M, r) and grad_update's into (row groups, N, r), and a
-second small kernel adds both over their groups in order (no atomics: the same sums every run) and rounds once to
-grad's dtype (`summed_partials`). The partials are the price of reading `grad` once: with the defaults at M = 8192, N = 14336, r = 16
-on an H200 (132 multiprocessors) 28 column groups x 9 row groups launch 252 programs, and the partials are
-14.7 MB + 8.3 MB (6.25% + 3.5% of grad's 235 MB), written and read back once, so ~280 MB move where the two
-GEMMs read 470 MB. Measured on an H200 (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md section 17):
-0.081 ms against the GEMMs' 0.117 at llama-8b's 14,336 columns, 0.034 against 0.043 at 4,096, no faster at 1,024;
-so on GPUs only gradients of at least SMALLEST_KERNEL_COLUMNS columns take it (llama-8b's q, o, gate, up, down).
+Layout: a program owns a block of BLOCK_COLUMNS columns, loaded whole, and a range of rows that it walks BLOCK_ROWS
+at a time. Across its rows it keeps grad_update's [BLOCK_COLUMNS, r] sum in registers, complete over those rows;
+each row tile's grad_low [BLOCK_ROWS, r] is complete over the program's columns only. Both go out in float32 as
+partial sums, grad_low's into (column groups, M, r) and grad_update's into (row groups, N, r), and a second small
+kernel adds both over their groups in order (no atomics: the same sums every run) and rounds once to grad's dtype
+(`summed_partials`). The partials are the price of reading `grad` once: with the defaults at M = 8192,
+N = 14336, r = 16 on an H200 (132 multiprocessors) 28 column groups x 9 row groups launch 252 programs, and the
+partials are 14.7 MB + 8.3 MB (6.25% + 3.5% of grad's 235 MB), written and read back once, so ~280 MB move where
+the two GEMMs read 470 MB. Measured on an H200 (benchmarks/bench_kernels.py --only adapter_gradients, NOTES.md
+section 17): 0.081 ms against the GEMMs' 0.117 at llama-8b's 14,336 columns, 0.034 against 0.043 at 4,096, no
+faster at 1,024; so on GPUs only gradients of at least SMALLEST_KERNEL_COLUMNS columns take it (llama-8b's q, o,
+gate, up, down).
 
 The kernel runs on a GPU (bf16 or fp16) or in Triton's interpreter (also float32); elsewhere, and for
     - a rank above 64 (the column block's [BLOCK_COLUMNS, r] sum and B's block no longer fit the registers, and

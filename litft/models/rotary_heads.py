@@ -1,15 +1,15 @@
 """q, k and v as attention takes them (`attention_heads`, for Llama's and Gemma's attention), and, from the one
 tensor their projections wrote side by side, with a backward that writes the gradient of that tensor in one pass.
 
-Where q, k and v come out of one GEMM (a fused qkv_proj, or LoRA's grouped operator with the frozen weights
-joined), the model splits the (B, T, q + k + v) output into heads, (B, n_head, T, head_dim), and rotates q and k.
-Autograd's backward of that walks the same steps in reverse: the rotation's gradient of q and of k, then a
-concatenation of q's, k's and v's gradients into the (B, T, q + k + v) gradient the GEMM's backward reads.
-torch.compile fuses it into one kernel, but one that ran at ~1.5 TB/s on an H200 (135 us per llama-8b layer,
-~1% of a LoRA step; this kernel takes 51 us in the step: benchmarks/NOTES.md, section 17). Here the forward is the same torch code as before (compiled,
-it fuses as before), and the backward is one kernel of ours: a program per (row of heads, block of tokens) reads
-that head's gradient once, rotates it back (or copies it, for v) in float32, and writes its columns of the joined
-gradient, rounded once.
+Where q, k and v come out of one GEMM (a fused qkv_proj, or LoRA's grouped operator with the frozen weights joined),
+the model splits the (B, T, q + k + v) output into heads, (B, n_head, T, head_dim), and rotates q and k. Autograd's
+backward of that walks the same steps in reverse: the rotation's gradient of q and of k, then a concatenation of
+q's, k's and v's gradients into the (B, T, q + k + v) gradient the GEMM's backward reads. torch.compile fuses it
+into one kernel, but one that ran at ~1.5 TB/s on an H200 (135 us per llama-8b layer, ~1% of a LoRA step; this
+kernel takes 51 us in the step: benchmarks/NOTES.md, section 17). Here the forward is the same torch code as before
+(compiled, it fuses as before), and the backward is one kernel of ours: a program per (row of heads, block of
+tokens) reads that head's gradient once, rotates it back (or copies it, for v) in float32, and writes its columns of
+the joined gradient, rounded once.
 
 Rotation (rotate_half convention, x = [x1 | x2] over the rotary dims, c and s per token and pair):
     forward   y1 = x1 c - x2 s,     y2 = x2 c + x1 s
