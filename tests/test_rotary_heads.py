@@ -89,15 +89,22 @@ def test_forward_as_written_and_the_joined_gradient_of_autograd(path, dtype, hea
         assert ((grad.float() - exact).abs() <= allowed).all()
 
 
-def test_without_gradients_the_model_path_is_the_plain_split():
+def test_without_gradients_the_autograd_function_is_not_entered(monkeypatch):
+    """Decoding (no gradients) and a frozen joined output keep the plain code, which the compiled decode step
+    traces; the values are the written code's."""
+    def refuse(*args):
+        raise AssertionError("RotaryHeads entered without gradients")
+
+    monkeypatch.setattr(rotary_heads.RotaryHeads, "apply", refuse)
     heads = (4, 2, 16)
     joined = torch.randn(2, 5, 128, requires_grad=True)
     cos, sin = tables(2, 5, 16)
+    expected = written_as_the_model_does(joined.detach(), cos, sin, *heads)
     with torch.no_grad():
         outputs = rotary_heads.rotary_heads(joined, cos, sin, *heads)
-    assert all(output.grad_fn is None for output in outputs)
-    expected = written_as_the_model_does(joined.detach(), cos, sin, *heads)
-    assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+    frozen = rotary_heads.rotary_heads(joined.detach(), cos, sin, *heads)
+    for got in (outputs, frozen):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def lora_model(config):

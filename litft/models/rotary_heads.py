@@ -39,48 +39,55 @@ WARPS = 4
 rotated_rows = None  # the kernel's jitted helper, a module global once built (see _kernel)
 
 
+def into_heads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int,
+    n_kv_head: int, head_dim: int, q_norm: nn.Module | None = None, k_norm: nn.Module | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The projections' outputs q (B, T, n_head head_dim), k, v (B, T, n_kv_head head_dim), as attention takes them:
+    q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim), each head of q and k normalized where the
+    model has per-head norms (Qwen3, Gemma 3), then rotated by cos, sin (B, T, rotary_dim). v becomes a tensor of
+    its own: as a block of a joined output it would keep all of that alive as what attention saves for its backward."""
+    B, T, _ = q.shape
+    q = q.view(B, T, n_head, head_dim)  # (B, T, n_head, head_dim)
+    k = k.view(B, T, n_kv_head, head_dim)
+    v = v.contiguous().view(B, T, n_kv_head, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
+    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+
 def split_heads(
     joined: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_head: int, n_kv_head: int, head_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward as the model wrote it: joined (B, T, (n_head + 2 n_kv_head) head_dim) into q (B, n_head, T,
-    head_dim) and k, v (B, n_kv_head, T, head_dim), q and k rotated; v a tensor of its own (a view would keep the
-    whole joined tensor alive as what attention saves for its backward)."""
-    B, T, _ = joined.shape
-    q, k, v = joined.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
-    q = q.view(B, T, n_head, head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-    k = k.view(B, T, n_kv_head, head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-    v = v.contiguous().view(B, T, n_kv_head, head_dim).transpose(1, 2)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    """`into_heads` of the three column blocks of joined (B, T, (n_head + 2 n_kv_head) head_dim)."""
+    return into_heads(*_column_blocks(joined, n_head, n_kv_head, head_dim), cos, sin, n_head, n_kv_head, head_dim)
+
+
+def _column_blocks(joined: torch.Tensor, n_head: int, n_kv_head: int, head_dim: int) -> tuple[torch.Tensor, ...]:
+    return joined.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
 
 
 def attention_heads(
     x: torch.Tensor, attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim) of an attention module over x (B, T, hidden):
-    its q_proj, k_proj, v_proj (or one fused qkv_proj), its per-head q_norm and k_norm where it has them (Qwen3,
-    Gemma 3), q and k rotated by cos, sin (B, T, rotary_dim, float32). Where the three projections come out as one
-    tensor, through `rotary_heads`."""
-    B, T, _ = x.shape
-    n_head, n_kv_head, head_dim = attention.n_head, attention.n_kv_head, attention.head_dim
+    its q_proj, k_proj, v_proj (or one fused qkv_proj), its per-head q_norm and k_norm where it has them, q and k
+    rotated by cos, sin (B, T, rotary_dim, float32). Where the three projections come out as one tensor and no
+    per-head norm comes between, through `rotary_heads`."""
+    heads = attention.n_head, attention.n_kv_head, attention.head_dim
     if hasattr(attention, "qkv_proj"):
         joined = attention.qkv_proj(x)  # (B, T, (n_head + 2 n_kv_head) head_dim)
     else:  # one tensor where the three are one GEMM (LoRA's grouped operator), else None
         joined = project_joined(x, attention.q_proj, attention.k_proj, attention.v_proj)
-    if joined is not None and not hasattr(attention, "q_norm"):
-        return rotary_heads(joined, cos, sin, n_head, n_kv_head, head_dim)
+    q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)
+    if joined is not None and q_norm is None:
+        return rotary_heads(joined, cos, sin, *heads)
     if joined is not None:
-        q, k, v = joined.split([n_head * head_dim, n_kv_head * head_dim, n_kv_head * head_dim], dim=-1)
+        q, k, v = _column_blocks(joined, *heads)
     else:
         q, k, v = project(x, attention.q_proj, attention.k_proj, attention.v_proj)
-    # v would keep a joined tensor alive whole as a tensor attention saves for its backward.
-    v = v.contiguous()
-    q = q.view(B, T, n_head, head_dim)  # (B, T, n_head, head_dim)
-    k = k.view(B, T, n_kv_head, head_dim)
-    v = v.view(B, T, n_kv_head, head_dim)
-    if hasattr(attention, "q_norm"):
-        q, k = attention.q_norm(q), attention.k_norm(k)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, n_head, T, head_dim)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+    return into_heads(q, k, v, cos, sin, *heads, q_norm, k_norm)
 
 
 class RotaryHeads(torch.autograd.Function):
