@@ -145,6 +145,10 @@ def bench_training(args) -> dict:
         from litft.models import rotary_heads
 
         rotary_heads.ENABLED = False
+    if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
+        from litft.adapters import lora_gemm as lora_gemm_module
+
+        lora_gemm_module.GROUP_ROWS = args.lora_gemm_group_rows
     if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
         from litft.adapters import adapter_gradients
 
@@ -230,7 +234,7 @@ def bench_training(args) -> dict:
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
-                rotary_as_written=args.rotary_as_written,
+                rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3),
@@ -464,6 +468,9 @@ def main() -> None:
     parser.add_argument("--rotary_as_written", action="store_true",
                         help="q, k, v split and rotated with autograd's backward, not litft.models.rotary_heads' "
                              "kernel writing the joined gradient")
+    parser.add_argument("--lora_gemm_group_rows", type=int, default=None,
+                        help="row tiles per group in the LoRA GEMM kernel's tile order (litft.adapters.lora_gemm."
+                             "GROUP_ROWS)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",

@@ -249,6 +249,18 @@ def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
                         pairs, transposed, index, store_through_tma=store_through_tma, prefetch_low=prefetch_low))
                 except Exception as error:  # noqa: BLE001 - a configuration too large for shared memory
                     emit(kind="lora_gemm", shape=shape, case=name, path=label, error=str(error)[:160])
+            # Queued behind the GPU (as in a step), and sustained: enough calls (~0.5 s) that the GPU reaches its
+            # power limit, as a training step's GEMMs run (NOTES.md, sections 17-18).
+            sustained_calls = max(20, int(500 / timings["cublas"]))
+            for label, function in (
+                ("cublas", cublas),
+                ("triton", lambda: lora_gemm._run(pairs, transposed, 0)),
+                ("triton_group_rows_8", lambda: lora_gemm._run(pairs, transposed, 0, group_rows=8)),
+                ("triton_group_rows_32", lambda: lora_gemm._run(pairs, transposed, 0, group_rows=32)),
+                ("cublas_again", cublas),  # the GPU warms through the sequence: the first and last agree or not
+            ):
+                timings[label + "_queued"] = time_ms(function, queued=True)
+                timings[label + "_sustained"] = time_ms(function, repeats=sustained_calls, queued=True)
             for path, elapsed in timings.items():
                 emit(kind="lora_gemm", shape=shape, case=name, tokens=tokens, path=path, ms=round(elapsed, 4),
                      tflops=round(flops / elapsed / 1e9, 1))

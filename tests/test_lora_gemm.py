@@ -75,42 +75,11 @@ def test_the_kernel_sums_the_products_in_the_interpreter(interpreter, monkeypatc
         result = lora_gemm.sum_of_products(pairs, transposed, cublas=unreachable)
         torch.testing.assert_close(result.double(), reference(pairs, transposed), rtol=1e-5, atol=1e-4)
     assert kernel_runs == [(2, True), (1, True), (3, False), (4, False), (2, True)]
-    # Both epilogues and the rank-deep pair looped like the others give the same sums.
-    for store_through_tma, prefetch_low in [(True, True), (False, False)]:
-        result = lora_gemm._run(backward, False, 0, store_through_tma=store_through_tma, prefetch_low=prefetch_low)
+    # Both epilogues, the rank-deep pair looped like the others, and other tile orders (groups of one row tile, of
+    # two, of more than there are) give the same sums.
+    for variant in [dict(store_through_tma=True), dict(prefetch_low=False), dict(group_rows=1), dict(group_rows=2)]:
+        result = lora_gemm._run(backward, False, 0, **variant)
         torch.testing.assert_close(result.double(), reference(backward, False), rtol=1e-5, atol=1e-4)
-
-
-def test_the_stream_tail_is_scheduled_so_that_every_program_ends_together():
-    """Tiles left after the whole waves are shared; under half a wave of them, the last whole wave is shared too;
-    off, every tile is taken whole by at most one program per multiprocessor."""
-    schedule = lora_gemm._schedule
-    assert schedule(1024, 132, True) == (924, 100, 132)  # llama-8b, 8,192 tokens, 4,096 columns: 100 left over
-    assert schedule(3584, 132, True) == (3432, 152, 132)  # 14,336 columns: 20 left over, shared with a wave
-    assert schedule(1056, 132, True) == (1056, 0, 132)  # whole waves: nothing shared
-    assert schedule(90, 132, True) == (0, 90, 132)  # under one wave: every program takes a share
-    assert schedule(1024, 132, False) == (1024, 0, 132)
-    assert schedule(90, 132, False) == (90, 0, 90)
-
-
-@pytest.mark.parametrize("programs", [3, 4, 7])
-def test_shared_tiles_sum_every_programs_part_once_in_a_fixed_order(interpreter, monkeypatch, programs):
-    """With 3, 4 or 7 programs (the GPU's multiprocessors, here in the interpreter), tiles shared by up to six
-    programs, runs that cross from one pair's reduction into the next, programs with no steps at all, and the
-    rank-deep pair: the sums equal float64's, equal the whole-tile schedule's within float32 rounding, repeat bit for
-    bit, and every tile's arrival counter is zero again afterwards."""
-    monkeypatch.setattr(lora_gemm, "multiprocessor_count", lambda device: programs)
-    torch.manual_seed(0)
-    forward, backward = forward_and_backward_operands(600, 200, 200, 8)  # 5 tiles of 4 (8) reduction steps
-    one_tile = [(torch.randn(100, 320), torch.randn(200, 320))]  # one tile of 5 steps: up to 5 sharers
-    for pairs, transposed in [(forward, True), (backward, False), (one_tile, True)]:
-        assert lora_gemm._schedule(-(-pairs[0][0].shape[0] // 128), programs, True)[1] > 0
-        shared = lora_gemm._run(pairs, transposed, 0, stream_tail=True)
-        whole = lora_gemm._run(pairs, transposed, 0, stream_tail=False)
-        torch.testing.assert_close(shared.double(), reference(pairs, transposed), rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-4)
-        assert torch.equal(lora_gemm._run(pairs, transposed, 0, stream_tail=True), shared)
-    assert all(not counts.any() for counts in lora_gemm._arrivals.values())
 
 
 def test_the_grouped_operator_computes_through_the_kernel_what_each_layer_computes(interpreter, monkeypatch,
@@ -271,22 +240,3 @@ def test_on_the_gpu_a_training_step_through_the_kernel_matches_the_cublas_path(m
     for name, grad in grads.items():
         error = (grad.float() - reference_grads[name].float()).norm() / reference_grads[name].float().norm()
         assert error < 2e-2, (name, error)
-
-
-@pytest.mark.gpu
-def test_on_the_gpu_the_stream_tail_gives_the_whole_tile_sums(monkeypatch):
-    """At llama-8b's o projection (8,192 tokens, 4,096 wide: 1,024 tiles, the last wave's 100 shared on an H200),
-    through both layouts: the shared tiles' sums are as close to float64's as whole tiles' are, repeat bit for bit
-    (the parts are added in program order, whoever arrives last), and leave the arrival counters at zero."""
-    torch.manual_seed(0)
-    forward, backward = forward_and_backward_operands(8192, 4096, 4096, 16, "cuda", torch.bfloat16)
-    for pairs, transposed in [(forward, True), (backward, False)]:
-        exact = reference(pairs, transposed)
-        shared = lora_gemm._run(pairs, transposed, 0, stream_tail=True)
-        whole = lora_gemm._run(pairs, transposed, 0, stream_tail=False)
-        shared_error = (shared.double() - exact).norm() / exact.norm()
-        whole_error = (whole.double() - exact).norm() / exact.norm()
-        assert shared_error <= whole_error * 1.01, (shared_error, whole_error)
-        for _ in range(3):
-            assert torch.equal(lora_gemm._run(pairs, transposed, 0, stream_tail=True), shared)
-    assert all(not counts.any() for counts in lora_gemm._arrivals.values())

@@ -49,13 +49,11 @@ SMALLEST_ROWS = 1024
 LOOPED_PAIRS = 3
 LOW_RANK_BLOCK = 64
 MOST_PAIRS = LOOPED_PAIRS + 1
-# The tiles left after the last whole wave are shared by every program, by reduction steps (`_schedule`); the
-# parts are summed in bands of this many rows. `LITFT_LORA_GEMM_STREAM_TAIL=0` (benchmarks) turns it off.
-STREAM_TAIL = os.environ.get("LITFT_LORA_GEMM_STREAM_TAIL", "1") != "0"
-FIXUP_ROWS = 32
-# Tiles run in groups of this many row tiles (walking the columns), so that the tiles in flight share A's rows and
-# B's columns in L2.
-GROUP_ROWS = 8
+# Tiles run in groups of this many row tiles, each group walking all the column tiles, so that the tiles in flight
+# share A's rows and B's columns in L2. 16 rather than 8: at llama-8b's widths (8,192 tokens) B is read from memory
+# half as often, and under the H200's power limit, where a training step runs, the kernel is 0.5-3% faster for it
+# (NOTES.md, section 18).
+GROUP_ROWS = 16
 CUBLAS = -1  # the choice "the caller's cuBLAS path"
 
 _choices: dict[tuple, int] = {}
@@ -226,10 +224,7 @@ def _fastest(pairs, transposed, cublas) -> tuple[int, dict[int, float]]:
     return min(best, key=best.get), best
 
 
-_accumulate = None  # the kernel's helpers, module globals once built: Triton resolves calls through globals
-_accumulate_range = None
-_tile_origin = None
-_store_tile = None
+_accumulate = None  # the kernel's inner loop, a module global once built: Triton resolves calls through globals
 
 
 @functools.cache
@@ -239,7 +234,7 @@ def _kernel():
     import triton
     import triton.language as tl
 
-    global _accumulate, _accumulate_range, _tile_origin, _store_tile
+    global _accumulate
 
     def accumulate(acc, a_desc, b_desc, row, column, DEPTH: tl.constexpr, BLOCK_K: tl.constexpr,
                    TRANSPOSED: tl.constexpr):
@@ -251,59 +246,31 @@ def _kernel():
                 acc = tl.dot(a, b_desc.load([k, column]), acc)  # B stored (K, N): a (BLOCK_K, BLOCK_N) block
         return acc
 
-    def accumulate_range(acc, a_desc, b_desc, row, column, first, last, BLOCK_K: tl.constexpr,
-                         TRANSPOSED: tl.constexpr):
-        # Blocks first..last-1 of the pair's reduction: a stretch of a tile that programs share (the stream tail).
-        for k in tl.range(first * BLOCK_K, last * BLOCK_K, BLOCK_K):
-            a = a_desc.load([row, k])
-            if TRANSPOSED:
-                acc = tl.dot(a, b_desc.load([column, k]).T, acc)
-            else:
-                acc = tl.dot(a, b_desc.load([k, column]), acc)
-        return acc
-
-    def tile_origin(tile, rows, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GROUP_M: tl.constexpr):
-        # Tiles are numbered in groups of GROUP_M row tiles, so that the tiles in flight at once share their B
-        # blocks in L2. Not tl.cdiv: triton.language's own jitted helpers are built when triton is imported, and so
-        # are not interpreted in a process that chose the interpreter later (the CPU tests).
-        row_tiles = (rows + BLOCK_M - 1) // BLOCK_M
-        tiles_per_group = GROUP_M * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
-        first_row_tile = (tile // tiles_per_group) * GROUP_M
-        group_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
-        row = ((first_row_tile + (tile % tiles_per_group) % group_rows) * BLOCK_M).to(tl.int32)
-        column = (((tile % tiles_per_group) // group_rows) * BLOCK_N).to(tl.int32)
-        return row, column
-
-    def store_tile(c_pointer, values, row, column, rows, c_row_stride, COLUMNS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        out_rows = row + tl.arange(0, BLOCK_M)
-        out_columns = column + tl.arange(0, BLOCK_N)
-        inside = (out_rows[:, None] < rows) & (out_columns[None, :] < COLUMNS)
-        pointers = c_pointer + out_rows[:, None].to(tl.int64) * c_row_stride + out_columns[None, :]
-        tl.store(pointers, values.to(c_pointer.dtype.element_ty), mask=inside)
-
-    _accumulate, _accumulate_range = triton.jit(accumulate), triton.jit(accumulate_range)
-    _tile_origin, _store_tile = triton.jit(tile_origin), triton.jit(store_tile)
+    _accumulate = triton.jit(accumulate)
 
     @triton.jit
     def sum_of_products_kernel(
         c_pointer, c_desc, c_row_stride, rows, a0, b0, a1, b1, a2, b2, low_a, low_b,
-        whole_tiles, stream_tiles, partials, arrivals,
         # The model's widths are compile-time constants (as in inductor's GEMM templates), so the pipelined loops
         # know their trip counts; only the token count varies between calls.
         COLUMNS: tl.constexpr, DEPTH0: tl.constexpr, DEPTH1: tl.constexpr, DEPTH2: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K0: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr, LOW_BLOCK_K: tl.constexpr,
-        STEPS0: tl.constexpr, STEPS1: tl.constexpr, STEPS2: tl.constexpr, STEPS_PER_TILE: tl.constexpr,
-        FIXUP_ROWS: tl.constexpr,
         TRANSPOSED: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, STORE_THROUGH_TMA: tl.constexpr,
     ):
-        program = tl.program_id(0)
-        # Whole tiles: each program takes every PROGRAMS-th, as many for every program (whole_tiles is a multiple
-        # of PROGRAMS, or all tiles when the stream tail is off).
-        for tile in tl.range(program, whole_tiles, PROGRAMS):
-            row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
+        # Not tl.cdiv or tl.zeros: triton.language's own jitted helpers are built when triton is imported, and so
+        # are not interpreted in a process that chose the interpreter later (the CPU tests).
+        row_tiles = (rows + BLOCK_M - 1) // BLOCK_M
+        column_tiles = (COLUMNS + BLOCK_N - 1) // BLOCK_N
+        tiles_per_group = GROUP_M * column_tiles
+        # Persistent: each program walks tiles PROGRAMS apart, in groups of GROUP_M row tiles so that the tiles in
+        # flight at once share their B blocks in L2.
+        for tile in tl.range(tl.program_id(0), row_tiles * column_tiles, PROGRAMS):
+            group = tile // tiles_per_group
+            first_row_tile = group * GROUP_M
+            group_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
+            row = ((first_row_tile + (tile % tiles_per_group) % group_rows) * BLOCK_M).to(tl.int32)
+            column = (((tile % tiles_per_group) // group_rows) * BLOCK_N).to(tl.int32)
             if LOW_BLOCK_K > 0:
                 # The rank-deep pair is one block: loaded as the tile starts, so that it arrives while the long
                 # reductions run, and multiplied after them (no second pipelined loop per tile).
@@ -320,79 +287,20 @@ def _kernel():
             if STORE_THROUGH_TMA:
                 c_desc.store([row, column], acc.to(c_desc.dtype))
             else:
-                _store_tile(c_pointer, acc, row, column, rows, c_row_stride, COLUMNS, BLOCK_M, BLOCK_N)
-
-        # The stream tail: the tiles left over after the whole waves (fewer than PROGRAMS) would keep only some
-        # programs busy for a tile's time. Instead every program takes an equal run of their reduction steps
-        # (the looped pairs' blocks, counted across tiles), so all finish together. A tile that several programs
-        # share is summed by the last of them to arrive, from each one's float32 part, in program order.
-        stream_steps = stream_tiles * STEPS_PER_TILE
-        begin = (program * stream_steps) // PROGRAMS
-        end = ((program + 1) * stream_steps) // PROGRAMS
-        step = begin
-        while step < end:
-            stream_tile = step // STEPS_PER_TILE
-            first = step - stream_tile * STEPS_PER_TILE  # this program's stretch of the tile: first..last-1
-            last = tl.minimum(STEPS_PER_TILE, first + end - step)
-            row, column = _tile_origin(whole_tiles + stream_tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-            acc = _accumulate_range(acc, a0, b0, row, column, tl.minimum(first, STEPS0), tl.minimum(last, STEPS0),
-                                    BLOCK_K0, TRANSPOSED)
-            if BLOCK_K1 > 0:
-                acc = _accumulate_range(acc, a1, b1, row, column, tl.minimum(tl.maximum(first - STEPS0, 0), STEPS1),
-                                        tl.minimum(tl.maximum(last - STEPS0, 0), STEPS1), BLOCK_K1, TRANSPOSED)
-            if BLOCK_K2 > 0:
-                acc = _accumulate_range(acc, a2, b2, row, column,
-                                        tl.minimum(tl.maximum(first - STEPS0 - STEPS1, 0), STEPS2),
-                                        tl.minimum(tl.maximum(last - STEPS0 - STEPS1, 0), STEPS2), BLOCK_K2, TRANSPOSED)
-            if LOW_BLOCK_K > 0:
-                if first == 0:  # the rank-deep pair goes with the tile's first stretch
-                    low = low_a.load([row, 0])
-                    update = low_b.load([column, 0]) if TRANSPOSED else low_b.load([0, column])
-                    acc = tl.dot(low, update.T if TRANSPOSED else update, acc)
-            if (first == 0) & (last == STEPS_PER_TILE):
-                _store_tile(c_pointer, acc, row, column, rows, c_row_stride, COLUMNS, BLOCK_M, BLOCK_N)
-            else:
-                # A program's stretches: at most one partial tile at each end of its run (a program's run is
-                # shorter than a tile unless the tail is most of the work, and whole tiles inside it are stored
-                # above), so two float32 slots per program.
-                tile_rows = tl.arange(0, BLOCK_M)
-                tile_columns = tl.arange(0, BLOCK_N)
-                slot = program * 2 + (step != begin).to(tl.int32)
-                tl.store(partials + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + tile_rows[:, None] * BLOCK_N
-                         + tile_columns[None, :], acc)
-                tl.debug_barrier()  # every thread's part written before the arrival is counted (released)
-                arrived = tl.atomic_add(arrivals + stream_tile, last - first, sem="acq_rel") + (last - first)
-                if arrived == STEPS_PER_TILE:
-                    tl.debug_barrier()
-                    # The programs that share the tile: those whose runs hold its first and its last step.
-                    tile_begin = stream_tile * STEPS_PER_TILE
-                    first_program = ((tile_begin + 1) * PROGRAMS - 1) // stream_steps
-                    last_program = ((tile_begin + STEPS_PER_TILE) * PROGRAMS - 1) // stream_steps
-                    for part in tl.range(0, BLOCK_M, FIXUP_ROWS):  # in row bands: one band of sums in registers
-                        band_rows = part + tl.arange(0, FIXUP_ROWS)
-                        total = tl.full((FIXUP_ROWS, BLOCK_N), 0.0, dtype=tl.float32)
-                        for sharer in tl.range(first_program, last_program + 1):
-                            sharer_begin = (sharer * stream_steps) // PROGRAMS
-                            sharer_end = ((sharer + 1) * stream_steps) // PROGRAMS
-                            if sharer_end > sharer_begin:  # a program with no steps wrote nothing
-                                sharer_slot = sharer * 2 + (sharer_begin < tile_begin).to(tl.int32)
-                                total += tl.load(partials + sharer_slot.to(tl.int64) * (BLOCK_M * BLOCK_N)
-                                                 + band_rows[:, None] * BLOCK_N + tile_columns[None, :],
-                                                 cache_modifier=".cg")
-                        _store_tile(c_pointer, total, row + part, column, rows, c_row_stride, COLUMNS, FIXUP_ROWS,
-                                    BLOCK_N)
-                    tl.atomic_xchg(arrivals + stream_tile, 0)  # zero again for the next call
-            step += last - first
+                out_rows = row + tl.arange(0, BLOCK_M)
+                out_columns = column + tl.arange(0, BLOCK_N)
+                inside = (out_rows[:, None] < rows) & (out_columns[None, :] < COLUMNS)
+                pointers = c_pointer + out_rows[:, None].to(tl.int64) * c_row_stride + out_columns[None, :]
+                tl.store(pointers, acc.to(c_pointer.dtype.element_ty), mask=inside)
 
     return sum_of_products_kernel
 
 
 def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
-         prefetch_low: bool = True, stream_tail: bool | None = None, group_rows: int | None = None) -> torch.Tensor:
-    """The sum through the kernel in configuration `config`. `store_through_tma`, `prefetch_low` and `stream_tail`
+         prefetch_low: bool = True, group_rows: int | None = None) -> torch.Tensor:
+    """The sum through the kernel in configuration `config`. `store_through_tma`, `prefetch_low` and `group_rows`
     are variants that `benchmarks/bench_kernels.py --only lora_gemm` compares (NOTES.md sections 14 and 18); the
-    defaults are what training runs (`stream_tail` None: `STREAM_TAIL`)."""
+    defaults are what training runs (`group_rows` None: `GROUP_ROWS`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
@@ -419,7 +327,7 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
             # rebuilt: building a descriptor is a few microseconds of the host's launch, which is already several
             # times cuBLAS's (NOTES.md, section 15).
             arguments += arguments[-2:]
-            constants[f"BLOCK_K{index}"] = constants[f"DEPTH{index}"] = constants[f"STEPS{index}"] = 0
+            constants[f"BLOCK_K{index}"] = constants[f"DEPTH{index}"] = 0
             continue
         a, b = looped[index]
         depth = a.shape[1]
@@ -427,8 +335,6 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
         arguments += blocks(a, b, step)
         constants[f"BLOCK_K{index}"] = step
         constants[f"DEPTH{index}"] = depth
-        constants[f"STEPS{index}"] = -(-depth // step)
-    constants["STEPS_PER_TILE"] = sum(constants[f"STEPS{index}"] for index in range(LOOPED_PAIRS))
     if low_pair is not None:
         arguments += blocks(*low_pair, smallest_block(low_pair[0].shape[1]))
         constants["LOW_BLOCK_K"] = smallest_block(low_pair[0].shape[1])
@@ -436,51 +342,12 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
         arguments += arguments[:2]
         constants["LOW_BLOCK_K"] = 0
     tiles = -(-rows // block_m) * -(-columns // block_n)
-    whole_tiles, stream_tiles, programs = _schedule(tiles, multiprocessor_count(out.device),
-                                                    STREAM_TAIL if stream_tail is None else stream_tail)
-    # Two float32 tile-sized slots per program for the parts of tiles it shares (from the caching allocator: no
-    # kernel), and the per-tile arrival counts, zero between calls.
-    partials = torch.empty((2 * programs if stream_tiles else 1, block_m * block_n), dtype=torch.float32,
-                           device=out.device)
-    arrivals = _arrival_counts(out.device, stream_tiles)
+    programs = min(multiprocessor_count(out.device), tiles)
     with launching_on(out):
         _kernel()[(programs,)](
             out, TensorDescriptor.from_tensor(out, [block_m, block_n]), out.stride(0), rows, *arguments,
-            whole_tiles, stream_tiles, partials, arrivals,
             COLUMNS=columns, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed,
             GROUP_M=GROUP_ROWS if group_rows is None else group_rows, PROGRAMS=programs,
-            STORE_THROUGH_TMA=store_through_tma, FIXUP_ROWS=min(FIXUP_ROWS, block_m), num_stages=stages,
-            num_warps=warps, **constants,
+            STORE_THROUGH_TMA=store_through_tma, num_stages=stages, num_warps=warps, **constants,
         )
     return out
-
-
-def _schedule(tiles: int, multiprocessors: int, stream_tail: bool) -> tuple[int, int, int]:
-    """(whole tiles, stream tiles, programs): how many tiles the programs take whole, one per program per wave,
-    and how many at the end they share by reduction steps (see the kernel), and how many programs run.
-
-    Without the stream tail the last wave keeps tiles % multiprocessors programs busy while the rest wait: at
-    llama's widths and 8,192 tokens on an H200's 132 multiprocessors, 3% of the kernel's time. With it, the tiles
-    left after the whole waves are shared; when they are few (under half a wave) the last whole wave is shared
-    with them, so that a tile is not cut into many short parts, each summed back from float32."""
-    if not stream_tail:
-        programs = min(multiprocessors, tiles)
-        return tiles, 0, programs
-    stream_tiles = tiles % multiprocessors if tiles >= multiprocessors else tiles
-    if 0 < stream_tiles < multiprocessors // 2 and tiles >= stream_tiles + multiprocessors:
-        stream_tiles += multiprocessors
-    return tiles - stream_tiles, stream_tiles, multiprocessors
-
-
-_arrivals: dict[tuple, torch.Tensor] = {}
-
-
-def _arrival_counts(device: torch.device, tiles: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per shared tile, kept per device and stream: the kernel's last arrival at a
-    tile sets its counter back to zero, so no memset is launched per call."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream)
-    counts = _arrivals.get(key)
-    if counts is None or counts.numel() < tiles:
-        counts = _arrivals[key] = torch.zeros(max(tiles, 512), dtype=torch.int32, device=device)
-    return counts
