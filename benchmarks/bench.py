@@ -146,9 +146,7 @@ def bench_training(args) -> dict:
 
         rotary_heads.ENABLED = False
     if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
-        from litft.adapters import lora_gemm as lora_gemm_module
-
-        lora_gemm_module.GROUP_ROWS = args.lora_gemm_group_rows
+        lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
     if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
         from litft.adapters import adapter_gradients
 
