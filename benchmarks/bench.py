@@ -137,6 +137,10 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_gated_down
 
         lora_gated_down.ENABLED = False
+    if args.product_after_gate_up:  # the A/B of lora_gemm.gated_projections: h by the elementwise kernel
+        from litft.adapters import lora_gated_down
+
+        lora_gated_down.FUSED_PRODUCT = False
     if args.adapter_gradients_apart:  # the A/B of litft.adapters.adapter_gradients: two GEMMs reading dy each
         from litft.adapters import lora_projections
 
@@ -230,6 +234,7 @@ def bench_training(args) -> dict:
                 **({"lora_dropout": args.lora_dropout} if args.lora_dropout else {}),
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
+                product_after_gate_up=args.product_after_gate_up,
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
@@ -457,6 +462,9 @@ def main() -> None:
     parser.add_argument("--gated_product_apart", action="store_true",
                         help="the MLP's act(gate) * up as written and down in the grouped operator, not down's "
                              "operator with the activation (the A/B of litft.adapters.lora_gated_down)")
+    parser.add_argument("--product_after_gate_up", action="store_true",
+                        help="h = act(gate) * up by an elementwise kernel after gate's and up's GEMMs, not in their "
+                             "GEMM's kernel (the A/B of litft.adapters.lora_gemm.gated_projections)")
     parser.add_argument("--adapter_gradients_apart", action="store_true",
                         help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
                              "(the A/B of litft.adapters.adapter_gradients)")

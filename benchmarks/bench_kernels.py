@@ -41,8 +41,13 @@
               (act(gate) * up; in the backward h recomputed, g_low^T @ h, the activation's gradient) against the
               operator's kernels over a sweep of tiles.
 
+  gated_projections
+              a gated MLP's gate and up projections with their adapters and h = act(gate) * up: each projection
+              through litft.adapters.lora_gemm's kernel (or cuBLAS) and then the elementwise product, against
+              lora_gemm.gated_projections' one kernel; from idle, queued, sustained (~0.5 s of calls: the power
+              limit), and the energy per call (NVML's counter over ~2 s of calls).
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
-                                             adapter_gradients,gated_down,rotary]
+                                             adapter_gradients,gated_down,rotary,gated_projections]
                                      [--tokens 8192]
 """
 
@@ -496,7 +501,7 @@ def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
     """The down projection's gated activation (litft.adapters.lora_gated_down) against what torch.compile ran
     before: forward act(gate) * up; backward h recomputed, g_low^T @ h, and the activation's gradient, each timed
     alone and as inductor fuses them, then the operator's kernel over a sweep of tiles."""
-    from litft.adapters import lora_gated_down
+    from litft.adapters import gated_activation, lora_gated_down
 
     for shape in shapes:
         width = PROJECTIONS[shape]["down"][0]
@@ -523,11 +528,11 @@ def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
         ms = time_ms(lambda: product_compiled(gate, up))
         emit(section="gated_down", shape=shape, what="forward, inductor", ms=ms)
         for block in (1024, 2048, 4096):
-            lora_gated_down.PRODUCT_BLOCK = block
-            ms = time_ms(lambda: lora_gated_down.gated_product(gate, up, "silu"))
+            gated_activation.PRODUCT_BLOCK = block
+            ms = time_ms(lambda: gated_activation.gated_product(gate, up, "silu"))
             emit(section="gated_down", shape=shape, what=f"forward, kernel block {block}", ms=ms,
                  gb_per_s=round(3 * gigabytes / ms * 1e3))
-        lora_gated_down.PRODUCT_BLOCK = 2048
+        gated_activation.PRODUCT_BLOCK = 2048
         before = {
             "recompute h": lambda: recompute_compiled(gate, up),
             "g_low^T @ h": lambda: grad_low.t() @ product,
@@ -563,6 +568,63 @@ def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
                 continue
             emit(section="gated_down", shape=shape, what="backward, kernel, queued",
                  tile_warps_stages=[rows, columns, warps, stages], ms=ms, gb_per_s=round(5 * gigabytes / ms * 1e3))
+
+
+def energy_mj(function, seconds: float = 2.0) -> float | None:
+    """Millijoules per call from NVML's energy counter over ~`seconds` of back-to-back calls (None without NVML)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    calls = max(10, int(seconds * 1e3 / time_ms(function, queued=True)))
+    torch.cuda.synchronize()
+    before = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    for _ in range(calls):
+        function()
+    torch.cuda.synchronize()
+    return (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - before) / calls
+
+
+def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> None:
+    from litft.adapters import gated_activation, lora_gemm
+
+    for shape in shapes:
+        hidden, inter = PROJECTIONS[shape]["gate_up"]
+        torch.manual_seed(0)
+
+        def randn(*size):
+            return torch.randn(*size, device="cuda", dtype=torch.bfloat16) / size[-1] ** 0.5
+
+        x, low, weights = randn(tokens, hidden), randn(tokens, 2 * rank), randn(2 * inter, hidden)
+        updates = (randn(inter, rank), randn(inter, rank))
+        blocks = torch.block_diag(*updates)
+        pairs = [[(x, weight), (low_i, update)]
+                 for weight, low_i, update in zip(weights.chunk(2), low.split(rank, dim=1), updates)]
+
+        def apart_kernel():
+            gate, up = (lora_gemm._run(pair, True, 0) for pair in pairs)
+            return gated_activation.gated_product(gate, up, "silu")
+
+        def apart_cublas():
+            gate, up = ((low_i @ update.t()).addmm_(x, weight.t()) for (_, weight), (low_i, update) in pairs)
+            return gated_activation.gated_product(gate, up, "silu")
+
+        def fused():
+            return lora_gemm._run_gated(x, weights, low, blocks, "silu", 0)
+
+        flops = 2 * 2 * tokens * hidden * inter
+        sustained_calls = max(20, int(500 / time_ms(fused)))
+        for path, function in (("apart_kernel", apart_kernel), ("apart_cublas", apart_cublas), ("fused", fused),
+                               ("apart_kernel_again", apart_kernel)):
+            record = dict(ms=time_ms(function), queued_ms=time_ms(function, queued=True),
+                          sustained_ms=time_ms(function, repeats=sustained_calls, queued=True))
+            record = {key: round(value, 4) for key, value in record.items()}
+            energy = energy_mj(function)
+            emit(kind="gated_projections", shape=shape, tokens=tokens, path=path, **record,
+                 sustained_tflops=round(flops / record["sustained_ms"] / 1e9, 1),
+                 mj_per_call=None if energy is None else round(energy, 2))
 
 
 def bench_rotary(seq: int, shapes: list[str]) -> None:
@@ -651,6 +713,8 @@ def main() -> None:
         bench_gated_down(args.tokens, args.shapes.split(","))
     if "rotary" in chosen:
         bench_rotary(args.seq, args.shapes.split(","))
+    if "gated_projections" in chosen:
+        bench_gated_projections(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from conftest import compiled_recording_operators, random_lora_model, square_loss_and_grads, triton_interpreter
 from torch import nn
 
-from litft.adapters import adapter_gradients, lora_gated_down, lora_projections
+from litft.adapters import adapter_gradients, gated_activation, lora_gated_down, lora_projections
 from litft.adapters.lora import set_compute_together
 
 LLAMA = {
@@ -37,7 +37,8 @@ def path(request, monkeypatch):
     if request.param == "torch":
         yield request.param
         return
-    with triton_interpreter(monkeypatch, lora_gated_down._kernels, adapter_gradients._kernels):
+    with triton_interpreter(monkeypatch, lora_gated_down._kernels, adapter_gradients._kernels,
+                            gated_activation._product_kernel):
         yield request.param
 
 
@@ -54,7 +55,7 @@ def test_kernels_compute_the_activation_its_gradient_and_the_adapter_gradient(pa
     gate, up, grad_product = (torch.randn(rows, columns, dtype=dtype) * 2 for _ in range(3))
     grad_low = torch.randn(rows, rank, dtype=dtype)
     product, grad_gate, grad_up, grad_lora_a = reference(gate, up, grad_product, grad_low, activation)
-    ours = lora_gated_down.gated_product(gate, up, activation)
+    ours = gated_activation.gated_product(gate, up, activation)
     got_gate, got_up, got_lora_a = lora_gated_down.gated_backward(
         grad_product, gate, up, grad_low, activation, block_rows=16, block_columns=32, warps=4,
     )
@@ -76,10 +77,10 @@ def test_kernels_read_the_halves_of_a_fused_gate_up_output_in_place(path):
     rows, columns, rank = 70, 48, 8
     gate_up = torch.randn(rows, 2 * columns)
     gate, up = gate_up.chunk(2, dim=-1)
-    assert lora_gated_down.rows_of(gate).data_ptr() == gate.data_ptr()  # a view, not a copy
+    assert gated_activation.rows_of(gate).data_ptr() == gate.data_ptr()  # a view, not a copy
     grad_product, grad_low = torch.randn(rows, columns), torch.randn(rows, rank)
-    strided = lora_gated_down.gated_product(gate, up, "silu")
-    copied = lora_gated_down.gated_product(gate.contiguous(), up.contiguous(), "silu")
+    strided = gated_activation.gated_product(gate, up, "silu")
+    copied = gated_activation.gated_product(gate.contiguous(), up.contiguous(), "silu")
     torch.testing.assert_close(strided, copied, rtol=0, atol=0)
     for got, expected in zip(
         lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu", block_rows=16, block_columns=32),
@@ -89,13 +90,13 @@ def test_kernels_read_the_halves_of_a_fused_gate_up_output_in_place(path):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
-def gated_calls(model, input_ids) -> int:
-    calls = 0
+def gated_calls(model, input_ids) -> list[bool]:
+    """One entry per call of the down operator in a forward: whether it was handed h (formed with gate and up)."""
+    calls = []
     original = lora_gated_down.lora_gated_down
 
     def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
+        calls.append(args[3] is not None)
         return original(*args, **kwargs)
 
     lora_gated_down.lora_gated_down = counting
@@ -110,14 +111,20 @@ def gated_calls(model, input_ids) -> int:
 PHI3 = dict(LLAMA, model_type="phi3")  # gate and up fused into one projection: the operator reads its halves
 
 
-@pytest.mark.parametrize("config", [LLAMA, GEMMA, PHI3], ids=["llama-silu", "gemma-gelu-tanh", "phi3-fused-gate-up"])
-def test_model_through_the_operator_matches_each_layer_alone(path, config):
+@pytest.mark.parametrize("config, product_with_gate_and_up",
+                         [(LLAMA, True), (GEMMA, True), (PHI3, False), (LLAMA, False)],
+                         ids=["llama-silu", "gemma-gelu-tanh", "phi3-fused-gate-up", "llama-product-apart"])
+def test_model_through_the_operator_matches_each_layer_alone(path, config, product_with_gate_and_up, monkeypatch):
+    """Llama's and Gemma's gate and up hand the down operator h, formed with them (`gated_mlp`); Phi-3's one
+    gate_up projection, and the A/B's switch, leave the operator to form it."""
+    if config is LLAMA and not product_with_gate_and_up:
+        monkeypatch.setattr(lora_gated_down, "FUSED_PRODUCT", False)
     model = random_lora_model(config)
     input_ids = torch.randint(0, config["vocab_size"], (2, 12))
-    assert gated_calls(model, input_ids) == config["num_hidden_layers"]
+    assert gated_calls(model, input_ids) == [product_with_gate_and_up] * config["num_hidden_layers"]
     loss, grads = square_loss_and_grads(model, input_ids)
     set_compute_together(model, False)
-    assert gated_calls(model, input_ids) == 0
+    assert gated_calls(model, input_ids) == []
     reference_loss, reference_grads = square_loss_and_grads(model, input_ids)
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-6)
     assert grads.keys() == reference_grads.keys()
@@ -129,7 +136,7 @@ def test_four_bit_base_through_the_operator_matches_each_layer_alone():
     pytest.importorskip("bitsandbytes")
     model = random_lora_model(LLAMA, quantize="bnb.nf4")
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
-    assert gated_calls(model, input_ids) == 2
+    assert gated_calls(model, input_ids) == [True, True]
     loss, grads = square_loss_and_grads(model, input_ids)
     set_compute_together(model, False)
     reference_loss, reference_grads = square_loss_and_grads(model, input_ids)
@@ -155,9 +162,9 @@ def test_adapter_dropout_keeps_the_product_as_written():
     the grouped operator takes down on its own."""
     model = random_lora_model(LLAMA, dropout=0.1).train()
     input_ids = torch.randint(0, LLAMA["vocab_size"], (2, 12))
-    assert gated_calls(model, input_ids) == 0
-    model.eval()  # no dropout in evaluation: the operator applies again
-    assert gated_calls(model, input_ids) == 2
+    assert gated_calls(model, input_ids) == []
+    model.eval()  # no dropout in evaluation: the operator applies again, handed h by gate and up
+    assert gated_calls(model, input_ids) == [True, True]
 
 
 def test_output_keeper_is_consulted_for_down():
@@ -198,7 +205,7 @@ def test_kernels_at_llama_8b_width_on_the_gpu():
     gate, up, grad_product = (torch.randn(rows, columns, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     grad_low = torch.randn(rows, rank, device="cuda", dtype=torch.bfloat16)
     product, grad_gate, grad_up, grad_lora_a = reference(gate, up, grad_product, grad_low, "silu")
-    ours = lora_gated_down.gated_product(gate, up, "silu")
+    ours = gated_activation.gated_product(gate, up, "silu")
     got_gate, got_up, got_lora_a = lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu")
     bf16_product = nn.functional.silu(gate) * up
     bf16_lora_a = grad_low.t() @ bf16_product

@@ -10,26 +10,32 @@ import torch
 from conftest import triton_interpreter
 from test_lora_projections import CONFIG, assert_computes_what_each_layer_computes_alone, lora_model, loss_and_grads
 
-from litft.adapters import lora_gemm, lora_projections
+from litft.adapters import gated_activation, lora_gemm, lora_projections
 
 
 @pytest.fixture
 def interpreter(monkeypatch):
-    with triton_interpreter(monkeypatch, lora_gemm._kernel):
+    with triton_interpreter(monkeypatch, lora_gemm._kernel, lora_gemm._gated_kernel, gated_activation._product_kernel):
         yield
 
 
 @pytest.fixture
 def kernel_runs(monkeypatch):
-    """The number of kernel launches, counted as they pass through to the kernel."""
+    """The kernel launches, recorded as they pass through to the kernel: (pairs, transposed) for a sum of
+    products, ("gated", activation) for gated_projections."""
     launches = []
-    run = lora_gemm._run
+    run, run_gated = lora_gemm._run, lora_gemm._run_gated
 
     def counting(pairs, transposed, config, **variant):
         launches.append((len(pairs), transposed))
         return run(pairs, transposed, config, **variant)
 
+    def counting_gated(*arguments):
+        launches.append(("gated", arguments[4]))
+        return run_gated(*arguments)
+
     monkeypatch.setattr(lora_gemm, "_run", counting)
+    monkeypatch.setattr(lora_gemm, "_run_gated", counting_gated)
     return launches
 
 
@@ -91,11 +97,65 @@ def test_the_grouped_operator_computes_through_the_kernel_what_each_layer_comput
     assert lora_projections.join_frozen_weights(model) > 0
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     assert_computes_what_each_layer_computes_alone(model, input_ids)
-    # Per block: forward q/k/v (joined), o, gate, up, down; input gradients q/k/v, o, gate + up, down. The first
-    # block's q/k/v input needs no gradient.
+    # Per block: forward q/k/v (joined), o, gate and up with their product, down; input gradients q/k/v, o,
+    # gate + up, down. The first block's q/k/v input needs no gradient.
     layers = CONFIG["num_hidden_layers"]
-    assert sum(transposed for _, transposed in kernel_runs) == 5 * layers
-    assert [count for count, transposed in kernel_runs if not transposed] == [2, 3, 2, 2] * (layers - 1) + [2, 3, 2]
+    assert kernel_runs.count(("gated", "silu")) == layers
+    assert sum(transposed is True for _, transposed in kernel_runs) == 3 * layers
+    assert [count for count, transposed in kernel_runs if transposed is False] == \
+        [2, 3, 2, 2] * (layers - 1) + [2, 3, 2]
+
+
+def gated_operands(rows, in_features, out_features, rank, device="cpu", dtype=torch.float32):
+    """x, [W_gate; W_up] (2N, K), [low_gate | low_up] (M, 2r), (B_gate, B_up)."""
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype)
+
+    return (randn(rows, in_features), randn(2 * out_features, in_features), randn(rows, 2 * rank),
+            (randn(out_features, rank), randn(out_features, rank)))
+
+
+def gated_reference(x, weights, low, updates, activation):
+    """gate, up in float64, and h from gate and up as rounded to x's dtype (as both paths form it)."""
+    rank = updates[0].shape[1]
+    gate, up = (reference([(x, weight), (low_i, update)], True)
+                for weight, low_i, update in zip(weights.chunk(2), low.split(rank, dim=1), updates))
+    rounded_gate, rounded_up = gate.to(x.dtype).double(), up.to(x.dtype).double()
+    if activation == "gelu_tanh":
+        return gate, up, torch.nn.functional.gelu(rounded_gate, approximate="tanh") * rounded_up
+    return gate, up, torch.nn.functional.silu(rounded_gate) * rounded_up
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("rows, in_features, out_features, rank", [(300, 96, 200, 4), (130, 64, 264, 16)])
+def test_gated_projections_in_the_interpreter(interpreter, monkeypatch, activation, rows, in_features,
+                                              out_features, rank, kernel_runs):
+    """gate, up and h = act(gate) * up from one kernel: tiles that fill no whole block, a rank shorter than the
+    smallest block."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    torch.manual_seed(0)
+    operands = gated_operands(rows, in_features, out_features, rank)
+    gate, up, product = lora_gemm.gated_projections(*operands, activation, separately=unreachable)
+    for got, expected in zip((gate, up, product), gated_reference(*operands, activation)):
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
+    assert kernel_runs == [("gated", activation)]
+    tokens = 1 << (rows - 1).bit_length()
+    assert lora_gemm.choices()[-1].startswith(f"gate and up forward, {activation} product, {tokens} tokens")
+
+
+def test_gated_projections_the_kernel_cannot_take_go_separately(interpreter, monkeypatch, kernel_runs):
+    """Weights that are not gate's and up's of one width, ranks past one block, cuBLAS forced, or a launch-bound
+    token count under `auto`: the caller's own computation."""
+    x, weights, low, updates = gated_operands(64, 32, 48, 4)
+    computed = (x, x, x)
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    for operands in [(x, weights[:88], low, updates), (x, weights, torch.randn(64, 80), (torch.randn(48, 40),) * 2)]:
+        assert lora_gemm.gated_projections(*operands, "silu", separately=lambda: computed) is computed
+    monkeypatch.setenv("LITFT_LORA_GEMM", "cublas")
+    assert lora_gemm.gated_projections(x, weights, low, updates, "silu", separately=lambda: computed) is computed
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+    assert lora_gemm.gated_projections(x, weights, low, updates, "silu", separately=lambda: computed) is computed
+    assert kernel_runs == []
 
 
 def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monkeypatch, kernel_runs):
@@ -209,6 +269,37 @@ def test_on_the_gpu_the_kernel_rounds_the_sum_once_and_auto_keeps_its_choice(mon
             assert (result.double() - exact).norm() / exact.norm() < 4e-3
 
 
+@pytest.mark.gpu
+def test_on_the_gpu_gated_projections_round_as_the_separate_path(monkeypatch, kernel_runs):
+    """bf16 at a shape with full and partial tiles: the kernel's gate, up and h are no further from a float64
+    reference than the separate path's (cuBLAS's GEMMs, then the elementwise product), and `auto` keeps a
+    choice."""
+    torch.manual_seed(0)
+    operands = gated_operands(2048 + 64, 1024, 3072 + 64, 16, "cuda", torch.bfloat16)
+    exact = gated_reference(*operands, "silu")
+    x, weights, low, updates = operands
+
+    def separately():
+        gate, up = ((low_i @ update.t()).addmm_(x, weight.t())
+                    for weight, low_i, update in zip(weights.chunk(2), low.split(16, dim=1), updates))
+        return gate, up, gated_activation.gated_product(gate, up, "silu")
+
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    fused = lora_gemm.gated_projections(*operands, "silu", separately=unreachable)
+    apart = separately()
+    for got, other, truth in zip(fused, apart, exact):
+        fused_error = (got.double() - truth).norm() / truth.norm()
+        apart_error = (other.double() - truth).norm() / truth.norm()
+        assert fused_error <= apart_error * 1.05 + 1e-4, (fused_error, apart_error)
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+    lora_gemm._choices.clear()
+    with _sync_debug("error"):
+        chosen = lora_gemm.gated_projections(*operands, "silu", separately=separately)
+    assert len(lora_gemm._choices) == 1
+    for got, truth in zip(chosen, exact):
+        assert (got.double() - truth).norm() / truth.norm() < 4e-3
+
+
 class _sync_debug:
     """torch.cuda.set_sync_debug_mode for a block: the one-time timing must not trip a step that never waits."""
 
@@ -234,7 +325,7 @@ def test_on_the_gpu_a_training_step_through_the_kernel_matches_the_cublas_path(m
     for path in ("triton", "cublas"):
         monkeypatch.setenv("LITFT_LORA_GEMM", path)
         results[path] = loss_and_grads(model, input_ids)
-    assert len(kernel_runs) == 5 * CONFIG["num_hidden_layers"] + 4 * CONFIG["num_hidden_layers"] - 1
+    assert len(kernel_runs) == 4 * CONFIG["num_hidden_layers"] + 4 * CONFIG["num_hidden_layers"] - 1
     (loss, grads), (reference_loss, reference_grads) = results["triton"], results["cublas"]
     torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
     for name, grad in grads.items():

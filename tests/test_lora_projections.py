@@ -398,9 +398,10 @@ def base_gemm_count(model: nn.Module, input_ids: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_joined_frozen_weights_keep_names_and_values_and_run_one_gemm_per_group(qkv_bias):
-    """`join_frozen_weights` lays q/k/v's frozen weights back to back in one storage: every parameter keeps its name,
-    shape and values; the grouped operator then runs one base GEMM for q/k/v, and the model computes (loss and
-    every adapter's gradient) what each layer computes alone."""
+    """`join_frozen_weights` lays q/k/v's frozen weights back to back in one storage, and gate's and up's in another:
+    every parameter keeps its name, shape and values; the grouped operator then runs one base GEMM for q/k/v (gate
+    and up keep one each: they are not marked), and the model computes (loss and every adapter's gradient) what
+    each layer computes alone."""
     model = lora_model(config={"attention_bias": qkv_bias})
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -416,7 +417,8 @@ def test_joined_frozen_weights_keep_names_and_values_and_run_one_gemm_per_group(
     assert all(not weight.requires_grad for weight in qkv)
     assert len({weight.untyped_storage().data_ptr() for weight in qkv}) == 1
     assert lora_projections.back_to_back(qkv) is not None
-    assert lora_projections.back_to_back([mlp.gate_proj.weight, mlp.up_proj.weight]) is None  # gate/up: two GEMMs
+    assert lora_projections.back_to_back([mlp.gate_proj.weight, mlp.up_proj.weight]) is not None
+    assert not mlp.gate_proj.joined_base and not mlp.up_proj.joined_base
     assert base_gemm_count(model, input_ids) == 2 * 5  # q/k/v, o, gate, up, down
     grads = assert_computes_what_each_layer_computes_alone(model, input_ids)
     assert len(grads) == 2 * 7 * 2 and all(grad.abs().sum() > 0 for grad in grads.values())

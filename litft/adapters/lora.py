@@ -179,6 +179,14 @@ class LoRALinear(nn.Module):
         caller then calls the layer on the product)."""
         return lora_gated_down.gated_down(gate, up, layer, activation)
 
+    @staticmethod
+    def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str
+                  ) -> torch.Tensor | None:
+        """down(act(gate(x)) * up(x)) with this class's layers, h = act(gate) * up formed with gate and up in
+        their GEMM's kernel (`litft.adapters.lora_gated_down.gated_mlp`); None where it does not apply (the caller
+        then computes gate and up, and `gated_down`)."""
+        return lora_gated_down.gated_mlp(x, gate, up, down, activation)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         together = forward_together(x, [self])  # the usual path: see `forward_together`
         if together is not None:

@@ -34,14 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from litft.adapters import gated_activation
 from litft.adapters import lora_projections as projections
 from litft.adapters.adapter_gradients import padded_rank, summed_partials
+from litft.adapters.gated_activation import ACTIVATIONS, gated_product, rows_of
 from litft.triton_support import interpreting, kernels_run_on, launching_on
 
-ACTIVATIONS = ("silu", "gelu_tanh")
 ENABLED = True  # False: every model computes down(act(gate) * up) as written (the benchmarks' A/B)
-# Forward: elements per program of the elementwise product.
-PRODUCT_BLOCK = 2048
+# False: gate and up through the grouped operator and h formed by the elementwise kernel, as before `gated_mlp` (the
+# benchmarks' A/B).
+FUSED_PRODUCT = True
 # Backward: tiles of (rows x columns), and the row groups whose partial A gradients are summed afterwards. Each
 # group is at least MIN_GROUP_ROWS rows, so the partials stay small beside the tiles the kernel reads.
 BLOCK_ROWS = 32  # the fastest of a sweep on an H200 at llama-8b's width (NOTES.md, section 16)
@@ -50,50 +52,20 @@ BACKWARD_WARPS = 4
 MAX_ROW_GROUPS = 16
 MIN_GROUP_ROWS = 512
 
-activation_and_slope = None  # the kernels' shared activation, a module global once built (see _kernels)
+activation_and_slope = None  # gated_activation.jitted_activation(), a module global once built (see _kernels)
 
 
 @functools.cache
 def _kernels():
     # Built on first use: the interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a function is decorated.
-    # No triton.language jitted helpers (tl.sigmoid, tl.zeros, tl.cdiv): they are built when triton is imported and
-    # would not be interpreted in a process that chose the interpreter later. The kernels call a jitted function of
-    # ours, which Triton resolves through the module's globals.
+    # No triton.language jitted helpers (tl.zeros, tl.cdiv): they are built when triton is imported and would not be
+    # interpreted in a process that chose the interpreter later. The kernel calls the activation's jitted function,
+    # which Triton resolves through the module's globals.
     global activation_and_slope
     import triton
     import triton.language as tl
 
-    def activation(gate, GELU: tl.constexpr):
-        """act(gate) and d act / d gate, in float32."""
-        if GELU:
-            # 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3); tanh(u) = 2 sigmoid(2u) - 1
-            inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-            tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
-            value = 0.5 * gate * (1.0 + tanh)
-            slope = 0.5 * (1.0 + tanh) + 0.5 * gate * (1.0 - tanh * tanh) * 0.7978845608028654 * (
-                1.0 + 3 * 0.044715 * gate * gate)
-        else:
-            sigmoid = 1.0 / (1.0 + tl.exp(-gate))
-            value = gate * sigmoid
-            slope = sigmoid * (1.0 + gate * (1.0 - sigmoid))
-        return value, slope
-
-    activation_and_slope = triton.jit(activation)
-
-    @triton.jit
-    def gated_product(gate_ptr, up_ptr, out_ptr, count, columns, gate_row_stride, up_row_stride,
-                      GELU: tl.constexpr, CONTIGUOUS: tl.constexpr, BLOCK: tl.constexpr):
-        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        inside = index < count
-        if CONTIGUOUS:
-            gate_index, up_index = index, index
-        else:  # rows of a wider tensor (the halves of a fused gate_up projection's output)
-            row, column = index // columns, index % columns
-            gate_index, up_index = row * gate_row_stride + column, row * up_row_stride + column
-        gate = tl.load(gate_ptr + gate_index, mask=inside, other=0.0).to(tl.float32)
-        up = tl.load(up_ptr + up_index, mask=inside, other=0.0).to(tl.float32)
-        value, _ = activation_and_slope(gate, GELU)
-        tl.store(out_ptr + index, (value * up).to(out_ptr.dtype.element_ty), mask=inside)
+    activation_and_slope = gated_activation.jitted_activation()
 
     @triton.jit
     def gated_backward(
@@ -140,54 +112,7 @@ def _kernels():
             partial, mask=rank_inside[:, None] & column_inside[None, :],
         )
 
-    return gated_product, gated_backward
-
-
-def _activation_torch(gate: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) in float32 through torch's own activations (CPU without the interpreter): a float32 model then
-    computes what `down(act(gate) * up)` does, to the last bit (a fresh adapter leaves the base model unchanged)."""
-    if activation == "gelu_tanh":
-        return nn.functional.gelu(gate.float(), approximate="tanh")
-    return nn.functional.silu(gate.float())
-
-
-def _slope_torch(gate: torch.Tensor, activation: str) -> torch.Tensor:
-    """d act / d gate in float32, the kernels' formula as torch operations."""
-    gate = gate.float()
-    if activation == "gelu_tanh":
-        tanh = torch.tanh(0.7978845608028654 * (gate + 0.044715 * gate**3))
-        return 0.5 * (1 + tanh) + 0.5 * gate * (1 - tanh**2) * 0.7978845608028654 * (1 + 3 * 0.044715 * gate**2)
-    sigmoid = torch.sigmoid(gate)
-    return sigmoid * (1 + gate * (1 - sigmoid))
-
-
-def gated_product(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up (M, N), computed in float32 and rounded once to the inputs' dtype, a new contiguous tensor.
-    gate and up are (M, N) with contiguous rows (`rows_of`)."""
-    if not kernels_run_on(gate) or gate.numel() == 0:
-        return (_activation_torch(gate, activation) * up.float()).to(gate.dtype)
-    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    count = gate.numel()
-    contiguous = gate.is_contiguous() and up.is_contiguous()
-    with launching_on(gate):
-        _kernels()[0][((count + PRODUCT_BLOCK - 1) // PRODUCT_BLOCK,)](
-            gate, up, out, count, gate.shape[1], gate.stride(0), up.stride(0),
-            GELU=activation == "gelu_tanh", CONTIGUOUS=contiguous, BLOCK=PRODUCT_BLOCK,
-        )
-    return out
-
-
-def rows_of(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` (..., N) as (M, N) with contiguous rows: a view where its rows lie evenly apart (also the halves of
-    a fused gate_up output), else a copy."""
-    if tensor.stride(-1) == 1:
-        try:
-            flat = tensor.view(-1, tensor.shape[-1])
-        except RuntimeError:  # leading dimensions that no single row stride spans
-            flat = None
-        if flat is not None and flat.stride(0) >= flat.shape[1]:
-            return flat
-    return tensor.reshape(-1, tensor.shape[-1]).contiguous()
+    return gated_backward
 
 
 def gated_backward(
@@ -201,7 +126,8 @@ def gated_backward(
     rows, columns = gate.shape
     rank = grad_low.shape[1]
     if not kernels_run_on(gate) or gate.numel() == 0:
-        value, slope = _activation_torch(gate, activation), _slope_torch(gate, activation)
+        value = gated_activation.activation_torch(gate, activation)
+        slope = gated_activation.slope_torch(gate, activation)
         grad_product = grad_product.float()
         up_float = up.float()
         product = (value * up_float).to(gate.dtype)
@@ -218,7 +144,7 @@ def gated_backward(
     partials = torch.empty((groups, rank, columns), dtype=torch.float32, device=gate.device)
     rank_block = padded_rank(rank)
     with launching_on(gate):
-        _kernels()[1][((columns + block_columns - 1) // block_columns, groups)](
+        _kernels()[((columns + block_columns - 1) // block_columns, groups)](
             grad_product, gate, up, grad_low, grad_gate, grad_up, partials, rows, columns, rank, group_rows,
             gate.stride(0), up.stride(0),
             GELU=activation == "gelu_tanh", BLOCK_ROWS=block_rows, BLOCK_COLUMNS=block_columns,
@@ -235,6 +161,7 @@ def lora_gated_down(
     gate: torch.Tensor,
     up: torch.Tensor,
     activation: str,
+    product: torch.Tensor | None,
     weights: list[torch.Tensor],
     state: list[torch.Tensor],
     state_counts: list[int],
@@ -246,8 +173,13 @@ def lora_gated_down(
     lora_b: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """[y, low]: down(act(gate) * up) for one LoRA down projection (the lists hold its one weight, state, bias and
-    B, as `lora_projections` takes them), and the adapter's rank-sized input kept for the backward."""
-    flat_product = gated_product(rows_of(gate), rows_of(up), activation)  # (M, N)
+    B, as `lora_projections` takes them), and the adapter's rank-sized input kept for the backward. `product`:
+    act(gate) * up formed already (by gate's and up's GEMM, `gated_mlp`), else None; it takes no gradient and is
+    not kept (the backward forms h again from gate and up)."""
+    if product is None:
+        flat_product = gated_product(rows_of(gate), rows_of(up), activation)  # (M, N)
+    else:
+        flat_product = rows_of(product)
     product = flat_product.view(*gate.shape[:-1], gate.shape[-1])  # (..., N)
     # Through cuBLAS, reading h back: computing low from the tiles of h inside the product's kernel (row tiles
     # walking groups of columns, partial sums added afterwards) measured slower, 0.27 ms against 0.23 on llama-8b.
@@ -258,8 +190,8 @@ def lora_gated_down(
 
 
 @lora_gated_down.register_fake
-def _(gate, up, activation, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a,
-      lora_b):
+def _(gate, up, activation, product, weights, state, state_counts, mode, out_features, nested_blocksizes, biases,
+      lora_a, lora_b):
     tokens = gate.numel() // gate.shape[-1]
     return [gate.new_empty((*gate.shape[:-1], out_features[0])), gate.new_empty((tokens, lora_a.shape[0]))]
 
@@ -300,7 +232,7 @@ def _(grad_output, gate, up, activation, low, weights, state, state_counts, mode
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    (gate, up, activation, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a,
+    (gate, up, activation, _, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a,
      lora_b) = inputs
     ctx.save_for_backward(gate, up, output[1], lora_a, *weights, *state, *lora_b)
     ctx.sizes = (len(weights), len(state))
@@ -321,7 +253,7 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
         lora_a, lora_b,
     )
     return (
-        grad_gate, grad_up, None, [None] * layer_count, [None] * state_count, None, None, None, None,
+        grad_gate, grad_up, None, None, [None] * layer_count, [None] * state_count, None, None, None, None,
         ctx.bias_gradients, grad_lora_a, grad_lora_b,
     )
 
@@ -335,7 +267,30 @@ def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation
     if not _takes(gate, up, down, activation):
         return None
     gate, up = projections.operator_input(gate), projections.operator_input(up)
-    output, _ = lora_gated_down(gate, up, activation, *projections.layer_arguments([down], gate.dtype))
+    output, _ = lora_gated_down(gate, up, activation, None, *projections.layer_arguments([down], gate.dtype))
+    return output
+
+
+def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor | None:
+    """A gated MLP, down(act(gate(x)) * up(x)), where gate, up and down are LoRA layers that compute together
+    (one base storage mode, no dropout, no bias on gate and up, which are not joined): gate and up through the
+    grouped operator, which also forms h = act(gate) * up (in their GEMM's kernel where `lora_gemm` takes it), then
+    down through the operator above, which reads that h. None where it does not apply: the caller computes gate
+    and up (`project`) and then `gated_down`."""
+    if not (
+        FUSED_PRODUCT and ENABLED and activation in ACTIVATIONS
+        and all(projections.computes_together(layer) for layer in (gate, up, down))
+        and projections.dropout_probability(down) == 0 and projections.one_group([gate, up])
+        and projections.dropout_probability(gate) == 0
+        and not (gate.joined_base or up.joined_base) and gate.bias is None and up.bias is None
+        and gate.out_features == up.out_features and gate.in_features == up.in_features
+    ):
+        return None
+    group_input = projections.operator_input(x)
+    gate_out, up_out, product, _ = projections.lora_projections(
+        group_input, *projections.layer_arguments([gate, up], group_input.dtype), False, 0.0, activation)
+    output, _ = lora_gated_down(gate_out, up_out, activation, product,
+                                *projections.layer_arguments([down], gate_out.dtype))
     return output
 
 

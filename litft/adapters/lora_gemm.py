@@ -33,6 +33,7 @@ import functools
 import importlib.util
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -109,6 +110,8 @@ def choices() -> list[str]:
         rows, widths, transposed = key[:3]
         path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
+        if len(key) > 6:  # gated_projections': "gated silu", ...
+            kind = f"gate and up forward, {key[5].split()[-1]} product,"
         timed = ", ".join(f"{'cublas' if index == CUBLAS else 'kernel'} {ms:.3f} ms"
                           for index, ms in _timings.get(key, {}).items())
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
@@ -134,18 +137,24 @@ def sum_of_products(
         return cublas()
     if forced == "cublas" or not can_fuse(pairs):
         return cublas()
-    key = (*choice_key(pairs, transposed), forced)
+    key = (*choice_key(pairs, transposed), forced)  # forced last: `_chosen` reads it there
     choice = _choices.get(key)
     if choice is not None:
         return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
-    if forced == "triton":  # the first configuration that compiles, found once (a failed compilation is slow)
-        _choices[key], result = _first_that_compiles(pairs, transposed)
+    return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0])
+
+
+def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor) -> Any:
+    """The first call of a kind (`key`): `run(config)` (the kernel in a configuration) or `cublas()`, chosen as
+    LITFT_LORA_GEMM says (`auto`: timed) and kept for the next calls; what the chosen path computed."""
+    if key[-1] == "triton":  # the first configuration that compiles, found once (a failed compilation is slow)
+        _choices[key], result = _first_that_compiles(run)
         return result
-    if pairs[0][0].is_cuda and torch.cuda.is_current_stream_capturing():
+    if first.is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas()  # timing would synchronize inside a CUDA-graph capture
-    choice, _timings[key] = _fastest(pairs, transposed, cublas)
+    choice, _timings[key] = _fastest(run, cublas, first.is_cuda)
     _choices[key] = choice
-    return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
+    return cublas() if choice == CUBLAS else run(choice)
 
 
 def choice_key(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], transposed: bool) -> tuple:
@@ -163,11 +172,11 @@ def _out_of_shared_memory(error: Exception) -> bool:
     return "OutOfResources" in type(error).__name__ or "out of resource" in str(error).lower()
 
 
-def _first_that_compiles(pairs, transposed) -> tuple[int, torch.Tensor]:
-    """The first configuration that compiles for these operands, and the sum it computed."""
+def _first_that_compiles(run: Callable[[int], Any]) -> tuple[int, Any]:
+    """The first configuration that compiles for `run`'s operands, and what it computed."""
     for index in range(len(CONFIGS)):
         try:
-            return index, _run(pairs, transposed, index)
+            return index, run(index)
         except Exception as error:  # noqa: BLE001 - re-raised unless it is a configuration too large to compile
             if not _out_of_shared_memory(error):
                 raise
@@ -184,12 +193,12 @@ CALLS_PER_ROUND = 4
 QUEUE_AHEAD_CYCLES = 4_000_000
 
 
-def _fastest(pairs, transposed, cublas) -> tuple[int, dict[int, float]]:
-    """CUBLAS, or the index of the first kernel configuration that compiles for these operands, whichever was
+def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool) -> tuple[int, dict[int, float]]:
+    """CUBLAS, or the index of the first kernel configuration that compiles for `run`'s operands, whichever was
     faster, and each one's time (ms per call): each runs once to warm up (the kernel's first call compiles it),
     then both are timed in alternating rounds and each keeps its best round, so that a GPU's clock drifting
     during the measurement does not decide. On CPU (the interpreter) the kernel, untimed."""
-    if not pairs[0][0].is_cuda:
+    if not on_gpu:
         return 0, {}
     candidates = {}
     # The first training step may run under torch.cuda.set_sync_debug_mode("error") (tests of a step that never
@@ -198,7 +207,7 @@ def _fastest(pairs, transposed, cublas) -> tuple[int, dict[int, float]]:
     torch.cuda.set_sync_debug_mode(0)
     try:
         for index in (CUBLAS, *range(len(CONFIGS))):
-            function = cublas if index == CUBLAS else functools.partial(_run, pairs, transposed, index)
+            function = cublas if index == CUBLAS else functools.partial(run, index)
             try:
                 function()
             except Exception as error:  # noqa: BLE001 - see _first_that_compiles
@@ -224,17 +233,19 @@ def _fastest(pairs, transposed, cublas) -> tuple[int, dict[int, float]]:
     return min(best, key=best.get), best
 
 
-_accumulate = None  # the kernel's inner loop, a module global once built: Triton resolves calls through globals
+# The kernels' jitted helpers, module globals once built: Triton resolves calls through globals.
+_accumulate = None
+_tile_origin = None
+activation_and_slope = None
 
 
-@functools.cache
-def _kernel():
-    # Built on first use, not at import: Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a
-    # function is decorated.
+def _helpers() -> None:
+    """Builds the helpers the kernels call, afresh with each kernel (each builder is cached): on first use, not at
+    import, since Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a function is decorated."""
     import triton
     import triton.language as tl
 
-    global _accumulate
+    global _accumulate, _tile_origin
 
     def accumulate(acc, a_desc, b_desc, row, column, DEPTH: tl.constexpr, BLOCK_K: tl.constexpr,
                    TRANSPOSED: tl.constexpr):
@@ -246,7 +257,32 @@ def _kernel():
                 acc = tl.dot(a, b_desc.load([k, column]), acc)  # B stored (K, N): a (BLOCK_K, BLOCK_N) block
         return acc
 
+    def tile_origin(tile, rows, COLUMNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GROUP_M: tl.constexpr):
+        """A tile's first row and column: tiles run in groups of GROUP_M row tiles, each group walking all the
+        column tiles, so that the tiles in flight at once share their operands' blocks in L2. Not tl.cdiv: triton
+        .language's own jitted helpers are built when triton is imported, and so are not interpreted in a process
+        that chose the interpreter later (the CPU tests)."""
+        row_tiles = (rows + BLOCK_M - 1) // BLOCK_M
+        column_tiles = (COLUMNS + BLOCK_N - 1) // BLOCK_N
+        tiles_per_group = GROUP_M * column_tiles
+        group = tile // tiles_per_group
+        first_row_tile = group * GROUP_M
+        group_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
+        row = ((first_row_tile + (tile % tiles_per_group) % group_rows) * BLOCK_M).to(tl.int32)
+        column = (((tile % tiles_per_group) // group_rows) * BLOCK_N).to(tl.int32)
+        return row, column
+
     _accumulate = triton.jit(accumulate)
+    _tile_origin = triton.jit(tile_origin)
+
+
+@functools.cache
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    _helpers()
 
     @triton.jit
     def sum_of_products_kernel(
@@ -258,19 +294,11 @@ def _kernel():
         BLOCK_K0: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr, LOW_BLOCK_K: tl.constexpr,
         TRANSPOSED: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, STORE_THROUGH_TMA: tl.constexpr,
     ):
-        # Not tl.cdiv or tl.zeros: triton.language's own jitted helpers are built when triton is imported, and so
-        # are not interpreted in a process that chose the interpreter later (the CPU tests).
-        row_tiles = (rows + BLOCK_M - 1) // BLOCK_M
-        column_tiles = (COLUMNS + BLOCK_N - 1) // BLOCK_N
-        tiles_per_group = GROUP_M * column_tiles
-        # Persistent: each program walks tiles PROGRAMS apart, in groups of GROUP_M row tiles so that the tiles in
-        # flight at once share their B blocks in L2.
-        for tile in tl.range(tl.program_id(0), row_tiles * column_tiles, PROGRAMS):
-            group = tile // tiles_per_group
-            first_row_tile = group * GROUP_M
-            group_rows = tl.minimum(row_tiles - first_row_tile, GROUP_M)
-            row = ((first_row_tile + (tile % tiles_per_group) % group_rows) * BLOCK_M).to(tl.int32)
-            column = (((tile % tiles_per_group) // group_rows) * BLOCK_N).to(tl.int32)
+        # Not tl.zeros: triton.language's own jitted helpers are not interpreted (see tile_origin).
+        tiles = ((rows + BLOCK_M - 1) // BLOCK_M) * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
+        # Persistent: each program walks tiles PROGRAMS apart.
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
+            row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
             if LOW_BLOCK_K > 0:
                 # The rank-deep pair is one block: loaded as the tile starts, so that it arrives while the long
                 # reductions run, and multiplied after them (no second pipelined loop per tile).
@@ -351,3 +379,109 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
             STORE_THROUGH_TMA=store_through_tma, num_stages=stages, num_warps=warps, **constants,
         )
     return out
+
+
+@functools.cache
+def _gated_kernel():
+    global activation_and_slope
+    import triton
+    import triton.language as tl
+
+    from litft.adapters import gated_activation
+
+    _helpers()
+    activation_and_slope = gated_activation.jitted_activation()
+
+    @triton.jit
+    def gated_projections_kernel(
+        gate_out, up_out, product_out, rows, x, weights, low, updates,
+        COLUMNS: tl.constexpr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GELU: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
+    ):
+        # A tile is BLOCK_N of gate's columns and the same BLOCK_N of up's: the frozen weights lie back to back,
+        # (2, N, K), and one block [2, BLOCK_N, BLOCK_K] of them is one (2 BLOCK_N, BLOCK_K) operand, so the tile
+        # is one GEMM twice as wide, [gate | up], and h = act(gate) * up of its columns is formed in registers.
+        tiles = ((rows + BLOCK_M - 1) // BLOCK_M) * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
+            row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
+            # The adapters' low-rank inputs [low_gate | low_up] and diag(B_gate, B_up)'s rows for these columns,
+            # loaded while the long reduction runs.
+            low_block = low.load([row, 0])  # (BLOCK_M, rank block)
+            update_block = updates.load([0, column, 0]).reshape(2 * BLOCK_N, low_block.shape[1])
+            acc = tl.full((BLOCK_M, 2 * BLOCK_N), 0.0, dtype=tl.float32)
+            for k in tl.range(0, DEPTH, BLOCK_K):
+                acc = tl.dot(x.load([row, k]), weights.load([0, column, k]).reshape(2 * BLOCK_N, BLOCK_K).T, acc)
+            acc = tl.dot(low_block, update_block.T, acc)
+            gate, up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()  # (BLOCK_M, BLOCK_N) each
+            # Stored through TMA, which clips a partial tile.
+            gate = gate.to(gate_out.dtype)
+            up = up.to(up_out.dtype)
+            gate_out.store([row, column], gate)
+            up_out.store([row, column], up)
+            # h from gate and up as stored (rounded), as the elementwise kernel would read them back.
+            value, _ = activation_and_slope(gate.to(tl.float32), GELU)
+            product_out.store([row, column], (value * up.to(tl.float32)).to(product_out.dtype))
+
+    return gated_projections_kernel
+
+
+def gated_projections(
+    x: torch.Tensor, weights: torch.Tensor, low: torch.Tensor, updates: tuple[torch.Tensor, torch.Tensor],
+    activation: str, separately: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated MLP's gate and up projections with their adapters, and h = act(gate) * up: gate = x @ W_gate^T +
+    low_gate @ B_gate^T and up likewise, from x (M, K), the frozen weights back to back `weights` (2N, K) =
+    [W_gate; W_up], `low` (M, 2r) = [low_gate | low_up] and `updates` (B_gate, B_up), each (N, r); all three new
+    (M, N) tensors.
+
+    Through one kernel where it takes these operands and was the faster: its tiles hold the same columns of gate
+    and of up, one GEMM as wide as two, so h is formed in registers and written with them, where the elementwise
+    product would read gate and up back from memory (at llama-8b's width 470 MB per layer and step). Otherwise
+    `separately()`, the caller's computation of the same three. `auto` times the two once per kind of call, like
+    `sum_of_products`; h is formed from gate and up as rounded to their dtype, so both paths compute the same h
+    from the same gate and up."""
+    forced = _forced()
+    columns, rank = updates[0].shape
+    blocks = torch.block_diag(*updates)  # (2N, 2r): [B_gate, 0; 0, B_up]
+    pairs = [(x, weights), (low, blocks)]
+    if forced == "auto" and (x.shape[0] < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled()):
+        return separately()
+    if forced == "cublas" or not (
+        can_fuse(pairs) and weights.shape[0] == 2 * columns and updates[1].shape == (columns, rank)
+        and 2 * rank <= LOW_RANK_BLOCK
+    ):
+        return separately()
+    key = (*choice_key(pairs, True), f"gated {activation}", forced)
+    choice = _choices.get(key)
+    run = functools.partial(_run_gated, x, weights, low, blocks, activation)
+    if choice is not None:
+        return separately() if choice == CUBLAS else run(choice)
+    return _chosen(key, run, separately, x)
+
+
+def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:
+    """gated_projections through the kernel in configuration `config` (its BLOCK_N split between gate and up);
+    `blocks` is diag(B_gate, B_up) (2N, 2r)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_m, block_n, block_k, stages, warps = CONFIGS[config]
+    block_n //= 2
+    rows, depth = x.shape
+    columns = weights.shape[0] // 2
+    outputs = [torch.empty((rows, columns), dtype=x.dtype, device=x.device) for _ in range(3)]
+    step = block_k if depth >= block_k else max(16, 1 << (depth - 1).bit_length())
+    rank_block = max(16, 1 << (low.shape[1] - 1).bit_length())
+    tiles = -(-rows // block_m) * -(-columns // block_n)
+    programs = min(multiprocessor_count(x.device), tiles)
+    with launching_on(x):
+        _gated_kernel()[(programs,)](
+            *(TensorDescriptor.from_tensor(output, [block_m, block_n]) for output in outputs), rows,
+            TensorDescriptor.from_tensor(x, [block_m, step]),
+            TensorDescriptor.from_tensor(weights.view(2, columns, depth), [2, block_n, step]),
+            TensorDescriptor.from_tensor(low, [block_m, rank_block]),
+            TensorDescriptor.from_tensor(blocks.view(2, columns, blocks.shape[1]), [2, block_n, rank_block]),
+            COLUMNS=columns, DEPTH=depth, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=step,
+            GELU=activation == "gelu_tanh", GROUP_M=GROUP_ROWS, PROGRAMS=programs, num_stages=stages,
+            num_warps=warps,
+        )
+    return tuple(outputs)

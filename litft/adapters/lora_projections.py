@@ -40,7 +40,7 @@ stay where they are: only the arithmetic is grouped.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +48,7 @@ from torch import nn
 
 from litft.adapters import lora_dropout, lora_gemm
 from litft.adapters.adapter_gradients import adapter_gradients
+from litft.adapters.gated_activation import gated_product
 from litft.adapters.quantization import dequantize_weight
 
 
@@ -158,11 +159,15 @@ def lora_projections(
     lora_b: list[torch.Tensor],
     joined: bool,
     dropout: float,
+    activation: str,
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
     kept for the backward; `joined`: [y, low], the outputs side by side in one tensor (..., sum N_i), from one base
-    GEMM when the weights join. `lora_a` is the layers' A factors, each times its scaling, stacked (sum r_i, K), in
-    x's dtype: the scalings ride in the kernel that stacks and casts them, not in kernels of their own.
+    GEMM when the weights join. `activation` ("silu", "gelu_tanh"; else ""): the group is a gated MLP's gate and
+    up, and the outputs are [gate, up, h, low] with h = act(gate) * up, which the down projection reads
+    (`lora_gemm.gated_projections` forms it with gate and up; it takes no gradient). `lora_a` is the layers' A
+    factors, each times its scaling, stacked (sum r_i, K), in x's dtype: the scalings ride in the kernel that stacks
+    and casts them, not in kernels of their own.
 
     `dropout` > 0: each adapter reads x through a dropout mask of its own, and the outputs end with the seed the
     masks were drawn from (a host int64 tensor (1,), see `litft.adapters.lora_dropout`), from which the backward
@@ -181,8 +186,12 @@ def lora_projections(
         ], dim=1)
     else:
         low = flat_x @ lora_a.t()  # (M, sum r_i)
-    outputs = kept_or_computed(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes,
-                               biases, lora_b, joined)
+    if activation:
+        outputs = _gated(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, biases,
+                         lora_b, activation)
+    else:
+        outputs = kept_or_computed(x, flat_x, low, weights, state, state_counts, mode, out_features,
+                                   nested_blocksizes, biases, lora_b, joined)
     return [*outputs, low, *seed]
 
 
@@ -241,9 +250,18 @@ def _base_and_updates(
             for columns, weight in zip(output.split(out_features, dim=1), _weights(*arguments)):
                 columns.addmm_(flat_x, weight.t())
         return [output.view(*x.shape[:-1], output.shape[-1])]
+    return [output.view(*x.shape[:-1], output.shape[1])
+            for output in _one_by_one(flat_x, low, _weights(*arguments), biases, lora_b)]
+
+
+def _one_by_one(
+    flat_x: torch.Tensor, low: torch.Tensor, weights: Iterable[torch.Tensor], biases: list[torch.Tensor | None],
+    lora_b: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """Each layer's output (M, N_i) = x @ W_i^T + low_i @ B_i^T (+ its bias), one base GEMM each."""
     outputs = []
     start = 0
-    for weight, bias, update in zip(_weights(*arguments), biases, lora_b):
+    for weight, bias, update in zip(weights, biases, lora_b):
         rank = update.shape[1]
         low_i = low[:, start : start + rank]
         start += rank
@@ -253,15 +271,42 @@ def _base_and_updates(
 
             output = lora_gemm.sum_of_products([(flat_x, weight), (low_i, update)], transposed=True, cublas=cublas)
         else:
-            output = torch.addmm(bias.to(x.dtype), low_i, update.t()).addmm_(flat_x, weight.t())
-        outputs.append(output.view(*x.shape[:-1], weight.shape[0]))
+            output = torch.addmm(bias.to(flat_x.dtype), low_i, update.t()).addmm_(flat_x, weight.t())
+        outputs.append(output)
     return outputs
 
 
+def _gated(
+    x: torch.Tensor, flat_x: torch.Tensor, low: torch.Tensor, weights: list[torch.Tensor], state: list[torch.Tensor],
+    state_counts: list[int], mode: str, out_features: list[int], nested_blocksizes: list[int],
+    biases: list[torch.Tensor | None], lora_b: list[torch.Tensor], activation: str,
+) -> list[torch.Tensor]:
+    """[gate, up, act(gate) * up] (..., N) each, for a group of two layers, gate's and up's. The output keeper is
+    not consulted: it keeps outputs that widen a token little, and gate and up widen it most."""
+    arguments = (weights, state, state_counts, mode, out_features, x.shape[-1], nested_blocksizes, x.dtype)
+    # Gate's and up's frozen weights back to back, [W_gate; W_up], for the kernel that computes both: as laid out by
+    # `join_frozen_weights`, or dequantized into one buffer.
+    joined = _joined_weight(*arguments) if all(bias is None for bias in biases) else None
+
+    def separately() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        both = joined.split(out_features) if joined is not None else _weights(*arguments)
+        gate, up = _one_by_one(flat_x, low, both, biases, lora_b)
+        return gate, up, gated_product(gate, up, activation)
+
+    if joined is None:
+        outputs = separately()
+    else:
+        outputs = lora_gemm.gated_projections(flat_x, joined, low, tuple(lora_b), activation, separately)
+    return [output.view(*x.shape[:-1], output.shape[1]) for output in outputs]
+
+
 @lora_projections.register_fake
-def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout):
+def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
+      activation):
     tokens = x.numel() // x.shape[-1]
     sizes = [sum(out_features)] if joined else out_features
+    if activation:  # [gate, up, h, low]
+        sizes = [*sizes, out_features[0]]
     seed = [torch.empty(1, dtype=torch.int64)] if dropout > 0 else []
     return [*(x.new_empty((*x.shape[:-1], size)) for size in sizes), x.new_empty((tokens, lora_a.shape[0])), *seed]
 
@@ -380,10 +425,12 @@ def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, ne
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
-    x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout = (
-        inputs
-    )
+    (x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
+     activation) = inputs
     output_count = 1 if joined else len(out_features)
+    if activation:  # [gate, up, h, low]: h takes no gradient (the down operator's backward forms its own)
+        ctx.mark_non_differentiable(output[output_count])
+        output_count += 1
     seed = output[output_count + 1] if dropout > 0 else None  # the outputs are [y..., low, seed]
     ctx.save_for_backward(x, output[output_count], seed, lora_a, *weights, *state, *lora_b)
     ctx.dropout = dropout
@@ -412,7 +459,7 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None, None,
     )
 
 
@@ -442,7 +489,7 @@ def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch
     caller then calls each layer)."""
     can_join = [computes_together(layer) for layer in layers]
     joining = [layer for layer, joins in zip(layers, can_join) if joins]
-    if not joining or not _one_group(joining):
+    if not joining or not one_group(joining):
         return None
     # One base GEMM for the group where `join_frozen_weights` marked it (the flag is fixed per layer, so a compiled
     # block specializes on it once; whether the weights still lie back to back is the operator's to check).
@@ -461,12 +508,12 @@ def forward_joined(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor
     """The outputs of `layers` side by side in one tensor (..., sum of out_features), where all of them compute
     together through one base GEMM (q, k, v once `join_frozen_weights` joined them); None otherwise."""
     if len(layers) < 2 or not all(computes_together(layer) and layer.joined_base for layer in layers) \
-            or not _one_group(layers):
+            or not one_group(layers):
         return None
     return _computed(x, layers, True)[0]
 
 
-def _one_group(layers: Sequence[nn.Module]) -> bool:
+def one_group(layers: Sequence[nn.Module]) -> bool:
     """Whether LoRA layers that compute together can share one operator call: one base storage mode, one dropout."""
     modes = {"none" if layer.quantization is None else layer.quantization.mode for layer in layers}
     return len(modes) == 1 and len({dropout_probability(layer) for layer in layers}) == 1
@@ -475,7 +522,7 @@ def _one_group(layers: Sequence[nn.Module]) -> bool:
 def _computed(x: torch.Tensor, layers: Sequence[nn.Module], joined: bool) -> list[torch.Tensor]:
     group_input = operator_input(x)
     return lora_projections(group_input, *layer_arguments(layers, group_input.dtype), joined,
-                            dropout_probability(layers[0]))
+                            dropout_probability(layers[0]), "")
 
 
 def operator_input(x: torch.Tensor) -> torch.Tensor:
@@ -515,36 +562,53 @@ def layer_arguments(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple:
 # GEMM saves 0.10 ms per llama-8b layer there (k's and v's input gradients reduce over 1024 columns only), while
 # gate/up's 28672-wide GEMM ran 8% slower than its two halves on an H200 (benchmarks/NOTES.md, section 11).
 JOINED_GROUPS = (("q_proj", "k_proj", "v_proj"),)
+# The layers whose full-precision weights lie back to back in one storage without being marked to run one base
+# GEMM: a gated MLP's gate and up, which `lora_gemm.gated_projections` reads as one (2N, K) operand.
+BACK_TO_BACK_GROUPS = (("gate_proj", "up_proj"),)
 
 
 @torch.no_grad()
 def join_frozen_weights(model: nn.Module) -> int:
     """Marks each q/k/v group of LoRA layers to run one base GEMM, and lays their frozen full-precision weights back
-    to back in one storage for it (4-bit weights stay where they are: they dequantize into one buffer). Each layer's
-    `weight` stays its own parameter under its own name, with its own shape and values: a view into the group's
-    storage. Returns how many groups it marked."""
+    to back in one storage for it (4-bit weights stay where they are: they dequantize into one buffer); lays gate's
+    and up's back to back too, unmarked (`BACK_TO_BACK_GROUPS`). Each layer's `weight` stays its own parameter
+    under its own name, with its own shape and values: a view into the group's storage. Returns how many groups it
+    marked."""
     joined = 0
     for module in model.modules():
+        for names in BACK_TO_BACK_GROUPS:
+            layers = [getattr(module, name, None) for name in names]
+            if all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
+                _lay_back_to_back(layers)
         for names in JOINED_GROUPS:
             layers = [getattr(module, name, None) for name in names]
             if not all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
                 continue
             if all(layer.joined_base for layer in layers):
                 continue
-            weights = [layer.weight for layer in layers]
-            if any(weight.requires_grad or weight.is_meta for weight in weights):
+            if not _lay_back_to_back(layers):
                 continue
-            if len({layer.quantization.mode if layer.quantization else "none" for layer in layers}) > 1:
-                continue
-            if layers[0].quantization is None:
-                if len({(weight.dtype, weight.device, weight.shape[1:]) for weight in weights}) > 1:
-                    continue
-                storage = torch.cat(weights)  # (sum N_i, K)
-                start = 0
-                for layer, weight in zip(layers, weights):
-                    layer.weight = nn.Parameter(storage[start : start + weight.shape[0]], requires_grad=False)
-                    start += weight.shape[0]
             for layer in layers:
                 layer.joined_base = True
             joined += 1
     return joined
+
+
+def _lay_back_to_back(layers: list[nn.Module]) -> bool:
+    """Lays the layers' frozen full-precision weights back to back in one storage, each `weight` a view into it
+    (4-bit weights stay where they are); False where they cannot join (trainable or meta weights, mixed storage
+    modes, dtypes, devices or input widths)."""
+    weights = [layer.weight for layer in layers]
+    if any(weight.requires_grad or weight.is_meta for weight in weights):
+        return False
+    if len({layer.quantization.mode if layer.quantization else "none" for layer in layers}) > 1:
+        return False
+    if layers[0].quantization is None and back_to_back(weights) is None:
+        if len({(weight.dtype, weight.device, weight.shape[1:]) for weight in weights}) > 1:
+            return False
+        storage = torch.cat(weights)  # (sum N_i, K)
+        start = 0
+        for layer, weight in zip(layers, weights):
+            layer.weight = nn.Parameter(storage[start : start + weight.shape[0]], requires_grad=False)
+            start += weight.shape[0]
+    return True

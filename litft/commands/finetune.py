@@ -647,8 +647,8 @@ def load_for_training(
 ):
     """Loads the base onto `device` in `dtype`; QLoRA quantizes each weight as it arrives, so the full-precision
     base never exists on the device. LoRA freezes the base and adds adapters; full fine-tuning trains everything.
-    `join_weights`: give each q/k/v group one base GEMM (`join_frozen_weights`); not under FSDP2, which
-    re-allocates every parameter as its own shard."""
+    `join_weights`: give each q/k/v group one base GEMM and lay gate and up back to back (`join_frozen_weights`);
+    not under FSDP2, which re-allocates every parameter as its own shard."""
     from litft.adapters.lora import apply_lora
     from litft.checkpoint import load_model
 

@@ -54,6 +54,17 @@ def project_joined(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor | None:
     return joiner.forward_joined(x, layers) if joiner is not None else None
 
 
+def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor:
+    """A gated MLP, down(act(gate(x)) * up(x)), `activation` "silu" (Llama) or "gelu_tanh" (Gemma). LoRA layers
+    compute it in two operators, the product formed with gate and up in their GEMM's kernel where it runs
+    (`litft.adapters.lora_gated_down.gated_mlp`); other layers as `project` and `gated_down` compute it."""
+    fused = getattr(type(down), "gated_mlp", None)
+    output = fused(x, gate, up, down, activation) if fused is not None else None
+    if output is not None:
+        return output
+    return gated_down(*project(x, gate, up), down, activation)
+
+
 def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> torch.Tensor:
     """A gated MLP's last projection, down(act(gate) * up), `activation` "silu" (Llama) or "gelu_tanh" (Gemma). A
     LoRA down projection computes it in one operator whose backward never writes act(gate) * up to memory

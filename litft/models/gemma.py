@@ -29,8 +29,7 @@ from litft.models.common import (
     RopeConfig,
     RotaryEmbedding,
     attend,
-    gated_down,
-    project,
+    gated_mlp,
 )
 from litft.models.rotary_heads import attention_heads
 
@@ -158,8 +157,7 @@ class GemmaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.gate_proj, self.up_proj)
-        return gated_down(gate, up, self.down_proj, "gelu_tanh")  # down(act(gate) * up)
+        return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "gelu_tanh")  # down(act(gate) * up)
 
 
 class GemmaDecoderLayer(nn.Module):

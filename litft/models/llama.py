@@ -26,7 +26,7 @@ from litft.models.common import (
     RotaryEmbedding,
     attend,
     gated_down,
-    project,
+    gated_mlp,
 )
 from litft.models.rotary_heads import attention_heads
 
@@ -139,11 +139,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "gate_up_proj"):
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
-        else:
-            gate, up = project(x, self.gate_proj, self.up_proj)
-        return gated_down(gate, up, self.down_proj, "silu")  # down(act(gate) * up)
+        if not hasattr(self, "gate_up_proj"):
+            return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "silu")  # down(act(gate) * up)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
+        return gated_down(gate, up, self.down_proj, "silu")
 
 
 class LlamaDecoderLayer(nn.Module):
