@@ -44,10 +44,14 @@
   gated_projections
               a gated MLP's gate and up projections with their adapters and h = act(gate) * up: each projection
               through litft.adapters.lora_gemm's kernel (or cuBLAS) and then the elementwise product, against
-              lora_gemm.gated_projections' one kernel; from idle, queued, sustained (~0.5 s of calls: the power
-              limit), and the energy per call (NVML's counter over ~2 s of calls).
+              lora_gemm.gated_projections' one kernel; and the backward of down(act(gate) * up), dh written and
+              read back against lora_gemm.gated_input_gradient's one kernel; from idle, queued, sustained (~0.5 s of
+              calls: the power limit), and the energy per call (NVML's counter over ~2 s of calls).
+  lora_gemm_energy
+              lora_gemm's kinds of call through cuBLAS and through the kernel: millijoules per call (NVML), two
+              alternating rounds.
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
-                                             adapter_gradients,gated_down,rotary,gated_projections]
+                                             adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy]
                                      [--tokens 8192]
 """
 
@@ -201,45 +205,71 @@ def bench_gemm_backends(tokens: int, shapes: list[str]) -> None:
                 torch._dynamo.reset()
 
 
+def lora_gemm_cases(tokens: int, shape: str, rank: int = 16) -> list[tuple[str, list, bool]]:
+    """(name, pairs, transposed) of each kind of `lora_gemm.sum_of_products` call in a LoRA step: the forward of one
+    projection, the input gradient of a group."""
+    def randn(*size):
+        return torch.randn(*size, device="cuda", dtype=torch.bfloat16)
+
+    projections = PROJECTIONS[shape]
+    hidden, kv = projections["q"][0], projections["kv"][1]
+    inter = projections["gate_up"][1]
+    return [
+        ("forward_qkv_joined", [(randn(tokens, hidden), randn(hidden + 2 * kv, hidden)),
+                                (randn(tokens, 3 * rank), randn(hidden + 2 * kv, 3 * rank))], True),
+        ("forward_o", [(randn(tokens, hidden), randn(hidden, hidden)), (randn(tokens, rank), randn(hidden, rank))],
+         True),
+        ("forward_gate", [(randn(tokens, hidden), randn(inter, hidden)), (randn(tokens, rank), randn(inter, rank))],
+         True),
+        ("forward_down", [(randn(tokens, inter), randn(hidden, inter)), (randn(tokens, rank), randn(hidden, rank))],
+         True),
+        ("input_grad_qkv_joined", [(randn(tokens, hidden + 2 * kv), randn(hidden + 2 * kv, hidden)),
+                                   (randn(tokens, 3 * rank), randn(3 * rank, hidden))], False),
+        ("input_grad_o", [(randn(tokens, hidden), randn(hidden, hidden)),
+                          (randn(tokens, rank), randn(rank, hidden))], False),
+        ("input_grad_gate_up", [(randn(tokens, inter), randn(inter, hidden)),
+                                (randn(tokens, inter), randn(inter, hidden)),
+                                (randn(tokens, 2 * rank), randn(2 * rank, hidden))], False),
+        ("input_grad_down", [(randn(tokens, hidden), randn(hidden, inter)),
+                             (randn(tokens, rank), randn(rank, inter))], False),
+    ]
+
+
+def cublas_sum(pairs, transposed):
+    """The grouped operator's cuBLAS path: the rank-deep product, then each base GEMM adding into it in place."""
+    *base, (low, update) = pairs
+    out = low @ (update.t() if transposed else update)
+    for a, b in base:
+        out.addmm_(a, b.t() if transposed else b)
+    return out
+
+
+def bench_lora_gemm_energy(tokens: int, shapes: list[str]) -> None:
+    """Energy per call of each kind of call through cuBLAS and through the kernel, in alternating pairs (the GPU
+    warms through the sequence), each over ~2 s of calls: at the power limit, where a step runs, energy is what
+    sets time."""
+    from litft.adapters import lora_gemm
+
+    for shape in shapes:
+        for name, pairs, transposed in lora_gemm_cases(tokens, shape):
+            paths = {"cublas": lambda pairs=pairs, transposed=transposed: cublas_sum(pairs, transposed),
+                     "triton": lambda pairs=pairs, transposed=transposed: lora_gemm._run(pairs, transposed, 0)}
+            for round_ in range(2):
+                for path, function in paths.items():
+                    emit(kind="lora_gemm_energy", shape=shape, case=name, tokens=tokens, path=path, round=round_,
+                         queued_ms=round(time_ms(function, queued=True), 4), mj_per_call=round(energy_mj(function), 2))
+
+
 def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
     from litft.adapters import lora_gemm
 
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-
     for shape in shapes:
-        projections = PROJECTIONS[shape]
-        hidden, kv = projections["q"][0], projections["kv"][1]
-        inter = projections["gate_up"][1]
-        # (name, pairs, transposed): the forward of one projection, the input gradient of a group
-        cases = [
-            ("forward_qkv_joined", [(randn(tokens, hidden), randn(hidden + 2 * kv, hidden)),
-                                    (randn(tokens, 3 * rank), randn(hidden + 2 * kv, 3 * rank))], True),
-            ("forward_o", [(randn(tokens, hidden), randn(hidden, hidden)), (randn(tokens, rank), randn(hidden, rank))],
-             True),
-            ("forward_gate", [(randn(tokens, hidden), randn(inter, hidden)), (randn(tokens, rank), randn(inter, rank))],
-             True),
-            ("forward_down", [(randn(tokens, inter), randn(hidden, inter)), (randn(tokens, rank), randn(hidden, rank))],
-             True),
-            ("input_grad_qkv_joined", [(randn(tokens, hidden + 2 * kv), randn(hidden + 2 * kv, hidden)),
-                                       (randn(tokens, 3 * rank), randn(3 * rank, hidden))], False),
-            ("input_grad_o", [(randn(tokens, hidden), randn(hidden, hidden)),
-                              (randn(tokens, rank), randn(rank, hidden))], False),
-            ("input_grad_gate_up", [(randn(tokens, inter), randn(inter, hidden)),
-                                    (randn(tokens, inter), randn(inter, hidden)),
-                                    (randn(tokens, 2 * rank), randn(2 * rank, hidden))], False),
-            ("input_grad_down", [(randn(tokens, hidden), randn(hidden, inter)),
-                                 (randn(tokens, rank), randn(rank, inter))], False),
-        ]
+        cases = lora_gemm_cases(tokens, shape, rank)
         for name, pairs, transposed in cases:
             flops = sum(2 * a.shape[0] * a.shape[1] * (b.shape[0] if transposed else b.shape[1]) for a, b in pairs)
 
             def cublas(pairs=pairs, transposed=transposed):
-                *base, (low, update) = pairs
-                out = low @ (update.t() if transposed else update)
-                for a, b in base:
-                    out.addmm_(a, b.t() if transposed else b)
-                return out
+                return cublas_sum(pairs, transposed)
 
             base_a, base_b = pairs[0]
             timings = {"cublas": time_ms(cublas),
@@ -588,7 +618,7 @@ def energy_mj(function, seconds: float = 2.0) -> float | None:
 
 
 def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> None:
-    from litft.adapters import gated_activation, lora_gemm
+    from litft.adapters import gated_activation, lora_gated_down, lora_gemm
 
     for shape in shapes:
         hidden, inter = PROJECTIONS[shape]["gate_up"]
@@ -624,6 +654,27 @@ def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> N
             energy = energy_mj(function)
             emit(kind="gated_projections", shape=shape, tokens=tokens, path=path, **record,
                  sustained_tflops=round(flops / record["sustained_ms"] / 1e9, 1),
+                 mj_per_call=None if energy is None else round(energy, 2))
+        # The backward of down(act(gate) * up): dh through the kernel, then the activation's backward kernel,
+        # against one kernel that keeps dh.
+        gate, up, _ = fused()
+        grad_output, weight = randn(tokens, hidden), randn(hidden, inter)
+        grad_low, scaled_a = randn(tokens, rank), randn(rank, inter)
+
+        def backward_apart():
+            grad_product = lora_gemm._run([(grad_output, weight), (grad_low, scaled_a)], False, 0)
+            return lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu")
+
+        def backward_fused():
+            return lora_gemm._run_gated_backward(grad_output, weight, grad_low, scaled_a, gate, up, "silu", 0)
+
+        for path, function in (("backward_apart", backward_apart), ("backward_fused", backward_fused),
+                               ("backward_apart_again", backward_apart), ("backward_fused_again", backward_fused)):
+            record = dict(ms=time_ms(function), queued_ms=time_ms(function, queued=True),
+                          sustained_ms=time_ms(function, repeats=sustained_calls, queued=True))
+            energy = energy_mj(function)
+            emit(kind="gated_projections", shape=shape, tokens=tokens, path=path,
+                 **{key: round(value, 4) for key, value in record.items()},
                  mj_per_call=None if energy is None else round(energy, 2))
 
 
@@ -715,6 +766,8 @@ def main() -> None:
         bench_rotary(args.seq, args.shapes.split(","))
     if "gated_projections" in chosen:
         bench_gated_projections(args.tokens, args.shapes.split(","))
+    if "lora_gemm_energy" in chosen:
+        bench_lora_gemm_energy(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":
