@@ -141,10 +141,6 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_gated_down
 
         lora_gated_down.FUSED_PRODUCT = False
-    if args.activation_backward_apart:  # the A/B of lora_gemm.gated_input_gradient: dh written and read back
-        from litft.adapters import lora_gated_down
-
-        lora_gated_down.FUSED_BACKWARD = False
     if args.adapter_gradients_apart:  # the A/B of litft.adapters.adapter_gradients: two GEMMs reading dy each
         from litft.adapters import lora_projections
 
@@ -239,7 +235,6 @@ def bench_training(args) -> dict:
                 lora_one_by_one=args.lora_one_by_one, bnb_dequantize=args.bnb_dequantize,
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
                 product_after_gate_up=args.product_after_gate_up,
-                activation_backward_apart=args.activation_backward_apart,
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
@@ -471,9 +466,6 @@ def main() -> None:
     parser.add_argument("--product_after_gate_up", action="store_true",
                         help="h = act(gate) * up by an elementwise kernel after gate's and up's GEMMs, not in their "
                              "GEMM's kernel (the A/B of litft.adapters.lora_gemm.gated_projections)")
-    parser.add_argument("--activation_backward_apart", action="store_true",
-                        help="down's input gradient dh written and read back by the activation's backward kernel, not "
-                             "kept in one kernel (the A/B of litft.adapters.lora_gemm.gated_input_gradient)")
     parser.add_argument("--adapter_gradients_apart", action="store_true",
                         help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
                              "(the A/B of litft.adapters.adapter_gradients)")

@@ -44,9 +44,8 @@
   gated_projections
               a gated MLP's gate and up projections with their adapters and h = act(gate) * up: each projection
               through litft.adapters.lora_gemm's kernel (or cuBLAS) and then the elementwise product, against
-              lora_gemm.gated_projections' one kernel; and the backward of down(act(gate) * up), dh written and
-              read back against lora_gemm.gated_input_gradient's one kernel; from idle, queued, sustained (~0.5 s of
-              calls: the power limit), and the energy per call (NVML's counter over ~2 s of calls).
+              lora_gemm.gated_projections' one kernel; from idle, queued, sustained (~0.5 s of calls: the power
+              limit), and the energy per call (NVML's counter over ~2 s of calls).
   lora_gemm_energy
               lora_gemm's kinds of call through cuBLAS and through the kernel: millijoules per call (NVML), two
               alternating rounds.
@@ -618,7 +617,7 @@ def energy_mj(function, seconds: float = 2.0) -> float | None:
 
 
 def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> None:
-    from litft.adapters import gated_activation, lora_gated_down, lora_gemm
+    from litft.adapters import gated_activation, lora_gemm
 
     for shape in shapes:
         hidden, inter = PROJECTIONS[shape]["gate_up"]
@@ -654,27 +653,6 @@ def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> N
             energy = energy_mj(function)
             emit(kind="gated_projections", shape=shape, tokens=tokens, path=path, **record,
                  sustained_tflops=round(flops / record["sustained_ms"] / 1e9, 1),
-                 mj_per_call=None if energy is None else round(energy, 2))
-        # The backward of down(act(gate) * up): dh through the kernel, then the activation's backward kernel,
-        # against one kernel that keeps dh.
-        gate, up, _ = fused()
-        grad_output, weight = randn(tokens, hidden), randn(hidden, inter)
-        grad_low, scaled_a = randn(tokens, rank), randn(rank, inter)
-
-        def backward_apart():
-            grad_product = lora_gemm._run([(grad_output, weight), (grad_low, scaled_a)], False, 0)
-            return lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu")
-
-        def backward_fused():
-            return lora_gemm._run_gated_backward(grad_output, weight, grad_low, scaled_a, gate, up, "silu", 0)
-
-        for path, function in (("backward_apart", backward_apart), ("backward_fused", backward_fused),
-                               ("backward_apart_again", backward_apart), ("backward_fused_again", backward_fused)):
-            record = dict(ms=time_ms(function), queued_ms=time_ms(function, queued=True),
-                          sustained_ms=time_ms(function, repeats=sustained_calls, queued=True))
-            energy = energy_mj(function)
-            emit(kind="gated_projections", shape=shape, tokens=tokens, path=path,
-                 **{key: round(value, 4) for key, value in record.items()},
                  mj_per_call=None if energy is None else round(energy, 2))
 
 

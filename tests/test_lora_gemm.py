@@ -10,23 +10,21 @@ import torch
 from conftest import triton_interpreter
 from test_lora_projections import CONFIG, assert_computes_what_each_layer_computes_alone, lora_model, loss_and_grads
 
-from litft.adapters import adapter_gradients, gated_activation, lora_gemm, lora_projections
+from litft.adapters import gated_activation, lora_gemm, lora_projections
 
 
 @pytest.fixture
 def interpreter(monkeypatch):
-    with triton_interpreter(monkeypatch, lora_gemm._kernel, lora_gemm._gated_kernel, lora_gemm._gated_backward_kernel,
-                            gated_activation._product_kernel, adapter_gradients._kernels):
+    with triton_interpreter(monkeypatch, lora_gemm._kernel, lora_gemm._gated_kernel, gated_activation._product_kernel):
         yield
 
 
 @pytest.fixture
 def kernel_runs(monkeypatch):
     """The kernel launches, recorded as they pass through to the kernel: (pairs, transposed) for a sum of
-    products, ("gated", activation) for gated_projections, ("gated backward", activation) for
-    gated_input_gradient."""
+    products, ("gated", activation) for gated_projections."""
     launches = []
-    run, run_gated, run_gated_backward = lora_gemm._run, lora_gemm._run_gated, lora_gemm._run_gated_backward
+    run, run_gated = lora_gemm._run, lora_gemm._run_gated
 
     def counting(pairs, transposed, config, **variant):
         launches.append((len(pairs), transposed))
@@ -36,13 +34,8 @@ def kernel_runs(monkeypatch):
         launches.append(("gated", arguments[4]))
         return run_gated(*arguments)
 
-    def counting_gated_backward(*arguments):
-        launches.append(("gated backward", arguments[6]))
-        return run_gated_backward(*arguments)
-
     monkeypatch.setattr(lora_gemm, "_run", counting)
     monkeypatch.setattr(lora_gemm, "_run_gated", counting_gated)
-    monkeypatch.setattr(lora_gemm, "_run_gated_backward", counting_gated_backward)
     return launches
 
 
@@ -104,12 +97,13 @@ def test_the_grouped_operator_computes_through_the_kernel_what_each_layer_comput
     assert lora_projections.join_frozen_weights(model) > 0
     input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
     assert_computes_what_each_layer_computes_alone(model, input_ids)
-    # Per block: forward q/k/v (joined), o, gate and up with their product, down; input gradients down with the
-    # activation's backward, gate + up, o, q/k/v. The first block's q/k/v input needs no gradient.
+    # Per block: forward q/k/v (joined), o, gate and up with their product, down; input gradients q/k/v, o,
+    # gate + up, down. The first block's q/k/v input needs no gradient.
     layers = CONFIG["num_hidden_layers"]
-    assert kernel_runs.count(("gated", "silu")) == kernel_runs.count(("gated backward", "silu")) == layers
+    assert kernel_runs.count(("gated", "silu")) == layers
     assert sum(transposed is True for _, transposed in kernel_runs) == 3 * layers
-    assert [count for count, transposed in kernel_runs if transposed is False] == [3, 2, 2] * (layers - 1) + [3, 2]
+    assert [count for count, transposed in kernel_runs if transposed is False] == \
+        [2, 3, 2, 2] * (layers - 1) + [2, 3, 2]
 
 
 def gated_operands(rows, in_features, out_features, rank, device="cpu", dtype=torch.float32):
@@ -147,34 +141,6 @@ def test_gated_projections_in_the_interpreter(interpreter, monkeypatch, activati
     assert kernel_runs == [("gated", activation)]
     tokens = 1 << (rows - 1).bit_length()
     assert lora_gemm.choices()[-1].startswith(f"gate and up forward, {activation} product, {tokens} tokens")
-
-
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("rows, out_features, columns, rank", [(300, 96, 200, 4), (130, 64, 264, 16)])
-def test_gated_input_gradient_in_the_interpreter(interpreter, monkeypatch, activation, rows, out_features, columns,
-                                                 rank, kernel_runs):
-    """d gate, d up and g_low^T @ h from one kernel whose dh = dy @ W + g_low @ (sA) never leaves it: tiles that
-    fill no whole block, several row tiles' partial sums, a rank shorter than the smallest block; equal to dh
-    rounded to the activations' dtype and autograd's activation backward in float64."""
-    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
-    monkeypatch.setattr(lora_gemm, "CONFIGS", ((64, 128, 32, 2, 4),))  # small tiles: two row tiles, 2+ column tiles
-    torch.manual_seed(0)
-    grad_output, weight = torch.randn(rows, out_features), torch.randn(out_features, columns)
-    grad_low, scaled_a = torch.randn(rows, rank), torch.randn(rank, columns)
-    gate, up = torch.randn(rows, columns) * 2, torch.randn(rows, columns)
-    got = lora_gemm.gated_input_gradient(grad_output, weight, grad_low, scaled_a, gate, up, activation,
-                                         separately=unreachable)
-    grad_product = reference([(grad_output, weight), (grad_low, scaled_a)], False).float().double()
-    gate64, up64 = gate.double().requires_grad_(), up.double().requires_grad_()
-    act = torch.nn.functional.gelu(gate64, approximate="tanh") if activation == "gelu_tanh" else \
-        torch.nn.functional.silu(gate64)
-    product = act * up64
-    product.backward(grad_product)
-    expected = (gate64.grad, up64.grad, grad_low.double().t() @ product.detach().float().double())
-    for value, truth in zip(got, expected):
-        torch.testing.assert_close(value.double(), truth, rtol=1e-4, atol=1e-3)
-    assert kernel_runs == [("gated backward", activation)]
-    assert lora_gemm.choices()[-1].startswith(f"down input gradient, {activation} backward,")
 
 
 def test_gated_projections_the_kernel_cannot_take_go_separately(interpreter, monkeypatch, kernel_runs):
@@ -334,41 +300,6 @@ def test_on_the_gpu_gated_projections_round_as_the_separate_path(monkeypatch, ke
         assert (got.double() - truth).norm() / truth.norm() < 4e-3
 
 
-@pytest.mark.gpu
-def test_on_the_gpu_the_gated_input_gradient_rounds_as_the_separate_path(monkeypatch, kernel_runs):
-    """bf16 at a shape with full and partial tiles: the kernel's d gate, d up and A gradient are no further from a
-    float64 reference than the separate path's (dh written by the GEMM, the activation's backward kernel)."""
-    from litft.adapters import lora_gated_down
-
-    torch.manual_seed(0)
-    rows, out_features, columns, rank = 2048 + 64, 1024, 3072 + 64, 16
-
-    def randn(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-
-    grad_output, weight, grad_low, scaled_a = randn(rows, out_features), randn(out_features, columns), \
-        randn(rows, rank), randn(rank, columns)
-    gate, up = randn(rows, columns) * 2, randn(rows, columns)
-    grad_product = reference([(grad_output, weight), (grad_low, scaled_a)], False)
-    gate64, up64 = gate.double().requires_grad_(), up.double().requires_grad_()
-    product = torch.nn.functional.silu(gate64) * up64
-    product.backward(grad_product)
-    exact = (gate64.grad, up64.grad, grad_low.double().t() @ product.detach())
-
-    def separately():
-        dh = (grad_low @ scaled_a).addmm_(grad_output, weight)
-        return lora_gated_down.gated_backward(dh, gate, up, grad_low, "silu")
-
-    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
-    fused = lora_gemm.gated_input_gradient(grad_output, weight, grad_low, scaled_a, gate, up, "silu",
-                                           separately=unreachable)
-    assert kernel_runs == [("gated backward", "silu")]
-    for got, other, truth in zip(fused, separately(), exact):
-        fused_error = (got.double() - truth).norm() / truth.norm()
-        apart_error = (other.double() - truth).norm() / truth.norm()
-        assert fused_error <= apart_error * 1.05 + 1e-4, (fused_error, apart_error)
-
-
 class _sync_debug:
     """torch.cuda.set_sync_debug_mode for a block: the one-time timing must not trip a step that never waits."""
 
@@ -394,7 +325,7 @@ def test_on_the_gpu_a_training_step_through_the_kernel_matches_the_cublas_path(m
     for path in ("triton", "cublas"):
         monkeypatch.setenv("LITFT_LORA_GEMM", path)
         results[path] = loss_and_grads(model, input_ids)
-    assert len(kernel_runs) == 4 * CONFIG["num_hidden_layers"] + 4 * CONFIG["num_hidden_layers"] - 1  # see above
+    assert len(kernel_runs) == 4 * CONFIG["num_hidden_layers"] + 4 * CONFIG["num_hidden_layers"] - 1
     (loss, grads), (reference_loss, reference_grads) = results["triton"], results["cublas"]
     torch.testing.assert_close(loss, reference_loss, rtol=1e-2, atol=0)
     for name, grad in grads.items():

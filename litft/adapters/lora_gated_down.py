@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from litft.adapters import gated_activation, lora_gemm
+from litft.adapters import gated_activation
 from litft.adapters import lora_projections as projections
 from litft.adapters.adapter_gradients import padded_rank, summed_partials
 from litft.adapters.gated_activation import ACTIVATIONS, gated_product, rows_of
@@ -44,9 +44,6 @@ ENABLED = True  # False: every model computes down(act(gate) * up) as written (t
 # False: gate and up through the grouped operator and h formed by the elementwise kernel, as before `gated_mlp` (the
 # benchmarks' A/B).
 FUSED_PRODUCT = True
-# False: the backward writes dh = dy @ W + g_low @ (sA) and the activation's kernel reads it back, as before
-# `lora_gemm.gated_input_gradient` (the benchmarks' A/B).
-FUSED_BACKWARD = True
 # Backward: tiles of (rows x columns), and the row groups whose partial A gradients are summed afterwards. Each
 # group is at least MIN_GROUP_ROWS rows, so the partials stay small beside the tiles the kernel reads.
 BLOCK_ROWS = 32  # the fastest of a sweep on an H200 at llama-8b's width (NOTES.md, section 16)
@@ -219,22 +216,11 @@ def lora_gated_down_backward(
     in_features = gate.shape[-1]
     flat_grad = grad_output.reshape(-1, out_features[0])  # (M, out)
     grad_low, grad_updates = projections.update_gradients([flat_grad], lora_b, low)
-    flat_gate, flat_up = rows_of(gate), rows_of(up)
-    weight = next(projections.frozen_weights(
-        weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, gate.dtype))  # (out, N)
-
-    def separately() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        grad_product = lora_gemm.sum_of_products(  # dh (M, N), as the grouped operator's input gradient
-            [(flat_grad, weight), (grad_low, lora_a)], transposed=False,
-            cublas=lambda: (grad_low @ lora_a).addmm_(flat_grad, weight))
-        return gated_backward(grad_product, flat_gate, flat_up, grad_low, activation)
-
-    # dh = dy @ W + g_low @ (sA) and the activation's backward in one kernel where it runs (dh never written).
-    if FUSED_BACKWARD:
-        grad_gate, grad_up, grad_lora_a = lora_gemm.gated_input_gradient(
-            flat_grad, weight, grad_low, lora_a, flat_gate, flat_up, activation, separately)
-    else:
-        grad_gate, grad_up, grad_lora_a = separately()
+    grad_product = projections.input_gradient(
+        [flat_grad], None, grad_low, weights, state, state_counts, mode, out_features, in_features,
+        nested_blocksizes, gate.dtype, lora_a,
+    )  # (M, N)
+    grad_gate, grad_up, grad_lora_a = gated_backward(grad_product, rows_of(gate), rows_of(up), grad_low, activation)
     return [grad_gate.view(gate.shape), grad_up.view(up.shape), grad_lora_a.to(lora_a.dtype), *grad_updates]
 
 

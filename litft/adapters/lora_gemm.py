@@ -110,8 +110,8 @@ def choices() -> list[str]:
         rows, widths, transposed = key[:3]
         path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
-        if len(key) > 6:  # gated_projections' and gated_input_gradient's own label
-            kind = key[5]
+        if len(key) > 6:  # gated_projections': "gated silu", ...
+            kind = f"gate and up forward, {key[5].split()[-1]} product,"
         timed = ", ".join(f"{'cublas' if index == CUBLAS else 'kernel'} {ms:.3f} ms"
                           for index, ms in _timings.get(key, {}).items())
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
@@ -451,7 +451,7 @@ def gated_projections(
         and 2 * rank <= LOW_RANK_BLOCK
     ):
         return separately()
-    key = (*choice_key(pairs, True), f"gate and up forward, {activation} product,", forced)
+    key = (*choice_key(pairs, True), f"gated {activation}", forced)
     choice = _choices.get(key)
     run = functools.partial(_run_gated, x, weights, low, blocks, activation)
     if choice is not None:
@@ -485,126 +485,3 @@ def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[t
             num_warps=warps,
         )
     return tuple(outputs)
-
-
-@functools.cache
-def _gated_backward_kernel():
-    global activation_and_slope
-    import triton
-    import triton.language as tl
-
-    from litft.adapters import gated_activation
-
-    _helpers()
-    activation_and_slope = gated_activation.jitted_activation()
-
-    @triton.jit
-    def gated_input_gradient_kernel(
-        grad_gate_out, grad_up_out, partial_pointer, rows, grad_output, weight, grad_low, scaled_a, gate_in, up_in,
-        COLUMNS: tl.constexpr, DEPTH: tl.constexpr, RANK: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, LOW_BLOCK_K: tl.constexpr, GELU: tl.constexpr,
-        GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, DOT_IN_FLOAT32: tl.constexpr,
-    ):
-        # dh = dy @ W + g_low @ (sA), a (BLOCK_M, BLOCK_N) tile of the product's gradient, is never written: its
-        # epilogue reads the same tile of gate and up and writes their gradients, and adds the tile's share of the
-        # down adapter's A gradient, g_low^T @ h, to this row tile's float32 partial.
-        tiles = ((rows + BLOCK_M - 1) // BLOCK_M) * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
-        PART: tl.constexpr = BLOCK_N // 4
-        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
-            row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
-            low_block = grad_low.load([row, 0])  # (BLOCK_M, LOW_BLOCK_K), while the long reduction runs
-            update_block = scaled_a.load([0, column])  # (LOW_BLOCK_K, BLOCK_N)
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-            acc = _accumulate(acc, grad_output, weight, row, column, DEPTH, BLOCK_K, False)
-            acc = tl.dot(low_block, update_block, acc)
-            # dh rounded to the activations' dtype, as the separate path writes it and reads it back, then taken
-            # in four blocks of PART columns: the float32 gate, up, act(gate), its slope and dh of a whole tile
-            # (five tiles' worth of registers) spilled.
-            halves = acc.to(grad_gate_out.dtype).reshape(BLOCK_M, 2, BLOCK_N // 2).permute(0, 2, 1).split()
-            for half in tl.static_range(2):
-                parts = halves[half].reshape(BLOCK_M, 2, PART).permute(0, 2, 1).split()
-                for part in tl.static_range(2):
-                    start = column + (2 * half + part) * PART
-                    grad_product = parts[part].to(tl.float32)
-                    gate = gate_in.load([row, start]).to(tl.float32)
-                    up = up_in.load([row, start]).to(tl.float32)
-                    value, slope = activation_and_slope(gate, GELU)
-                    grad_gate_out.store([row, start], (grad_product * up * slope).to(grad_gate_out.dtype))
-                    grad_up_out.store([row, start], (grad_product * value).to(grad_up_out.dtype))
-                    product = (value * up).to(grad_gate_out.dtype)  # h as the forward rounded it; zero outside
-                    if DOT_IN_FLOAT32:  # float32 operands (the CPU tests), exact products
-                        partial = tl.dot(low_block.T.to(tl.float32), product.to(tl.float32), input_precision="ieee")
-                    else:
-                        partial = tl.dot(low_block.T, product)  # (LOW_BLOCK_K, PART)
-                    ranks = tl.arange(0, LOW_BLOCK_K)
-                    columns = start + tl.arange(0, PART)
-                    offsets = ((row // BLOCK_M) * RANK + ranks[:, None]).to(tl.int64) * COLUMNS + columns[None, :]
-                    inside = (ranks[:, None] < RANK) & (columns[None, :] < COLUMNS)
-                    tl.store(partial_pointer + offsets, partial, mask=inside)
-
-    return gated_input_gradient_kernel
-
-
-def gated_input_gradient(
-    grad_output: torch.Tensor, weight: torch.Tensor, grad_low: torch.Tensor, scaled_a: torch.Tensor,
-    gate: torch.Tensor, up: torch.Tensor, activation: str,
-    separately: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward of a LoRA down projection of a gated MLP, down(act(gate) * up): (d gate, d up, d(sA)), from
-    dy (M, K_out), the frozen weight W (K_out, N), g_low = dy @ B (M, r), the scaled A factor sA (r, N) and gate,
-    up (M, N) with contiguous rows; d(sA) = g_low^T @ h, summed in float32 and rounded once.
-
-    Through one kernel where it takes these operands and was the faster: the product's gradient dh = dy @ W +
-    g_low @ (sA) stays in registers, where the separate path writes it and the activation's backward reads it back
-    (at llama-8b's width 470 MB per layer and step). Otherwise `separately()`, the caller's computation of the same
-    three. `auto` times the two once per kind of call, like `sum_of_products`."""
-    forced = _forced()
-    pairs = [(grad_output, weight), (grad_low, scaled_a)]
-    if forced == "auto" and (grad_output.shape[0] < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled()):
-        return separately()
-    if forced == "cublas" or not (
-        can_fuse(pairs + [(gate, up)]) and gate.shape == up.shape == (grad_output.shape[0], weight.shape[1])
-        and grad_low.shape[1] <= LOW_RANK_BLOCK
-    ):
-        return separately()
-    key = (*choice_key(pairs, False), f"down input gradient, {activation} backward,", forced)
-    choice = _choices.get(key)
-    run = functools.partial(_run_gated_backward, grad_output, weight, grad_low, scaled_a, gate, up, activation)
-    if choice is not None:
-        return separately() if choice == CUBLAS else run(choice)
-    return _chosen(key, run, separately, grad_output)
-
-
-def _run_gated_backward(grad_output, weight, grad_low, scaled_a, gate, up, activation: str,
-                        config: int) -> tuple[torch.Tensor, ...]:
-    """gated_input_gradient through the kernel in configuration `config`."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    from litft.adapters.adapter_gradients import summed_partials
-
-    block_m, block_n, block_k, stages, warps = CONFIGS[config]
-    rows, depth = grad_output.shape
-    columns, rank = weight.shape[1], grad_low.shape[1]
-    step = block_k if depth >= block_k else max(16, 1 << (depth - 1).bit_length())
-    low_step = max(16, 1 << (rank - 1).bit_length())
-    grad_gate, grad_up = (torch.empty_like(gate) for _ in range(2))
-    row_tiles = -(-rows // block_m)
-    partials = torch.empty((row_tiles, rank, columns), dtype=torch.float32, device=gate.device)
-    programs = min(multiprocessor_count(gate.device), row_tiles * -(-columns // block_n))
-    part = block_n // 4
-    with launching_on(gate):
-        _gated_backward_kernel()[(programs,)](
-            TensorDescriptor.from_tensor(grad_gate, [block_m, part]),
-            TensorDescriptor.from_tensor(grad_up, [block_m, part]), partials, rows,
-            TensorDescriptor.from_tensor(grad_output, [block_m, step]),
-            TensorDescriptor.from_tensor(weight, [step, block_n]),
-            TensorDescriptor.from_tensor(grad_low, [block_m, low_step]),
-            TensorDescriptor.from_tensor(scaled_a, [low_step, block_n]),
-            TensorDescriptor.from_tensor(gate, [block_m, part]), TensorDescriptor.from_tensor(up, [block_m, part]),
-            COLUMNS=columns, DEPTH=depth, RANK=rank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=step,
-            LOW_BLOCK_K=low_step, GELU=activation == "gelu_tanh", GROUP_M=GROUP_ROWS, PROGRAMS=programs,
-            # float32 inputs, and the interpreter, whose bf16 dot returns garbage (Triton 3.9): products of the
-            # rounded h in float32, exactly what a bf16 dot with float32 accumulation computes.
-            DOT_IN_FLOAT32=gate.dtype == torch.float32 or interpreting(), num_stages=stages, num_warps=warps,
-        )
-    return grad_gate, grad_up, summed_partials([partials], gate.dtype)[0]
