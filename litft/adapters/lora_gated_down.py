@@ -12,16 +12,18 @@ Here the activation's backward kernel, which reads gate and up anyway, forms eac
 its share of g_low^T @ h to a float32 partial sum: h is neither recomputed into memory nor read back. The kernel
 walks a 2-D grid of tiles, (row groups) x (column tiles); each program sums g_low^T @ h over its group of rows and
 writes one (rank x columns) partial, and the partials (16 row groups: 2.5% of the bytes the kernel reads at llama's
-widths) are summed afterwards, in a fixed order, so the result is the same in every run. The forward computes h with
-an elementwise kernel of its own (inductor fused the same product before), then down's GEMMs as the grouped
-operator does, including `lora_gemm`'s adapter-in-the-GEMM path.
+widths) are summed afterwards, in a fixed order, so the result is the same in every run. The forward takes h from
+gate's and up's GEMM where it formed it (`gated_mlp`: `lora_gemm.gated_projections`' tiles hold the same columns of
+both), else computes it with the elementwise kernel (`litft.adapters.gated_activation`), then down's GEMMs as the
+grouped operator does, including `lora_gemm`'s adapter-in-the-GEMM path.
 
 Numerics: the activation in float32 and h rounded once to the activations' dtype (as inductor's fused kernel
 computes it), both in the forward and where the backward forms h again, so the A gradient sees the h the forward
 used. Without Triton (CPU, outside the interpreter) the same formulas run as torch operations.
 
-Used where it applies (`gated_down`): a plain LoRA down projection that computes together (full-precision or 4-bit
-base), no adapter dropout, a SiLU or tanh-GELU gate, gate and up of one shape. Everything else (no adapter, DoRA,
+Used where it applies (`gated_mlp` for the whole MLP, `gated_down` from gate and up computed elsewhere): a plain
+LoRA down projection that computes together (full-precision or 4-bit base), no adapter dropout, a SiLU or tanh-GELU
+gate, gate and up of one shape. Everything else (no adapter, DoRA,
 dropout, thunder) runs `down(act(gate) * up)` as before. Under offloaded activation checkpointing the output keeper
 is consulted for down's output as the grouped operator does.
 """

@@ -27,6 +27,10 @@ Under offloaded activation checkpointing a keeper (`keeping_outputs`) may hold o
 widen a token little (o, down, grouped-query q/k/v) from the block's forward, and hand them back when the backward
 recomputes the block: those base GEMMs (46% of a llama-8b block's) are not run twice.
 
+A gated MLP's gate and up (`activation`) also return h = act(gate) * up for the down projection: their frozen weights
+lie back to back too (unmarked, two GEMMs' worth of columns), and `lora_gemm.gated_projections` computes both in one
+kernel whose tiles hold the same columns of each, forming h in registers.
+
 With adapter dropout each adapter reads x through a mask of its own (`litft.adapters.lora_dropout`): low is then one
 rank-deep GEMM per adapter over its masked copy of x, and the backward draws the masks again from the forward's seed
 rather than keeping them.
