@@ -441,12 +441,14 @@ def gated_projections(
     `sum_of_products`; h is formed from gate and up as rounded to their dtype, so both paths compute the same h
     from the same gate and up."""
     forced = _forced()
+    if forced == "cublas" or (
+        forced == "auto" and (x.shape[0] < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled())
+    ):
+        return separately()
     columns, rank = updates[0].shape
     blocks = torch.block_diag(*updates)  # (2N, 2r): [B_gate, 0; 0, B_up]
     pairs = [(x, weights), (low, blocks)]
-    if forced == "auto" and (x.shape[0] < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled()):
-        return separately()
-    if forced == "cublas" or not (
+    if not (
         can_fuse(pairs) and weights.shape[0] == 2 * columns and updates[1].shape == (columns, rank)
         and 2 * rank <= LOW_RANK_BLOCK
     ):
