@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import triton_interpreter
+from conftest import random_lora_model, triton_interpreter
 from test_lora_projections import CONFIG, assert_computes_what_each_layer_computes_alone, lora_model, loss_and_grads
 
 from litft.adapters import gated_activation, lora_gemm, lora_projections
@@ -156,6 +156,17 @@ def test_gated_projections_the_kernel_cannot_take_go_separately(interpreter, mon
     monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
     assert lora_gemm.gated_projections(x, weights, low, updates, "silu", separately=lambda: computed) is computed
     assert kernel_runs == []
+
+
+def test_a_four_bit_base_computes_gate_and_up_through_the_kernel(interpreter, monkeypatch, kernel_runs):
+    """NF4 gate and up dequantize into one buffer, which the gate-and-up kernel reads as their weights laid back to
+    back: the loss and every adapter's gradient equal each LoRA layer computed on its own."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
+    model = random_lora_model(CONFIG, quantize="bnb.nf4")
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    assert_computes_what_each_layer_computes_alone(model, input_ids)
+    assert kernel_runs.count(("gated", "silu")) == CONFIG["num_hidden_layers"]
 
 
 def test_operands_the_kernel_cannot_read_take_the_cublas_path(interpreter, monkeypatch, kernel_runs):
