@@ -280,10 +280,9 @@ def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, 
     down through the operator above, which reads that h. None where it does not apply: the caller computes gate
     and up (`project`) and then `gated_down`."""
     if not (
-        FUSED_PRODUCT and ENABLED and activation in ACTIVATIONS
-        and all(projections.computes_together(layer) for layer in (gate, up, down))
-        and projections.dropout_probability(down) == 0 and projections.one_group([gate, up])
-        and projections.dropout_probability(gate) == 0
+        FUSED_PRODUCT and _down_takes(down, activation)
+        and projections.computes_together(gate) and projections.computes_together(up)
+        and projections.one_group([gate, up]) and projections.dropout_probability(gate) == 0
         and not (gate.joined_base or up.joined_base) and gate.bias is None and up.bias is None
         and gate.out_features == up.out_features and gate.in_features == up.in_features
     ):
@@ -296,12 +295,17 @@ def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, 
     return output
 
 
+def _down_takes(down: nn.Module, activation: str) -> bool:
+    """Whether the operator takes `down` with this activation: a LoRA layer that computes together, no dropout."""
+    return (
+        ENABLED and activation in ACTIVATIONS and projections.computes_together(down)
+        and projections.dropout_probability(down) == 0
+    )
+
+
 def _takes(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation: str) -> bool:
     return (
-        ENABLED
-        and activation in ACTIVATIONS
-        and projections.computes_together(down)
-        and projections.dropout_probability(down) == 0
+        _down_takes(down, activation)
         and gate.shape == up.shape
         and gate.dtype == up.dtype
         and gate.is_floating_point()

@@ -110,8 +110,8 @@ def choices() -> list[str]:
         rows, widths, transposed = key[:3]
         path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
-        if len(key) > 6:  # gated_projections': "gated silu", ...
-            kind = f"gate and up forward, {key[5].split()[-1]} product,"
+        if len(key) > 6:  # a kind of call with a label of its own (gated_projections')
+            kind = key[5]
         timed = ", ".join(f"{'cublas' if index == CUBLAS else 'kernel'} {ms:.3f} ms"
                           for index, ms in _timings.get(key, {}).items())
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
@@ -132,21 +132,27 @@ def sum_of_products(
         if a.shape[0] != rows or width != columns or a.shape[1] != depth:
             raise ValueError(f"sum_of_products: pairs of shapes {[(tuple(a.shape), tuple(b.shape)) for a, b in pairs]} "
                              f"do not make one ({rows}, {columns}) sum")
-    if forced == "auto" and (rows < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled()):
-        # torch.use_deterministic_algorithms: a timing could choose differently in the next run.
+    if _cublas_only(forced, rows) or not can_fuse(pairs):
         return cublas()
-    if forced == "cublas" or not can_fuse(pairs):
-        return cublas()
-    key = (*choice_key(pairs, transposed), forced)  # forced last: `_chosen` reads it there
-    choice = _choices.get(key)
-    if choice is not None:
-        return cublas() if choice == CUBLAS else _run(pairs, transposed, choice)
+    key = (*choice_key(pairs, transposed), forced)
     return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0])
 
 
+def _cublas_only(forced: str, rows: int) -> bool:
+    """Whether a call takes the caller's path without considering the kernel: forced, or under `auto` a launch-bound
+    token count or torch.use_deterministic_algorithms (a timing could choose differently in the next run)."""
+    return forced == "cublas" or (
+        forced == "auto" and (rows < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled())
+    )
+
+
 def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor) -> Any:
-    """The first call of a kind (`key`): `run(config)` (the kernel in a configuration) or `cublas()`, chosen as
-    LITFT_LORA_GEMM says (`auto`: timed) and kept for the next calls; what the chosen path computed."""
+    """A call of a kind (`key`, which ends with LITFT_LORA_GEMM's setting): `run(config)` (the kernel in a
+    configuration) or `cublas()`, as chosen on the first call of its kind (`auto`: timed) and kept for the next;
+    what the chosen path computed."""
+    choice = _choices.get(key)
+    if choice is not None:
+        return cublas() if choice == CUBLAS else run(choice)
     if key[-1] == "triton":  # the first configuration that compiles, found once (a failed compilation is slow)
         _choices[key], result = _first_that_compiles(run)
         return result
@@ -324,6 +330,12 @@ def _kernel():
     return sum_of_products_kernel
 
 
+def smallest_block(depth: int) -> int:
+    """A reduction's block for a depth below the configuration's: a power of two, at least the tensor cores'
+    smallest reduction (16)."""
+    return max(16, 1 << (depth - 1).bit_length())
+
+
 def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
          prefetch_low: bool = True, group_rows: int | None = None) -> torch.Tensor:
     """The sum through the kernel in configuration `config`. `store_through_tma`, `prefetch_low` and `group_rows`
@@ -339,9 +351,6 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
     def blocks(a, b, step):
         return (TensorDescriptor.from_tensor(a, [block_m, step]),
                 TensorDescriptor.from_tensor(b, [block_n, step] if transposed else [step, block_n]))
-
-    def smallest_block(depth):  # the tensor cores' smallest reduction is 16
-        return max(16, 1 << (depth - 1).bit_length())
 
     looped, low_pair = list(pairs), None
     if prefetch_low and len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK:
@@ -441,9 +450,7 @@ def gated_projections(
     `sum_of_products`; h is formed from gate and up as rounded to their dtype, so both paths compute the same h
     from the same gate and up."""
     forced = _forced()
-    if forced == "cublas" or (
-        forced == "auto" and (x.shape[0] < SMALLEST_ROWS or torch.are_deterministic_algorithms_enabled())
-    ):
+    if _cublas_only(forced, x.shape[0]):
         return separately()
     columns, rank = updates[0].shape
     blocks = torch.block_diag(*updates)  # (2N, 2r): [B_gate, 0; 0, B_up]
@@ -453,12 +460,8 @@ def gated_projections(
         and 2 * rank <= LOW_RANK_BLOCK
     ):
         return separately()
-    key = (*choice_key(pairs, True), f"gated {activation}", forced)
-    choice = _choices.get(key)
-    run = functools.partial(_run_gated, x, weights, low, blocks, activation)
-    if choice is not None:
-        return separately() if choice == CUBLAS else run(choice)
-    return _chosen(key, run, separately, x)
+    key = (*choice_key(pairs, True), f"gate and up forward, {activation} product,", forced)
+    return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x)
 
 
 def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:
@@ -471,8 +474,8 @@ def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[t
     rows, depth = x.shape
     columns = weights.shape[0] // 2
     outputs = [torch.empty((rows, columns), dtype=x.dtype, device=x.device) for _ in range(3)]
-    step = block_k if depth >= block_k else max(16, 1 << (depth - 1).bit_length())
-    rank_block = max(16, 1 << (low.shape[1] - 1).bit_length())
+    step = block_k if depth >= block_k else smallest_block(depth)
+    rank_block = smallest_block(low.shape[1])
     tiles = -(-rows // block_m) * -(-columns // block_n)
     programs = min(multiprocessor_count(x.device), tiles)
     with launching_on(x):

@@ -581,21 +581,23 @@ def join_frozen_weights(model: nn.Module) -> int:
     joined = 0
     for module in model.modules():
         for names in BACK_TO_BACK_GROUPS:
-            layers = [getattr(module, name, None) for name in names]
-            if all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
+            layers = _lora_group(module, names)
+            if layers is not None:
                 _lay_back_to_back(layers)
         for names in JOINED_GROUPS:
-            layers = [getattr(module, name, None) for name in names]
-            if not all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers):
-                continue
-            if all(layer.joined_base for layer in layers):
-                continue
-            if not _lay_back_to_back(layers):
+            layers = _lora_group(module, names)
+            if layers is None or all(layer.joined_base for layer in layers) or not _lay_back_to_back(layers):
                 continue
             for layer in layers:
                 layer.joined_base = True
             joined += 1
     return joined
+
+
+def _lora_group(module: nn.Module, names: Sequence[str]) -> list[nn.Module] | None:
+    """`module`'s layers of these names where every one is a LoRA layer that computes together, else None."""
+    layers = [getattr(module, name, None) for name in names]
+    return layers if all(isinstance(layer, nn.Module) and computes_together(layer) for layer in layers) else None
 
 
 def _lay_back_to_back(layers: list[nn.Module]) -> bool:
