@@ -151,6 +151,9 @@ def bench_training(args) -> dict:
         rotary_heads.ENABLED = False
     if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
         lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
+    if args.lora_gemm_flatten is not None:
+        lora_gemm.FLATTEN_TILES = args.lora_gemm_flatten in ("both", "plain")
+        lora_gemm.FLATTEN_GATED_TILES = args.lora_gemm_flatten in ("both", "gated")
     if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
         from litft.adapters import adapter_gradients
 
@@ -208,6 +211,7 @@ def bench_training(args) -> dict:
     for index in range(args.warmup + args.steps):
         if index == args.warmup:
             synchronize()
+            energy_before = energy_counter_mj()
             started = time.perf_counter()
         metrics = step()
         # Read as litft.training.loop.fit reads them: after the next step is queued (--sync_each_step: at once).
@@ -218,7 +222,14 @@ def bench_training(args) -> dict:
         pending = metrics
     pending.resolve()
     synchronize()
-    tokens_per_second = sequences_per_step * args.seq * args.steps / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    energy_after = energy_counter_mj()
+    tokens_per_second = sequences_per_step * args.seq * args.steps / elapsed
+    # At the GPU's power limit a step's time is its energy over the limit: joules per step compare changes across
+    # hosts whose clocks differ (NOTES.md, section 18).
+    energy = {} if energy_before is None else dict(
+        joules_per_step=round((energy_after - energy_before) / 1e3 / args.steps, 2),
+        watts=round((energy_after - energy_before) / 1e3 / elapsed))
     # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing) and the loss. Many more
     # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
     compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
@@ -238,10 +249,25 @@ def bench_training(args) -> dict:
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
+                lora_gemm_flatten=args.lora_gemm_flatten,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
-                compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3),
+                compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
                 **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
+
+
+def energy_counter_mj() -> int | None:
+    """The GPU's energy counter since its driver loaded, in millijoules (NVML), or None without a GPU or NVML."""
+    if DEVICE != "cuda":
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    except Exception:  # no NVML bindings, or a GPU without the counter
+        return None
 
 
 def whole_step_graph(step, optimizer):
@@ -275,6 +301,9 @@ KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match win
     ("copy", ("copy", "memcpy", "memset", "cat", "fill")),
     ("other elementwise / reductions", ("",)),
 )
+
+
+KERNEL_TRACE = None  # --kernel_trace: where print_idle_gaps writes one step's kernels
 
 
 def profile_steps(step, count: int = 2) -> None:
@@ -313,6 +342,11 @@ def print_idle_gaps(step, count: int) -> None:
         for event in events
         if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event
     )
+    if KERNEL_TRACE:  # one step's kernels in launch order, for reading a layer's sequence off the GPU
+        with open(KERNEL_TRACE, "w") as file:
+            for start, end, name in kernels[: len(kernels) // count]:
+                file.write(json.dumps(dict(start=round(start - kernels[0][0], 1), us=round(end - start, 1),
+                                           name=name[:120])) + "\n")
     gaps = []
     busy_until, previous = kernels[0][1], kernels[0][2]
     for start, end, name in kernels[1:]:
@@ -478,6 +512,9 @@ def main() -> None:
     parser.add_argument("--lora_gemm_group_rows", type=int, default=None,
                         help="row tiles per group in the LoRA GEMM kernel's tile order (litft.adapters.lora_gemm."
                              "GROUP_ROWS)")
+    parser.add_argument("--lora_gemm_flatten", choices=["both", "none", "plain", "gated"], default=None,
+                        help="which of lora_gemm's kernels run their tile and reduction loops as one (FLATTEN_TILES, "
+                             "FLATTEN_GATED_TILES; default: litft's)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",
@@ -489,6 +526,8 @@ def main() -> None:
                         help="LITFT_CROSS_ENTROPY: the loss of each chunk of logits through litft's Triton kernel "
                              "(the default on GPUs) or torch.compile's fusion of the tensor code (the path before it)")
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
+    parser.add_argument("--kernel_trace", default=None, metavar="PATH",
+                        help="with --profile: write one step's kernels in order (JSON lines: start, us, name)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)
@@ -496,6 +535,8 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", default=None)
     parser.add_argument("--hf_dir", default=os.path.join(tempfile.gettempdir(), "peers-hf-checkpoint"))
     args = parser.parse_args()
+    global KERNEL_TRACE
+    KERNEL_TRACE = args.kernel_trace
     for setting in args.inductor:
         set_inductor_option(parser, setting)
     if args.mlp_tile_tokens is not None and args.task == "decode":

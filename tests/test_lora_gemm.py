@@ -298,17 +298,20 @@ def test_on_the_gpu_gated_projections_round_as_the_separate_path(monkeypatch, ke
     monkeypatch.setenv("LITFT_LORA_GEMM", "triton")
     fused = lora_gemm.gated_projections(*operands, "silu", separately=unreachable)
     apart = separately()
+    bounds = []
     for got, other, truth in zip(fused, apart, exact):
         fused_error = (got.double() - truth).norm() / truth.norm()
         apart_error = (other.double() - truth).norm() / truth.norm()
         assert fused_error <= apart_error * 1.05 + 1e-4, (fused_error, apart_error)
+        bounds.append(max(fused_error, apart_error) * 1.05 + 1e-4)
     monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
     lora_gemm._choices.clear()
     with _sync_debug("error"):
         chosen = lora_gemm.gated_projections(*operands, "silu", separately=separately)
     assert len(lora_gemm._choices) == 1
-    for got, truth in zip(chosen, exact):
-        assert (got.double() - truth).norm() / truth.norm() < 4e-3
+    # Whichever path `auto` kept (the host decides), its results are one of the two just checked.
+    for got, truth, bound in zip(chosen, exact, bounds):
+        assert (got.double() - truth).norm() / truth.norm() <= bound
 
 
 class _sync_debug:
