@@ -151,9 +151,6 @@ def bench_training(args) -> dict:
         rotary_heads.ENABLED = False
     if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
         lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
-    if args.lora_gemm_flatten is not None:
-        lora_gemm.FLATTEN_TILES = args.lora_gemm_flatten in ("both", "plain")
-        lora_gemm.FLATTEN_GATED_TILES = args.lora_gemm_flatten in ("both", "gated")
     if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
         from litft.adapters import adapter_gradients
 
@@ -249,7 +246,6 @@ def bench_training(args) -> dict:
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
-                lora_gemm_flatten=args.lora_gemm_flatten,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
@@ -512,9 +508,6 @@ def main() -> None:
     parser.add_argument("--lora_gemm_group_rows", type=int, default=None,
                         help="row tiles per group in the LoRA GEMM kernel's tile order (litft.adapters.lora_gemm."
                              "GROUP_ROWS)")
-    parser.add_argument("--lora_gemm_flatten", choices=["both", "none", "plain", "gated"], default=None,
-                        help="which of lora_gemm's kernels run their tile and reduction loops as one (FLATTEN_TILES, "
-                             "FLATTEN_GATED_TILES; default: litft's)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",

@@ -49,18 +49,14 @@
   lora_gemm_energy
               lora_gemm's kinds of call through cuBLAS and through the kernel: millijoules per call (NVML), two
               alternating rounds.
-  flatten     lora_gemm's kernels (each kind of call, and the gated one) with the tile loop and the reduction loop
-              flattened into one or not, beside cuBLAS: queued, sustained, millijoules per call, two rounds.
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
-                                             adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy,
-                                             flatten]
+                                             adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy]
                                      [--tokens 8192]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import json
 import sys
@@ -261,36 +257,6 @@ def bench_lora_gemm_energy(tokens: int, shapes: list[str]) -> None:
                 for path, function in paths.items():
                     emit(kind="lora_gemm_energy", shape=shape, case=name, tokens=tokens, path=path, round=round_,
                          queued_ms=round(time_ms(function, queued=True), 4), mj_per_call=round(energy_mj(function), 2))
-
-
-def bench_flatten(tokens: int, shapes: list[str]) -> None:
-    """lora_gemm's kernels with the tile loop and its reduction loop flattened into one (`FLATTEN_TILES`) or not,
-    beside cuBLAS: queued, sustained (~0.5 s, at the power limit) and millijoules per call, in two alternating
-    rounds (the GPU warms through the sequence)."""
-    from litft.adapters import lora_gemm
-
-    for shape in shapes:
-        cases = [(name, functools.partial(cublas_sum, pairs, transposed),
-                  functools.partial(lora_gemm._run, pairs, transposed, 0))
-                 for name, pairs, transposed in lora_gemm_cases(tokens, shape)]
-        hidden, inter = PROJECTIONS[shape]["gate_up"]
-        x, low = (torch.randn(tokens, width, device="cuda", dtype=torch.bfloat16) for width in (hidden, 32))
-        weights = torch.randn(2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
-        blocks = torch.block_diag(*torch.randn(2, inter, 16, device="cuda", dtype=torch.bfloat16))
-        gated = functools.partial(lora_gemm._run_gated, x, weights, low, blocks, "silu", 0)
-        cases.append(("gated_forward", None, gated))
-        for name, cublas, kernel in cases:
-            paths = {"triton": functools.partial(kernel, flatten=False),
-                     "triton_flattened": functools.partial(kernel, flatten=True)}
-            if cublas is not None:
-                paths = {"cublas": cublas, **paths}
-            sustained_calls = max(20, int(500 / time_ms(paths["triton"], queued=True)))
-            for round_ in range(2):
-                for path, function in paths.items():
-                    emit(kind="lora_gemm_flatten", shape=shape, case=name, tokens=tokens, path=path, round=round_,
-                         queued_ms=round(time_ms(function, queued=True), 4),
-                         sustained_ms=round(time_ms(function, repeats=sustained_calls, queued=True), 4),
-                         mj_per_call=round(energy_mj(function, seconds=1.0) or 0, 2))
 
 
 def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
@@ -780,8 +746,6 @@ def main() -> None:
         bench_gated_projections(args.tokens, args.shapes.split(","))
     if "lora_gemm_energy" in chosen:
         bench_lora_gemm_energy(args.tokens, args.shapes.split(","))
-    if "flatten" in chosen:
-        bench_flatten(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

@@ -55,12 +55,6 @@ MOST_PAIRS = LOOPED_PAIRS + 1
 # half as often, and under the H200's power limit, where a training step runs, the kernel is 0.5-3% faster for it
 # (NOTES.md, section 18).
 GROUP_ROWS = 16
-# The tile loop and its reduction loop as one loop (`tl.range(..., flatten=True)`), so that the pipeline loads the
-# next tile's first blocks while this tile's epilogue runs rather than after it: at K = 4096 a 128 x 256 tile is
-# only 64 reduction steps, and the kernels ran ~10% below their rate at K = 14336 in the step (NOTES.md, section
-# 20). Triton flattens only a loop nest with one inner loop; the others compile as before.
-FLATTEN_TILES = True
-FLATTEN_GATED_TILES = True
 CUBLAS = -1  # the choice "the caller's cuBLAS path"
 
 _choices: dict[tuple, int] = {}
@@ -305,25 +299,25 @@ def _kernel():
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K0: tl.constexpr, BLOCK_K1: tl.constexpr, BLOCK_K2: tl.constexpr, LOW_BLOCK_K: tl.constexpr,
         TRANSPOSED: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr, STORE_THROUGH_TMA: tl.constexpr,
-        FLATTEN: tl.constexpr,
     ):
         # Not tl.zeros: triton.language's own jitted helpers are not interpreted (see tile_origin).
         tiles = ((rows + BLOCK_M - 1) // BLOCK_M) * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
-        # Persistent: each program walks tiles PROGRAMS apart (FLATTEN: see FLATTEN_TILES).
-        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN):
+        # Persistent: each program walks tiles PROGRAMS apart.
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
             row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
-            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
             if LOW_BLOCK_K > 0:
-                # The rank-deep pair is one block, multiplied first (no second pipelined loop per tile): carried
-                # across the long reduction, its shared-memory blocks broke the flattened loop's lowering.
+                # The rank-deep pair is one block: loaded as the tile starts, so that it arrives while the long
+                # reductions run, and multiplied after them (no second pipelined loop per tile).
                 low = low_a.load([row, 0])  # (BLOCK_M, LOW_BLOCK_K)
                 update = low_b.load([column, 0]) if TRANSPOSED else low_b.load([0, column])
-                acc = tl.dot(low, update.T if TRANSPOSED else update, acc)
+            acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
             acc = _accumulate(acc, a0, b0, row, column, DEPTH0, BLOCK_K0, TRANSPOSED)
             if BLOCK_K1 > 0:
                 acc = _accumulate(acc, a1, b1, row, column, DEPTH1, BLOCK_K1, TRANSPOSED)
             if BLOCK_K2 > 0:
                 acc = _accumulate(acc, a2, b2, row, column, DEPTH2, BLOCK_K2, TRANSPOSED)
+            if LOW_BLOCK_K > 0:
+                acc = tl.dot(low, update.T if TRANSPOSED else update, acc)
             if STORE_THROUGH_TMA:
                 c_desc.store([row, column], acc.to(c_desc.dtype))
             else:
@@ -343,10 +337,10 @@ def smallest_block(depth: int) -> int:
 
 
 def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
-         prefetch_low: bool = True, group_rows: int | None = None, flatten: bool | None = None) -> torch.Tensor:
-    """The sum through the kernel in configuration `config`. `store_through_tma`, `prefetch_low`, `group_rows` and
-    `flatten` are variants that `benchmarks/bench_kernels.py --only lora_gemm` compares (NOTES.md sections 14, 18
-    and 20); the defaults are what training runs (None: `GROUP_ROWS`, `FLATTEN_TILES`)."""
+         prefetch_low: bool = True, group_rows: int | None = None) -> torch.Tensor:
+    """The sum through the kernel in configuration `config`. `store_through_tma`, `prefetch_low` and `group_rows`
+    are variants that `benchmarks/bench_kernels.py --only lora_gemm` compares (NOTES.md sections 14 and 18); the
+    defaults are what training runs (`group_rows` None: `GROUP_ROWS`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
@@ -391,8 +385,7 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
             out, TensorDescriptor.from_tensor(out, [block_m, block_n]), out.stride(0), rows, *arguments,
             COLUMNS=columns, BLOCK_M=block_m, BLOCK_N=block_n, TRANSPOSED=transposed,
             GROUP_M=GROUP_ROWS if group_rows is None else group_rows, PROGRAMS=programs,
-            STORE_THROUGH_TMA=store_through_tma, FLATTEN=FLATTEN_TILES if flatten is None else flatten,
-            num_stages=stages, num_warps=warps, **constants,
+            STORE_THROUGH_TMA=store_through_tma, num_stages=stages, num_warps=warps, **constants,
         )
     return out
 
@@ -413,21 +406,21 @@ def _gated_kernel():
         gate_out, up_out, product_out, rows, x, weights, low, updates,
         COLUMNS: tl.constexpr, DEPTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GELU: tl.constexpr, GROUP_M: tl.constexpr, PROGRAMS: tl.constexpr,
-        FLATTEN: tl.constexpr,
     ):
         # A tile is BLOCK_N of gate's columns and the same BLOCK_N of up's: the frozen weights lie back to back,
         # (2, N, K), and one block [2, BLOCK_N, BLOCK_K] of them is one (2 BLOCK_N, BLOCK_K) operand, so the tile
         # is one GEMM twice as wide, [gate | up], and h = act(gate) * up of its columns is formed in registers.
         tiles = ((rows + BLOCK_M - 1) // BLOCK_M) * ((COLUMNS + BLOCK_N - 1) // BLOCK_N)
-        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS, flatten=FLATTEN):
+        for tile in tl.range(tl.program_id(0), tiles, PROGRAMS):
             row, column = _tile_origin(tile, rows, COLUMNS, BLOCK_M, BLOCK_N, GROUP_M)
-            # The adapters' low-rank inputs [low_gate | low_up] times diag(B_gate, B_up)'s rows for these columns,
-            # first (see sum_of_products_kernel).
+            # The adapters' low-rank inputs [low_gate | low_up] and diag(B_gate, B_up)'s rows for these columns,
+            # loaded while the long reduction runs.
             low_block = low.load([row, 0])  # (BLOCK_M, rank block)
             update_block = updates.load([0, column, 0]).reshape(2 * BLOCK_N, low_block.shape[1])
-            acc = tl.dot(low_block, update_block.T, tl.full((BLOCK_M, 2 * BLOCK_N), 0.0, dtype=tl.float32))
+            acc = tl.full((BLOCK_M, 2 * BLOCK_N), 0.0, dtype=tl.float32)
             for k in tl.range(0, DEPTH, BLOCK_K):
                 acc = tl.dot(x.load([row, k]), weights.load([0, column, k]).reshape(2 * BLOCK_N, BLOCK_K).T, acc)
+            acc = tl.dot(low_block, update_block.T, acc)
             gate, up = acc.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()  # (BLOCK_M, BLOCK_N) each
             # Stored through TMA, which clips a partial tile.
             gate = gate.to(gate_out.dtype)
@@ -471,10 +464,9 @@ def gated_projections(
     return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x)
 
 
-def _run_gated(x, weights, low, blocks, activation: str, config: int,
-               flatten: bool | None = None) -> tuple[torch.Tensor, ...]:
+def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:
     """gated_projections through the kernel in configuration `config` (its BLOCK_N split between gate and up);
-    `blocks` is diag(B_gate, B_up) (2N, 2r); `flatten` None: `FLATTEN_GATED_TILES`."""
+    `blocks` is diag(B_gate, B_up) (2N, 2r)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
@@ -494,7 +486,7 @@ def _run_gated(x, weights, low, blocks, activation: str, config: int,
             TensorDescriptor.from_tensor(low, [block_m, rank_block]),
             TensorDescriptor.from_tensor(blocks.view(2, columns, blocks.shape[1]), [2, block_n, rank_block]),
             COLUMNS=columns, DEPTH=depth, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=step,
-            GELU=activation == "gelu_tanh", GROUP_M=GROUP_ROWS, PROGRAMS=programs,
-            FLATTEN=FLATTEN_GATED_TILES if flatten is None else flatten, num_stages=stages, num_warps=warps,
+            GELU=activation == "gelu_tanh", GROUP_M=GROUP_ROWS, PROGRAMS=programs, num_stages=stages,
+            num_warps=warps,
         )
     return tuple(outputs)
