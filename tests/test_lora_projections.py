@@ -171,6 +171,118 @@ def test_no_input_gradient_when_the_input_needs_none():
     assert layer.lora_A.weight.grad is not None and x.grad is not None
 
 
+def saved_tensors_of(function) -> list[torch.Tensor]:
+    """Every tensor autograd saves for the backward while `function()` runs."""
+    saved = []
+
+    def pack(tensor):
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        function()
+    return saved
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("activation", ["", "silu"])
+def test_a_norms_output_is_not_kept_and_gives_the_same_gradients(unit_offset, activation, monkeypatch):
+    """Reading a norm's `Normalized` output, the grouped operator keeps the norm's input and scales for A's gradient,
+    not the output (which the norm's backward does not need either), and computes what it computes from the output
+    as any input: Llama's norm (weight times the rounded product) and Gemma's (1 + weight, in float32), q/k/v and a
+    gated MLP's gate and up."""
+    from litft.models.common import Normalized, RMSNorm
+
+    torch.manual_seed(2)
+    norm = RMSNorm(16, unit_offset=unit_offset)
+    with torch.no_grad():
+        norm.weight.normal_(1.0 if not unit_offset else 0.0, 0.3)
+    sizes = (24, 24) if activation else (16, 8, 8)
+    layers = []
+    for size in sizes:
+        layer = LoRALinear(nn.Linear(16, size, bias=False), LoRAConfig(rank=4, alpha=8))
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        layers.append(layer)
+    source = torch.randn(2, 5, 16, requires_grad=True)
+    weights = [torch.randn(2, 5, size) for size in sizes]
+
+    def run(normalized) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for layer in layers:
+            layer.zero_grad(set_to_none=True)
+        source.grad = None
+        if activation:
+            flat = lora_projections.split_normalized(normalized)
+            flat_input = lora_projections.operator_input(flat[0])
+            outputs = lora_projections.lora_projections(
+                flat_input, *lora_projections.layer_arguments(layers, flat_input.dtype), False, 0.0, activation,
+                lora_projections.norm_arguments(flat_input, flat[1], 0.0))[:2]
+        else:
+            outputs = lora_projections.forward_together(normalized, layers)
+        loss = sum((output * weight).sum() for output, weight in zip(outputs, weights))
+        return outputs, loss
+
+    normalized = norm.normalized(source)
+    assert isinstance(normalized, Normalized)
+    saved = saved_tensors_of(lambda: run(normalized))
+    saved_pointers = {tensor.data_ptr() for tensor in saved}
+    assert normalized.output.data_ptr() not in saved_pointers
+    assert normalized.source.data_ptr() in saved_pointers and normalized.inverse_rms.data_ptr() in saved_pointers
+    outputs, loss = run(norm.normalized(source))
+    loss.backward()
+    grads = [source.grad.clone()] + [p.grad.clone() for layer in layers for p in (layer.lora_A.weight,
+                                                                                     layer.lora_B.weight)]
+    # The same computation from the output as a plain input, which the operator keeps.
+    monkeypatch.setattr(lora_projections, "NORM_AWARE_A_GRADIENT", False)
+    plain = norm.normalized(source)
+    assert plain.output.data_ptr() in {tensor.data_ptr() for tensor in saved_tensors_of(lambda: run(plain))}
+    reference, reference_loss = run(norm.normalized(source))
+    reference_loss.backward()
+    expected = [source.grad] + [p.grad for layer in layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    for got, want in zip(outputs, reference):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(grads, expected):
+        assert want.abs().sum() > 0
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma"])
+def test_models_hand_their_norms_to_the_grouped_operators(model_type, monkeypatch):
+    """Llama's and Gemma's blocks give q/k/v and gate/up their norm's `Normalized` output (two norm-aware groups per
+    block), eager and compiled, and the adapters' gradients are those of the norm's output read as any input."""
+    handed = []
+    original = lora_projections.norm_arguments
+
+    def recording(group_input, norm, dropout):
+        arguments = original(group_input, norm, dropout)
+        if norm:  # offered a norm's tensors (o's input is attention's output, not a norm's)
+            handed.append(len(arguments) == 3)
+        return arguments
+
+    monkeypatch.setattr(lora_projections, "norm_arguments", recording)
+    config = {} if model_type == "llama" else {"model_type": "gemma", "head_dim": 8, "hidden_act": "gelu_pytorch_tanh"}
+    model = lora_model(config=config)
+    with torch.no_grad():  # norms that scale each feature differently, so that the scale's place is tested
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1.0 if model_type == "llama" else 0.0, 0.3)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (2, 12))
+    loss, grads = loss_and_grads(model, input_ids)
+    assert handed == [True] * 4  # two blocks, q/k/v and gate/up each
+    handed.clear()
+    compiled_loss, compiled_grads = loss_and_grads(model, input_ids, step=torch.compile(model))
+    assert handed and all(handed)
+    monkeypatch.setattr(lora_projections, "NORM_AWARE_A_GRADIENT", False)
+    handed.clear()
+    reference_loss, reference_grads = loss_and_grads(model, input_ids)
+    assert handed == [False] * 4
+    torch.testing.assert_close(loss, reference_loss, rtol=1e-6, atol=1e-7)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, reference_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(compiled_grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("variant", ["dora", "disabled"])
 def test_layers_that_cannot_join_compute_as_before(variant):
     model = lora_model(dora=variant == "dora")
