@@ -141,10 +141,6 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_gated_down
 
         lora_gated_down.FUSED_PRODUCT = False
-    if args.a_gradient_from_norm_output:  # the A/B of the norm-aware A gradient (NOTES.md, section 20)
-        from litft.adapters import lora_projections
-
-        lora_projections.NORM_AWARE_A_GRADIENT = False
     if args.adapter_gradients_apart:  # the A/B of litft.adapters.adapter_gradients: two GEMMs reading dy each
         from litft.adapters import lora_projections
 
@@ -248,7 +244,6 @@ def bench_training(args) -> dict:
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
                 product_after_gate_up=args.product_after_gate_up,
                 adapter_gradients_apart=args.adapter_gradients_apart,
-                a_gradient_from_norm_output=args.a_gradient_from_norm_output,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
@@ -501,10 +496,6 @@ def main() -> None:
     parser.add_argument("--product_after_gate_up", action="store_true",
                         help="h = act(gate) * up by an elementwise kernel after gate's and up's GEMMs, not in their "
                              "GEMM's kernel (the A/B of litft.adapters.lora_gemm.gated_projections)")
-    parser.add_argument("--a_gradient_from_norm_output", action="store_true",
-                        help="the adapters' A gradient from the norm's output (kept or recomputed by the backward) as "
-                             "from any input, not from the norm's input and scales (the A/B of "
-                             "litft.adapters.lora_projections.NORM_AWARE_A_GRADIENT)")
     parser.add_argument("--adapter_gradients_apart", action="store_true",
                         help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
                              "(the A/B of litft.adapters.adapter_gradients)")

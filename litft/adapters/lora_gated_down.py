@@ -273,9 +273,8 @@ def gated_down(gate: torch.Tensor, up: torch.Tensor, down: nn.Module, activation
     return output
 
 
-def gated_mlp(x: Any, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor | None:
-    """A gated MLP, down(act(gate(x)) * up(x)) (x a tensor or a norm's output with its input and scales: see
-    `lora_projections.forward_together`), where gate, up and down are LoRA layers that compute together
+def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor | None:
+    """A gated MLP, down(act(gate(x)) * up(x)), where gate, up and down are LoRA layers that compute together
     (one base storage mode, no dropout, no bias on gate and up, which are not joined): gate and up through the
     grouped operator, which also forms h = act(gate) * up (in their GEMM's kernel where `lora_gemm` takes it), then
     down through the operator above, which reads that h. None where it does not apply: the caller computes gate
@@ -288,11 +287,9 @@ def gated_mlp(x: Any, gate: nn.Module, up: nn.Module, down: nn.Module, activatio
         and gate.out_features == up.out_features and gate.in_features == up.in_features
     ):
         return None
-    x, norm = projections.split_normalized(x)
     group_input = projections.operator_input(x)
     gate_out, up_out, product, _ = projections.lora_projections(
-        group_input, *projections.layer_arguments([gate, up], group_input.dtype), False, 0.0, activation,
-        projections.norm_arguments(group_input, norm, 0.0))
+        group_input, *projections.layer_arguments([gate, up], group_input.dtype), False, 0.0, activation)
     output, _ = lora_gated_down(gate_out, up_out, activation, product,
                                 *projections.layer_arguments([down], gate_out.dtype))
     return output

@@ -76,10 +76,6 @@ _output_keeper: OutputKeeper | None = None
 # dy_i @ B_i and dy_i^T @ low_i from one read of dy_i (`litft.adapters.adapter_gradients`); False: two cuBLAS GEMMs
 # (the benchmarks' A/B).
 FUSED_ADAPTER_GRADIENTS = True
-# A norm's output as input (`litft.models.common.Normalized`): A's gradient from the norm's input and scales, not
-# from the output, which the backward then neither keeps nor recomputes; False: the output as any input (the
-# benchmarks' A/B).
-NORM_AWARE_A_GRADIENT = True
 
 
 @contextlib.contextmanager
@@ -168,7 +164,6 @@ def lora_projections(
     joined: bool,
     dropout: float,
     activation: str,
-    norm: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
     kept for the backward; `joined`: [y, low], the outputs side by side in one tensor (..., sum N_i), from one base
@@ -180,11 +175,7 @@ def lora_projections(
 
     `dropout` > 0: each adapter reads x through a dropout mask of its own, and the outputs end with the seed the
     masks were drawn from (a host int64 tensor (1,), see `litft.adapters.lora_dropout`), from which the backward
-    draws them again.
-
-    `norm`: empty, or [source, inverse_rms, scale] where x is a norm's output source * inverse_rms * scale (rounded;
-    `litft.models.common.Normalized`). The forward reads x alone; the backward keeps source instead of x and
-    computes d(sA) = ((g_low * inverse_rms)^T @ source) * scale, so x is neither kept nor recomputed for it."""
+    draws them again."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     seed = []
@@ -315,7 +306,7 @@ def _gated(
 
 @lora_projections.register_fake
 def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
-      activation, norm):
+      activation):
     tokens = x.numel() // x.shape[-1]
     sizes = [sum(out_features)] if joined else out_features
     if activation:  # [gate, up, h, low]
@@ -340,12 +331,10 @@ def lora_projections_backward(
     input_grad: bool,
     dropout: float,
     seed: torch.Tensor | None,
-    norm_scales: list[torch.Tensor],
 ) -> list[torch.Tensor]:
     """[grad_x (empty when not `input_grad`), grad_lora_a, grad_lora_b_1, ..., grad_lora_b_n]; `grad_outputs` is one
     tensor per layer, or one for all side by side (the joined forward's output). With `dropout`, the forward's masks
-    are drawn again from its `seed`. `norm_scales` [inverse_rms, scale]: `x` is the norm's source, and the forward
-    read source * inverse_rms * scale (see `lora_projections`)."""
+    are drawn again from its `seed`."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     if len(grad_outputs) == 1 and len(out_features) > 1:  # joined: each layer's gradient is a block of columns
@@ -358,13 +347,6 @@ def lora_projections_backward(
     lora_grad_x = None
     if dropout > 0:
         grad_lora_a, lora_grad_x = _dropped_gradients(flat_x, grad_low, lora_a, lora_b, dropout, int(seed), input_grad)
-    elif norm_scales:
-        inverse_rms, scale = norm_scales
-        # d(sA) = g_low^T @ (source * inverse_rms * scale): the row scale on the rank-sized g_low, the column
-        # scale on the (sum r_i, K) result, each one kernel computing in float32 and rounding once (the norm's own
-        # output cost a kernel reading and writing M x K).
-        scaled_grad_low = torch.mul(grad_low, inverse_rms.reshape(-1, 1), out=torch.empty_like(grad_low))
-        grad_lora_a = (scaled_grad_low.t() @ flat_x).mul_(scale)  # (sum r_i, K)
     else:
         grad_lora_a = grad_low.t() @ flat_x  # (sum r_i, K)
     if input_grad:
@@ -441,23 +423,20 @@ def _dropped_gradients(
 
 @lora_projections_backward.register_fake
 def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b,
-      input_grad, dropout, seed, norm_scales):
+      input_grad, dropout, seed):
     grad_x = x.new_empty(x.shape) if input_grad else x.new_empty(0)
     return [grad_x, lora_a.new_empty(lora_a.shape), *(update.new_empty(update.shape) for update in lora_b)]
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
     (x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
-     activation, norm) = inputs
+     activation) = inputs
     output_count = 1 if joined else len(out_features)
     if activation:  # [gate, up, h, low]: h takes no gradient (the down operator's backward forms its own)
         ctx.mark_non_differentiable(output[output_count])
         output_count += 1
     seed = output[output_count + 1] if dropout > 0 else None  # the outputs are [y..., low, seed]
-    # With a norm's input and scales, those stand in for x (see lora_projections).
-    kept_input, norm_scales = (norm[0], norm[1:]) if norm else (x, [])
-    ctx.save_for_backward(kept_input, output[output_count], seed, lora_a, *weights, *state, *lora_b, *norm_scales)
-    ctx.norm_count = len(norm)
+    ctx.save_for_backward(x, output[output_count], seed, lora_a, *weights, *state, *lora_b)
     ctx.dropout = dropout
     ctx.sizes = (len(weights), len(state))
     # The gradient mirrors the input's structure, which counts the biases as a list only if every entry is a tensor.
@@ -469,8 +448,6 @@ def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
 def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     layer_count, state_count = ctx.sizes
     x, low, seed, lora_a, *rest = ctx.saved_tensors
-    norm_scales = rest[len(rest) - max(ctx.norm_count - 1, 0):]  # [inverse_rms, scale], or none
-    rest = rest[: len(rest) - len(norm_scales)]
     weights, state, lora_b = rest[:layer_count], rest[layer_count : layer_count + state_count], rest[-layer_count:]
     state_counts, mode, out_features, nested_blocksizes = ctx.arguments
     sizes = [sum(out_features)] if ctx.joined else out_features  # joined: the outputs are [y, low]
@@ -481,13 +458,12 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     input_grad = ctx.needs_input_grad[0]
     grad_x, grad_lora_a, *grad_lora_b = lora_projections_backward(
         grads, x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, lora_a, lora_b, input_grad,
-        ctx.dropout, seed, list(norm_scales),
+        ctx.dropout, seed,
     )
-    # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B, the
-    # norm's tensors: their gradients flow through x, which the norm computed from them).
+    # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None, None, [None] * ctx.norm_count,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None, None,
     )
 
 
@@ -511,11 +487,10 @@ def dropout_probability(layer: nn.Module) -> float:
     return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
 
 
-def forward_together(x: Any, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
-    """The outputs of `layers` that all read `x` (a tensor, or a norm's output with its input and scales:
-    `litft.models.common.Normalized`): the LoRA layers among them computed together, any other layer (a linear
-    layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the caller then
-    calls each layer)."""
+def forward_together(x: torch.Tensor, layers: Sequence[nn.Module]) -> list[torch.Tensor] | None:
+    """The outputs of `layers` that all read `x`: the LoRA layers among them computed together, any other layer
+    (a linear layer left out of --lora.targets, a DoRA layer, ...) called on its own. None when none can join (the
+    caller then calls each layer)."""
     can_join = [computes_together(layer) for layer in layers]
     joining = [layer for layer, joins in zip(layers, can_join) if joins]
     if not joining or not one_group(joining):
@@ -530,13 +505,12 @@ def forward_together(x: Any, layers: Sequence[nn.Module]) -> list[torch.Tensor] 
         outputs = outputs[: len(joining)]
     # By position, never by id(): a compiled block would guard on each module's identity and recompile per block.
     outputs = iter(outputs)
-    return [next(outputs) if joins else layer(split_normalized(x)[0]) for layer, joins in zip(layers, can_join)]
+    return [next(outputs) if joins else layer(x) for layer, joins in zip(layers, can_join)]
 
 
-def forward_joined(x: Any, layers: Sequence[nn.Module]) -> torch.Tensor | None:
+def forward_joined(x: torch.Tensor, layers: Sequence[nn.Module]) -> torch.Tensor | None:
     """The outputs of `layers` side by side in one tensor (..., sum of out_features), where all of them compute
-    together through one base GEMM (q, k, v once `join_frozen_weights` joined them); None otherwise. `x` as for
-    `forward_together`."""
+    together through one base GEMM (q, k, v once `join_frozen_weights` joined them); None otherwise."""
     if len(layers) < 2 or not all(computes_together(layer) and layer.joined_base for layer in layers) \
             or not one_group(layers):
         return None
@@ -549,33 +523,10 @@ def one_group(layers: Sequence[nn.Module]) -> bool:
     return len(modes) == 1 and len({dropout_probability(layer) for layer in layers}) == 1
 
 
-def _computed(x: Any, layers: Sequence[nn.Module], joined: bool) -> list[torch.Tensor]:
-    x, norm = split_normalized(x)
+def _computed(x: torch.Tensor, layers: Sequence[nn.Module], joined: bool) -> list[torch.Tensor]:
     group_input = operator_input(x)
-    dropout = dropout_probability(layers[0])
-    return lora_projections(group_input, *layer_arguments(layers, group_input.dtype), joined, dropout, "",
-                            norm_arguments(group_input, norm, dropout))
-
-
-def split_normalized(x: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(the tensor the layers read, [source, inverse_rms, scale]) of a norm's output (`litft.models.common
-    .Normalized`, read by its fields: the adapters do not import the models); (x, []) of a tensor."""
-    if isinstance(x, torch.Tensor):
-        return x, []
-    return x.output, [x.source, x.inverse_rms, x.scale]
-
-
-def norm_arguments(group_input: torch.Tensor, norm: list[torch.Tensor], dropout: float) -> list[torch.Tensor]:
-    """The operators' `norm` argument: the norm's [source, inverse_rms, scale] where A's gradient can come from
-    them (the source in the operator's dtype and shape, a scale per feature, no adapter dropout, whose masks apply
-    to the norm's output), else []."""
-    if not (NORM_AWARE_A_GRADIENT and norm and dropout == 0):
-        return []
-    source, inverse_rms, scale = norm
-    if (source.shape != group_input.shape or source.dtype != group_input.dtype
-            or inverse_rms.numel() != source.numel() // source.shape[-1] or scale.shape != source.shape[-1:]):
-        return []
-    return norm
+    return lora_projections(group_input, *layer_arguments(layers, group_input.dtype), joined,
+                            dropout_probability(layers[0]), "")
 
 
 def operator_input(x: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,23 +14,6 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from litft.errors import CheckpointError
-
-
-class Normalized(NamedTuple):
-    """A norm's output with what it was computed from: output = source * inverse_rms * scale, up to the rounding to
-    its dtype. Projections read `output`; LoRA's grouped operators take the rest too, and compute their A factors'
-    gradient from `source`, which the norm's own backward keeps anyway, so that `output` (a hidden state per token)
-    is neither kept for their backward nor computed again there (benchmarks/NOTES.md, section 20)."""
-
-    output: torch.Tensor  # (..., K)
-    source: torch.Tensor  # (..., K): the norm's input
-    inverse_rms: torch.Tensor  # (..., 1) float32: 1 / sqrt(mean(source^2) + eps)
-    scale: torch.Tensor  # (K,): the norm's weight, or 1 + weight (Gemma), float32 in the latter case
-
-
-def norm_output(x: torch.Tensor | Normalized) -> torch.Tensor:
-    """The tensor that layers read: a norm's output, or `x` itself."""
-    return x.output if isinstance(x, Normalized) else x
 
 
 class RMSNorm(nn.Module):
@@ -45,31 +28,25 @@ class RMSNorm(nn.Module):
         self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.normalized(x).output
-
-    def normalized(self, x: torch.Tensor) -> Normalized:
-        """The norm's output with its input and scales, for the projections that read it (see `Normalized`)."""
         dtype = x.dtype
-        inverse_rms = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)  # (..., 1)
-        normed = x.float() * inverse_rms
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.unit_offset:
             # Gemma scales in float32, then casts; Llama casts, then scales. Each order is kept to match its family.
-            scale = 1.0 + self.weight.float()
-            return Normalized((normed * scale).to(dtype), x, inverse_rms, scale)
-        return Normalized(self.weight * normed.to(dtype), x, inverse_rms, self.weight)
+            return (x * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * x.to(dtype)
 
 
-def project(x: torch.Tensor | Normalized, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
-    """The outputs of linear layers that all read `x` (q, k, v; gate, up), a tensor or a norm's `Normalized`
-    output. Layers that can compute together do (LoRA layers share one read of x and one input gradient:
-    `litft.adapters.lora_projections`); others are called one by one. The layers keep their own modules and
-    parameter names either way."""
+def project(x: torch.Tensor, *layers: nn.Module) -> tuple[torch.Tensor, ...]:
+    """The outputs of linear layers that all read `x` (q, k, v; gate, up). Layers that can compute together do
+    (LoRA layers share one read of x and one input gradient: `litft.adapters.lora_projections`); others are called
+    one by one. The layers keep their own modules and parameter names either way."""
     joiner = next((type(layer) for layer in layers if hasattr(type(layer), "forward_together")), None)
     outputs = joiner.forward_together(x, layers) if joiner is not None else None
-    return tuple(outputs) if outputs is not None else tuple(layer(norm_output(x)) for layer in layers)
+    return tuple(outputs) if outputs is not None else tuple(layer(x) for layer in layers)
 
 
-def project_joined(x: torch.Tensor | Normalized, *layers: nn.Module) -> torch.Tensor | None:
+def project_joined(x: torch.Tensor, *layers: nn.Module) -> torch.Tensor | None:
     """The outputs of `layers` that all read `x` side by side in one tensor (..., sum of their out_features), where
     they compute as one GEMM (LoRA's q, k, v with their frozen weights joined); None where they do not (then
     `project`)."""
@@ -77,9 +54,7 @@ def project_joined(x: torch.Tensor | Normalized, *layers: nn.Module) -> torch.Te
     return joiner.forward_joined(x, layers) if joiner is not None else None
 
 
-def gated_mlp(
-    x: torch.Tensor | Normalized, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str
-) -> torch.Tensor:
+def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, activation: str) -> torch.Tensor:
     """A gated MLP, down(act(gate(x)) * up(x)), `activation` "silu" (Llama) or "gelu_tanh" (Gemma). LoRA layers
     compute it in two operators, the product formed with gate and up in their GEMM's kernel where it runs
     (`litft.adapters.lora_gated_down.gated_mlp`); other layers as `project` and `gated_down` compute it."""

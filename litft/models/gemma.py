@@ -25,13 +25,11 @@ from litft.errors import CheckpointError
 from litft.models.common import (
     AttentionContext,
     CausalLM,
-    Normalized,
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
     attend,
     gated_mlp,
-    norm_output,
 )
 from litft.models.rotary_heads import attention_heads
 
@@ -141,10 +139,8 @@ class GemmaAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, unit_offset=True)
 
-    def forward(
-        self, x: torch.Tensor | Normalized, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
-    ) -> torch.Tensor:
-        B, T, _ = norm_output(x).shape
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext) -> torch.Tensor:
+        B, T, _ = x.shape
         q, k, v = attention_heads(x, self, cos, sin)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim) x 2
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
@@ -160,7 +156,7 @@ class GemmaMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor | Normalized) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "gelu_tanh")  # down(act(gate) * up)
 
 
@@ -182,10 +178,10 @@ class GemmaDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         if not hasattr(self, "pre_feedforward_layernorm"):
-            x = x + self.self_attn(self.input_layernorm.normalized(x), cos, sin, context)
-            return x + self.mlp(self.post_attention_layernorm.normalized(x))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm.normalized(x), cos, sin, context))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm.normalized(x)))
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, context))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class GemmaModel(nn.Module):

@@ -21,14 +21,12 @@ from torch import nn
 from litft.models.common import (
     AttentionContext,
     CausalLM,
-    Normalized,
     RMSNorm,
     RopeConfig,
     RotaryEmbedding,
     attend,
     gated_down,
     gated_mlp,
-    norm_output,
 )
 from litft.models.rotary_heads import attention_heads
 
@@ -119,9 +117,9 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor | Normalized, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        B, T, _ = norm_output(x).shape
+        B, T, _ = x.shape
         q, k, v = attention_heads(x, self, cos, sin)  # (B, n_head, T, head_dim), (B, n_kv_head, T, head_dim) x 2
         if context.kv_cache is not None:
             k, v = context.kv_cache.update(self.layer_idx, k, v)  # (B, n_kv_head, S, head_dim)
@@ -140,10 +138,10 @@ class LlamaMLP(nn.Module):
             self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor | Normalized) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not hasattr(self, "gate_up_proj"):
             return gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, "silu")  # down(act(gate) * up)
-        gate, up = self.gate_up_proj(norm_output(x)).chunk(2, dim=-1)  # (B, T, intermediate_size) each
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (B, T, intermediate_size) each
         return gated_down(gate, up, self.down_proj, "silu")
 
 
@@ -158,8 +156,8 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm.normalized(x), cos, sin, context)
-        return x + self.mlp(self.post_attention_layernorm.normalized(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):

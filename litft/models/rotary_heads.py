@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from litft.models.common import Normalized, apply_rotary, norm_output, project, project_joined
+from litft.models.common import apply_rotary, project, project_joined
 from litft.triton_support import kernels_run_on, launching_on
 
 ENABLED = True  # False: the model splits and rotates as written, autograd's backward (the benchmarks' A/B)
@@ -69,16 +69,15 @@ def _column_blocks(joined: torch.Tensor, n_head: int, n_kv_head: int, head_dim: 
 
 
 def attention_heads(
-    x: torch.Tensor | Normalized, attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor
+    x: torch.Tensor, attention: nn.Module, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim) of an attention module over x (B, T, hidden;
-    or a norm's `Normalized` output):
+    """q (B, n_head, T, head_dim) and k, v (B, n_kv_head, T, head_dim) of an attention module over x (B, T, hidden):
     its q_proj, k_proj, v_proj (or one fused qkv_proj), its per-head q_norm and k_norm where it has them, q and k
     rotated by cos, sin (B, T, rotary_dim, float32). Where the three projections come out as one tensor and no
     per-head norm comes between, through `rotary_heads`."""
     heads = attention.n_head, attention.n_kv_head, attention.head_dim
     if hasattr(attention, "qkv_proj"):
-        joined = attention.qkv_proj(norm_output(x))  # (B, T, (n_head + 2 n_kv_head) head_dim)
+        joined = attention.qkv_proj(x)  # (B, T, (n_head + 2 n_kv_head) head_dim)
     else:  # one tensor where the three are one GEMM (LoRA's grouped operator), else None
         joined = project_joined(x, attention.q_proj, attention.k_proj, attention.v_proj)
     q_norm, k_norm = getattr(attention, "q_norm", None), getattr(attention, "k_norm", None)

@@ -33,7 +33,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from litft.errors import ConfigError
-from litft.models.common import Normalized, norm_output
 
 
 def enable_tiled_mlp(model: nn.Module, tile_tokens: int) -> None:
@@ -58,12 +57,10 @@ class TiledForward:
         self.forward = forward  # the MLP class's forward, bound to the module
         self.tile_tokens = tile_tokens
 
-    def __call__(self, x: torch.Tensor | Normalized) -> torch.Tensor:
-        if math.prod(norm_output(x).shape[:-1]) <= self.tile_tokens:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if math.prod(x.shape[:-1]) <= self.tile_tokens:
             return self.forward(x)
-        # Tiles of the norm's output alone: its input and scales serve the whole sequence's A gradient, which the
-        # tiles' adapters compute from their own input.
-        return run_in_tiles(self.forward, self.tile_tokens, norm_output(x))
+        return run_in_tiles(self.forward, self.tile_tokens, x)
 
     def __repr__(self) -> str:
         return f"TiledForward(tile_tokens={self.tile_tokens})"
