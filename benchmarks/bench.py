@@ -260,7 +260,8 @@ def energy_counter_mj() -> int | None:
         import pynvml
 
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+        # NVML counts every GPU of the host; torch maps the visible device to its index (CUDA_VISIBLE_DEVICES).
+        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(torch.cuda.current_device()))
         return pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
     except Exception:  # no NVML bindings, or a GPU without the counter
         return None

@@ -606,7 +606,8 @@ def energy_mj(function, seconds: float = 2.0) -> float | None:
     except ImportError:
         return None
     pynvml.nvmlInit()
-    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+    # NVML counts every GPU of the host; torch maps the visible device to its index (CUDA_VISIBLE_DEVICES).
+    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(torch.cuda.current_device()))
     calls = max(10, int(seconds * 1e3 / time_ms(function, queued=True)))
     torch.cuda.synchronize()
     before = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
