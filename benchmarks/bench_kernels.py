@@ -49,8 +49,12 @@
   lora_gemm_energy
               lora_gemm's kinds of call through cuBLAS and through the kernel: millijoules per call (NVML), two
               alternating rounds.
+  depth       one GEMM's multiply-adds at reduction depths 2,048-28,672 (the output as wide as the depth allows),
+              cuBLAS and lora_gemm's kernel: queued, sustained, millijoules per call (written in session 17 after
+              its device time was spent: not yet run).
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
-                                             adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy]
+                                             adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy,
+                                             depth]
                                      [--tokens 8192]
 """
 
@@ -257,6 +261,31 @@ def bench_lora_gemm_energy(tokens: int, shapes: list[str]) -> None:
                 for path, function in paths.items():
                     emit(kind="lora_gemm_energy", shape=shape, case=name, tokens=tokens, path=path, round=round_,
                          queued_ms=round(time_ms(function, queued=True), 4), mj_per_call=round(energy_mj(function), 2))
+
+
+def bench_depth(tokens: int) -> None:
+    """One GEMM's worth of work (8,192 x 14,336 x 4,096 multiply-adds at 8,192 tokens) at several reduction
+    depths, the output as wide as the depth allows: cuBLAS's GEMM and lora_gemm's kernel (one pair, no adapter),
+    queued, sustained (~0.5 s: the power limit) and millijoules per call. In the llama-8b step both run ~6% below
+    their rate at 14,336 deep where the reduction is 4,096 deep (NOTES.md, section 20): whether that follows the
+    depth (a tile's start and epilogue per 64 reduction steps) or the output's size is what this tells apart."""
+    from litft.adapters import lora_gemm
+
+    multiply_adds = tokens * 14336 * 4096
+    for depth in (2048, 4096, 8192, 14336, 28672):
+        columns = multiply_adds // (tokens * depth)
+        x = torch.randn(tokens, depth, device="cuda", dtype=torch.bfloat16)
+        weight = torch.randn(columns, depth, device="cuda", dtype=torch.bfloat16) / depth**0.5
+        paths = {"cublas": lambda x=x, weight=weight: x @ weight.t(),
+                 "triton": lambda x=x, weight=weight: lora_gemm._run([(x, weight)], True, 0)}
+        sustained_calls = max(20, int(500 / time_ms(paths["cublas"], queued=True)))
+        for round_ in range(2):
+            for path, function in paths.items():
+                sustained = time_ms(function, repeats=sustained_calls, queued=True)
+                emit(kind="depth", depth=depth, columns=columns, tokens=tokens, path=path, round=round_,
+                     queued_ms=round(time_ms(function, queued=True), 4), sustained_ms=round(sustained, 4),
+                     sustained_tflops=round(2 * multiply_adds / sustained / 1e9, 1),
+                     mj_per_call=round(energy_mj(function, seconds=1.0) or 0, 2))
 
 
 def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
@@ -747,6 +776,8 @@ def main() -> None:
         bench_gated_projections(args.tokens, args.shapes.split(","))
     if "lora_gemm_energy" in chosen:
         bench_lora_gemm_energy(args.tokens, args.shapes.split(","))
+    if "depth" in chosen:
+        bench_depth(args.tokens)
 
 
 if __name__ == "__main__":
