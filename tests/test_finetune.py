@@ -187,7 +187,10 @@ def test_existing_out_dir_is_not_overwritten(tmp_path, stories_dir, capsys):
     "flags, message",
     [
         (["--train.global_batch_size", "6", "--train.micro_batch_size", "4"], "--train.global_batch_size"),
-        (["--train.lr", "-1"], "--train.lr"),
+        (["--train.lr", "-1"], "--train.lr -1.0: must be positive"),
+        (["--train.micro_batch_size", "-3"], "--train.micro_batch_size -3: must be at least 1"),
+        (["--train.global_batch_size", "0"], "--train.global_batch_size 0: must be at least 1"),
+        (["--train.max_steps", "0"], "--train.max_steps 0: must be at least 1"),
         (["--lora.rank", "0"], "--lora.rank"),
         (["--precision", "fp8"], "--precision"),
     ],

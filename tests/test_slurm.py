@@ -148,6 +148,16 @@ def test_slurm_writes_a_script_for_several_nodes(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("flag", ["nodes", "gpus_per_node", "cpus_per_gpu"])
+def test_slurm_names_the_allocation_flag_that_is_below_one(tmp_path, flag):
+    from litft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^--{flag} 0: must be at least 1$"):
+        slurm(command="finetune lora --checkpoint ckpt --data.path d.jsonl", out=tmp_path / "job.sbatch",
+              **{flag: 0})
+    assert not (tmp_path / "job.sbatch").exists()
+
+
 def test_slurm_command_after_double_dash_and_submit(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

@@ -146,8 +146,9 @@ def slurm(
         out: Where to write the script.
         submit: Run `sbatch` on the script.
     """
-    if nodes < 1 or gpus_per_node < 1 or cpus_per_gpu < 1:
-        raise ConfigError("--nodes, --gpus_per_node and --cpus_per_gpu must be at least 1")
+    for flag, value in (("--nodes", nodes), ("--gpus_per_node", gpus_per_node), ("--cpus_per_gpu", cpus_per_gpu)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: must be at least 1")
     if signal_seconds < 10:
         raise ConfigError(f"--signal_seconds {signal_seconds}: allow at least 10 s to save a checkpoint")
     script = sbatch_script(

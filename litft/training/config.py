@@ -63,14 +63,16 @@ class TrainConfig:
     log_interval: int = 1
 
     def validate(self) -> None:
-        if (self.micro_batch_size != "auto" and self.micro_batch_size < 1) or self.global_batch_size < 1:
-            raise ConfigError("--train.micro_batch_size and --train.global_batch_size must be at least 1")
+        if self.micro_batch_size != "auto" and self.micro_batch_size < 1:
+            raise ConfigError(f"--train.micro_batch_size {self.micro_batch_size}: must be at least 1 (or auto)")
+        if self.global_batch_size < 1:
+            raise ConfigError(f"--train.global_batch_size {self.global_batch_size}: must be at least 1")
         if self.lr_scheduler not in ("cosine", "linear", "constant"):
             raise ConfigError(f"--train.lr_scheduler {self.lr_scheduler!r}: choose cosine, linear or constant")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"--train.optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.lr <= 0:
-            raise ConfigError("--train.lr must be positive")
+            raise ConfigError(f"--train.lr {self.lr}: must be positive")
         if self.checkpointed_blocks is not None and self.checkpointed_blocks < 0:
             raise ConfigError(f"--train.checkpointed_blocks {self.checkpointed_blocks}: must be 0 or more (None: every block)")
         if self.checkpointed_blocks is not None and not self.activation_checkpointing:
@@ -78,7 +80,7 @@ class TrainConfig:
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
             raise ConfigError(f"--train.mlp_tile_tokens {self.mlp_tile_tokens}: must be at least 1 (None: no tiling)")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError("--train.max_steps must be at least 1")
+            raise ConfigError(f"--train.max_steps {self.max_steps}: must be at least 1 (None: as many as --train.epochs take)")
 
 
 @dataclass
