@@ -80,7 +80,8 @@ class TrainConfig:
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
             raise ConfigError(f"--train.mlp_tile_tokens {self.mlp_tile_tokens}: must be at least 1 (None: no tiling)")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"--train.max_steps {self.max_steps}: must be at least 1 (None: as many as --train.epochs take)")
+            raise ConfigError(
+                f"--train.max_steps {self.max_steps}: must be at least 1 (None: as many as --train.epochs take)")
 
 
 @dataclass
