@@ -4,6 +4,7 @@ resumes exactly, training the real pretrained model moves it in the trained dire
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -201,6 +202,27 @@ def test_bad_flags_give_one_line(tmp_path, stories_dir, capsys, flags, message):
     assert exit_info.value.code != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("litft: error:") and message in last
+
+
+@pytest.mark.parametrize("written", ["flag", "yaml"])
+@pytest.mark.parametrize(
+    "targets, modules",
+    [("q,v", ["q_proj", "v_proj"]),
+     ("all-linear", ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])],
+)
+def test_lora_targets_as_one_comma_separated_string(tmp_path, stories_dir, written, targets, modules):
+    """`--lora.targets q,v` and `targets: all-linear` in a YAML file, as other tools write them, adapt the layers the
+    list form `[q,v]` names (the exported adapter lists them)."""
+    if written == "flag":
+        flags = ["--lora.targets", targets]
+    else:
+        config = tmp_path / "run.yaml"
+        config.write_text(f"lora:\n  targets: {targets}\n")
+        flags = ["--config", str(config)]
+    finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "8", "--train.max_steps", "1",
+             "--train.global_batch_size", "4", "--train.micro_batch_size", "4", *flags)
+    adapter = json.loads((tmp_path / "out" / "final" / "adapter_config.json").read_text())
+    assert sorted(adapter["target_modules"]) == modules
 
 
 def test_tiled_mlp_and_partial_checkpointing_train_the_same_step(tmp_path, stories_dir, monkeypatch):

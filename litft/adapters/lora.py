@@ -65,7 +65,8 @@ class LoRAConfig:
         alpha: The update is scaled by alpha / rank (alpha / sqrt(rank) with rslora).
         dropout: Dropout probability on the adapter's input (0 disables it).
         targets: Layers to adapt: any of q, k, v, o, gate, up, down, lm_head; `all-linear` (every linear layer
-            except the output head); or module-name suffixes such as `q_proj` or `mlp.down_proj`.
+            except the output head); or module-name suffixes such as `q_proj` or `mlp.down_proj`. A list
+            (`[q,v]`) or one comma-separated string (`q,v`, `all-linear`).
         rslora: Rank-stabilized LoRA: scale by alpha / sqrt(rank).
         dora: DoRA: learn a per-output-row magnitude on top of the LoRA direction update.
     """
@@ -73,9 +74,14 @@ class LoRAConfig:
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])
+    targets: list[str] | str = field(default_factory=lambda: ["q", "k", "v", "o"])
     rslora: bool = False
     dora: bool = False
+
+    def __post_init__(self) -> None:
+        # `--lora.targets q,v` and `targets: all-linear` in a YAML file, as well as lists.
+        if isinstance(self.targets, str):
+            self.targets = [name.strip() for name in self.targets.split(",") if name.strip()]
 
     @property
     def scaling(self) -> float:
