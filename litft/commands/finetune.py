@@ -401,6 +401,7 @@ def run_finetune(
         raise ConfigError(f"--data.path is required: {task.data_path_help}")
     task.validate(data)
     train.validate()
+    eval.validate()
     checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
     # The preference recipes take --lora and --quantize whatever the method; only the methods that use them see them.

@@ -79,6 +79,26 @@ class TrainConfig:
             raise ConfigError("--train.checkpointed_blocks needs --train.activation_checkpointing true (or offload)")
         if self.mlp_tile_tokens is not None and self.mlp_tile_tokens < 1:
             raise ConfigError(f"--train.mlp_tile_tokens {self.mlp_tile_tokens}: must be at least 1 (None: no tiling)")
+        if self.epochs < 1:
+            raise ConfigError(f"--train.epochs {self.epochs}: must be at least 1")
+        if self.max_time is not None and self.max_time <= 0:
+            raise ConfigError(
+                f"--train.max_time {self.max_time}: must be a positive number of seconds (None: no limit)")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--train.warmup_steps {self.warmup_steps}: must be 0 or more")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--train.min_lr_ratio {self.min_lr_ratio}: must be between 0 and 1")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--train.weight_decay {self.weight_decay}: must be 0 or more")
+        for flag, beta in (("--train.beta1", self.beta1), ("--train.beta2", self.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(f"{flag} {beta}: must be at least 0 and below 1")
+        if self.max_norm is not None and self.max_norm <= 0:
+            raise ConfigError(f"--train.max_norm {self.max_norm}: must be positive (None: no clipping)")
+        if self.save_interval is not None and self.save_interval < 1:
+            raise ConfigError(f"--train.save_interval {self.save_interval}: must be at least 1 (None: only at the end)")
+        if self.log_interval < 1:
+            raise ConfigError(f"--train.log_interval {self.log_interval}: must be at least 1")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(
                 f"--train.max_steps {self.max_steps}: must be at least 1 (None: as many as --train.epochs take)")
@@ -99,3 +119,11 @@ class EvalConfig:
     max_batches: int | None = None
     sample_prompt: str | None = None
     max_new_tokens: int = 50
+
+    def validate(self) -> None:
+        if self.interval is not None and self.interval < 1:
+            raise ConfigError(f"--eval.interval {self.interval}: must be at least 1 (None: only at the end)")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ConfigError(f"--eval.max_batches {self.max_batches}: must be at least 1 (None: all)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--eval.max_new_tokens {self.max_new_tokens}: must be at least 1")
