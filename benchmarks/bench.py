@@ -231,7 +231,7 @@ def bench_training(args) -> dict:
     # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
     compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
     if args.profile:
-        profile_steps(lambda: step().resolve())
+        profile_steps(lambda: step().resolve(), kernel_trace=args.kernel_trace)
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
     mfu = tokens_per_second * flops_per_token(shape, args.seq, args.ckpt or args.task == "dpo") / (PEAK_TFLOPS * 1e12)
     return dict(batch=args.batch, seq=args.seq, ckpt=args.ckpt, offload=args.offload, compile=args.compile,
@@ -300,12 +300,10 @@ KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match win
 )
 
 
-KERNEL_TRACE = None  # --kernel_trace: where print_idle_gaps writes one step's kernels
-
-
-def profile_steps(step, count: int = 2) -> None:
+def profile_steps(step, count: int = 2, kernel_trace: str | None = None) -> None:
     """Prints the kernels that take the GPU's time over `count` steps, to stderr (for the notes, not the table):
-    the top kernels, the time per kernel category, and every GEMM shape with its rate."""
+    the top kernels, the time per kernel category, and every GEMM shape with its rate; `kernel_trace`: a file for
+    one step's kernels in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as profiler:
@@ -316,12 +314,12 @@ def profile_steps(step, count: int = 2) -> None:
           file=sys.stderr)
     try:
         print_profile_summary(profiler, count)
-        print_idle_gaps(step, count)
+        print_idle_gaps(step, count, kernel_trace)
     except Exception as error:  # the summary is a reading aid; the table above is already printed
         print(f"profile summary failed: {error!r}", file=sys.stderr)
 
 
-def print_idle_gaps(step, count: int) -> None:
+def print_idle_gaps(step, count: int, kernel_trace: str | None = None) -> None:
     """Where the GPU waits for the host: the gaps between consecutive kernels over `count` steps, traced with the
     device activity alone (tracing host operators would itself slow the host down and widen the gaps)."""
     from torch.profiler import ProfilerActivity, profile
@@ -339,8 +337,8 @@ def print_idle_gaps(step, count: int) -> None:
         for event in events
         if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in event
     )
-    if KERNEL_TRACE:  # one step's kernels in launch order, for reading a layer's sequence off the GPU
-        with open(KERNEL_TRACE, "w") as file:
+    if kernel_trace:  # one step's kernels in launch order, for reading a layer's sequence off the GPU
+        with open(kernel_trace, "w") as file:
             for start, end, name in kernels[: len(kernels) // count]:
                 file.write(json.dumps(dict(start=round(start - kernels[0][0], 1), us=round(end - start, 1),
                                            name=name[:120])) + "\n")
@@ -441,7 +439,7 @@ def bench_decode(args) -> dict:
     if args.profile:
         if args.compile:
             run(16)  # compiles for the profiled run's shorter cache outside the profile
-        profile_steps(lambda: run(16), count=1)
+        profile_steps(lambda: run(16), count=1, kernel_trace=args.kernel_trace)
     made = len(result[0].token_ids)
     return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1))
 
@@ -529,8 +527,6 @@ def main() -> None:
     parser.add_argument("--checkpoint_dir", default=None)
     parser.add_argument("--hf_dir", default=os.path.join(tempfile.gettempdir(), "peers-hf-checkpoint"))
     args = parser.parse_args()
-    global KERNEL_TRACE
-    KERNEL_TRACE = args.kernel_trace
     for setting in args.inductor:
         set_inductor_option(parser, setting)
     if args.mlp_tile_tokens is not None and args.task == "decode":

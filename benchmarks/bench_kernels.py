@@ -73,6 +73,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench import energy_counter_mj
 from bench_fused_projections import time_ms
 
 from litft.adapters.float8 import quantize_rows  # the activation scaling litft's float8 base runs
@@ -630,20 +631,15 @@ def bench_gated_down(tokens: int, shapes: list[str], rank: int = 16) -> None:
 
 def energy_mj(function, seconds: float = 2.0) -> float | None:
     """Millijoules per call from NVML's energy counter over ~`seconds` of back-to-back calls (None without NVML)."""
-    try:
-        import pynvml
-    except ImportError:
+    if energy_counter_mj() is None:
         return None
-    pynvml.nvmlInit()
-    # NVML counts every GPU of the host; torch maps the visible device to its index (CUDA_VISIBLE_DEVICES).
-    handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda._get_nvml_device_index(torch.cuda.current_device()))
     calls = max(10, int(seconds * 1e3 / time_ms(function, queued=True)))
     torch.cuda.synchronize()
-    before = pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
+    before = energy_counter_mj()
     for _ in range(calls):
         function()
     torch.cuda.synchronize()
-    return (pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) - before) / calls
+    return (energy_counter_mj() - before) / calls
 
 
 def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> None:
