@@ -205,11 +205,14 @@ def bench_training(args) -> dict:
     if args.cuda_graph:
         step = whole_step_graph(step, optimizer)
     pending = None
+    idle_events = []
     for index in range(args.warmup + args.steps):
         if index == args.warmup:
             synchronize()
             energy_before = energy_counter_mj()
             started = time.perf_counter()
+        if args.idle_ms_per_step:  # an experiment: does idle time cost its length under the power limit?
+            idle_events.append(idle_gpu(args.idle_ms_per_step) if index >= args.warmup else None)
         metrics = step()
         # Read as litft.training.loop.fit reads them: after the next step is queued (--sync_each_step: at once).
         if args.sync_each_step:
@@ -230,6 +233,10 @@ def bench_training(args) -> dict:
     # Graphs compiled by the steps: 2 per kind of block (4 with offloaded checkpointing) and the loss. Many more
     # means blocks recompiled, and past dynamo's limit ran eagerly (session 6: 14% slower with every test green).
     compiled_graphs = counters["stats"]["unique_graphs"] - graphs_before
+    idle = {}
+    if args.idle_ms_per_step:
+        timed = [begin.elapsed_time(end) for begin, end in filter(None, idle_events)]
+        idle = dict(idle_ms_per_step=args.idle_ms_per_step, idle_ms_measured=round(sum(timed) / len(timed), 2))
     if args.profile:
         profile_steps(lambda: step().resolve(), kernel_trace=args.kernel_trace)
     # DPO's reference forward (adapters off) costs one more forward pass, as recomputation does.
@@ -247,9 +254,31 @@ def bench_training(args) -> dict:
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
-                cuda_graph=args.cuda_graph,
+                cuda_graph=args.cuda_graph, **idle,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
                 **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
+
+
+def idle_gpu(milliseconds: float) -> tuple:
+    """An experiment, not a litft feature: the GPU spins one thread for about `milliseconds` (its other
+    multiprocessors idle) before the next step is queued; returns the events around it, to read how long it took at
+    the clock the step left behind (the sleep counts clock cycles)."""
+    global _CYCLES_PER_MS
+    if _CYCLES_PER_MS is None:  # calibrated once, at whatever clock the GPU then runs
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        _CYCLES_PER_MS = 10**7 / begin.elapsed_time(end)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    torch.cuda._sleep(int(milliseconds * _CYCLES_PER_MS))
+    end.record()
+    return begin, end
+
+
+_CYCLES_PER_MS = None
 
 
 def energy_counter_mj() -> int | None:
@@ -507,6 +536,9 @@ def main() -> None:
     parser.add_argument("--lora_gemm_group_rows", type=int, default=None,
                         help="row tiles per group in the LoRA GEMM kernel's tile order (litft.adapters.lora_gemm."
                              "GROUP_ROWS)")
+    parser.add_argument("--idle_ms_per_step", type=float, default=0.0,
+                        help="an experiment: the GPU idles this long before each step (time lost vs idle inserted "
+                             "tells whether idle time costs its length at the power limit)")
     parser.add_argument("--sync_each_step", action="store_true",
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",
@@ -531,6 +563,8 @@ def main() -> None:
         set_inductor_option(parser, setting)
     if args.mlp_tile_tokens is not None and args.task == "decode":
         parser.error("--mlp_tile_tokens applies to the training tasks (lora, qlora, dpo)")
+    if args.idle_ms_per_step and DEVICE != "cuda":
+        parser.error("--idle_ms_per_step needs a GPU (it idles the GPU between steps)")
     record = dict(peer="litft", task=args.task, shape=args.shape)
     if args.lora_gemm is not None:
         os.environ["LITFT_LORA_GEMM"] = record["lora_gemm"] = args.lora_gemm
