@@ -253,6 +253,25 @@ def test_tiled_mlp_and_partial_checkpointing_train_the_same_step(tmp_path, stori
     plain, tiled = read_metrics(tmp_path / "plain")[1], read_metrics(tmp_path / "tiled")[1]
     assert tiled["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6)
     assert tiled["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-5)
+    # The saved run configuration keeps settings whose names contain "token" (the secrets filter once dropped them).
+    run = json.loads((tmp_path / "tiled" / "final" / "litft_run.json").read_text())
+    assert run["train"]["mlp_tile_tokens"] == 100 and run["eval"]["max_new_tokens"] == 50
+
+
+def test_saved_configuration_drops_secrets_and_keeps_settings_named_after_tokens():
+    from litft.commands.finetune import without_secrets
+
+    token = "hf_" + "aB3" * 12
+    config = {
+        "access_token": "x", "hf_token": "x", "token": "x", "wandb_api_key": "x", "db_password": "x",
+        "client_secret": "x", "logger": {"auth_token": "x", "name": "run", "note": token},
+        "tags": ["a", token], "max_new_tokens": 50, "mlp_tile_tokens": 100, "pad_token": "<pad>",
+        "eos_token": "</s>", "tokens_per_step": 8, "tokenizer": "path/hf_tokenizer_files", "path": "/data/hf_cache",
+    }
+    assert without_secrets(config) == {
+        "logger": {"name": "run"}, "tags": ["a"], "max_new_tokens": 50, "mlp_tile_tokens": 100, "pad_token": "<pad>",
+        "eos_token": "</s>", "tokens_per_step": 8, "tokenizer": "path/hf_tokenizer_files", "path": "/data/hf_cache",
+    }
 
 
 def test_non_finite_loss_stops_the_run(tmp_path, stories_dir, capsys):

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -206,16 +207,36 @@ class FinetuneRun:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-SECRET_WORDS = ("token", "secret", "password", "api_key")
+# A key names a secret when one of its words is one of these, or when its last word is "token" and it does not name
+# a special token (pad_token, eos_token, ...). Matching "token" anywhere dropped max_new_tokens and mlp_tile_tokens
+# from every saved run configuration.
+SECRET_WORDS = frozenset({"secret", "password", "passwd", "credential", "credentials", "apikey"})
+SPECIAL_TOKEN_ROLES = frozenset({"pad", "eos", "bos", "unk", "sep", "cls", "mask", "stop", "start", "end"})
+# A value that is a Hugging Face access token, whatever its key is called.
+HF_TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{30,}")
+
+
+def is_secret_key(key: Any) -> bool:
+    words = [word for word in re.split(r"[^a-z0-9]+", str(key).lower()) if word]
+    if not words:
+        return False
+    if SECRET_WORDS.intersection(words) or "api_key" in "_".join(words):
+        return True
+    return words[-1] == "token" and not (len(words) == 2 and words[0] in SPECIAL_TOKEN_ROLES)
 
 
 def without_secrets(value: Any) -> Any:
-    """Drops every entry whose key names a secret, at any depth, before a configuration is written to disk."""
+    """Drops every entry whose key names a secret (`is_secret_key`), at any depth, and every value that is a Hugging
+    Face token, before a configuration is written to disk."""
     if isinstance(value, dict):
-        return {k: without_secrets(v) for k, v in value.items() if not any(w in str(k).lower() for w in SECRET_WORDS)}
+        return {k: without_secrets(v) for k, v in value.items() if not is_secret_key(k) and not _is_hf_token(v)}
     if isinstance(value, list):
-        return [without_secrets(v) for v in value]
+        return [without_secrets(v) for v in value if not _is_hf_token(v)]
     return value
+
+
+def _is_hf_token(value: Any) -> bool:
+    return isinstance(value, str) and HF_TOKEN_VALUE.fullmatch(value.strip()) is not None
 
 
 def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool, is_global_zero: bool) -> Path | None:
