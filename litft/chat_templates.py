@@ -40,6 +40,8 @@ _ALPACA = (
     "{{ '### Instruction:\\n' + message['content'] + '\\n\\n### Response:\\n' }}"
     "{% elif message['role'] == 'assistant' %}"
     "{{ message['content'] + eos_token }}"
+    "{% elif message['role'] == 'system' %}"
+    "{{ raise_exception('the alpaca template takes a system message only as the first message') }}"
     "{% else %}"
     "{{ raise_exception('the alpaca template supports system, user and assistant roles, not ' + message['role']) }}"
     "{% endif %}"
@@ -198,6 +200,9 @@ class ChatTemplate:
             return self._compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **variables)
         except jinja2.exceptions.TemplateError as error:
             raise DataError(f"chat template {self.name!r} rejected the conversation: {error}") from None
+        except Exception as error:  # noqa: BLE001 - the template's own code failed (e.g. text + number): the user's
+            raise DataError(f"chat template {self.name!r} failed on the conversation: {type(error).__name__}: "
+                            f"{error}; fix the template") from None
 
 
 def _builtin(name: str, tokenizer: Tokenizer, flag: str = "--chat_template") -> ChatTemplate:
@@ -267,7 +272,13 @@ def resolve_chat_template(
     if path.suffix == ".jinja" or path.is_file():
         if not path.is_file():
             raise ConfigError(f"{flag} {name}: no such file")
-        return ChatTemplate(path.name, path.read_text(encoding="utf-8"), tokenizer.special_tokens())
+        try:
+            source = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(
+                f"{flag} {name}: not UTF-8 text (byte {error.start}); save the template as UTF-8"
+            ) from None
+        return ChatTemplate(path.name, source, tokenizer.special_tokens())
     raise ConfigError(
         f"{flag} {name!r}: unknown; use auto, checkpoint, {', '.join(BUILTIN_TEMPLATES)} or a .jinja file path"
     )

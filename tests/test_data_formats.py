@@ -111,6 +111,12 @@ BAD_FILES = [
      r"unknown.jsonl line 1: cannot detect the dataset format.*--data.format"),
     ("role.jsonl", '{"conversations": [{"from": "robot", "value": "x"}]}\n', r"role.jsonl line 1: .*unknown from 'robot'"),
     ("not_object.json", '[["a", "b"]]', r"not_object.json record 1 \(line 1\): expected a JSON object"),
+    ("null.jsonl", '{"instruction": "a", "output": null}\n',
+     r"null.jsonl line 1: field `output` is null; give it text"),
+    ("null_turns.jsonl", '{"messages": null}\n', r"null_turns.jsonl line 1: field `messages` is null"),
+    ("system_later.jsonl", '{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+     '{"role": "assistant", "content": "c"}]}\n',
+     r"system_later.jsonl line 1: chat template 'alpaca' rejected .*a system message only as the first message"),
 ]
 
 
@@ -118,6 +124,9 @@ BAD_FILES = [
 def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, stories, name, content, pattern):
     path = tmp_path / name
     path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if name == "system_later.jsonl":
+        tokenizer = stories[0]
+        stories = (tokenizer, resolve_chat_template(tokenizer, "alpaca"))
     with pytest.raises(DataError, match=pattern) as caught:
         load(path, stories, tmp_path / "cache")
     assert "\n" not in str(caught.value)

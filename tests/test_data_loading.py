@@ -150,3 +150,64 @@ def test_preview_marks_trained_tokens_and_counts(tmp_path, data_dir, capsys):
     assert output.count("--- sample") == 2
     assert "samples: 20 (from 20 records, sharegpt)" in output
     assert "packing efficiency" in output and "truncated: 0" in output
+
+
+def write_jsonl(path, count: int, word: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"instruction": f"{word} {i}?", "output": f"{word}."}) + "\n"
+                            for i in range(count)))
+
+
+def test_a_folder_leaves_out_hidden_files_and_the_validation_files_inside_it(tmp_path, stories):
+    folder = tmp_path / "data"
+    write_jsonl(folder / "train.jsonl", 6, "train")
+    write_jsonl(folder / ".ipynb_checkpoints" / "train-checkpoint.jsonl", 6, "copy")  # an editor's copy
+    write_jsonl(folder / ".hidden.jsonl", 3, "hidden")
+    write_jsonl(folder / "val.jsonl", 2, "held")
+    log_lines = []
+    train, validation = quiet_load(DataConfig(path=str(folder), val_path=str(folder / "val.jsonl"),
+                                              cache_dir=str(tmp_path / "cache")), stories, log_lines)
+    assert len(train) == 6 and len(validation) == 2
+    assert any("leaving out 1 file(s) of --data.val_path" in line for line in log_lines)
+    tokenizer = stories[0]
+    assert all("held" not in tokenizer.decode(sample["input_ids"].tolist()) for sample in train)
+    # The same file for both is refused rather than silently validating on trained samples.
+    with pytest.raises(DataError, match="--data.val_path .*: these are the training files of --data.path"):
+        quiet_load(DataConfig(path=str(folder / "train.jsonl"), val_path=str(folder / "train.jsonl"),
+                              cache_dir=str(tmp_path / "cache")), stories)
+
+
+def test_a_missing_validation_path_fails_before_the_training_set_is_read(tmp_path, stories):
+    broken = tmp_path / "train.jsonl"
+    broken.write_text("not json\n")  # reading it would raise a different error first
+    with pytest.raises(DataError, match=r"--data.val_path .*nope.jsonl: no such file"):
+        quiet_load(DataConfig(path=str(broken), val_path=str(tmp_path / "nope.jsonl")), stories)
+
+
+def test_an_unwritable_cache_folder_names_its_flag_or_is_skipped(tmp_path, stories, monkeypatch):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, 4, "q")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(DataError, match=r"--data.cache_dir .*a_file/cache: cannot write the tokenized cache"):
+        quiet_load(DataConfig(path=str(path), cache_dir=str(blocker / "cache")), stories)
+    monkeypatch.setenv("LITFT_CACHE_DIR", str(blocker / "cache"))  # the default folder: warn and go on
+    log_lines = []
+    train, _ = quiet_load(DataConfig(path=str(path)), stories, log_lines)
+    assert len(train) == 4 and any("cannot write the tokenized cache" in line for line in log_lines)
+
+
+def test_a_template_file_that_fails_gives_one_line(tmp_path, stories):
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, 2, "q")
+    tokenizer = stories[0]
+    latin = tmp_path / "latin.jinja"
+    latin.write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"--data.template .*latin.jinja: not UTF-8 text"):
+        resolve_chat_template(tokenizer, str(latin), flag="--data.template")
+    adds_a_number = tmp_path / "adds.jinja"
+    adds_a_number.write_text("{% for m in messages %}{{ m.content + 1 }}{% endfor %}")
+    template = resolve_chat_template(tokenizer, str(adds_a_number), flag="--data.template")
+    with pytest.raises(DataError, match=r"line 1: chat template 'adds.jinja' failed on the conversation: TypeError"):
+        load_datasets(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), tokenizer, template,
+                      log=lambda line: None)

@@ -184,6 +184,25 @@ def test_existing_out_dir_is_not_overwritten(tmp_path, stories_dir, capsys):
     assert (out_dir / "precious.txt").read_text() == "keep me"
 
 
+def test_overwrite_keeps_the_previous_run_until_the_data_and_model_have_loaded(tmp_path, stories_dir, capsys):
+    out_dir = tmp_path / "run"
+    for name in ("checkpoints/step-5/marker.txt", "metrics.csv", "final/adapter_config.json"):
+        (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (out_dir / name).write_text("previous run")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(SystemExit):
+        finetune("lora", stories_dir, out_dir, "--overwrite", "true", "--data.path", str(bad), "--data.limit", "8")
+    assert "bad.jsonl line 2" in capsys.readouterr().err
+    assert all((out_dir / name).read_text() == "previous run"
+               for name in ("checkpoints/step-5/marker.txt", "metrics.csv", "final/adapter_config.json"))
+    finetune("lora", stories_dir, out_dir, "--overwrite", "true", "--train.max_steps", "1", "--data.limit", "8",
+             "--train.global_batch_size", "4", "--train.micro_batch_size", "4", "--data.max_seq_length", "64")
+    assert not (out_dir / "checkpoints" / "step-5").exists()
+    assert (out_dir / "metrics.csv").read_text() != "previous run"
+    assert json.loads((out_dir / "final" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

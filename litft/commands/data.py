@@ -8,7 +8,8 @@ from typing import Any
 
 from litft.data import DataConfig, make_rows
 from litft.data.cache import TokenizedDataset
-from litft.data.loading import detect_dataset_format, to_samples, tokenize_dataset
+from litft.data.loading import dataset_files, detect_dataset_format, to_samples, tokenize_dataset
+from litft.errors import ConfigError
 
 STORIES_DIR = Path(__file__).resolve().parents[1] / "assets" / "stories260K"
 TRAINED_COLOR, MASKED_COLOR, RESET = "\033[32m", "\033[2m", "\033[0m"
@@ -31,14 +32,17 @@ def preview(checkpoint: Path | None = None, data: DataConfig = DataConfig(), num
     from litft.chat_templates import resolve_chat_template
     from litft.tokenizer import Tokenizer
 
+    if num_samples < 0:
+        raise ConfigError(f"--num_samples {num_samples}: must be 0 or more")
     tokenizer = Tokenizer.from_checkpoint(checkpoint if checkpoint is not None else STORIES_DIR)
     data.validate()
-    data_format = detect_dataset_format(data.path, data)
+    train_files, _ = dataset_files(data)  # checks --data.val_path too, and leaves its files out of the training set
+    data_format = detect_dataset_format(data.path, data, files=train_files)
     template = None if data_format == "text" else resolve_chat_template(tokenizer, data.template, flag="--data.template")
     if template is not None:
         print(f"chat template: {template.name}")
     preference = data_format == "preference"
-    dataset = tokenize_dataset(data.path, "--data.path", data, tokenizer, template, preference)
+    dataset = tokenize_dataset(data.path, "--data.path", data, tokenizer, template, preference, files=train_files)
 
     color = sys.stdout.isatty()
     legend = f"{TRAINED_COLOR}trained{RESET}, {MASKED_COLOR}masked{RESET}" if color else "[[trained]], masked"

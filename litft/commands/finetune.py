@@ -239,30 +239,38 @@ def _is_hf_token(value: Any) -> bool:
     return isinstance(value, str) and HF_TOKEN_VALUE.fullmatch(value.strip()) is not None
 
 
-def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool, is_global_zero: bool) -> Path | None:
+def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool) -> tuple[Path | None, bool]:
     """Refuses to write into a previous run's folder unless resuming or overwriting; returns the checkpoint to
-    resume from, if any."""
+    resume from, if any, and whether a previous run is to be replaced (by `clear_previous_run`, once the data and
+    the model have loaded: a mistake found there must not cost the previous run)."""
     from litft.training.loop import CHECKPOINT_METADATA, checkpoint_folder, is_checkpoint, latest_checkpoint
 
     if resume is not None:
         if resume == "auto":
-            return latest_checkpoint(out_dir)
+            return latest_checkpoint(out_dir), False
         path = Path(resume)
         if not is_checkpoint(path):
             raise ConfigError(
                 f"--resume {resume}: no {CHECKPOINT_METADATA} in that folder; pass a folder from {checkpoint_folder(out_dir)}"
             )
-        return path
+        return path, False
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise ConfigError(
                 f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it or --overwrite true to replace it"
             )
-        if is_global_zero:
-            shutil.rmtree(checkpoint_folder(out_dir), ignore_errors=True)
-            for name in ("metrics.csv", "loss.png", "hparams.yaml"):
-                (out_dir / name).unlink(missing_ok=True)
-    return None
+        return None, True
+    return None, False
+
+
+def clear_previous_run(out_dir: Path) -> None:
+    """Removes what an earlier run wrote into `out_dir` (--overwrite true): its checkpoints and logs. Its `final/`
+    stays until this run's own replaces it, in one rename."""
+    from litft.training.loop import checkpoint_folder
+
+    shutil.rmtree(checkpoint_folder(out_dir), ignore_errors=True)
+    for name in ("metrics.csv", "loss.png", "hparams.yaml"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def read_metrics(out_dir: Path, up_to_step: int) -> list[dict[str, str]]:
@@ -452,7 +460,7 @@ def run_finetune(
     )
     fabric.launch()
     preemption = PreemptionSignal(fabric)  # from here on SIGUSR1 / SIGTERM save a checkpoint and stop
-    resume_from = prepare_out_dir(out_dir, resume, overwrite, fabric.is_global_zero)
+    resume_from, replacing_previous_run = prepare_out_dir(out_dir, resume, overwrite)
     seed_everything(seed, verbose=False)
     log_rank_zero = (lambda message: log(message)) if fabric.is_global_zero else (lambda message: None)
 
@@ -516,6 +524,9 @@ def run_finetune(
             )
 
     # ---- loop --------------------------------------------------------------------------------------------------
+    if replacing_previous_run and fabric.is_global_zero:
+        clear_previous_run(out_dir)
+    fabric.barrier()
     run_config = FinetuneRun(
         method=method, checkpoint=str(checkpoint), out_dir=str(out_dir), data=asdict(data), train=asdict(train),
         eval=asdict(eval), lora=asdict(lora) if lora is not None else None, quantize=quantize,

@@ -10,7 +10,7 @@ number. A `.txt` file is one record `{"text": <whole file>}`.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,22 @@ DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 Record = dict[str, Any]
 
 
-def data_files(path: str | Path, flag: str = "--data.path") -> list[Path]:
-    """The files a `--data.path` names: the file itself, or every data file under a folder, sorted."""
+def data_files(path: str | Path, flag: str = "--data.path", exclude: Collection[Path] = ()) -> list[Path]:
+    """The files a `--data.path` names: the file itself, or every data file under a folder, sorted. Hidden files
+    and folders (".ipynb_checkpoints/", ".cache/") are not data; nor are the `exclude` files (the validation files
+    when they lie inside the training folder)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_SUFFIXES)
+        excluded = {file.resolve() for file in exclude}
+        files = sorted(
+            file for file in path.rglob("*")
+            if file.is_file() and file.suffix.lower() in DATA_SUFFIXES
+            and not any(part.startswith(".") for part in file.relative_to(path).parts)
+            and file.resolve() not in excluded
+        )
         if not files:
-            raise DataError(f"{flag} {path}: the folder holds no {', '.join(DATA_SUFFIXES)} files")
+            raise DataError(f"{flag} {path}: the folder holds no {', '.join(DATA_SUFFIXES)} files"
+                            + (" besides the validation files" if excluded else ""))
         return files
     if not path.is_file():
         raise DataError(f"{flag} {path}: no such file or folder")

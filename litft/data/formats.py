@@ -148,7 +148,8 @@ def _message_list(record: dict[str, Any], field: str, role_key: str, content_key
                   location: str) -> list[Message]:
     turns = record.get(field)
     if turns is None:
-        raise DataError(f"{location}: missing field `{field}`")
+        raise DataError(f"{location}: field `{field}` is null; give it a list of messages or remove the record"
+                        if field in record else f"{location}: missing field `{field}`")
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{location}: `{field}` must be a non-empty list of messages, got {_describe(turns)}")
     messages = []
@@ -169,6 +170,8 @@ def _message_list(record: dict[str, Any], field: str, role_key: str, content_key
 def _text_field(record: dict[str, Any], field: str, location: str, required: bool = True) -> str:
     value = record.get(field)
     if value is None:
+        if required and field in record:
+            raise DataError(f"{location}: field `{field}` is null; give it text or remove the record")
         if required:
             raise DataError(f"{location}: missing field `{field}` (remap names with --data.fields, or pass "
                             f"--data.format)")

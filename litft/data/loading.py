@@ -74,10 +74,12 @@ def load_preference_datasets(config: DataConfig, tokenizer: Any, chat_template: 
 def _load(config: DataConfig, tokenizer: Any, chat_template: Any, preference: bool,
           log: Log) -> tuple[TokenizedDataset, TokenizedDataset | None]:
     config.validate()
-    train = tokenize_dataset(config.path, "--data.path", config, tokenizer, chat_template, preference, log)
+    train_files, validation_files = dataset_files(config, log)
+    train = tokenize_dataset(config.path, "--data.path", config, tokenizer, chat_template, preference, log,
+                             files=train_files)
     if config.val_path:
         validation = tokenize_dataset(config.val_path, "--data.val_path", config, tokenizer, chat_template,
-                                      preference, log)
+                                      preference, log, files=validation_files)
         return train, validation
     if not config.val_split:
         return train, None
@@ -88,11 +90,28 @@ def _load(config: DataConfig, tokenizer: Any, chat_template: Any, preference: bo
     return train, validation
 
 
+def dataset_files(config: DataConfig, log: Log = print) -> tuple[list[Path], list[Path]]:
+    """The training and the validation files. The validation files are found first, so that a wrong
+    --data.val_path fails before the training set is tokenized, and those inside the training folder are left out
+    of training (a validation loss over trained-on samples would mislead)."""
+    validation_files = data_files(config.val_path, "--data.val_path") if config.val_path else []
+    train_files = data_files(config.path, "--data.path", exclude=validation_files)
+    if {file.resolve() for file in train_files} & {file.resolve() for file in validation_files}:
+        raise DataError(f"--data.val_path {config.val_path}: these are the training files of --data.path "
+                        f"{config.path}; give a separate validation file, or use --data.val_split instead")
+    inside = len(data_files(config.path)) - len(train_files) if validation_files else 0
+    if inside:
+        log(f"data: {config.path}: leaving out {inside} file(s) of --data.val_path {config.val_path}, which lie in "
+            "the training folder")
+    return train_files, validation_files
+
+
 def tokenize_dataset(path: str, flag: str, config: DataConfig, tokenizer: Any, chat_template: Any,
-                     preference: bool, log: Log = print) -> TokenizedDataset:
-    """The tokenized sequences of the files at `path` (for preference data: chosen, rejected, chosen, ...), from
-    the cache when it holds them. Raises DataError for the first bad record, writing nothing."""
-    files = data_files(path, flag)
+                     preference: bool, log: Log = print, files: list[Path] | None = None) -> TokenizedDataset:
+    """The tokenized sequences of the files at `path` (or of `files`, those of them to read), for preference data:
+    chosen, rejected, chosen, ..., from the cache when it holds them. Raises DataError for the first bad record,
+    writing nothing."""
+    files = data_files(path, flag) if files is None else files
     settings = {
         "format": config.format, "fields": config.fields, "template": chat_template.name if chat_template else None,
         "train_on_prompt": config.train_on_prompt, "max_seq_length": config.max_seq_length,
@@ -116,7 +135,15 @@ def tokenize_dataset(path: str, flag: str, config: DataConfig, tokenizer: Any, c
             "the data"
         )
     if not from_cache:
-        save_cached(cache_file, dataset)
+        try:
+            save_cached(cache_file, dataset)
+        except OSError as error:  # the cache only saves time: without a flag naming the folder, go on without it
+            reason = error.strerror or str(error)
+            if config.cache_dir:
+                raise DataError(f"--data.cache_dir {config.cache_dir}: cannot write the tokenized cache there "
+                                f"({reason}); give a writable folder") from None
+            log(f"data: cannot write the tokenized cache to {cache_dir} ({reason}); going on without it (set "
+                "--data.cache_dir or LITFT_CACHE_DIR to a writable folder)")
     return dataset
 
 
@@ -161,11 +188,11 @@ def _tokenize_files(files: list[Path], path: str, config: DataConfig, tokenizer:
     return TokenizedDataset(np.concatenate(token_parts), np.concatenate(trained_parts), offsets, counts, data_format)
 
 
-def detect_dataset_format(path: str, config: DataConfig) -> str:
-    """The format `--data.format` names, or the one the first record of the files at `path` has."""
+def detect_dataset_format(path: str, config: DataConfig, files: list[Path] | None = None) -> str:
+    """The format `--data.format` names, or the one the first record of the files at `path` (or of `files`) has."""
     if config.format != "auto":
         return config.format
-    first = next(iter_records(data_files(path)), None)
+    first = next(iter_records(data_files(path) if files is None else files), None)
     if first is None:
         raise DataError(f"{path}: the dataset holds no records")
     return _resolve_format(first, FieldNames(config.fields), config, path, log=lambda line: None)
@@ -176,7 +203,7 @@ def _resolve_format(first: tuple[str, Record], fields: FieldNames, config: DataC
         return config.format
     location, record = first
     data_format = detect_format(record, fields, location)
-    log(f"data: {path}: detected the {data_format!r} format from the fields of the first record "
+    log(f"data: {path}: detected the {data_format!r} format from the fields of the first record, {location} "
         f"({', '.join(sorted(record))}); set --data.format to override")
     return data_format
 
