@@ -7,6 +7,7 @@ docstring into the help text, and gives every subcommand `--config FILE.yaml` an
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -65,19 +66,94 @@ def components() -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
+    from jsonargparse import CLI, ArgumentError
 
     from litft.commands.slurm import slurm_passthrough
 
     argv = slurm_passthrough(sys.argv[1:] if argv is None else argv)
     try:
-        CLI(components(), args=argv, prog="litft", description="Fine-tune open LLMs on Lightning Fabric.")
+        CLI(components(), args=argv, prog="litft", description="Fine-tune open LLMs on Lightning Fabric.",
+            exit_on_error=False)
+    except ArgumentError as error:  # a flag or a --config file jsonargparse could not take
+        print(f"litft: error: {parser_error_line(error, argv)}", file=sys.stderr)
+        sys.exit(2)
     except LitftError as error:
         print(f"litft: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
     except KeyboardInterrupt:
         print("litft: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def command_words(argv: list[str]) -> list[str]:
+    """The subcommand path at the start of `argv` (["finetune", "lora"]), as far as it names one."""
+    words: list[str] = []
+    for word in argv:
+        if not any(path[: len(words) + 1] == (*words, word) for path, _ in COMMANDS):
+            break
+        words.append(word)
+    return words
+
+
+def parser_error_line(error: Exception, argv: list[str]) -> str:
+    """jsonargparse's message for a flag or config value it refused, in one line that names the flag and the value
+    and points at the command's help, instead of its usage block and multi-line type report."""
+    message = str(error)
+    words = command_words(argv)
+    hint = f"see `litft {' '.join(words)} --help`" if words else "see `litft --help`"
+    typed = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if typed:
+        key, detail = typed.groups()
+        given = re.search(r"(?:Given value|Got value): (.*)", detail)
+        expected = re.findall(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*?)\])", detail)
+        expected = [name or literal for name, literal in expected if name != "NoneType"]
+        if given and expected:
+            return f"--{key} {given.group(1).strip()}: expected {' or '.join(expected)}; {hint}"
+        return f"--{key}: {' '.join(detail.split())}; {hint}"
+    if message.startswith("Problems parsing config"):
+        files = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == "--config"]
+        where = " ".join(re.sub(r'in "<unicode string>",?', "", message.split(":", 1)[-1]).split())
+        return f"--config {files[-1] if files else ''}: not valid YAML ({where})"
+    if re.fullmatch(r"'[\w-]+'", message):  # jsonargparse fails this way on an unknown key in a --config file
+        unknown = unknown_config_keys(argv, words)
+        if unknown:
+            return f"{unknown}; {hint}, or `--print_config` for every accepted key"
+        return f"an option of the --config file is not accepted here; {hint}"
+    return f"{' '.join(message.split()).rstrip('.')}; {hint}"
+
+
+def unknown_config_keys(argv: list[str], words: list[str]) -> str | None:
+    """'--config FILE: unknown option train.lrr' for the first key of a --config file that the command's function
+    does not take (its parameters, and the fields of those that are dataclasses), or None."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import yaml
+
+    target = next((target for path, target in COMMANDS if path == tuple(words)), None)
+    if target is None:
+        return None
+    function = _resolve(tuple(words), target)
+    parameters = inspect.signature(function).parameters
+    hints = typing.get_type_hints(function)
+    for index, word in enumerate(argv[:-1]):
+        if word != "--config":
+            continue
+        try:
+            config = yaml.safe_load(open(argv[index + 1], encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+        for key, value in config.items() if isinstance(config, dict) else ():
+            if key not in parameters:
+                return f"--config {argv[index + 1]}: unknown option {key}"
+            kind = hints.get(key)
+            if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+                fields = {field.name for field in dataclasses.fields(kind)}
+                extra = [name for name in value if name not in fields]
+                if extra:
+                    return f"--config {argv[index + 1]}: unknown option {key}.{extra[0]}"
+    return None
 
 
 if __name__ == "__main__":
