@@ -211,3 +211,15 @@ def test_a_template_file_that_fails_gives_one_line(tmp_path, stories):
     with pytest.raises(DataError, match=r"line 1: chat template 'adds.jinja' failed on the conversation: TypeError"):
         load_datasets(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), tokenizer, template,
                       log=lambda line: None)
+
+
+def test_empty_answers_are_pointed_out(tmp_path, stories):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"instruction": f"q{i}", "output": "" if i in (1, 3) else "an answer"}) + "\n"
+                            for i in range(5)))
+    log_lines = []
+    train, _ = quiet_load(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), stories, log_lines)
+    assert len(train) == 5  # still trained (the EOS is a target), but the log says so
+    warnings = [line for line in log_lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and "2 of 5 samples train only their end-of-turn token" in warnings[0]
+    assert "the first is sample 2" in warnings[0]

@@ -599,3 +599,32 @@ def test_an_unknown_template_names_the_data_flag(tmp_path, stories_dir, capsys):
         finetune("lora", stories_dir, tmp_path / "out", "--data.limit", "16", "--data.template", "no-such-template")
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("litft: error: --data.template 'no-such-template': unknown")
+
+
+def test_samples_past_the_models_positions_are_noted(tmp_path, stories_dir):
+    from litft.chat_templates import resolve_chat_template
+    from litft.commands.finetune import longest_sequence, warn_past_context
+    from litft.data import DataConfig, load_datasets, load_preference_datasets, make_rows
+    from litft.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_checkpoint(stories_dir)
+    template = resolve_chat_template(tokenizer, "plain")
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"instruction": "Tell a story. " * words, "output": "Once."}) + "\n"
+                            for words in (1, 40, 3)))
+    samples, _ = load_datasets(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), tokenizer, template,
+                               log=lambda line: None)
+    longest = max(len(sample["input_ids"]) for sample in samples)
+    assert longest > 100
+    for pack in (False, True):
+        assert longest_sequence(make_rows(samples, 1024, pack, seed=0)) == longest
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "Tell a story. " * 40, "chosen": "Once.", "rejected": "No."}) + "\n")
+    pair_rows, _ = load_preference_datasets(DataConfig(path=str(pairs), cache_dir=str(tmp_path / "cache")),
+                                            tokenizer, template, log=lambda line: None)
+    assert longest_sequence(pair_rows) == max(len(pair_rows[0][side]["input_ids"]) for side in ("chosen", "rejected"))
+
+    notes = []
+    warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest - 1}, notes.append)
+    warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest}, notes.append)
+    assert len(notes) == 1 and f"{longest} tokens, past the {longest - 1} positions" in notes[0]

@@ -263,6 +263,34 @@ def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool) -> tuple
     return None, False
 
 
+def longest_sequence(rows: list[Any]) -> int:
+    """The most tokens of one sample among the rows (a packed row's samples each restart at position 0; a
+    preference row is a chosen and a rejected sequence)."""
+    def lengths(item: Any):
+        if isinstance(item, list):
+            for member in item:
+                yield from lengths(member)
+        elif isinstance(item, dict):
+            if "input_ids" in item:
+                yield len(item["input_ids"])
+            else:
+                for member in item.values():
+                    yield from lengths(member)
+
+    return max((length for row in rows for length in lengths(row)), default=0)
+
+
+def warn_past_context(rows: list[Any], hf_config: dict, log: Callable[[str], None]) -> None:
+    """A note when samples run past the positions the model was trained for: training there works (RoPE has no
+    table to run off) but the model has never seen such positions, which a user coming from a 4k-context model may
+    not mean to do."""
+    positions = hf_config.get("max_position_embeddings")
+    longest = longest_sequence(rows)
+    if isinstance(positions, int) and longest > positions:
+        log(f"warning: the longest sample has {longest} tokens, past the {positions} positions of the checkpoint's "
+            f"max_position_embeddings; lower --data.max_seq_length to {positions} to stay within them")
+
+
 def clear_previous_run(out_dir: Path) -> None:
     """Removes what an earlier run wrote into `out_dir` (--overwrite true): its checkpoints and logs. Its `final/`
     stays until this run's own replaces it, in one rename."""
@@ -469,6 +497,7 @@ def run_finetune(
     template = resolve_chat_template(tokenizer, data.template, flag="--data.template")
     with fabric.rank_zero_first():  # rank 0 tokenizes and fills the cache; the others read it
         train_rows, val_rows = task.load_rows(data, tokenizer, template, seed, log_rank_zero)
+    warn_past_context(train_rows, read_hf_config(checkpoint), log_rank_zero)
 
     # ---- model -------------------------------------------------------------------------------------------------
     sharded = is_fsdp(fabric)

@@ -291,6 +291,14 @@ def _log_counts(dataset: TokenizedDataset, path: str, config: DataConfig, prefer
         f"{len(dataset.tokens)} tokens, {trained} trained; {counts['truncated']} truncated, "
         f"{counts['dropped_overlong']} dropped as longer than --data.max_seq_length {config.max_seq_length} "
         f"(--data.overlong {config.overlong}), {counts['dropped_untrained']} dropped with nothing to train")
+    if not preference and len(dataset):
+        # One trained token is the end of turn alone: an empty answer, which teaches the model to answer nothing.
+        per_sequence = np.add.reduceat(dataset.trained.astype(np.int64), dataset.offsets[:-1].astype(np.int64))
+        per_sequence -= dataset.trained[dataset.offsets[:-1]].astype(np.int64)
+        empty = np.flatnonzero(per_sequence == 1)
+        if len(empty):
+            log(f"warning: {path}: {len(empty)} of {len(dataset)} samples train only their end-of-turn token (an "
+                f"empty answer?), the first is sample {int(empty[0]) + 1}; `litft data preview` shows them")
 
 
 def split_dataset(dataset: TokenizedDataset, fraction: float, seed: int,
