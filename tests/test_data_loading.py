@@ -223,3 +223,27 @@ def test_empty_answers_are_pointed_out(tmp_path, stories):
     warnings = [line for line in log_lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "2 of 5 samples train only their end-of-turn token" in warnings[0]
     assert "the first is sample 2" in warnings[0]
+
+
+def test_long_text_splits_into_windows_that_train_every_token_once(tmp_path, stories):
+    tokenizer = stories[0]
+    document = tmp_path / "book.txt"
+    document.write_text(" ".join(f"Once upon a time there was a cat number {i}." for i in range(60)))
+    log_lines = []
+    samples, _ = quiet_load(DataConfig(path=str(document), overlong="split", max_seq_length=64,
+                                       cache_dir=str(tmp_path / "cache")), stories, log_lines)
+    whole = tokenize_whole(tokenizer, document.read_text())
+    assert len(whole) > 5 * 64 and len(samples) == -(-(len(whole) - 1) // 64)
+    assert all(len(sample["input_ids"]) <= 64 for sample in samples)
+    targets = torch.cat([sample["targets"] for sample in samples])
+    assert torch.equal(targets, torch.tensor(whole[1:]))  # each token after the first: a target exactly once
+    assert any("1 split into windows" in line for line in log_lines)
+    write_jsonl(tmp_path / "chat.jsonl", 2, "q")  # a chat sample cut into windows would lose its prompt: refused
+    with pytest.raises(DataError, match="--data.overlong split: cuts text documents into windows"):
+        quiet_load(DataConfig(path=str(tmp_path / "chat.jsonl"), overlong="split"), stories)
+
+
+def tokenize_whole(tokenizer, text: str) -> list[int]:
+    from litft.data.rendering import tokenize_text
+
+    return tokenize_text(tokenizer, text).tokens

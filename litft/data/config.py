@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from litft.data.formats import FORMATS
 from litft.errors import ConfigError
 
-OVERLONG_CHOICES = ("truncate", "drop")
+OVERLONG_CHOICES = ("truncate", "drop", "split")
 
 
 @dataclass
@@ -25,7 +25,8 @@ class DataConfig:
         train_on_prompt: Also train on system and user turns (by default only assistant turns are trained).
         max_seq_length: The most tokens in one row the model sees (a sample, or a packed row of samples).
         overlong: What to do with a sample longer than max_seq_length: "truncate" (keeping the start of the
-            answer) or "drop".
+            answer), "drop", or for text data "split" (into consecutive windows of max_seq_length tokens that
+            overlap by one, so that every token of a long document is trained once).
         pack: Pack several samples into each row of max_seq_length tokens, with attention and positions kept
             per sample. Without it, batches are padded to their longest sample.
         val_split: Fraction of the samples held out for validation (0 for none).

@@ -30,14 +30,22 @@ from litft.data.formats import (
     record_to_preference,
     record_to_text,
 )
-from litft.data.rendering import Sample, Tokenized, fit_length, to_sample, tokenize_messages, tokenize_text
+from litft.data.rendering import (
+    Sample,
+    Tokenized,
+    fit_length,
+    split_windows,
+    to_sample,
+    tokenize_messages,
+    tokenize_text,
+)
 from litft.errors import DataError
 
 PreferenceSample = dict[str, Sample]  # {"chosen": Sample, "rejected": Sample}
 Log = Callable[[str], None]
 
 RECORDS_PER_CHUNK = 256
-COUNT_NAMES = ("records", "truncated", "dropped_overlong", "dropped_untrained")
+COUNT_NAMES = ("records", "truncated", "split", "dropped_overlong", "dropped_untrained")
 
 
 @dataclass
@@ -165,6 +173,9 @@ def _tokenize_files(files: list[Path], path: str, config: DataConfig, tokenizer:
     if not preference and data_format == "preference":
         raise DataError(f"{path}: preference data (chosen/rejected) is for `litft finetune dpo|orpo|simpo`; "
                         "supervised fine-tuning needs a chat, instruction or text dataset")
+    if config.overlong == "split" and data_format != "text":
+        raise DataError(f"--data.overlong split: cuts text documents into windows; {path} is {data_format!r} data, "
+                        "whose samples it would cut from their prompts; use truncate or drop")
     if data_format != "text" and chat_template is None:
         raise DataError(f"{path}: the {data_format!r} format needs a chat template; pass --data.template")
     _JOB = TokenizeJob(tokenizer, chat_template, data_format, fields, config.train_on_prompt,
@@ -240,14 +251,19 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
     for location, record in chunk:
         counts["records"] += 1
         sequences = _tokenize_record(job, location, record)
-        fitted = [fit_length(s, job.max_tokens, job.overlong, _starts_with_bos(job, s)) for s in sequences]
+        if job.overlong == "split":
+            fitted = [window for sequence in sequences for window in split_windows(sequence, job.max_tokens)]
+            counts["split"] += len(fitted) > len(sequences)
+            sequences = fitted  # nothing is truncated
+        else:
+            fitted = [fit_length(s, job.max_tokens, job.overlong, _starts_with_bos(job, s)) for s in sequences]
         if any(sequence is None for sequence in fitted):
             counts["dropped_overlong"] += 1
             continue
         if any(sequence.num_trained == 0 for sequence in fitted):
             counts["dropped_untrained"] += 1
             continue
-        if any(len(new.tokens) < len(old.tokens) for new, old in zip(fitted, sequences)):
+        if job.overlong != "split" and any(len(new.tokens) < len(old.tokens) for new, old in zip(fitted, sequences)):
             counts["truncated"] += 1
         for sequence in fitted:
             tokens += sequence.tokens
@@ -287,8 +303,9 @@ def _log_counts(dataset: TokenizedDataset, path: str, config: DataConfig, prefer
     kept = len(dataset) // 2 if preference else len(dataset)
     # A sequence's first token is never a target.
     trained = int(dataset.trained.sum() - dataset.trained[dataset.offsets[:-1]].sum())
+    split = f"{counts['split']} split into windows, " if counts.get("split") else ""
     log(f"data: {path}: {kept} {kind} from {counts['records']} records ({dataset.format}), "
-        f"{len(dataset.tokens)} tokens, {trained} trained; {counts['truncated']} truncated, "
+        f"{len(dataset.tokens)} tokens, {trained} trained; {counts['truncated']} truncated, {split}"
         f"{counts['dropped_overlong']} dropped as longer than --data.max_seq_length {config.max_seq_length} "
         f"(--data.overlong {config.overlong}), {counts['dropped_untrained']} dropped with nothing to train")
     if not preference and len(dataset):

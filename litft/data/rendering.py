@@ -105,6 +105,17 @@ def fit_length(sequence: Tokenized, max_tokens: int, overlong: str, has_bos: boo
     return Tokenized(tokens, trained)
 
 
+def split_windows(sequence: Tokenized, max_tokens: int) -> list[Tokenized]:
+    """`sequence` as consecutive windows of at most `max_tokens` tokens (--data.overlong split, for text). Each
+    window starts on the previous one's last token: a window's first token is only an input, so without the
+    overlap every window boundary would lose a target."""
+    if len(sequence.tokens) <= max_tokens:
+        return [sequence]
+    step = max_tokens - 1
+    return [Tokenized(sequence.tokens[start : start + max_tokens], sequence.trained[start : start + max_tokens])
+            for start in range(0, len(sequence.tokens) - 1, step)]
+
+
 def to_sample(tokens: torch.Tensor, trained: torch.Tensor) -> Sample:
     """Shifts a rendered sequence (N,) into model inputs and targets (N - 1,)."""
     targets = torch.where(trained[1:], tokens[1:], torch.full_like(tokens[1:], IGNORE_INDEX))
