@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -256,13 +256,29 @@ class AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        _readable_as_umask_allows(self.tmp)
         old = None
-        if self.target.exists():
+        if self.target.exists() or self.target.is_symlink():
             old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
             os.replace(self.target, old)
         os.replace(self.tmp, self.target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+
+
+def _readable_as_umask_allows(folder: Path) -> None:
+    """mkdtemp makes its folder owner-only (0700) and safetensors writes owner-only files: give the output the
+    permissions a plain mkdir and open would, so that another user (an inference server, a shared cluster
+    account) can read what litft wrote."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -343,12 +359,16 @@ def save_hf_checkpoint(
     tokenizer_source: str | Path | None = None,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = 5 * 1024**3,
+    extra_files: Sequence[Path] = (),
 ) -> Path:
     """Writes a Hugging Face checkpoint folder atomically: weights, config.json and, from `tokenizer_source`, the
-    tokenizer and generation files."""
+    tokenizer and generation files; `extra_files` are copied in too (those that exist)."""
     state_dict = state_dict if state_dict is not None else model.state_dict()
     with AtomicDirectory(out_dir) as tmp:
         write_hf_checkpoint(tmp, state_dict, hf_config, dtype, max_shard_bytes)
         if tokenizer_source is not None:
             copy_tokenizer_files(tokenizer_source, tmp)
+        for file in extra_files:
+            if Path(file).is_file():
+                shutil.copyfile(file, tmp / Path(file).name)
     return Path(out_dir)

@@ -628,3 +628,19 @@ def test_samples_past_the_models_positions_are_noted(tmp_path, stories_dir):
     warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest - 1}, notes.append)
     warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest}, notes.append)
     assert len(notes) == 1 and f"{longest} tokens, past the {longest - 1} positions" in notes[0]
+
+
+def test_an_out_dir_that_would_replace_the_checkpoint_is_refused(tmp_path, stories_dir, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(stories_dir, run / "final")  # a previous run's output, now the base of the next run
+    shutil.copytree(stories_dir, run / "checkpoints" / "step-4")
+    cases = ((run / "final", run), (run / "checkpoints" / "step-4", run), (run / "final", run / "final"))
+    for checkpoint, out_dir in cases:
+        with pytest.raises(SystemExit):
+            main(["finetune", "lora", "--checkpoint", str(checkpoint), "--out_dir", str(out_dir), "--accelerator",
+                  "cpu", "--data.path", str(IDENTITY), "--overwrite", "true"])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith(f"litft: error: --out_dir {out_dir}") and "choose another --out_dir" in error
+    assert (run / "final" / "config.json").is_file() and (run / "checkpoints" / "step-4" / "config.json").is_file()

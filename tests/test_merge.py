@@ -134,3 +134,38 @@ def test_bad_flags_are_refused(tiny_llama_dir, tmp_path, capsys, flag, value, me
         value,
     )
     assert message in error
+
+
+def test_an_out_dir_holding_the_inputs_is_refused_even_with_overwrite(tiny_llama_dir, tmp_path, capsys):
+    """Replacing such an out_dir would delete the base model or the adapter (it did, with --overwrite true)."""
+    import shutil
+
+    parent = tmp_path / "work"
+    shutil.copytree(tiny_llama_dir, parent / "base")
+    write_adapter(parent / "base", parent / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    for out_dir, named in ((parent, "--checkpoint"), (parent / "adapter", "--adapter"), (tmp_path, "--checkpoint")):
+        error = refused(capsys, "--checkpoint", parent / "base", "--adapter", parent / "adapter", "--out_dir", out_dir,
+                        "--overwrite", "true")
+        assert f"--out_dir {out_dir}: must not be {named} or a folder holding it" in error
+    assert (parent / "base" / "config.json").is_file() and (parent / "adapter" / "adapter_config.json").is_file()
+
+
+def test_the_merged_model_keeps_the_adapters_chat_template_and_is_readable_by_others(tiny_llama_dir, tmp_path):
+    import os
+    import stat
+
+    from litft.chat_templates import ChatTemplate, save_chat_template
+
+    write_adapter(tiny_llama_dir, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    template = ChatTemplate("alpaca", "{{ messages[0]['content'] }}", {}, ["</s>"])
+    save_chat_template(template, tmp_path / "adapter")
+    previous = os.umask(0o022)
+    try:
+        run_merge("--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out_dir", tmp_path / "out")
+    finally:
+        os.umask(previous)
+    out = tmp_path / "out"
+    assert (out / "chat_template.jinja").read_text() == template.source
+    assert json.loads((out / "litft_template.json").read_text())["name"] == "alpaca"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(file.stat().st_mode) == 0o644 for file in out.iterdir())

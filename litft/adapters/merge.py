@@ -49,6 +49,11 @@ def merge_adapter(
     if head_adapted and hf_config.get("tie_word_embeddings"):
         # The merged head no longer equals the input embeddings, so both must be saved.
         hf_config = {**hf_config, "tie_word_embeddings": False}
+    # The chat template the adapter was trained with (litft saves it beside the adapter), so that the merged model
+    # formats prompts as training did, in litft and in transformers / vLLM (which read chat_template.jinja).
+    from litft.chat_templates import LITFT_TEMPLATE_FILE, TEMPLATE_FILE
+
     return save_hf_checkpoint(
-        model, out_dir, hf_config, tokenizer_source=checkpoint_dir, dtype=out_dtype, max_shard_bytes=max_shard_bytes
+        model, out_dir, hf_config, tokenizer_source=checkpoint_dir, dtype=out_dtype, max_shard_bytes=max_shard_bytes,
+        extra_files=[adapter_dir / TEMPLATE_FILE, adapter_dir / LITFT_TEMPLATE_FILE],
     )

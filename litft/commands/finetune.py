@@ -291,6 +291,21 @@ def warn_past_context(rows: list[Any], hf_config: dict, log: Callable[[str], Non
             f"max_position_embeddings; lower --data.max_seq_length to {positions} to stay within them")
 
 
+def refuse_out_dir_over_checkpoint(out_dir: Path, checkpoint: Path) -> None:
+    """A run writes OUT_DIR/final and OUT_DIR/checkpoints and replaces them with --overwrite: neither may hold the
+    base checkpoint (continuing from a previous run's final/ into the same --out_dir would replace the model being
+    trained), and the checkpoint's own folder is not a run folder."""
+    from litft.training.loop import checkpoint_folder
+
+    base = checkpoint.resolve()
+    for owned in (out_dir / "final", checkpoint_folder(out_dir)):
+        if base == owned.resolve() or owned.resolve() in base.parents:
+            raise ConfigError(f"--out_dir {out_dir}: its {owned.name}/ holds --checkpoint {checkpoint}, which the run "
+                              "would replace; choose another --out_dir")
+    if base == out_dir.resolve():
+        raise ConfigError(f"--out_dir {out_dir}: is the --checkpoint folder; choose another --out_dir")
+
+
 def clear_previous_run(out_dir: Path) -> None:
     """Removes what an earlier run wrote into `out_dir` (--overwrite true): its checkpoints and logs. Its `final/`
     stays until this run's own replaces it, in one rename."""
@@ -461,6 +476,7 @@ def run_finetune(
     eval.validate()
     checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
+    refuse_out_dir_over_checkpoint(out_dir, checkpoint)
     # The preference recipes take --lora and --quantize whatever the method; only the methods that use them see them.
     lora = lora if method != "full" else None
     quantize = quantize if method == "qlora" else None

@@ -47,8 +47,11 @@ def merge(
         checkpoint = Path(recorded)
     checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
-    if out_dir.resolve() in (checkpoint.resolve(), Path(adapter).resolve()):
-        raise ConfigError(f"--out_dir {out_dir}: must differ from --checkpoint and --adapter")
+    inputs = (("--checkpoint", checkpoint), ("--adapter", Path(adapter)), ("the current folder", Path.cwd()))
+    for flag, folder in inputs:
+        if out_dir.resolve() == folder.resolve() or out_dir.resolve() in folder.resolve().parents:
+            # Replacing out_dir would delete what it holds: the base model, the adapter, the folder we run in.
+            raise ConfigError(f"--out_dir {out_dir}: must not be {flag} or a folder holding it; choose a new folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
         raise ConfigError(
             f"--out_dir {out_dir} exists and is not empty; pass --overwrite true or choose another folder"
