@@ -207,3 +207,27 @@ def test_file_selection_prefers_safetensors_in_transformers_layout():
     ])
     assert select_files(["pytorch_model.bin", "config.json", "training_args.bin"]) == ["config.json", "pytorch_model.bin"]
     assert select_files(["model.gguf", "config.json"]) == []
+
+
+def test_an_unreachable_hub_or_offline_mode_is_one_line(tmp_path):
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(tmp_path / ".hf")}
+    env.pop("HF_TOKEN", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    command = [sys.executable, "-m", "litft", "download", "tiny/stories", "--checkpoint_dir", str(tmp_path)]
+    for extra, message in (({}, "tiny/stories: cannot reach http://127.0.0.1:9"),
+                           ({"HF_HUB_OFFLINE": "1"}, "tiny/stories: HF_HUB_OFFLINE is set")):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, **extra},
+                                cwd=ROOT)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith(f"litft: error: {message}")
+
+
+def test_print_config_masks_the_token(capsys):
+    from litft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["download", "tiny/stories", "--access_token", TOKEN, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "access_token: '**********'" in printed and TOKEN not in printed

@@ -8,9 +8,12 @@ complete, and an interrupted download resumed where it stopped when the command 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from pathlib import Path
+
+from jsonargparse.typing import SecretStr
 
 from litft.checkpoint import TOKENIZER_FILES
 from litft.errors import CheckpointError, ConfigError
@@ -39,11 +42,16 @@ def select_files(repo_files: list[str]) -> list[str]:
     return sorted({*weights, *extras})
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def download(
     repo_id: str,
     checkpoint_dir: Path = Path("checkpoints"),
     revision: str | None = None,
-    access_token: str | None = None,
+    access_token: SecretStr | None = None,
 ) -> None:
     """Download a model from the Hugging Face Hub into CHECKPOINT_DIR/ORG/NAME.
 
@@ -63,6 +71,8 @@ def download(
         RevisionNotFoundError,
     )
 
+    # A SecretStr prints as asterisks (--print_config, logs); a caller from Python may pass a plain string.
+    access_token = access_token.get_secret_value() if isinstance(access_token, SecretStr) else access_token
     if not REPO_ID.match(repo_id):
         raise ConfigError(f"REPO_ID {repo_id!r}: expected ORG/NAME as on huggingface.co, e.g. Qwen/Qwen2.5-0.5B")
     target = Path(checkpoint_dir) / repo_id
@@ -91,7 +101,17 @@ def download(
             "--access_token or set HF_TOKEN)"
         ) from None
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
-        # Connection failures and server errors; the message never includes the token.
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{repo_id}: download failed ({first_line}); run the command again to resume") from None
+        # Server errors and cut transfers; the message never includes the token.
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+            raise CheckpointError(f"{repo_id}: HF_HUB_OFFLINE is set, which switches downloads off; unset it to "
+                                  "download") from None
+        raise CheckpointError(f"{repo_id}: download failed ({_first_line(error)}); run the command again to "
+                              "resume") from None
+    except Exception as error:
+        # huggingface_hub's HTTP client raises its own connection errors (no network, DNS, refused).
+        if type(error).__module__.split(".")[0] not in ("httpx", "httpx2", "requests", "urllib3"):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise CheckpointError(f"{repo_id}: cannot reach {endpoint} ({_first_line(error)}); check the network "
+                              "connection (or HF_ENDPOINT)") from None
     print(str(target), file=sys.stderr)
