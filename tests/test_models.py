@@ -224,6 +224,11 @@ def test_unknown_model_type(checkpoints, tmp_path):
     assert_one_line_error(folder, "config.json", "mamba9", "gemma2")
 
 
+def test_an_activation_the_family_does_not_compute_is_refused(checkpoints, tmp_path):
+    folder = edited_checkpoint(checkpoints["llama"], tmp_path / "ckpt", {"hidden_act": "gelu"})
+    assert_one_line_error(folder, "config.json", "hidden_act 'gelu' is not supported")
+
+
 def test_missing_weight(checkpoints, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from litft.errors import CheckpointError
 from litft.models.common import (
     AttentionContext,
     CausalLM,
@@ -56,6 +57,10 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> LlamaConfig:
         model_type = hf["model_type"]
+        # The MLP is SwiGLU: an other activation would run as SiLU and give wrong logits without a word.
+        activation = hf.get("hidden_act", "silu")
+        if activation not in ("silu", "swish"):
+            raise CheckpointError(f"config.json: hidden_act {activation!r} is not supported for {model_type} (silu)")
         n_head = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
         attention_bias = bool(hf.get("attention_bias", False))
