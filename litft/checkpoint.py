@@ -248,13 +248,21 @@ class AtomicDirectory:
         self.target = Path(target)
 
     def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        try:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
+        except OSError as error:
+            raise CheckpointError(f"{self.target}: cannot create it ({error.strerror or error}); choose a folder "
+                                  "you can write to") from None
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            # A full disk or a lost mount while writing: one line, nothing of the old output changed.
+            if issubclass(exc_type, OSError) or exc_type.__name__ == "SafetensorError":
+                reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
+                raise CheckpointError(f"{self.target}: writing failed ({reason}); nothing there was changed") from exc
             return
         _readable_as_umask_allows(self.tmp)
         old = None

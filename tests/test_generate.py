@@ -197,3 +197,18 @@ def test_bad_input_is_one_clear_line(capsys, stories_dir, tmp_path):
         lines = err.strip().splitlines()
         assert lines[-1].startswith("litft: error:") and message in lines[-1], (args, err)
         assert "Traceback" not in err
+
+
+def test_an_empty_prompt_list_is_refused_and_a_prompt_past_the_context_noted(capsys, stories_dir):
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(stories_dir), "--prompt", "[]")
+    assert code != 0 and err.strip().splitlines() == ["litft: error: --prompt []: the list holds no prompt; give at "
+                                                       "least one"]
+    long_prompt = "Once upon a time " * 150  # ~600 tokens; stories260K was trained for 512 positions
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(stories_dir), "--prompt", long_prompt,
+                             "--max_new_tokens", "2", "--top_k", "5")
+    assert code == 0
+    assert "past the 512 positions of the checkpoint's max_position_embeddings" in err
+    assert "note: --top_k and --top_p apply when sampling" in err
+    code, out, err = run_cli(capsys, "generate", "--checkpoint", str(stories_dir), "--prompt", "Hi",
+                             "--max_new_tokens", "2")
+    assert code == 0 and "warning" not in err and "note" not in err

@@ -169,3 +169,33 @@ def test_the_merged_model_keeps_the_adapters_chat_template_and_is_readable_by_ot
     assert json.loads((out / "litft_template.json").read_text())["name"] == "alpaca"
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert all(stat.S_IMODE(file.stat().st_mode) == 0o644 for file in out.iterdir())
+
+
+def test_a_bad_rank_in_the_adapter_config_or_an_unwritable_out_dir_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    write_adapter(tiny_llama_dir, tmp_path / "adapter", LoRAConfig(rank=4, targets=["q"]))
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    good = config_file.read_text()
+    config_file.write_text(json.dumps({**json.loads(good), "r": "four"}))
+    error = refused(capsys, "--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out_dir",
+                    tmp_path / "out")
+    assert "adapter_config.json: field 'r' is 'four'; expected a positive number" in error
+    config_file.write_text(good)
+    (tmp_path / "a_file").write_text("")
+    error = refused(capsys, "--checkpoint", tiny_llama_dir, "--adapter", tmp_path / "adapter", "--out_dir",
+                    tmp_path / "a_file" / "merged")
+    assert f"{tmp_path / 'a_file' / 'merged'}: cannot create it" in error
+
+
+def test_a_failed_write_leaves_the_old_output_and_no_temporary_folder(tmp_path):
+    """Whatever fails while an output is written (here: the disk, as an OSError), the old output stays whole."""
+    from litft.checkpoint import AtomicDirectory
+    from litft.errors import CheckpointError
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(CheckpointError, match=r"out: writing failed \(No space left on device\)"):
+        with AtomicDirectory(out) as folder:
+            (folder / "half.bin").write_bytes(b"x")
+            raise OSError(28, "No space left on device")
+    assert [p.name for p in out.iterdir()] == ["old.txt"] and [p.name for p in tmp_path.iterdir()] == ["out"]

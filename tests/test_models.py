@@ -281,3 +281,8 @@ def test_legacy_non_zip_bin_checkpoint_loads(tmp_path, tiny_llama_dir):
     ids = torch.randint(0, 512, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids), reference(ids))
+
+
+def test_a_config_value_of_the_wrong_type_is_one_line(checkpoints, tmp_path):
+    folder = edited_checkpoint(checkpoints["llama"], tmp_path / "ckpt", {"hidden_size": "64"})
+    assert_one_line_error(folder, "config.json", "cannot build a llama model from it")

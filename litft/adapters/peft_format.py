@@ -103,6 +103,9 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if config.get(key) is None:
             raise CheckpointError(f"{path}: field {key!r} is missing")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if not isinstance(config[key], kind) or isinstance(config[key], bool) or config[key] <= 0:
+            raise CheckpointError(f"{path}: field {key!r} is {config[key]!r}; expected a positive number")
     for key, unset in UNSUPPORTED_WHEN_SET.items():
         value = config.get(key)
         if value is not None and value != unset and value not in ({}, []):

@@ -249,6 +249,10 @@ def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool) -> tuple
         if resume == "auto":
             return latest_checkpoint(out_dir), False
         path = Path(resume)
+        if not path.is_dir():
+            raise ConfigError(
+                f"--resume {resume}: no such folder; pass auto or a folder from {checkpoint_folder(out_dir)}"
+            )
         if not is_checkpoint(path):
             raise ConfigError(
                 f"--resume {resume}: no {CHECKPOINT_METADATA} in that folder; pass a folder from {checkpoint_folder(out_dir)}"

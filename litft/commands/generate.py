@@ -176,7 +176,10 @@ def _read_prompts(prompt: str | list[str] | None, prompt_file: Path | None) -> l
     if (prompt is None) == (prompt_file is None):
         raise ConfigError("give exactly one of --prompt TEXT and --prompt_file FILE")
     if prompt is not None:
-        return [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ConfigError("--prompt []: the list holds no prompt; give at least one")
+        return prompts
     path = Path(prompt_file)
     if not path.is_file():
         raise ConfigError(f"--prompt_file {path}: no such file")
@@ -198,6 +201,16 @@ def _read_prompts(prompt: str | list[str] | None, prompt_file: Path | None) -> l
     if not prompts:
         raise ConfigError(f"--prompt_file {path}: no prompts in the file")
     return prompts
+
+
+def warn_past_context(model: nn.Module, prompt_ids: list[list[int]], max_new_tokens: int) -> None:
+    """A note when a prompt and its continuation run past the positions the model was trained for: it generates
+    there, but quality usually collapses, which looks like a litft bug unless it is said."""
+    positions = getattr(getattr(model.config, "rope", None), "max_position_embeddings", None)
+    longest = max(len(ids) for ids in prompt_ids)
+    if isinstance(positions, int) and longest + max_new_tokens > positions:
+        print(f"warning: the longest prompt has {longest} tokens and up to {max_new_tokens} more are generated, past "
+              f"the {positions} positions of the checkpoint's max_position_embeddings", file=sys.stderr)
 
 
 def _stop_ids(tokenizer: Tokenizer, template: ChatTemplate | None) -> list[int]:
@@ -277,6 +290,10 @@ def generate(
         if not ids:
             raise ConfigError("--prompt is empty and this tokenizer adds no BOS token; give some text to continue")
         prompt_ids.append(ids)
+    warn_past_context(loaded.model, prompt_ids, sampling.max_new_tokens)
+    if sampling.temperature == 0 and (top_k is not None or top_p is not None):
+        print("note: --top_k and --top_p apply when sampling; with --temperature 0 (the default) decoding is greedy",
+              file=sys.stderr)
 
     stream = output_format == "text" and len(prompts) == 1
     streamer = Streamer(tokenizer) if stream else None

@@ -55,4 +55,8 @@ def build_model(hf_config: dict[str, Any], source: str = "config.json") -> nn.Mo
         config = config_class.from_hf(hf_config)
     except KeyError as missing:
         raise CheckpointError(f"{source}: field {missing} is missing for model_type {hf_config['model_type']!r}") from None
-    return model_class(config)
+    try:
+        return model_class(config)
+    except (TypeError, ValueError) as error:  # a field of the wrong type or value ("hidden_size": "64")
+        raise CheckpointError(f"{source}: cannot build a {hf_config['model_type']} model from it ({error}); check "
+                              "its sizes and types") from None
