@@ -345,8 +345,9 @@ def chat(
     quantize: Literal["bnb.nf4", "bnb.int8"] | None = None,
     compile: bool = False,
 ) -> None:
-    """Chat with a model in the terminal: type a message and press Enter; `/reset` starts a new conversation;
-    Ctrl-D (end of input) quits.
+    """Chat with a model in the terminal: Enter sends, `/reset` starts over, Ctrl-D quits.
+
+    Each message is answered with the whole conversation so far as the prompt, formatted by the chat template.
 
     Args:
         checkpoint: A Hugging Face checkpoint folder, or a litft fine-tuned output.
