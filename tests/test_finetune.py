@@ -181,6 +181,7 @@ def test_existing_out_dir_is_not_overwritten(tmp_path, stories_dir, capsys):
     assert exit_info.value.code != 0
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith("litft: error: --out_dir") and "--overwrite" in error[-1]
+    assert "is not empty and holds no run" in error[-1]  # not "already holds a run": there is none
     assert (out_dir / "precious.txt").read_text() == "keep me"
 
 

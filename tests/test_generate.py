@@ -189,6 +189,7 @@ def test_bad_input_is_one_clear_line(capsys, stories_dir, tmp_path):
         (["--checkpoint", str(stories_dir), "--precision", "int3"], "--precision"),
         (["--checkpoint", str(stories_dir), "--system", "Be brief"], "--system"),
         (["--checkpoint", str(stories_dir), "--chat", "true", "--chat_template", "vicuna"], "--chat_template"),
+        (["--checkpoint", str(stories_dir), "--chat_template", "chatml"], "--chat_template chatml only applies"),
     ]
     for args, message in cases:
         code, out, err = run_cli(capsys, "generate", *args, "--prompt", "Hi")

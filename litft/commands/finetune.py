@@ -260,9 +260,11 @@ def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool) -> tuple
         return path, False
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
-            raise ConfigError(
-                f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it or --overwrite true to replace it"
-            )
+            if any((out_dir / name).exists() for name in ("final", "metrics.csv", checkpoint_folder(out_dir).name)):
+                raise ConfigError(f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it or "
+                                  "--overwrite true to replace it")
+            raise ConfigError(f"--out_dir {out_dir} is not empty and holds no run; choose an empty or new folder, or "
+                              "pass --overwrite true to write the run beside what is there")
         return None, True
     return None, False
 

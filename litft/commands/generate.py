@@ -181,6 +181,8 @@ def _read_prompts(prompt: str | list[str] | None, prompt_file: Path | None) -> l
             raise ConfigError("--prompt []: the list holds no prompt; give at least one")
         return prompts
     path = Path(prompt_file)
+    if path.is_dir():
+        raise ConfigError(f"--prompt_file {path}: is a folder; give a .txt or .jsonl file")
     if not path.is_file():
         raise ConfigError(f"--prompt_file {path}: no such file")
     text = path.read_text(encoding="utf-8")
@@ -275,10 +277,14 @@ def generate(
     sampling.validate()
     if system is not None and not chat:
         raise ConfigError("--system only applies with --chat")
+    if chat_template != "auto" and not chat:
+        raise ConfigError(f"--chat_template {chat_template} only applies with --chat true")
     prompts = _read_prompts(prompt, prompt_file)
     loaded = load_for_generation(checkpoint, adapter, precision, quantize)
     tokenizer = loaded.tokenizer
     template = resolve_chat_template(tokenizer, chat_template, loaded.template_dir) if chat else None
+    if template is not None:
+        print(f"chat template: {template.name}", file=sys.stderr)  # "plain" when the checkpoint has none
     prompt_ids = []
     for text in prompts:
         if template is not None:
