@@ -59,7 +59,13 @@ def checkpoint_dir_or_error(checkpoint_dir: str | Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"--checkpoint {path}: no such folder (download one with `litft download ORG/NAME`)")
     if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path}: no config.json; a Hugging Face checkpoint folder is expected")
+        if (path / "adapter_config.json").is_file():
+            hint = "it is an adapter folder: give its base model as --checkpoint and this folder as --adapter"
+        elif (path / "final").is_dir():
+            hint = f"it looks like a litft run folder: its output is {path / 'final'}"
+        else:
+            hint = "a Hugging Face checkpoint folder is expected"
+        raise CheckpointError(f"{path}: no config.json; {hint}")
     return path
 
 

@@ -254,6 +254,17 @@ def test_missing_folder(tmp_path):
     assert_one_line_error(tmp_path / "nowhere", str(tmp_path / "nowhere"), "no such folder")
 
 
+def test_a_folder_without_config_says_what_it_looks_like(tmp_path):
+    """An adapter folder or a run folder given as --checkpoint: the message says which, and what to pass."""
+    adapter, run, empty = tmp_path / "adapter", tmp_path / "run", tmp_path / "empty"
+    for folder in (adapter, run / "final", empty):
+        folder.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    assert_one_line_error(adapter, "no config.json; it is an adapter folder", "--adapter")
+    assert_one_line_error(run, f"it looks like a litft run folder: its output is {run / 'final'}")
+    assert_one_line_error(empty, "no config.json; a Hugging Face checkpoint folder is expected")
+
+
 def test_registry_lists_every_family():
     from litft.models import supported_model_types
 
