@@ -114,6 +114,11 @@ def parser_error_line(error: Exception, argv: list[str]) -> str:
         files = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == "--config"]
         where = " ".join(re.sub(r'in "<unicode string>",?', "", message.split(":", 1)[-1]).split())
         return f"--config {files[-1] if files else ''}: not valid YAML ({where})"
+    if message.startswith("Unexpected config"):  # an empty file, or YAML that is not a mapping of flags
+        files = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == "--config"]
+        found = " ".join(message.partition(":")[2].split()) or "nothing"
+        return (f"--config {files[-1] if files else ''}: expected a YAML mapping of flags (e.g. `checkpoint: DIR`), "
+                f"found {found[:60]}; {hint}")
     if re.fullmatch(r"'[\w-]+'", message):  # jsonargparse fails this way on an unknown key in a --config file
         unknown = unknown_config_keys(argv, words)
         if unknown:

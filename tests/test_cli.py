@@ -27,6 +27,7 @@ BAD_COMMAND_LINES = [
     (["finetune", "lora", "--config", "{dir}/top.yaml"], "--config {dir}/top.yaml: unknown option chekpoint"),
     (["finetune", "lora", "--config", "{dir}/broken.yaml"],
      "--config {dir}/broken.yaml: not valid YAML (while parsing"),
+    (["generate", "--config", "{dir}/empty.yaml"], "--config {dir}/empty.yaml: expected a YAML mapping of flags"),
 ]
 
 
@@ -40,6 +41,7 @@ def test_flags_and_config_files_jsonargparse_refuses_give_one_line(tmp_path, cap
     (tmp_path / "typo.yaml").write_text("checkpoint: x\ntrain:\n  lrr: 1\n")
     (tmp_path / "top.yaml").write_text("chekpoint: x\n")
     (tmp_path / "broken.yaml").write_text("train:\n  lr: [1\n")
+    (tmp_path / "empty.yaml").write_text("")
     for argv, expected in BAD_COMMAND_LINES:
         with pytest.raises(SystemExit) as exit_info:
             main([word.format(dir=tmp_path) for word in argv])
