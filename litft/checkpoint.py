@@ -69,6 +69,12 @@ def checkpoint_dir_or_error(checkpoint_dir: str | Path) -> Path:
     return path
 
 
+def is_or_holds(folder: str | Path, path: str | Path) -> bool:
+    """Whether `folder` is `path` or one of its parent folders: replacing `folder` would delete `path`."""
+    folder, path = Path(folder).resolve(), Path(path).resolve()
+    return folder == path or folder in path.parents
+
+
 def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     path = checkpoint_dir_or_error(checkpoint_dir) / "config.json"
     try:
@@ -266,7 +272,9 @@ class AtomicDirectory:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             # A full disk or a lost mount while writing: one line, nothing of the old output changed.
-            if issubclass(exc_type, OSError) or exc_type.__name__ == "SafetensorError":
+            from safetensors import SafetensorError
+
+            if issubclass(exc_type, (OSError, SafetensorError)):
                 reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0]
                 raise CheckpointError(f"{self.target}: writing failed ({reason}); nothing there was changed") from exc
             return

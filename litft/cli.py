@@ -110,14 +110,13 @@ def parser_error_line(error: Exception, argv: list[str]) -> str:
         if given and expected:
             return f"--{key} {given.group(1).strip()}: expected {' or '.join(expected)}; {hint}"
         return f"--{key}: {' '.join(detail.split())}; {hint}"
+    last_config = (config_files(argv) or [""])[-1]
     if message.startswith("Problems parsing config"):
-        files = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == "--config"]
         where = " ".join(re.sub(r'in "<unicode string>",?', "", message.split(":", 1)[-1]).split())
-        return f"--config {files[-1] if files else ''}: not valid YAML ({where})"
+        return f"--config {last_config}: not valid YAML ({where})"
     if message.startswith("Unexpected config"):  # an empty file, or YAML that is not a mapping of flags
-        files = [argv[index + 1] for index, word in enumerate(argv[:-1]) if word == "--config"]
         found = " ".join(message.partition(":")[2].split()) or "nothing"
-        return (f"--config {files[-1] if files else ''}: expected a YAML mapping of flags (e.g. `checkpoint: DIR`), "
+        return (f"--config {last_config}: expected a YAML mapping of flags (e.g. `checkpoint: DIR`), "
                 f"found {found[:60]}; {hint}")
     if re.fullmatch(r"'[\w-]+'", message):  # jsonargparse fails this way on an unknown key in a --config file
         unknown = unknown_config_keys(argv, words)
@@ -142,23 +141,32 @@ def unknown_config_keys(argv: list[str], words: list[str]) -> str | None:
     function = _resolve(tuple(words), target)
     parameters = inspect.signature(function).parameters
     hints = typing.get_type_hints(function)
-    for index, word in enumerate(argv[:-1]):
-        if word != "--config":
-            continue
+    for file in config_files(argv):
         try:
-            config = yaml.safe_load(open(argv[index + 1], encoding="utf-8")) or {}
+            config = yaml.safe_load(open(file, encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError):
             return None
         for key, value in config.items() if isinstance(config, dict) else ():
             if key not in parameters:
-                return f"--config {argv[index + 1]}: unknown option {key}"
+                return f"--config {file}: unknown option {key}"
             kind = hints.get(key)
             if dataclasses.is_dataclass(kind) and isinstance(value, dict):
                 fields = {field.name for field in dataclasses.fields(kind)}
                 extra = [name for name in value if name not in fields]
                 if extra:
-                    return f"--config {argv[index + 1]}: unknown option {key}.{extra[0]}"
+                    return f"--config {file}: unknown option {key}.{extra[0]}"
     return None
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The files given with --config FILE or --config=FILE, in order."""
+    files = []
+    for index, word in enumerate(argv):
+        if word.startswith("--config="):
+            files.append(word.partition("=")[2])
+        elif word == "--config" and index + 1 < len(argv):
+            files.append(argv[index + 1])
+    return files
 
 
 if __name__ == "__main__":

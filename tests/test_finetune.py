@@ -602,7 +602,7 @@ def test_an_unknown_template_names_the_data_flag(tmp_path, stories_dir, capsys):
     assert last.startswith("litft: error: --data.template 'no-such-template': unknown")
 
 
-def test_samples_past_the_models_positions_are_noted(tmp_path, stories_dir):
+def test_samples_past_the_models_positions_are_noted(tmp_path, stories_dir, capsys):
     from litft.chat_templates import resolve_chat_template
     from litft.commands.finetune import longest_sequence, warn_past_context
     from litft.data import DataConfig, load_datasets, load_preference_datasets, make_rows
@@ -626,9 +626,16 @@ def test_samples_past_the_models_positions_are_noted(tmp_path, stories_dir):
     assert longest_sequence(pair_rows) == max(len(pair_rows[0][side]["input_ids"]) for side in ("chosen", "rejected"))
 
     notes = []
-    warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest - 1}, notes.append)
     warn_past_context(make_rows(samples, 1024, True, seed=0), {"max_position_embeddings": longest}, notes.append)
-    assert len(notes) == 1 and f"{longest} tokens, past the {longest - 1} positions" in notes[0]
+    assert not notes
+
+    # Through the command: stories260K was trained for 512 positions, this document is ~700 tokens.
+    document = tmp_path / "story.txt"
+    document.write_text(" ".join(f"Once upon a time there was a cat number {i}." for i in range(60)))
+    finetune("lora", stories_dir, tmp_path / "out", "--data.path", str(document), "--data.max_seq_length", "1024",
+             "--train.global_batch_size", "1", "--train.micro_batch_size", "1", "--train.max_steps", "1")
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the longest")]
+    assert len(warning) == 1 and "past the 512 positions of the checkpoint's max_position_embeddings" in warning[0]
 
 
 def test_an_out_dir_that_would_replace_the_checkpoint_is_refused(tmp_path, stories_dir, capsys):

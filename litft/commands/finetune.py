@@ -270,20 +270,10 @@ def prepare_out_dir(out_dir: Path, resume: str | None, overwrite: bool) -> tuple
 
 
 def longest_sequence(rows: list[Any]) -> int:
-    """The most tokens of one sample among the rows (a packed row's samples each restart at position 0; a
-    preference row is a chosen and a rejected sequence)."""
-    def lengths(item: Any):
-        if isinstance(item, list):
-            for member in item:
-                yield from lengths(member)
-        elif isinstance(item, dict):
-            if "input_ids" in item:
-                yield len(item["input_ids"])
-            else:
-                for member in item.values():
-                    yield from lengths(member)
-
-    return max((length for row in rows for length in lengths(row)), default=0)
+    """The most tokens of one sample among the rows: a supervised row is a list of samples (a packed row's each
+    restart at position 0), a preference row a {"chosen", "rejected"} pair of them."""
+    samples = (sample for row in rows for sample in (row if isinstance(row, list) else row.values()))
+    return max((len(sample["input_ids"]) for sample in samples), default=0)
 
 
 def warn_past_context(rows: list[Any], hf_config: dict, log: Callable[[str], None]) -> None:
@@ -301,14 +291,14 @@ def refuse_out_dir_over_checkpoint(out_dir: Path, checkpoint: Path) -> None:
     """A run writes OUT_DIR/final and OUT_DIR/checkpoints and replaces them with --overwrite: neither may hold the
     base checkpoint (continuing from a previous run's final/ into the same --out_dir would replace the model being
     trained), and the checkpoint's own folder is not a run folder."""
+    from litft.checkpoint import is_or_holds
     from litft.training.loop import checkpoint_folder
 
-    base = checkpoint.resolve()
     for owned in (out_dir / "final", checkpoint_folder(out_dir)):
-        if base == owned.resolve() or owned.resolve() in base.parents:
+        if is_or_holds(owned, checkpoint):
             raise ConfigError(f"--out_dir {out_dir}: its {owned.name}/ holds --checkpoint {checkpoint}, which the run "
                               "would replace; choose another --out_dir")
-    if base == out_dir.resolve():
+    if checkpoint.resolve() == out_dir.resolve():
         raise ConfigError(f"--out_dir {out_dir}: is the --checkpoint folder; choose another --out_dir")
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from litft.adapters.merge import merge_adapter, parse_size
 from litft.adapters.peft_format import read_adapter_config
-from litft.checkpoint import DTYPES, checkpoint_dir_or_error
+from litft.checkpoint import DTYPES, checkpoint_dir_or_error, is_or_holds
 from litft.errors import ConfigError
 
 
@@ -47,9 +47,9 @@ def merge(
         checkpoint = Path(recorded)
     checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
-    inputs = (("--checkpoint", checkpoint), ("--adapter", Path(adapter)), ("the current folder", Path.cwd()))
+    inputs = (("--checkpoint", checkpoint), ("--adapter", adapter), ("the current folder", Path.cwd()))
     for flag, folder in inputs:
-        if out_dir.resolve() == folder.resolve() or out_dir.resolve() in folder.resolve().parents:
+        if is_or_holds(out_dir, folder):
             # Replacing out_dir would delete what it holds: the base model, the adapter, the folder we run in.
             raise ConfigError(f"--out_dir {out_dir}: must not be {flag} or a folder holding it; choose a new folder")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:

@@ -107,7 +107,8 @@ def dataset_files(config: DataConfig, log: Log = print) -> tuple[list[Path], lis
     if {file.resolve() for file in train_files} & {file.resolve() for file in validation_files}:
         raise DataError(f"--data.val_path {config.val_path}: these are the training files of --data.path "
                         f"{config.path}; give a separate validation file, or use --data.val_split instead")
-    inside = len(data_files(config.path)) - len(train_files) if validation_files else 0
+    folder = Path(config.path).expanduser().resolve()
+    inside = sum(folder in file.resolve().parents for file in validation_files)
     if inside:
         log(f"data: {config.path}: leaving out {inside} file(s) of --data.val_path {config.val_path}, which lie in "
             "the training folder")
@@ -254,7 +255,7 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
         if job.overlong == "split":
             fitted = [window for sequence in sequences for window in split_windows(sequence, job.max_tokens)]
             counts["split"] += len(fitted) > len(sequences)
-            sequences = fitted  # nothing is truncated
+            sequences = fitted  # windows, not truncations: the truncation count below stays 0
         else:
             fitted = [fit_length(s, job.max_tokens, job.overlong, _starts_with_bos(job, s)) for s in sequences]
         if any(sequence is None for sequence in fitted):
@@ -263,7 +264,7 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
         if any(sequence.num_trained == 0 for sequence in fitted):
             counts["dropped_untrained"] += 1
             continue
-        if job.overlong != "split" and any(len(new.tokens) < len(old.tokens) for new, old in zip(fitted, sequences)):
+        if any(len(new.tokens) < len(old.tokens) for new, old in zip(fitted, sequences)):
             counts["truncated"] += 1
         for sequence in fitted:
             tokens += sequence.tokens
