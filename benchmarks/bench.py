@@ -145,6 +145,10 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_projections
 
         lora_projections.FUSED_ADAPTER_GRADIENTS = False
+    if args.adapters_cast_per_operator:  # the A/B of litft.adapters.adapter_copies: each operator casts its own
+        from litft.adapters import adapter_copies
+
+        adapter_copies.ENABLED = False
     if args.rotary_as_written:  # the A/B of litft.models.rotary_heads: autograd's backward of split and rotate
         from litft.models import rotary_heads
 
@@ -220,7 +224,7 @@ def bench_training(args) -> dict:
         elif pending is not None:
             pending.resolve()
         pending = metrics
-    pending.resolve()
+    last_loss = pending.resolve()["loss"]
     synchronize()
     elapsed = time.perf_counter() - started
     energy_after = energy_counter_mj()
@@ -251,11 +255,13 @@ def bench_training(args) -> dict:
                 separate_base_gemms=args.separate_base_gemms, gated_product_apart=args.gated_product_apart,
                 product_after_gate_up=args.product_after_gate_up,
                 adapter_gradients_apart=args.adapter_gradients_apart,
+                adapters_cast_per_operator=args.adapters_cast_per_operator,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
+                last_loss=round(last_loss, 6),
                 **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
 
 
@@ -527,6 +533,9 @@ def main() -> None:
     parser.add_argument("--adapter_gradients_apart", action="store_true",
                         help="B's gradient and dy @ B as two GEMMs each reading dy, not one kernel reading it once "
                              "(the A/B of litft.adapters.adapter_gradients)")
+    parser.add_argument("--adapters_cast_per_operator", action="store_true",
+                        help="each LoRA operator casts its adapters, not one copy per block call (the A/B of "
+                             "litft.adapters.adapter_copies)")
     parser.add_argument("--adapter_gradients_smallest_columns", type=int, default=None,
                         help="the narrowest output gradient that takes the one-read adapter-gradient kernel on the "
                              "GPU (litft.adapters.adapter_gradients.SMALLEST_KERNEL_COLUMNS)")

@@ -196,6 +196,19 @@ def test_lora_on_every_projection_trains_alike_under_fsdp2(tmp_path, tiny_llama_
     assert_same_adapter(adapter(tmp_path / "fsdp"), single)
 
 
+def test_compiled_lora_blocks_train_alike_under_fsdp2(tmp_path, tiny_llama_dir):
+    """--compile runs each LoRA block inside a wrapper that casts the block's adapters once per call
+    (litft.adapters.adapter_copies), from the weights FSDP2 gathered for the block; the copies' gradients must reach
+    the local shards before FSDP2 reduces them, as on one process."""
+    cache = tmp_path / "cache"
+    every = ("--lora.targets", "[all-linear]")
+    finetune(tiny_llama_dir, tmp_path / "single", cache, *every)
+    finetune(tiny_llama_dir, tmp_path / "fsdp", cache, *every, "--devices", "2", "--strategy", "fsdp", "--compile",
+             "true")
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=0, abs=TOLERANCE)
+    assert_same_adapter(adapter(tmp_path / "fsdp"), adapter(tmp_path / "single"))
+
+
 def test_float8_base_under_bf16_mixed_fsdp2_follows_one_process(tmp_path, tiny_llama_dir):
     """FSDP2's mixed-precision policy casts the parameters it gathers to bf16: it must leave the float8 bytes (uint8
     Parameters) alone. A cast would turn them into other numbers and the loss far off the one-process run; bf16's

@@ -131,6 +131,13 @@ class LoRALinear(nn.Module):
         self.compute_together = True
         # True once `join_frozen_weights` has given this layer's group (q, k, v) one base GEMM.
         self.joined_base = False
+        # Set by `litft.adapters.adapter_copies` for a block call: this layer's place in the group it computes
+        # with, (position, size); its group's stacked A and diag(B_1, ...) (first layer only) and its B, in the
+        # activations' dtype.
+        self.prepared_group: tuple[int, int] | None = None
+        self.prepared_lora_a: torch.Tensor | None = None
+        self.prepared_lora_b: torch.Tensor | None = None
+        self.prepared_update_blocks: torch.Tensor | None = None
         if not self.weight.is_meta:
             self.reset_adapter_parameters()
 

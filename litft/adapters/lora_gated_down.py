@@ -289,7 +289,8 @@ def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, 
         return None
     group_input = projections.operator_input(x)
     gate_out, up_out, product, _ = projections.lora_projections(
-        group_input, *projections.layer_arguments([gate, up], group_input.dtype), False, 0.0, activation)
+        group_input, *projections.layer_arguments([gate, up], group_input.dtype), False, 0.0, activation,
+        projections.prepared_update_blocks([gate, up], group_input.dtype))
     output, _ = lora_gated_down(gate_out, up_out, activation, product,
                                 *projections.layer_arguments([down], gate_out.dtype))
     return output

@@ -437,6 +437,7 @@ def _gated_kernel():
 def gated_projections(
     x: torch.Tensor, weights: torch.Tensor, low: torch.Tensor, updates: tuple[torch.Tensor, torch.Tensor],
     activation: str, separately: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A gated MLP's gate and up projections with their adapters, and h = act(gate) * up: gate = x @ W_gate^T +
     low_gate @ B_gate^T and up likewise, from x (M, K), the frozen weights back to back `weights` (2N, K) =
@@ -448,12 +449,13 @@ def gated_projections(
     product would read gate and up back from memory (at llama-8b's width 470 MB per layer and step). Otherwise
     `separately()`, the caller's computation of the same three. `auto` times the two once per kind of call, like
     `sum_of_products`; h is formed from gate and up as rounded to their dtype, so both paths compute the same h
-    from the same gate and up."""
+    from the same gate and up. `blocks`: diag(B_gate, B_up) (2N, 2r) where the caller laid it out already."""
     forced = _forced()
     if _cublas_only(forced, x.shape[0]):
         return separately()
     columns, rank = updates[0].shape
-    blocks = torch.block_diag(*updates)  # (2N, 2r): [B_gate, 0; 0, B_up]
+    if blocks is None:  # else laid out by the block's call (`litft.adapters.adapter_copies`)
+        blocks = torch.block_diag(*updates)  # (2N, 2r): [B_gate, 0; 0, B_up]
     pairs = [(x, weights), (low, blocks)]
     if not (
         can_fuse(pairs) and weights.shape[0] == 2 * columns and updates[1].shape == (columns, rank)

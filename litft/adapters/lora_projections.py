@@ -164,6 +164,7 @@ def lora_projections(
     joined: bool,
     dropout: float,
     activation: str,
+    update_blocks: torch.Tensor | None,
 ) -> list[torch.Tensor]:
     """[y_1, ..., y_n, low]: each layer's output (..., N_i) and the adapters' shared rank-sized input (M, sum r_i),
     kept for the backward; `joined`: [y, low], the outputs side by side in one tensor (..., sum N_i), from one base
@@ -175,7 +176,8 @@ def lora_projections(
 
     `dropout` > 0: each adapter reads x through a dropout mask of its own, and the outputs end with the seed the
     masks were drawn from (a host int64 tensor (1,), see `litft.adapters.lora_dropout`), from which the backward
-    draws them again."""
+    draws them again. `update_blocks`: diag(B_1, ..., B_n) (sum N_i, sum r_i) as the block's call prepared it
+    (`litft.adapters.adapter_copies`), which the joined and gated GEMMs read; None: formed here."""
     in_features = x.shape[-1]
     flat_x = x.reshape(-1, in_features)  # (M, K)
     seed = []
@@ -192,10 +194,10 @@ def lora_projections(
         low = flat_x @ lora_a.t()  # (M, sum r_i)
     if activation:
         outputs = _gated(x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, biases,
-                         lora_b, activation)
+                         lora_b, activation, update_blocks)
     else:
         outputs = kept_or_computed(x, flat_x, low, weights, state, state_counts, mode, out_features,
-                                   nested_blocksizes, biases, lora_b, joined)
+                                   nested_blocksizes, biases, lora_b, joined, update_blocks)
     return [*outputs, low, *seed]
 
 
@@ -203,11 +205,12 @@ def kept_or_computed(
     x: torch.Tensor, flat_x: torch.Tensor, low: torch.Tensor, weights: list[torch.Tensor], state: list[torch.Tensor],
     state_counts: list[int], mode: str, out_features: list[int], nested_blocksizes: list[int],
     biases: list[torch.Tensor | None], lora_b: list[torch.Tensor], joined: bool,
+    update_blocks: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The group's outputs (`_base_and_updates`), through the output keeper where one keeps this group's: handed
     back while the backward recomputes the block, kept during its forward."""
     arguments = (x, flat_x, low, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_b,
-                 joined)
+                 joined, update_blocks)
     keeper = _output_keeper
     if keeper is None or not keeper.keeps(sum(out_features), x.shape[-1]):
         return _base_and_updates(*arguments)
@@ -223,6 +226,7 @@ def _base_and_updates(
     x: torch.Tensor, flat_x: torch.Tensor, low: torch.Tensor, weights: list[torch.Tensor], state: list[torch.Tensor],
     state_counts: list[int], mode: str, out_features: list[int], nested_blocksizes: list[int],
     biases: list[torch.Tensor | None], lora_b: list[torch.Tensor], joined: bool,
+    update_blocks: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """The outputs of `lora_projections` without `low`: one tensor when `joined`, else one per layer. Without
     biases each output is x @ W^T + low_i @ B_i^T in one GEMM where `lora_gemm` finds that faster than cuBLAS's
@@ -233,7 +237,7 @@ def _base_and_updates(
     if joined:
         # diag(B_1, B_2, ...): every adapter's up-projection in one GEMM, each column reading only its own layer's
         # rank-sized input (the zeros add nothing).
-        updates = torch.block_diag(*lora_b)  # (sum N_i, sum r_i)
+        updates = torch.block_diag(*lora_b) if update_blocks is None else update_blocks  # (sum N_i, sum r_i)
         weight = _joined_weight(*arguments)
         if no_bias and weight is not None:
             def cublas() -> torch.Tensor:
@@ -284,6 +288,7 @@ def _gated(
     x: torch.Tensor, flat_x: torch.Tensor, low: torch.Tensor, weights: list[torch.Tensor], state: list[torch.Tensor],
     state_counts: list[int], mode: str, out_features: list[int], nested_blocksizes: list[int],
     biases: list[torch.Tensor | None], lora_b: list[torch.Tensor], activation: str,
+    update_blocks: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """[gate, up, act(gate) * up] (..., N) each, for a group of two layers, gate's and up's. The output keeper is
     not consulted: it keeps outputs that widen a token little, and gate and up widen it most."""
@@ -300,13 +305,14 @@ def _gated(
     if joined is None:
         outputs = separately()
     else:
-        outputs = lora_gemm.gated_projections(flat_x, joined, low, tuple(lora_b), activation, separately)
+        outputs = lora_gemm.gated_projections(flat_x, joined, low, tuple(lora_b), activation, separately,
+                                              update_blocks)
     return [output.view(*x.shape[:-1], output.shape[1]) for output in outputs]
 
 
 @lora_projections.register_fake
 def _(x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
-      activation):
+      activation, update_blocks):
     tokens = x.numel() // x.shape[-1]
     sizes = [sum(out_features)] if joined else out_features
     if activation:  # [gate, up, h, low]
@@ -430,7 +436,7 @@ def _(grad_outputs, x, low, weights, state, state_counts, mode, out_features, ne
 
 def _setup_context(ctx: Any, inputs: tuple, output: list[torch.Tensor]) -> None:
     (x, weights, state, state_counts, mode, out_features, nested_blocksizes, biases, lora_a, lora_b, joined, dropout,
-     activation) = inputs
+     activation, _) = inputs
     output_count = 1 if joined else len(out_features)
     if activation:  # [gate, up, h, low]: h takes no gradient (the down operator's backward forms its own)
         ctx.mark_non_differentiable(output[output_count])
@@ -463,7 +469,7 @@ def _backward(ctx: Any, grad_outputs: list[torch.Tensor | None]) -> tuple:
     # One entry per input, a list where the input is a list of tensors (frozen weights and state, biases, B).
     return (
         grad_x if input_grad else None, [None] * layer_count, [None] * state_count, None, None, None, None,
-        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None, None,
+        ctx.bias_gradients, grad_lora_a, grad_lora_b, None, None, None, None,
     )
 
 
@@ -526,7 +532,7 @@ def one_group(layers: Sequence[nn.Module]) -> bool:
 def _computed(x: torch.Tensor, layers: Sequence[nn.Module], joined: bool) -> list[torch.Tensor]:
     group_input = operator_input(x)
     return lora_projections(group_input, *layer_arguments(layers, group_input.dtype), joined,
-                            dropout_probability(layers[0]), "")
+                            dropout_probability(layers[0]), "", prepared_update_blocks(layers, group_input.dtype))
 
 
 def operator_input(x: torch.Tensor) -> torch.Tensor:
@@ -552,14 +558,37 @@ def layer_arguments(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple:
         else:
             state_counts.append(0)
     mode = "none" if layers[0].quantization is None else layers[0].quantization.mode
-    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
-    # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
-    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in layers]).to(dtype)  # (sum r_i, K)
     return (
         weights, state, state_counts, mode, [layer.out_features for layer in layers],
         [getattr(layer, "nested_blocksize", None) or 0 for layer in layers], [layer.bias for layer in layers],
-        lora_a, [layer.lora_B.weight.to(dtype) for layer in layers],
+        *adapters_in(layers, dtype),
     )
+
+
+def adapters_in(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The layers' stacked A factors, each times its scaling (sum r_i, K), and each B (N_i, r_i), in `dtype`: the
+    copies that the block's call prepared for exactly this group (`litft.adapters.adapter_copies`), else cast here."""
+    prepared_a = layers[0].prepared_lora_a
+    if prepared_a is not None and prepared_a.dtype == dtype and _prepared_for(layers):
+        return prepared_a, [layer.prepared_lora_b for layer in layers]
+    # The adapters compute in the activations' dtype, as a single LoRALinear does (see its forward); A carries the
+    # scaling (s B A x = B (s A) x), so autograd scales A's gradient in the same kernel that casts it back.
+    lora_a = torch.cat([layer.lora_A.weight * layer.scaling for layer in layers]).to(dtype)  # (sum r_i, K)
+    return lora_a, [layer.lora_B.weight.to(dtype) for layer in layers]
+
+
+def prepared_update_blocks(layers: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor | None:
+    """diag(B_1, ..., B_n) in `dtype` as the block's call prepared it for exactly this group, else None."""
+    blocks = layers[0].prepared_update_blocks
+    return blocks if blocks is not None and blocks.dtype == dtype and _prepared_for(layers) else None
+
+
+def _prepared_for(layers: Sequence[nn.Module]) -> bool:
+    """Whether the block's call prepared copies for a group of exactly these layers, in this order (each knows its
+    place; the check reads no module identity, which a compiled block would guard on per block)."""
+    size = len(layers)
+    return all(layer.prepared_group == (position, size) and layer.prepared_lora_b is not None
+               for position, layer in enumerate(layers))
 
 
 # The layers of a model's `project` call whose base weights join into one GEMM, by module name. Only q/k/v: one

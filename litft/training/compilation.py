@@ -78,16 +78,26 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
         # autograd, another batch size) adds more. Past dynamo's limit (8 by default) a new variant runs eagerly:
         # seen on the quickstart with offloading, whose evaluation then ran uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
+        from litft.adapters.adapter_copies import wrap_block_forward
+
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
             forward = block.forward
+            # A LoRA block's compiled forward runs inside a wrapper that casts its adapters for the call in a few
+            # kernels (`litft.adapters.adapter_copies`); the wrapper stays out of the graph, inside any checkpoint,
+            # so that a recomputation prepares its own.
             if offload is not None:
-                offload.inner_forward = torch.compile(offload.inner_forward)
+                offload.inner_forward = wrap_block_forward(block, torch.compile(offload.inner_forward))
             elif isinstance(forward, functools.partial) and forward.func is checkpoint:
                 # Dynamo does not trace into torch.utils.checkpoint when it is the outermost call of the compiled
                 # frame (it compiled nothing at all): compile the block's own forward inside the checkpoint instead.
-                block.forward = functools.partial(checkpoint, torch.compile(forward.args[0]), *forward.args[1:],
-                                                  **forward.keywords)
+                block.forward = functools.partial(
+                    checkpoint, wrap_block_forward(block, torch.compile(forward.args[0])), *forward.args[1:],
+                    **forward.keywords,
+                )
+            elif (wrapped := wrap_block_forward(block, forward)) is not forward:
+                wrapped.forward = torch.compile(forward)
+                block.forward = wrapped
             else:
                 block.compile()
         return
