@@ -65,6 +65,19 @@ def components() -> dict[str, Any]:
     return tree
 
 
+def help_formatter() -> type:
+    """jsonargparse's help formatter with types named as a reader writes them: `(type: Path, ...)`, where
+    jsonargparse prints pathlib's class as `<class 'Path'>`."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        def _get_type_str(self, action: Any) -> str | None:
+            text = super()._get_type_str(action)
+            return None if text is None else re.sub(r"<class '(\w+)'>", r"\1", text)
+
+    return HelpFormatter
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI, ArgumentError
 
@@ -73,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = slurm_passthrough(sys.argv[1:] if argv is None else argv)
     try:
         CLI(components(), args=argv, prog="litft", description="Fine-tune open LLMs on Lightning Fabric.",
-            exit_on_error=False)
+            exit_on_error=False, formatter_class=help_formatter())
     except ArgumentError as error:  # a flag or a --config file jsonargparse could not take
         print(f"litft: error: {parser_error_line(error, argv)}", file=sys.stderr)
         sys.exit(2)

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -14,6 +15,15 @@ def test_help_lists_every_subcommand():
     result = run_litft("finetune", "--help")
     for name in ("lora", "qlora", "full"):
         assert name in result.stdout
+
+
+def test_help_names_path_flags_types_as_written():
+    """jsonargparse prints pathlib's class as `<class 'Path'>`; the help says `Path`."""
+    for command in (["download"], ["finetune", "lora"], ["merge"]):
+        result = run_litft(*command, "--help")
+        assert result.returncode == 0
+        assert "<class" not in result.stdout, command
+        assert re.search(r"type:\s+Path", result.stdout), command  # the help wraps at any space
 
 
 BAD_COMMAND_LINES = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -150,6 +151,11 @@ def test_preview_marks_trained_tokens_and_counts(tmp_path, data_dir, capsys):
     assert output.count("--- sample") == 2
     assert "samples: 20 (from 20 records, sharegpt)" in output
     assert "packing efficiency" in output and "truncated: 0" in output
+    # The summary's token count is the loading log's (every token), with the model's inputs beside it.
+    logged = re.search(r"20 samples from 20 records \(sharegpt\), (\d+) tokens, (\d+) trained", output)
+    assert logged, output
+    tokens, trained = map(int, logged.groups())
+    assert f"tokens: {tokens} ({tokens - 20} as model inputs, one fewer per sequence), {trained} trained" in output
 
 
 def write_jsonl(path, count: int, word: str) -> None:
@@ -223,6 +229,32 @@ def test_empty_answers_are_pointed_out(tmp_path, stories):
     warnings = [line for line in log_lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "2 of 5 samples train only their end-of-turn token" in warnings[0]
     assert "the first is sample 2" in warnings[0]
+
+
+def test_a_hub_dataset_name_says_to_download_it_first(tmp_path, stories, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"--data.path tatsu-lab/alpaca: no such file or folder; litft reads local "
+                                        r"files: .*hf download tatsu-lab/alpaca --repo-type dataset"):
+        quiet_load(DataConfig(path="tatsu-lab/alpaca"), stories)
+    (tmp_path / "data").mkdir()  # a local folder that exists: a missing file in it is only missing
+    with pytest.raises(DataError, match=r"--data.path data/train.jsonl: no such file or folder$"):
+        quiet_load(DataConfig(path="data/train.jsonl"), stories)
+
+
+def test_conversations_ending_on_a_user_turn_are_noted(tmp_path, stories):
+    path = tmp_path / "train.jsonl"
+    answered = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    records = [answered, answered + [{"role": "user", "content": "and then?"}], answered]
+    path.write_text("".join(json.dumps({"messages": messages}) + "\n" for messages in records))
+    log_lines = []
+    train, _ = quiet_load(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache")), stories, log_lines)
+    assert len(train) == 3
+    notes = [line for line in log_lines if line.startswith("note:")]
+    assert len(notes) == 1 and "1 of 3 conversations end on a turn other than the assistant's" in notes[0]
+    log_lines = []  # training on prompts trains that turn: nothing to note
+    quiet_load(DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), train_on_prompt=True), stories,
+               log_lines)
+    assert not any(line.startswith("note:") for line in log_lines)
 
 
 def test_long_text_splits_into_windows_that_train_every_token_once(tmp_path, stories):

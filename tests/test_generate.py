@@ -198,6 +198,8 @@ def test_bad_input_is_one_clear_line(capsys, stories_dir, tmp_path):
         lines = err.strip().splitlines()
         assert lines[-1].startswith("litft: error:") and message in lines[-1], (args, err)
         assert "Traceback" not in err
+        if "--chat_template" in args:  # refused before the model loads, not after
+            assert "Loaded" not in err, err
 
 
 def test_an_empty_prompt_list_is_refused_and_a_prompt_past_the_context_noted(capsys, stories_dir):

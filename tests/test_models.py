@@ -297,3 +297,22 @@ def test_legacy_non_zip_bin_checkpoint_loads(tmp_path, tiny_llama_dir):
 def test_a_config_value_of_the_wrong_type_is_one_line(checkpoints, tmp_path):
     folder = edited_checkpoint(checkpoints["llama"], tmp_path / "ckpt", {"hidden_size": "64"})
     assert_one_line_error(folder, "config.json", "cannot build a llama model from it")
+
+
+@pytest.mark.parametrize("rope_scaling, message", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "rope type 'dynamic' is not supported"),
+    ({"rope_type": "linear"}, "rope type 'linear' needs 'factor'"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0}, "needs 'high_freq_factor'"),
+])
+def test_a_rope_litft_cannot_compute_is_refused_when_the_config_is_read(rope_scaling, message):
+    """Before any weight loads (the model is built from the config first), not at the first forward."""
+    from litft.models import build_model
+
+    config = {
+        "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+        "rope_scaling": rope_scaling,
+    }
+    with pytest.raises(CheckpointError, match=message):
+        build_model(config)
+    build_model({**config, "rope_scaling": None})  # the same config with the default rope builds

@@ -10,9 +10,10 @@ sections 20-21: under the GPU's power limit such time still costs ~0.6 of its le
 it around the compiled forward, inside any activation checkpoint, so a recomputation prepares its own copies):
 
     forward    copies = cat(s A_q, s A_k, s A_v, s A_o, ..., B_q, ..., B_down) in the activations' dtype
-               three kernels for the whole block; each layer reads its views (`prepared_lora_a` on the first
-               layer of a group that computes together, stacked as the group's operator takes it;
-               `prepared_lora_b` on every layer)
+               three kernels for the whole block, and two more that lay diag(B_q, B_k, B_v) and diag(B_gate, B_up)
+               for the GEMMs that read them; each layer reads views (`prepared_lora_a` and
+               `prepared_update_blocks` on the first layer of a group that computes together, stacked as the
+               group's operator takes them; `prepared_lora_b` on every layer)
     backward   the copies' gradients, one concatenation cast to float32 and scaled: three kernels, whose views
                are the parameters' gradients
 

@@ -13,7 +13,8 @@ Either way step 0 computes exactly the base model: A is Kaiming-uniform (as PEFT
 
 Adapter parameters are float32 whatever the base dtype (PEFT's default too): the optimizer updates small values
 precisely and merging stays exact. LoRA's forward computes in the activations' dtype, casting the small adapter
-matrices (not x); DoRA's update computes in float32.
+matrices (not x; a compiled block casts all of its adapters at once per call, `litft.adapters.adapter_copies`);
+DoRA's update computes in float32.
 
 Layers that read the same input (q, k, v; gate, up) compute together when the model asks them to
 (`litft.models.common.project` -> `LoRALinear.forward_together` -> `litft.adapters.lora_projections`): one read of

@@ -93,7 +93,8 @@ def summary(dataset: TokenizedDataset, data: DataConfig, preference: bool) -> st
     kind = "pairs" if preference else "samples"
     return "\n".join([
         f"{kind}: {len(samples) // (2 if preference else 1)} (from {counts['records']} records, {dataset.format})",
-        f"tokens: {inputs} input tokens, {trained} trained",
+        # The loading log counts every token; a sample's inputs are all of them but its last, which is only a target.
+        f"tokens: {len(dataset.tokens)} ({inputs} as model inputs, one fewer per sequence), {trained} trained",
         f"truncated: {counts['truncated']}",
         f"dropped: {counts['dropped_overlong']} longer than --data.max_seq_length {data.max_seq_length}, "
         f"{counts['dropped_untrained']} with nothing to train",

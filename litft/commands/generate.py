@@ -57,7 +57,7 @@ class Sampling:
 class Loaded:
     model: nn.Module
     tokenizer: Tokenizer
-    template_dir: Path  # where a template saved by litft would be
+    template: ChatTemplate | None  # the chat template asked for (None: plain continuation)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -101,8 +101,11 @@ def load_for_generation(
     adapter: Path | None = None,
     precision: str | None = None,
     quantize: str | None = None,
+    chat_template: str | None = None,
 ) -> Loaded:
-    """Loads the model (base, plus its LoRA adapter where there is one) and its tokenizer, in eval mode."""
+    """Loads the model (base, plus its LoRA adapter where there is one) and its tokenizer, in eval mode, and resolves
+    `chat_template` (None: no chat) before the model, so that a template that cannot be used stops the command
+    before the slow part."""
     from litft.checkpoint import load_model
 
     if checkpoint is None:
@@ -120,6 +123,9 @@ def load_for_generation(
         base, adapter_dir = checkpoint, None
     tokenizer_dir = next((f for f in (adapter_dir, checkpoint, base) if f is not None and _has_tokenizer(f)), base)
     tokenizer = Tokenizer.from_checkpoint(tokenizer_dir)
+    # A template saved by litft lies beside the adapter (or in the fine-tuned/merged checkpoint).
+    template = None if chat_template is None else resolve_chat_template(tokenizer, chat_template,
+                                                                        adapter_dir or checkpoint)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _resolve_precision(precision, device)
@@ -142,7 +148,7 @@ def load_for_generation(
     model.eval().requires_grad_(False)
     adapter_note = f" with adapter {adapter_dir}" if adapter_dir is not None else ""
     print(f"Loaded {base}{adapter_note} in {time.perf_counter() - started:.1f}s ({dtype}, {device})", file=sys.stderr)
-    return Loaded(model, tokenizer, adapter_dir or checkpoint)
+    return Loaded(model, tokenizer, template)
 
 
 class Streamer:
@@ -280,9 +286,8 @@ def generate(
     if chat_template != "auto" and not chat:
         raise ConfigError(f"--chat_template {chat_template} only applies with --chat true")
     prompts = _read_prompts(prompt, prompt_file)
-    loaded = load_for_generation(checkpoint, adapter, precision, quantize)
-    tokenizer = loaded.tokenizer
-    template = resolve_chat_template(tokenizer, chat_template, loaded.template_dir) if chat else None
+    loaded = load_for_generation(checkpoint, adapter, precision, quantize, chat_template if chat else None)
+    tokenizer, template = loaded.tokenizer, loaded.template
     if template is not None:
         print(f"chat template: {template.name}", file=sys.stderr)  # "plain" when the checkpoint has none
     prompt_ids = []
@@ -374,9 +379,8 @@ def chat(
 
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     sampling.validate()
-    loaded = load_for_generation(checkpoint, adapter, precision, quantize)
-    tokenizer = loaded.tokenizer
-    template = resolve_chat_template(tokenizer, chat_template, loaded.template_dir)
+    loaded = load_for_generation(checkpoint, adapter, precision, quantize, chat_template)
+    tokenizer, template = loaded.tokenizer, loaded.template
     stop_ids = _stop_ids(tokenizer, template)
     generator = sampling.generator(loaded.model.embeddings.weight.device)
     opening = [{"role": "system", "content": system}] if system is not None else []

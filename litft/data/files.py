@@ -10,6 +10,7 @@ number. A `.txt` file is one record `{"text": <whole file>}`.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,11 @@ def data_files(path: str | Path, flag: str = "--data.path", exclude: Collection[
                             + (" besides the validation files" if excluded else ""))
         return files
     if not path.is_file():
-        raise DataError(f"{flag} {path}: no such file or folder")
+        hint = ""
+        if re.fullmatch(r"[\w.-]+/[\w.-]+", str(path)) and not path.parent.exists():  # reads like ORG/NAME
+            hint = (f"; litft reads local files: a Hub dataset must be downloaded first, e.g. `hf download "
+                    f"{path} --repo-type dataset --local-dir data/{path.name}`, then --data.path data/{path.name}")
+        raise DataError(f"{flag} {path}: no such file or folder{hint}")
     if path.suffix.lower() not in DATA_SUFFIXES:
         raise DataError(f"{flag} {path}: unsupported file type; use one of {', '.join(DATA_SUFFIXES)}")
     return [path]

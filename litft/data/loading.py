@@ -45,7 +45,8 @@ PreferenceSample = dict[str, Sample]  # {"chosen": Sample, "rejected": Sample}
 Log = Callable[[str], None]
 
 RECORDS_PER_CHUNK = 256
-COUNT_NAMES = ("records", "truncated", "split", "dropped_overlong", "dropped_untrained")
+# "unanswered": conversations whose last turn is not the assistant's (its tokens are read, never trained).
+COUNT_NAMES = ("records", "truncated", "split", "dropped_overlong", "dropped_untrained", "unanswered")
 
 
 @dataclass
@@ -251,7 +252,7 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
     counts = dict.fromkeys(COUNT_NAMES, 0)
     for location, record in chunk:
         counts["records"] += 1
-        sequences = _tokenize_record(job, location, record)
+        sequences, unanswered = _tokenize_record(job, location, record)
         if job.overlong == "split":
             fitted = [window for sequence in sequences for window in split_windows(sequence, job.max_tokens)]
             counts["split"] += len(fitted) > len(sequences)
@@ -266,6 +267,7 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
             continue
         if any(len(new.tokens) < len(old.tokens) for new, old in zip(fitted, sequences)):
             counts["truncated"] += 1
+        counts["unanswered"] += unanswered
         for sequence in fitted:
             tokens += sequence.tokens
             trained += sequence.trained
@@ -274,13 +276,15 @@ def _tokenize_chunk(chunk: list[tuple[str, Record]]) -> tuple[np.ndarray, np.nda
             np.asarray(lengths, dtype=np.int64), counts)
 
 
-def _tokenize_record(job: TokenizeJob, location: str, record: Record) -> list[Tokenized]:
-    """The sequences of one record: one, or (chosen, rejected) for preference data."""
+def _tokenize_record(job: TokenizeJob, location: str, record: Record) -> tuple[list[Tokenized], bool]:
+    """The sequences of one record: one, or (chosen, rejected) for preference data; and whether it is a conversation
+    that ends on a turn other than the assistant's (read, never trained, unless --data.train_on_prompt)."""
     if job.format == "text":
-        return [tokenize_text(job.tokenizer, record_to_text(record, job.fields, location))]
+        return [tokenize_text(job.tokenizer, record_to_text(record, job.fields, location))], False
     if job.format != "preference":
         messages = record_to_messages(record, job.format, job.fields, location)
-        return [tokenize_messages(job.tokenizer, job.template, messages, job.train_on_prompt, location)]
+        unanswered = messages[-1]["role"] != "assistant" and not job.train_on_prompt
+        return [tokenize_messages(job.tokenizer, job.template, messages, job.train_on_prompt, location)], unanswered
     pair = record_to_preference(record, job.fields, location)
     sequences = [
         tokenize_messages(job.tokenizer, job.template, pair.prompt + answer, False, location,
@@ -291,7 +295,7 @@ def _tokenize_record(job: TokenizeJob, location: str, record: Record) -> list[To
     if prompt_length >= job.max_tokens - 1 and job.overlong == "truncate":
         raise DataError(f"{location}: the prompt is {prompt_length} tokens, longer than --data.max_seq_length "
                         f"{job.max_tokens - 1}; raise it, or skip such pairs with --data.overlong drop")
-    return sequences
+    return sequences, False
 
 
 def _starts_with_bos(job: TokenizeJob, sequence: Tokenized) -> bool:
@@ -317,6 +321,10 @@ def _log_counts(dataset: TokenizedDataset, path: str, config: DataConfig, prefer
         if len(empty):
             log(f"warning: {path}: {len(empty)} of {len(dataset)} samples train only their end-of-turn token (an "
                 f"empty answer?), the first is sample {int(empty[0]) + 1}; `litft data preview` shows them")
+    if counts.get("unanswered"):  # caches written before this count have none
+        log(f"note: {path}: {counts['unanswered']} of {counts['records']} conversations end on a turn other than "
+            f"the assistant's: no trained token follows that turn, so it teaches nothing (drop it from the data to "
+            f"save its compute, or train on prompts with --data.train_on_prompt true)")
 
 
 def split_dataset(dataset: TokenizedDataset, fraction: float, seed: int,

@@ -108,13 +108,29 @@ class RopeConfig:
         if hf.get("original_max_position_embeddings") and rope_type in ("llama3", "yarn", "longrope"):
             # Phi-3 keeps the pretraining length beside the rope settings; transformers gives that copy priority.
             params["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
-        return cls(
+        rope = cls(
             theta=float(theta),
             rotary_dim=rotary_dim,
             rope_type=rope_type,
             params=params,
             max_position_embeddings=int(hf.get("max_position_embeddings") or 2048),
         )
+        rope.check()
+        return rope
+
+    def check(self) -> None:
+        """Refuses, as the config is read (before any weight loads), a rope type that litft does not compute or one
+        that lacks a parameter of its rule: computing the frequencies once, on the CPU, tells both."""
+        try:
+            rope_inverse_frequencies(self)
+            if self.rope_type == "longrope":
+                rope_inverse_frequencies(self, long_context=True)
+        except KeyError as error:
+            raise CheckpointError(f"config.json: rope type {self.rope_type!r} needs {error.args[0]!r} in its "
+                                  "rope_scaling (or rope_parameters)") from None
+        except (TypeError, ValueError, ZeroDivisionError) as error:
+            raise CheckpointError(f"config.json: rope settings {self.params} of type {self.rope_type!r} cannot be "
+                                  f"used: {error}") from None
 
 
 def rope_inverse_frequencies(
