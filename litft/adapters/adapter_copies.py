@@ -24,13 +24,14 @@ are set on the layers for the call only: a layer called outside a wrapped block 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from litft.adapters.lora_projections import BACK_TO_BACK_GROUPS, JOINED_GROUPS, computes_together
+from litft.adapters.lora_projections import BACK_TO_BACK_GROUPS, JOINED_GROUPS, computes_together, operator_dtype
 
 # False: every operator casts its own adapters (the benchmarks' A/B).
 ENABLED = True
@@ -53,14 +54,14 @@ class _AdapterCopies(torch.autograd.Function):
         for start, end, scaling in scaled:
             flat[start:end].mul_(scaling)
         copies = flat.to(dtype)
-        pieces = [piece.view(shape) for piece, shape in zip(copies.split([_numel(s) for s in shapes]), shapes)]
+        pieces = [piece.view(shape) for piece, shape in zip(copies.split([math.prod(s) for s in shapes]), shapes)]
         blocks = []
         if block_positions is not None:
             a_size = scaled[-1][1]
-            laid = copies.new_zeros(sum(_numel(shape) for shape in block_shapes))
+            laid = copies.new_zeros(sum(math.prod(shape) for shape in block_shapes))
             laid.index_copy_(0, block_positions, copies[a_size : a_size + block_positions.numel()])
             blocks = [piece.view(shape) for piece, shape in
-                      zip(laid.split([_numel(shape) for shape in block_shapes]), block_shapes)]
+                      zip(laid.split([math.prod(shape) for shape in block_shapes]), block_shapes)]
             ctx.mark_non_differentiable(*blocks)
         ctx.set_materialize_grads(False)  # no zeros for the blocks' (absent) gradients
         ctx.scaled = scaled
@@ -78,15 +79,8 @@ class _AdapterCopies(torch.autograd.Function):
         ]).to(ctx.parameter_dtype)
         for start, end, scaling in ctx.scaled:
             flat[start:end].mul_(scaling)
-        pieces = flat.split([_numel(shape) for shape in ctx.parameter_shapes])
+        pieces = flat.split([math.prod(shape) for shape in ctx.parameter_shapes])
         return (None,) * 5 + tuple(piece.view(shape) for piece, shape in zip(pieces, ctx.parameter_shapes))
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 class BlockAdapterCopies:
@@ -118,8 +112,7 @@ class BlockAdapterCopies:
         x = args[0] if args else next(iter(kwargs.values()))
         if not groups or not x.is_floating_point():
             return self.forward(*args, **kwargs)
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        dtype = operator_dtype(x)
         layers = [layer for group in groups for layer in group]
         copies = iter(adapter_copies(groups, dtype))
         try:
@@ -194,8 +187,10 @@ def diagonal_positions(groups: Sequence[Sequence[tuple[int, int]]]) -> torch.Ten
 
 def wrap_block_forward(block: nn.Module, forward: Callable[..., Any]) -> Callable[..., Any]:
     """`forward` wrapped in `BlockAdapterCopies` where the block has LoRA layers, else `forward` itself."""
+    return BlockAdapterCopies(block, forward) if has_lora_layers(block) else forward
+
+
+def has_lora_layers(block: nn.Module) -> bool:
     from litft.adapters.lora import LoRALinear
 
-    if not any(isinstance(module, LoRALinear) for module in block.modules()):
-        return forward
-    return BlockAdapterCopies(block, forward)
+    return any(isinstance(module, LoRALinear) for module in block.modules())

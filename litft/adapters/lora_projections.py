@@ -539,9 +539,13 @@ def operator_input(x: torch.Tensor) -> torch.Tensor:
     """x as the LoRA operators take it. Autocast does not reach into custom operators: cast the input as it would
     cast F.linear's, and everything below (weights, adapters, output) follows its dtype, as autocast's F.linear
     would compute."""
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        return x.to(torch.get_autocast_dtype(x.device.type))
-    return x
+    return x.to(operator_dtype(x)) if x.is_floating_point() else x
+
+
+def operator_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA operators compute in for a floating-point input `x`: autocast's where it is on."""
+    device_type = x.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
 def layer_arguments(layers: Sequence[nn.Module], dtype: torch.dtype) -> tuple:

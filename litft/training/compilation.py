@@ -78,7 +78,7 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
         # autograd, another batch size) adds more. Past dynamo's limit (8 by default) a new variant runs eagerly:
         # seen on the quickstart with offloading, whose evaluation then ran uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
-        from litft.adapters.adapter_copies import wrap_block_forward
+        from litft.adapters.adapter_copies import has_lora_layers, wrap_block_forward
 
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
@@ -95,9 +95,8 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
                     checkpoint, wrap_block_forward(block, torch.compile(forward.args[0])), *forward.args[1:],
                     **forward.keywords,
                 )
-            elif (wrapped := wrap_block_forward(block, forward)) is not forward:
-                wrapped.forward = torch.compile(forward)
-                block.forward = wrapped
+            elif has_lora_layers(block):
+                block.forward = wrap_block_forward(block, torch.compile(forward))
             else:
                 block.compile()
         return
