@@ -178,7 +178,9 @@ def test_compiled_blocks_run_inside_the_wrapper(tiny_llama_dir, checkpointing):
     for block in compiled.blocks:
         wrapper = block.forward.args[0] if checkpointing else block.forward
         assert isinstance(wrapper, BlockAdapterCopies)
-    ids = input_ids(batch=1, length=8)
+    # The micro-batch `step` trains on first: its graphs are the ones compiled here (another shape would compile a
+    # second, dynamic set).
+    ids = input_ids(seed=0, batch=2, length=16)
     assert "_AdapterCopiesBackward" in graph_nodes(CausalLMObjective(compiled)(ids, ids.roll(-1, dims=1)))
     compiled.zero_grad()
     reference_losses, reference_grads = step(reference)

@@ -10,6 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,17 @@ def finetune(checkpoint: Path, out_dir: Path, cache_dir: Path, *extra: str, meth
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+def finetune_concurrently(*runs: Callable[[], None]) -> None:
+    """Independent `finetune` runs, two at a time. A run's processes spend most of their time importing, one process
+    at a time (under DDP and FSDP2 the second rank starts once the first has launched): two runs at once keep both
+    cores of a CI machine busy. Each run is its own seeded, single-threaded process, so its results are those it has
+    when run alone; the data cache they share is written atomically."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(run) for run in runs]
+    for future in futures:
+        future.result()
+
+
 def losses(out_dir: Path) -> dict[int, float]:
     with open(out_dir / "metrics.csv") as file:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
@@ -56,16 +70,18 @@ def runs(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     """One reference run on one process and the same run under DDP and under FSDP2 on two."""
     root = tmp_path_factory.mktemp("distributed")
     cache = root / "cache"
-    finetune(tiny_llama_dir, root / "single", cache)
-    finetune(tiny_llama_dir, root / "ddp", cache, "--devices", "2", "--strategy", "ddp")
-    finetune(tiny_llama_dir, root / "fsdp", cache, "--devices", "2", "--strategy", "fsdp")
     # Offloaded activation checkpointing recomputes each block inside its own backward (a nested backward pass):
     # DDP's and FSDP2's gradient hooks must still fire exactly once per parameter.
     offload = ("--train.activation_checkpointing", "offload")
-    finetune(tiny_llama_dir, root / "ddp-offload", cache, "--devices", "2", "--strategy", "ddp", *offload)
-    # Under FSDP2 only the first block is checkpointed: sharded blocks with and without the wrapper in one model.
-    finetune(tiny_llama_dir, root / "fsdp-offload", cache, "--devices", "2", "--strategy", "fsdp", *offload,
-             "--train.checkpointed_blocks", "1")
+    finetune_concurrently(
+        partial(finetune, tiny_llama_dir, root / "single", cache),
+        partial(finetune, tiny_llama_dir, root / "ddp", cache, "--devices", "2", "--strategy", "ddp"),
+        partial(finetune, tiny_llama_dir, root / "fsdp", cache, "--devices", "2", "--strategy", "fsdp"),
+        partial(finetune, tiny_llama_dir, root / "ddp-offload", cache, "--devices", "2", "--strategy", "ddp", *offload),
+        # Under FSDP2 only the first block is checkpointed: sharded blocks with and without the wrapper in one model.
+        partial(finetune, tiny_llama_dir, root / "fsdp-offload", cache, "--devices", "2", "--strategy", "fsdp",
+                *offload, "--train.checkpointed_blocks", "1"),
+    )
     names = ["single", "ddp", "fsdp", "ddp-offload", "fsdp-offload"]
     return {**{name: root / name for name in names}, "cache": cache, "root": root}
 
@@ -96,14 +112,34 @@ def resume_into(source: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-@pytest.mark.parametrize(
-    ("saved_by", "resumed_with"),
-    [("fsdp", ["--devices", "1"]), ("single", ["--devices", "2", "--strategy", "fsdp"])],
-    ids=["fsdp-2-to-1", "1-to-fsdp-2"],
-)
-def test_resume_under_another_world_size(runs, tiny_llama_dir, saved_by, resumed_with):
-    out_dir = resume_into(runs[saved_by], runs["root"] / f"resumed-from-{saved_by}")
-    finetune(tiny_llama_dir, out_dir, runs["cache"], "--resume", "auto", *resumed_with)
+# Each case: the run whose step-2 checkpoint is resumed, and the devices that resume it.
+RESUMES = {
+    "fsdp-2-to-1": ("fsdp", ("--devices", "1")),
+    "1-to-fsdp-2": ("single", ("--devices", "2", "--strategy", "fsdp")),
+}
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(runs, tiny_llama_dir) -> dict[str, tuple[Path, BaseException | None]]:
+    """Every case of RESUMES resumed, the two runs at once (see `finetune_concurrently`); a run that failed keeps its
+    error for its own test to raise."""
+    out_dirs = {
+        case: resume_into(runs[saved_by], runs["root"] / f"resumed-from-{saved_by}")
+        for case, (saved_by, _) in RESUMES.items()
+    }
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {
+            case: pool.submit(finetune, tiny_llama_dir, out_dirs[case], runs["cache"], "--resume", "auto", *flags)
+            for case, (_, flags) in RESUMES.items()
+        }
+    return {case: (out_dirs[case], futures[case].exception()) for case in RESUMES}
+
+
+@pytest.mark.parametrize("case", list(RESUMES))
+def test_resume_under_another_world_size(runs, resumed_runs, case):
+    out_dir, error = resumed_runs[case]
+    if error is not None:
+        raise error
     reference, resumed = losses(runs["single"]), losses(out_dir)
     assert resumed.keys() == reference.keys()
     for step in range(3, STEPS + 1):
@@ -168,9 +204,11 @@ def test_float8_base_trains_alike_on_one_and_two_processes(tmp_path, tiny_llama_
     them (a float8 tensor cannot go through a process group), and both train exactly like one process."""
     cache = tmp_path / "cache"
     runs = {"single": (), "ddp": ("--strategy", "ddp"), "fsdp": ("--strategy", "fsdp")}
-    for name, extra in runs.items():
-        devices = ("--devices", "2") if extra else ()
-        finetune(tiny_llama_dir, tmp_path / name, cache, "--quantize", "fp8", *devices, *extra, method="qlora")
+    finetune_concurrently(*(
+        partial(finetune, tiny_llama_dir, tmp_path / name, cache, "--quantize", "fp8",
+                *(("--devices", "2") if extra else ()), *extra, method="qlora")
+        for name, extra in runs.items()
+    ))
     reference = losses(tmp_path / "single")
     assert len(reference) == STEPS
     for name in ("ddp", "fsdp"):
@@ -190,9 +228,11 @@ def test_lora_on_every_projection_trains_alike_under_fsdp2(tmp_path, tiny_llama_
     FSDP2 gathered, and the copies' gradients must reach the local shards before FSDP2 reduces them."""
     cache = tmp_path / "cache"
     every = ("--lora.targets", "[all-linear]")
-    finetune(tiny_llama_dir, tmp_path / "single", cache, *every)
-    finetune(tiny_llama_dir, tmp_path / "fsdp", cache, *every, "--devices", "2", "--strategy", "fsdp", "--compile",
-             "true")
+    finetune_concurrently(
+        partial(finetune, tiny_llama_dir, tmp_path / "single", cache, *every),
+        partial(finetune, tiny_llama_dir, tmp_path / "fsdp", cache, *every, "--devices", "2", "--strategy", "fsdp",
+                "--compile", "true"),
+    )
     single = adapter(tmp_path / "single")
     assert len(single) == 2 * 7 * 2
     assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "single"), rel=0, abs=TOLERANCE)
@@ -205,8 +245,11 @@ def test_float8_base_under_bf16_mixed_fsdp2_follows_one_process(tmp_path, tiny_l
     own rounding keeps the two within 2e-3 (measured 6e-4; plain LoRA under FSDP2, 3e-4)."""
     cache = tmp_path / "cache"
     mixed = ("--quantize", "fp8", "--precision", "bf16-mixed")
-    finetune(tiny_llama_dir, tmp_path / "single", cache, *mixed, method="qlora")
-    finetune(tiny_llama_dir, tmp_path / "fsdp", cache, *mixed, "--devices", "2", "--strategy", "fsdp", method="qlora")
+    finetune_concurrently(
+        partial(finetune, tiny_llama_dir, tmp_path / "single", cache, *mixed, method="qlora"),
+        partial(finetune, tiny_llama_dir, tmp_path / "fsdp", cache, *mixed, "--devices", "2", "--strategy", "fsdp",
+                method="qlora"),
+    )
     reference = losses(tmp_path / "single")
     assert len(reference) == STEPS
     assert losses(tmp_path / "fsdp") == pytest.approx(reference, rel=0, abs=2e-3)

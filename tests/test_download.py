@@ -9,8 +9,12 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -121,16 +125,31 @@ def run_download(hub: FakeHub, *args: str, token_env: str | None = None) -> subp
     )
 
 
+T = TypeVar("T")
+
+
+def concurrently(*calls: Callable[[], T]) -> list[T]:
+    """The results of independent calls that each run a `litft` process, made at once: a process spends ~10 s
+    importing on one core, and the CI machine has two."""
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]
+
+
 # huggingface_hub writes in 10 MB chunks: a transfer cut after 11 MB has something on disk to resume from.
 BIG_WEIGHTS = os.urandom(12 * 2**20)
 
 
+def make_hub(stories_dir: Path) -> FakeHub:
+    return FakeHub({"tiny/stories": stories_repo(stories_dir), "tiny/gated": stories_repo(stories_dir),
+                    "tiny/big": {"model.safetensors": BIG_WEIGHTS, "config.json": b"{}"},
+                    "tiny/gguf-only": {"model.gguf": b"gguf", "config.json": b"{}"}},
+                   gated={"tiny/gated"}, cut_once={"model.safetensors"})
+
+
 @pytest.fixture
 def hub(stories_dir):
-    hub = FakeHub({"tiny/stories": stories_repo(stories_dir), "tiny/gated": stories_repo(stories_dir),
-                   "tiny/big": {"model.safetensors": BIG_WEIGHTS, "config.json": b"{}"},
-                   "tiny/gguf-only": {"model.gguf": b"gguf", "config.json": b"{}"}},
-                  gated={"tiny/gated"}, cut_once={"model.safetensors"})
+    hub = make_hub(stories_dir)
     yield hub
     hub.close()
 
@@ -166,29 +185,45 @@ def test_cut_transfer_resumes_where_it_stopped(hub, tmp_path):
 
 
 def test_gated_repository_needs_the_token_and_never_stores_it(hub, tmp_path):
-    result = run_download(hub, "tiny/gated", "--checkpoint_dir", str(tmp_path))
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("litft: error: tiny/gated: the repository is gated")
-    result = run_download(hub, "tiny/gated", "--checkpoint_dir", str(tmp_path), token_env=TOKEN)
-    assert result.returncode == 0, result.stderr
-    result = run_download(hub, "tiny/gated", "--access_token", TOKEN, "--checkpoint_dir", str(tmp_path / "again"))
-    assert result.returncode == 0, result.stderr
-    assert TOKEN not in result.stdout + result.stderr
+    without_token, env_token, flag_token = concurrently(
+        partial(run_download, hub, "tiny/gated", "--checkpoint_dir", str(tmp_path)),
+        partial(run_download, hub, "tiny/gated", "--checkpoint_dir", str(tmp_path), token_env=TOKEN),
+        partial(run_download, hub, "tiny/gated", "--access_token", TOKEN, "--checkpoint_dir", str(tmp_path / "again")),
+    )
+    assert without_token.returncode != 0
+    assert without_token.stderr.strip().splitlines()[-1].startswith("litft: error: tiny/gated: the repository is gated")
+    assert env_token.returncode == 0, env_token.stderr
+    assert flag_token.returncode == 0, flag_token.stderr
+    assert TOKEN not in flag_token.stdout + flag_token.stderr
     for file in tmp_path.rglob("*"):
         if file.is_file():
             assert TOKEN.encode() not in file.read_bytes(), file
 
 
-@pytest.mark.parametrize(
-    ("repo_id", "message"),
-    [
-        ("tiny/missing", "no such model repository"),
-        ("tiny/gguf-only", "no safetensors or PyTorch .bin weights"),
-        ("not a repo id", "expected ORG/NAME"),
-    ],
-)
-def test_bad_repositories_are_one_clear_line(hub, tmp_path, repo_id, message):
-    result = run_download(hub, repo_id, "--checkpoint_dir", str(tmp_path))
+BAD_REPOSITORIES = {
+    "tiny/missing": "no such model repository",
+    "tiny/gguf-only": "no safetensors or PyTorch .bin weights",
+    "not a repo id": "expected ORG/NAME",
+}
+
+
+@pytest.fixture(scope="module")
+def bad_repository_downloads(stories_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """`litft download` of each of BAD_REPOSITORIES, each into its own folder, the three at once."""
+    hub = make_hub(stories_dir)
+    try:
+        results = concurrently(*(
+            partial(run_download, hub, repo_id, "--checkpoint_dir", str(tmp_path_factory.mktemp("bad")))
+            for repo_id in BAD_REPOSITORIES
+        ))
+    finally:
+        hub.close()
+    return dict(zip(BAD_REPOSITORIES, results))
+
+
+@pytest.mark.parametrize(("repo_id", "message"), list(BAD_REPOSITORIES.items()))
+def test_bad_repositories_are_one_clear_line(bad_repository_downloads, repo_id, message):
+    result = bad_repository_downloads[repo_id]
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("litft: error:") and message in last
@@ -215,10 +250,13 @@ def test_an_unreachable_hub_or_offline_mode_is_one_line(tmp_path):
     env.pop("HF_TOKEN", None)
     env.pop("HF_HUB_OFFLINE", None)
     command = [sys.executable, "-m", "litft", "download", "tiny/stories", "--checkpoint_dir", str(tmp_path)]
-    for extra, message in (({}, "tiny/stories: cannot reach http://127.0.0.1:9"),
-                           ({"HF_HUB_OFFLINE": "1"}, "tiny/stories: HF_HUB_OFFLINE is set")):
-        result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**env, **extra},
-                                cwd=ROOT)
+    cases = (({}, "tiny/stories: cannot reach http://127.0.0.1:9"),
+             ({"HF_HUB_OFFLINE": "1"}, "tiny/stories: HF_HUB_OFFLINE is set"))
+    results = concurrently(*(
+        partial(subprocess.run, command, capture_output=True, text=True, timeout=120, env={**env, **extra}, cwd=ROOT)
+        for extra, _ in cases
+    ))
+    for (_, message), result in zip(cases, results):
         assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.strip().splitlines()[-1].startswith(f"litft: error: {message}")
 

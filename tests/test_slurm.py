@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -55,17 +56,31 @@ def losses(out_dir: Path) -> dict[int, float]:
         return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(file) if row.get("train/loss")}
 
 
-@pytest.mark.parametrize(
-    ("allocation", "flags", "expected"),
-    [
-        ({"tasks": 1}, ["--devices", "2"], "pass --devices 1 --num_nodes 1"),
-        ({"tasks": 2, "nodes": 2}, ["--devices", "1"], "pass --devices 1 --num_nodes 2"),
-    ],
-    ids=["devices", "num_nodes"],
-)
-def test_allocation_mismatch_is_one_clear_error(tiny_llama_dir, tmp_path, allocation, flags, expected):
-    args = finetune_args(tiny_llama_dir, tmp_path / "out", tmp_path / "cache", *flags)
-    result = subprocess.run(args, env=slurm_env(tmp_path, **allocation), capture_output=True, text=True, check=False, timeout=120)
+# Each case: the allocation SLURM reports, the flags that contradict it, and what the error asks for instead.
+MISMATCHES = {
+    "devices": ({"tasks": 1}, ["--devices", "2"], "pass --devices 1 --num_nodes 1"),
+    "num_nodes": ({"tasks": 2, "nodes": 2}, ["--devices", "1"], "pass --devices 1 --num_nodes 2"),
+}
+
+
+@pytest.fixture(scope="module")
+def mismatched_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every case of MISMATCHES run as its own `litft finetune` process, each in its own folder, the two at once (a
+    process spends its ~10 s importing on one core; the CI machine has two)."""
+    with ThreadPoolExecutor(max_workers=len(MISMATCHES)) as pool:
+        futures = {}
+        for case, (allocation, flags, _) in MISMATCHES.items():
+            tmp_path = tmp_path_factory.mktemp(case)
+            args = finetune_args(tiny_llama_dir, tmp_path / "out", tmp_path / "cache", *flags)
+            futures[case] = pool.submit(subprocess.run, args, env=slurm_env(tmp_path, **allocation),
+                                        capture_output=True, text=True, check=False, timeout=120)
+    return {case: future.result() for case, future in futures.items()}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_allocation_mismatch_is_one_clear_error(mismatched_runs, case):
+    expected = MISMATCHES[case][2]
+    result = mismatched_runs[case]
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("litft: error: --devices"), result.stderr
@@ -75,10 +90,14 @@ def test_allocation_mismatch_is_one_clear_error(tiny_llama_dir, tmp_path, alloca
 def test_sigusr1_checkpoints_requeues_and_the_requeued_job_continues(tiny_llama_dir, tmp_path):
     cache, out_dir = tmp_path / "cache", tmp_path / "preempted"
     reference_dir = tmp_path / "reference"
-    subprocess.run(
-        finetune_args(tiny_llama_dir, reference_dir, cache), check=True, capture_output=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    # The uninterrupted reference run goes on beside the preempted job and its requeued run (each process is seeded
+    # and single-threaded: running beside another changes only its speed); the curves are compared at the end.
+    pool = ThreadPoolExecutor(max_workers=1)
+    reference_run = pool.submit(
+        subprocess.run, finetune_args(tiny_llama_dir, reference_dir, cache), check=True, capture_output=True,
+        timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    pool.shutdown(wait=False)
 
     job = subprocess.Popen(
         finetune_args(tiny_llama_dir, out_dir, cache), env=slurm_env(tmp_path), stderr=subprocess.PIPE, text=True
@@ -113,6 +132,7 @@ def test_sigusr1_checkpoints_requeues_and_the_requeued_job_continues(tiny_llama_
     )
     assert requeued.returncode == 0, requeued.stderr[-4000:]
     assert f"resumed from {saved[0]} at step {stopped_at}" in requeued.stderr
+    reference_run.result()
     reference, resumed = losses(reference_dir), losses(out_dir)
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
