@@ -4,6 +4,7 @@ resumes exactly, training the real pretrained model moves it in the trained dire
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -146,13 +147,44 @@ def test_fine_tuning_the_pretrained_model_moves_it_toward_the_data(tmp_path, sto
     assert validation[-1] < 0.5 * validation[0]
     last_step = max(step for step, m in metrics.items() if "val/loss" in m)
     assert metrics[last_step]["val/perplexity"] == pytest.approx(math.exp(validation[-1]), rel=1e-6)
-    capsys.readouterr()
+    # stderr here is not a terminal (as in a SLURM job's log): no progress bar redrawn with carriage returns, a line
+    # per logged step instead, with the loss metrics.csv has.
+    log = capsys.readouterr().err
+    assert "\r" not in log
+    trained = {step: m["train/loss"] for step, m in metrics.items() if "train/loss" in m}
+    lines = [line for line in log.splitlines() if line.startswith("step ") and ": loss " in line]
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == sorted(trained)
+    for line in lines:
+        step = int(line.split()[1].split("/")[0])
+        assert line.startswith(f"step {step}/{max(trained)}: loss {trained[step]:.4f}, lr ")
     main(["generate", "--checkpoint", str(out_dir / "final"), "--chat", "true", "--prompt", prompt,
           "--max_new_tokens", "30"])
     after = capsys.readouterr().out
     assert "Vicuna" in after or "language model" in after, after
     assert "Vicuna" not in before and "language model" not in before, before
     assert (out_dir / "loss.png").stat().st_size > 1000
+
+
+def test_only_a_terminal_gets_the_progress_bar(monkeypatch):
+    """rank 0 draws a progress bar on a terminal; in a log file (stderr not a terminal) and on other ranks there is
+    none, and the loop prints a line per logged step instead (above)."""
+    from types import SimpleNamespace
+
+    from litft.training.loop import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    bar = _progress_bar(SimpleNamespace(global_rank=0), 10, 0)
+    assert bar is not None
+    bar.update(1)
+    bar.close()
+    assert "\r" in sys.stderr.getvalue()
+    assert _progress_bar(SimpleNamespace(global_rank=1), 10, 0) is None
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert _progress_bar(SimpleNamespace(global_rank=0), 10, 0) is None
 
 
 def test_full_fine_tuning_writes_a_checkpoint_transformers_loads(tmp_path, tiny_llama_dir):

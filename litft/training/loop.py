@@ -340,6 +340,12 @@ def fit(
         if step.step % train_config.log_interval == 0 or step.step == steps:
             fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=step.step)
             progress.history.append({"step": step.step, "train_loss": metrics["loss"]})
+            if progress_bar is None:  # a log file: a line per logged step (rank 0's; fabric.print skips the others)
+                fabric.print(
+                    f"step {step.step}/{steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
+                    f"{metrics['tokens_per_second']:,.0f} tok/s, peak memory {metrics['peak_memory_gib']:.1f} GiB",
+                    file=sys.stderr,
+                )
         if progress_bar is not None:
             progress_bar.set_postfix(
                 loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{metrics['tokens_per_second']:.0f}",
@@ -575,7 +581,10 @@ def evaluate_and_log(
 
 
 def _progress_bar(fabric: Fabric, total: int, initial: int):
-    if fabric.global_rank != 0:
+    """rank 0's progress bar where stderr is a terminal. Not in a log file (a SLURM job's, a pipe, CI): a bar redraws
+    itself with carriage returns, which a file keeps as one ever-longer line, so there each logged step gets a line
+    of its own instead."""
+    if fabric.global_rank != 0 or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
