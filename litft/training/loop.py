@@ -341,9 +341,11 @@ def fit(
             fabric.log_dict({f"train/{k}": v for k, v in metrics.items()}, step=step.step)
             progress.history.append({"step": step.step, "train_loss": metrics["loss"]})
             if progress_bar is None:  # a log file: a line per logged step (rank 0's; fabric.print skips the others)
+                memory = metrics["peak_memory_gib"]  # 0 where the device does not report it (CPU)
                 fabric.print(
                     f"step {step.step}/{steps}: loss {metrics['loss']:.4f}, lr {metrics['lr']:.2e}, "
-                    f"{metrics['tokens_per_second']:,.0f} tok/s, peak memory {metrics['peak_memory_gib']:.1f} GiB",
+                    f"{metrics['tokens_per_second']:,.0f} tok/s"
+                    + (f", peak memory {memory:.1f} GiB" if memory else ""),
                     file=sys.stderr,
                 )
         if progress_bar is not None:
