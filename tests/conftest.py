@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
+
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
@@ -139,3 +143,13 @@ def square_loss_and_grads(model: torch.nn.Module, input_ids: torch.Tensor, step=
     loss = (model if step is None else step)(input_ids).float().square().mean()
     loss.backward()
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def concurrently(*calls: Callable[[], T], workers: int = 2) -> list[T]:
+    """The results of independent calls that each run `litft` processes, `workers` at a time (the first error
+    raised). A process spends most of its ~10 s start importing, on one core, and the CI machine has two; each call
+    is its own seeded, single-threaded process, so running beside another changes only its speed (a data cache they
+    share is written atomically)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(call) for call in calls]
+    return [future.result() for future in futures]

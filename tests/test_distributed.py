@@ -10,13 +10,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import concurrently
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,17 +36,6 @@ def finetune(checkpoint: Path, out_dir: Path, cache_dir: Path, *extra: str, meth
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, capture_output=True, text=True, check=False, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def finetune_concurrently(*runs: Callable[[], None]) -> None:
-    """Independent `finetune` runs, two at a time. A run's processes spend most of their time importing, one process
-    at a time (under DDP and FSDP2 the second rank starts once the first has launched): two runs at once keep both
-    cores of a CI machine busy. Each run is its own seeded, single-threaded process, so its results are those it has
-    when run alone; the data cache they share is written atomically."""
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(run) for run in runs]
-    for future in futures:
-        future.result()
 
 
 def losses(out_dir: Path) -> dict[int, float]:
@@ -73,7 +61,7 @@ def runs(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     # Offloaded activation checkpointing recomputes each block inside its own backward (a nested backward pass):
     # DDP's and FSDP2's gradient hooks must still fire exactly once per parameter.
     offload = ("--train.activation_checkpointing", "offload")
-    finetune_concurrently(
+    concurrently(
         partial(finetune, tiny_llama_dir, root / "single", cache),
         partial(finetune, tiny_llama_dir, root / "ddp", cache, "--devices", "2", "--strategy", "ddp"),
         partial(finetune, tiny_llama_dir, root / "fsdp", cache, "--devices", "2", "--strategy", "fsdp"),
@@ -120,19 +108,22 @@ RESUMES = {
 
 
 @pytest.fixture(scope="module")
-def resumed_runs(runs, tiny_llama_dir) -> dict[str, tuple[Path, BaseException | None]]:
-    """Every case of RESUMES resumed, the two runs at once (see `finetune_concurrently`); a run that failed keeps its
+def resumed_runs(runs, tiny_llama_dir) -> dict[str, tuple[Path, Exception | None]]:
+    """Every case of RESUMES resumed, the two runs at once (conftest's `concurrently`); a run that failed keeps its
     error for its own test to raise."""
     out_dirs = {
         case: resume_into(runs[saved_by], runs["root"] / f"resumed-from-{saved_by}")
         for case, (saved_by, _) in RESUMES.items()
     }
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            case: pool.submit(finetune, tiny_llama_dir, out_dirs[case], runs["cache"], "--resume", "auto", *flags)
-            for case, (_, flags) in RESUMES.items()
-        }
-    return {case: (out_dirs[case], futures[case].exception()) for case in RESUMES}
+    def resume(case: str) -> Exception | None:
+        try:
+            finetune(tiny_llama_dir, out_dirs[case], runs["cache"], "--resume", "auto", *RESUMES[case][1])
+        except Exception as error:  # noqa: BLE001 - raised by the case's own test
+            return error
+        return None
+
+    errors = concurrently(*(partial(resume, case) for case in RESUMES))
+    return {case: (out_dirs[case], error) for case, error in zip(RESUMES, errors)}
 
 
 @pytest.mark.parametrize("case", list(RESUMES))
@@ -204,7 +195,7 @@ def test_float8_base_trains_alike_on_one_and_two_processes(tmp_path, tiny_llama_
     them (a float8 tensor cannot go through a process group), and both train exactly like one process."""
     cache = tmp_path / "cache"
     runs = {"single": (), "ddp": ("--strategy", "ddp"), "fsdp": ("--strategy", "fsdp")}
-    finetune_concurrently(*(
+    concurrently(*(
         partial(finetune, tiny_llama_dir, tmp_path / name, cache, "--quantize", "fp8",
                 *(("--devices", "2") if extra else ()), *extra, method="qlora")
         for name, extra in runs.items()
@@ -228,7 +219,7 @@ def test_lora_on_every_projection_trains_alike_under_fsdp2(tmp_path, tiny_llama_
     FSDP2 gathered, and the copies' gradients must reach the local shards before FSDP2 reduces them."""
     cache = tmp_path / "cache"
     every = ("--lora.targets", "[all-linear]")
-    finetune_concurrently(
+    concurrently(
         partial(finetune, tiny_llama_dir, tmp_path / "single", cache, *every),
         partial(finetune, tiny_llama_dir, tmp_path / "fsdp", cache, *every, "--devices", "2", "--strategy", "fsdp",
                 "--compile", "true"),
@@ -245,7 +236,7 @@ def test_float8_base_under_bf16_mixed_fsdp2_follows_one_process(tmp_path, tiny_l
     own rounding keeps the two within 2e-3 (measured 6e-4; plain LoRA under FSDP2, 3e-4)."""
     cache = tmp_path / "cache"
     mixed = ("--quantize", "fp8", "--precision", "bf16-mixed")
-    finetune_concurrently(
+    concurrently(
         partial(finetune, tiny_llama_dir, tmp_path / "single", cache, *mixed, method="qlora"),
         partial(finetune, tiny_llama_dir, tmp_path / "fsdp", cache, *mixed, "--devices", "2", "--strategy", "fsdp",
                 method="qlora"),

@@ -9,14 +9,12 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
+from conftest import concurrently
 
 ROOT = Path(__file__).resolve().parents[1]
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -125,17 +123,6 @@ def run_download(hub: FakeHub, *args: str, token_env: str | None = None) -> subp
     )
 
 
-T = TypeVar("T")
-
-
-def concurrently(*calls: Callable[[], T]) -> list[T]:
-    """The results of independent calls that each run a `litft` process, made at once: a process spends ~10 s
-    importing on one core, and the CI machine has two."""
-    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
-        futures = [pool.submit(call) for call in calls]
-    return [future.result() for future in futures]
-
-
 # huggingface_hub writes in 10 MB chunks: a transfer cut after 11 MB has something on disk to resume from.
 BIG_WEIGHTS = os.urandom(12 * 2**20)
 
@@ -189,6 +176,7 @@ def test_gated_repository_needs_the_token_and_never_stores_it(hub, tmp_path):
         partial(run_download, hub, "tiny/gated", "--checkpoint_dir", str(tmp_path)),
         partial(run_download, hub, "tiny/gated", "--checkpoint_dir", str(tmp_path), token_env=TOKEN),
         partial(run_download, hub, "tiny/gated", "--access_token", TOKEN, "--checkpoint_dir", str(tmp_path / "again")),
+        workers=3,
     )
     assert without_token.returncode != 0
     assert without_token.stderr.strip().splitlines()[-1].startswith("litft: error: tiny/gated: the repository is gated")
@@ -215,7 +203,7 @@ def bad_repository_downloads(stories_dir, tmp_path_factory) -> dict[str, subproc
         results = concurrently(*(
             partial(run_download, hub, repo_id, "--checkpoint_dir", str(tmp_path_factory.mktemp("bad")))
             for repo_id in BAD_REPOSITORIES
-        ))
+        ), workers=len(BAD_REPOSITORIES))
     finally:
         hub.close()
     return dict(zip(BAD_REPOSITORIES, results))

@@ -12,9 +12,11 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import concurrently
 
 from litft.commands.slurm import slurm, slurm_passthrough
 
@@ -67,14 +69,13 @@ MISMATCHES = {
 def mismatched_runs(tiny_llama_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
     """Every case of MISMATCHES run as its own `litft finetune` process, each in its own folder, the two at once (a
     process spends its ~10 s importing on one core; the CI machine has two)."""
-    with ThreadPoolExecutor(max_workers=len(MISMATCHES)) as pool:
-        futures = {}
-        for case, (allocation, flags, _) in MISMATCHES.items():
-            tmp_path = tmp_path_factory.mktemp(case)
-            args = finetune_args(tiny_llama_dir, tmp_path / "out", tmp_path / "cache", *flags)
-            futures[case] = pool.submit(subprocess.run, args, env=slurm_env(tmp_path, **allocation),
-                                        capture_output=True, text=True, check=False, timeout=120)
-    return {case: future.result() for case, future in futures.items()}
+    runs = []
+    for case, (allocation, flags, _) in MISMATCHES.items():
+        tmp_path = tmp_path_factory.mktemp(case)
+        args = finetune_args(tiny_llama_dir, tmp_path / "out", tmp_path / "cache", *flags)
+        runs.append(partial(subprocess.run, args, env=slurm_env(tmp_path, **allocation), capture_output=True,
+                            text=True, check=False, timeout=120))
+    return dict(zip(MISMATCHES, concurrently(*runs)))
 
 
 @pytest.mark.parametrize("case", list(MISMATCHES))

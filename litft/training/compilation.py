@@ -78,7 +78,7 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
         # autograd, another batch size) adds more. Past dynamo's limit (8 by default) a new variant runs eagerly:
         # seen on the quickstart with offloading, whose evaluation then ran uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
-        from litft.adapters.adapter_copies import has_lora_layers, wrap_block_forward
+        from litft.adapters.adapter_copies import BlockAdapterCopies, has_lora_layers, wrap_block_forward
 
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
@@ -96,7 +96,7 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
                     **forward.keywords,
                 )
             elif has_lora_layers(block):
-                block.forward = wrap_block_forward(block, torch.compile(forward))
+                block.forward = BlockAdapterCopies(block, torch.compile(forward))
             else:
                 block.compile()
         return
