@@ -158,7 +158,8 @@ class DecodeStep:
         self.positions = positions.clone()  # (B, 1): each row's position of the token being fed
         self.input_ids = torch.zeros_like(self.positions)  # (B, 1)
         self.forward_function = compiled_decode_forward() if compile else decode_forward
-        self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda"
+        graph_safe = getattr(model, "decode_graph_safe", True)  # a mixture of experts reads its routing on the host
+        self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda" and graph_safe
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None  # (B, vocab): where each replay leaves its logits
 

@@ -74,6 +74,17 @@ FAMILY_BUILDERS: dict[str, Callable[[Path], Path]] = {
     "gpt_neox": _builder(
         "GPTNeoXConfig", "GPTNeoXForCausalLM", rotary_pct=0.25, use_parallel_residual=True, hidden_act="gelu",
     ),
+    # Mixtures of experts: 4 experts, 2 per token. Qwen2-MoE with its shared expert and a dense second layer
+    # (mlp_only_layers), Qwen3-MoE with the chosen weights renormalised (norm_topk_prob) and q/k norms.
+    "mixtral": _builder("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2),
+    "qwen2_moe": _builder(
+        "Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, mlp_only_layers=[1],
+    ),
+    "qwen3_moe": _builder(
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        norm_topk_prob=True, head_dim=24,
+    ),
 }
 
 # Variants that only the model tests need: the sequential-residual GPT-NeoX.

@@ -43,15 +43,16 @@ from litft.adapters.quantization import (
 from litft.errors import ConfigError
 
 ADAPTER_DTYPE = torch.float32
-# Short target names -> the module names they hit in each family (Llama/Gemma, Phi-3's fused layers, GPT-NeoX).
+# Short target names -> the module names they hit in each family (Llama/Gemma, Phi-3's fused layers, GPT-NeoX,
+# Mixtral's experts). gate, up and down hit every expert's projections too; a router is never a target.
 TARGET_MODULE_NAMES: dict[str, tuple[str, ...]] = {
     "q": ("q_proj", "qkv_proj", "query_key_value"),
     "k": ("k_proj", "qkv_proj", "query_key_value"),
     "v": ("v_proj", "qkv_proj", "query_key_value"),
     "o": ("o_proj", "dense"),
-    "gate": ("gate_proj", "gate_up_proj"),
-    "up": ("up_proj", "gate_up_proj", "dense_h_to_4h"),
-    "down": ("down_proj", "dense_4h_to_h"),
+    "gate": ("gate_proj", "gate_up_proj", "w1"),
+    "up": ("up_proj", "gate_up_proj", "dense_h_to_4h", "w3"),
+    "down": ("down_proj", "dense_4h_to_h", "w2"),
     "lm_head": OUTPUT_HEAD_NAMES,
 }
 ALL_LINEAR = "all-linear"
@@ -66,7 +67,8 @@ class LoRAConfig:
         alpha: The update is scaled by alpha / rank (alpha / sqrt(rank) with rslora).
         dropout: Dropout probability on the adapter's input (0 disables it).
         targets: Layers to adapt: any of q, k, v, o, gate, up, down, lm_head; `all-linear` (every linear layer
-            except the output head); or module-name suffixes such as `q_proj` or `mlp.down_proj`. A list
+            except the output head); or module-name suffixes such as `q_proj` or `mlp.down_proj`. In a mixture
+            of experts gate, up and down (and `all-linear`) take every expert's; its router is never adapted. A list
             (`[q,v]`) or one comma-separated string (`q,v`, `all-linear`).
         rslora: Rank-stabilized LoRA: scale by alpha / sqrt(rank).
         dora: DoRA: learn a per-output-row magnitude on top of the LoRA direction update.

@@ -676,6 +676,7 @@ class CausalLM(nn.Module):
     embeddings_name: str  # dotted submodule names, e.g. "model.embed_tokens"
     blocks_name: str  # the ModuleList of decoder layers: the unit of FSDP sharding and activation checkpointing
     head_name: str
+    decode_graph_safe = True  # whether a decoding step can be recorded in a CUDA graph (no reads on the host)
 
     @property
     def embeddings(self) -> nn.Embedding:

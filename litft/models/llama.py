@@ -1,4 +1,5 @@
-"""The Llama family: Llama 2 / 3 / 3.1 / 3.2, SmolLM2, TinyLlama, Mistral, Qwen2 / 2.5 and Qwen3.
+"""The Llama family: Llama 2 / 3 / 3.1 / 3.2, SmolLM2, TinyLlama, Mistral, Qwen2 / 2.5 and Qwen3, and their
+mixture-of-experts variants Mixtral, Qwen2-MoE (Qwen1.5-MoE) and Qwen3-MoE.
 
 They share one architecture: pre-norm decoder blocks of RMSNorm, grouped-query attention with rotary positions
 and a SwiGLU MLP. The differences are config flags, read from the checkpoint's config.json:
@@ -6,8 +7,12 @@ and a SwiGLU MLP. The differences are config flags, read from the checkpoint's c
   - Qwen2: bias on the q, k, v projections (not on o);
   - Qwen3: RMSNorm over each head of q and k before the rotation (`qk_norm`);
   - Llama 3.1: the `llama3` rope scaling rule; Llama 3.2: tied input/output embeddings;
-  - Phi-3 (litft.models.phi3): fused `qkv_proj` and `gate_up_proj` (`fused_projections`), partial rotary.
-Module and parameter names are Hugging Face's, so a checkpoint loads with no renaming.
+  - Phi-3 (litft.models.phi3): fused `qkv_proj` and `gate_up_proj` (`fused_projections`), partial rotary;
+  - Mixtral, Qwen2-MoE, Qwen3-MoE: a sparse layer's MLP is `num_experts` SwiGLU experts, of which a router picks
+    `experts_per_token` for each token (`SparseMoE`); Qwen2-MoE adds one sigmoid-gated expert every token takes.
+Module and parameter names are Hugging Face's, so a checkpoint loads with no renaming. For the experts these are
+the names checkpoints on the Hub store (one `experts.{e}` module per expert, Mixtral's `w1`/`w3`/`w2`), which is
+also how transformers writes them, although it holds them stacked in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from litft.errors import CheckpointError
@@ -51,6 +57,13 @@ class LlamaConfig:
     fused_projections: bool = False  # Phi-3: q, k, v stored as one `qkv_proj`, gate and up as one `gate_up_proj`
     sliding_window: int | None = None
     layer_types: list[str] = field(default_factory=list)  # "full_attention" | "sliding_attention" per layer
+    # Mixture of experts (0 experts: every layer's MLP is dense). Which layers are sparse: `sparse_layers`.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0
+    normalize_expert_weights: bool = True  # the chosen experts' router probabilities rescaled to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: an expert every token takes, scaled by a sigmoid gate
+    sparse_layers: list[bool] = field(default_factory=list)
     model_type: str = "llama"
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -67,18 +80,23 @@ class LlamaConfig:
         sliding_window = hf.get("sliding_window")
         n_layer = hf["num_hidden_layers"]
         layer_types = hf.get("layer_types")
-        if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+        qwen = model_type in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+        if qwen and not hf.get("use_sliding_window", False):
             sliding_window = None  # Qwen configs carry a window they do not use
         if not layer_types:
             if sliding_window is None:
                 layer_types = ["full_attention"] * n_layer
-            elif model_type in ("qwen2", "qwen3"):
+            elif qwen:
                 first = hf.get("max_window_layers", n_layer)
                 layer_types = ["full_attention" if i < first else "sliding_attention" for i in range(n_layer)]
             else:
                 layer_types = ["sliding_attention"] * n_layer
         if sliding_window is None or "sliding_attention" not in layer_types:
             sliding_window, layer_types = None, ["full_attention"] * n_layer
+        experts = _experts_from_hf(hf, model_type, n_layer)
+        # Qwen2 always has q/k/v biases, Qwen2-MoE unless its config says otherwise
+        qkv_bias = attention_bias or model_type == "qwen2"
+        qkv_bias = qkv_bias or (model_type == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
         return cls(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -90,15 +108,53 @@ class LlamaConfig:
             rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
             rope=RopeConfig.from_hf(hf, head_dim),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=attention_bias or model_type == "qwen2",
+            qkv_bias=qkv_bias,
             o_bias=attention_bias,
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "qwen3_moe"),
             sliding_window=sliding_window,
             layer_types=list(layer_types),
+            **experts,
             model_type=model_type,
             hf_config=hf,
         )
+
+    @property
+    def mlp_name(self) -> str:
+        """The decoder layer's MLP module: Mixtral's checkpoints call its mixture of experts `block_sparse_moe`."""
+        return "block_sparse_moe" if self.model_type == "mixtral" else "mlp"
+
+    @property
+    def expert_projection_names(self) -> tuple[str, str, str]:
+        """An expert's gate, up and down projections, as its checkpoints name them."""
+        return ("w1", "w3", "w2") if self.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+
+
+def _experts_from_hf(hf: dict[str, Any], model_type: str, n_layer: int) -> dict[str, Any]:
+    """The mixture-of-experts fields of LlamaConfig from a Mixtral / Qwen-MoE config.json; none for dense models."""
+    if model_type not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
+    if model_type == "mixtral":  # every layer sparse; the experts are intermediate_size wide
+        sparse_layers = [num_experts > 0] * n_layer
+        expert_size, normalize = hf["intermediate_size"], True
+    else:  # dense layers where listed in mlp_only_layers or off the decoder_sparse_step
+        step, dense = hf.get("decoder_sparse_step", 1) or 1, set(hf.get("mlp_only_layers") or [])
+        sparse_layers = [num_experts > 0 and i not in dense and (i + 1) % step == 0 for i in range(n_layer)]
+        expert_size, normalize = hf["moe_intermediate_size"], bool(hf.get("norm_topk_prob", False))
+    top_k = hf["num_experts_per_tok"]
+    if any(sparse_layers) and not 0 < top_k <= num_experts:
+        raise CheckpointError(
+            f"config.json: num_experts_per_tok {top_k} must be between 1 and num_experts ({num_experts})"
+        )
+    return dict(
+        num_experts=num_experts,
+        experts_per_token=top_k,
+        expert_intermediate_size=expert_size,
+        normalize_expert_weights=normalize,
+        shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or 0,
+        sparse_layers=sparse_layers,
+    )
 
 
 class LlamaAttention(nn.Module):
@@ -150,19 +206,109 @@ class LlamaMLP(nn.Module):
         return gated_down(gate, up, self.down_proj, "silu")
 
 
+class Router(nn.Module):
+    """Scores each token against every expert and keeps the `top_k` best, with their softmax probabilities as the
+    weights of their outputs. Deliberately not an nn.Linear: LoRA's `all-linear` and 4-bit quantization leave it
+    as it is, since which experts a token reaches should not drift with an adapter or with rounding."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, normalize: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.top_k = top_k
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(x, self.weight)  # (N, num_experts)
+        probabilities = logits.float().softmax(dim=-1)
+        weights, experts = probabilities.topk(self.top_k, dim=-1)  # (N, top_k) each
+        if self.normalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, experts  # weights in float32
+
+
+class SharedExpertGate(nn.Module):
+    """Qwen2-MoE: how much of the shared expert each token takes, sigmoid(x . weight). Like the router, not an
+    nn.Linear, so neither adapted nor quantized."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(F.linear(x, self.weight))  # (N, 1)
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, its three projections under the names its checkpoints use."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, names: tuple[str, str, str]) -> None:
+        super().__init__()
+        self.names = names
+        gate, up, down = names
+        self.add_module(gate, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(up, nn.Linear(hidden_size, intermediate_size, bias=False))
+        self.add_module(down, nn.Linear(intermediate_size, hidden_size, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (getattr(self, name) for name in self.names)
+        return gated_mlp(x, gate, up, down, "silu")
+
+
+class SparseMoE(nn.Module):
+    """A mixture of experts: each token goes through the `experts_per_token` experts its router picks, and their
+    outputs are summed with the router's weights (Qwen2-MoE adds a shared expert every token takes).
+
+    The tokens are sorted by expert, so each expert runs once on one contiguous run of its tokens. Every expert
+    runs, on no tokens where none chose it, so each one's parameters take part in every backward (DDP needs that)
+    and its gradient is zero. The run lengths are read on the host, so this block runs outside torch.compile and
+    outside CUDA graphs (`LlamaForCausalLM.decode_graph_safe`)."""
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        names = config.expert_projection_names
+        self.gate = Router(
+            config.hidden_size, config.num_experts, config.experts_per_token, config.normalize_expert_weights
+        )
+        self.experts = nn.ModuleList(
+            Expert(config.hidden_size, config.expert_intermediate_size, names) for _ in range(config.num_experts)
+        )
+        if config.shared_expert_intermediate_size:
+            shared_names = ("gate_proj", "up_proj", "down_proj")
+            self.shared_expert = Expert(config.hidden_size, config.shared_expert_intermediate_size, shared_names)
+            self.shared_expert_gate = SharedExpertGate(config.hidden_size)
+
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        x = x.reshape(B * T, C)  # (N, C)
+        weights, chosen = self.gate(x)  # (N, top_k) each
+        top_k = chosen.shape[1]
+        order = chosen.flatten().argsort(stable=True)  # (N * top_k,): the (token, slot) pairs grouped by expert
+        tokens = order // top_k
+        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        outputs = [expert(rows) for expert, rows in zip(self.experts, x[tokens].split(counts))]
+        weighted = torch.cat(outputs).float() * weights.flatten()[order, None]  # (N * top_k, C)
+        y = torch.zeros(B * T, C, dtype=torch.float32, device=x.device).index_add_(0, tokens, weighted).to(x.dtype)
+        if hasattr(self, "shared_expert"):
+            y = y + self.shared_expert_gate(x) * self.shared_expert(x)
+        return y.reshape(B, T, C)
+
+
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        sparse = bool(config.sparse_layers) and config.sparse_layers[layer_idx]
+        self.mlp_name = config.mlp_name if sparse else "mlp"
+        self.add_module(self.mlp_name, SparseMoE(config) if sparse else LlamaMLP(config))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 class LlamaModel(nn.Module):
@@ -182,6 +328,7 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
+        self.decode_graph_safe = not any(config.sparse_layers)  # routing reads token counts on the host
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

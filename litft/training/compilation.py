@@ -169,9 +169,15 @@ def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if getattr(module, "quantization", None) is not None:
             raise quantized_base_error(name)
-    from litft.training.tiling import TiledForward
+    from litft.models.llama import SparseMoE
+    from litft.training.tiling import TiledForward, block_mlp
 
-    if any(isinstance(block.mlp.forward, TiledForward) for block in model.blocks):
+    if any(isinstance(block_mlp(block), SparseMoE) for block in model.blocks):
+        raise ConfigError(
+            "--compiler thunder does not support mixtures of experts (their routing reads token counts on the host); "
+            "use --compiler torch, which runs the experts eagerly inside the compiled blocks"
+        )
+    if any(isinstance(block_mlp(block).forward, TiledForward) for block in model.blocks):
         raise ConfigError(
             "--compiler thunder with --train.mlp_tile_tokens is not supported (thunder cannot run the tiles' "
             "checkpoints); use --compiler torch, or leave --train.mlp_tile_tokens unset"

@@ -67,17 +67,24 @@ class Widths:
     """A decoder's widths from its Hugging Face config, with the defaults the families use where a key is absent."""
 
     hidden: int
-    intermediate: int
+    intermediate: int  # what one token's MLP computes: for a mixture of experts, its chosen experts' widths summed
     heads: int
     kv_heads: int
     head_dim: int
+    experts_per_token: int = 0  # 0: a dense MLP
 
     @classmethod
     def of(cls, hf_config: dict[str, Any]) -> Widths:
         hidden, heads = hf_config["hidden_size"], hf_config["num_attention_heads"]
-        return cls(hidden=hidden, intermediate=hf_config.get("intermediate_size") or 4 * hidden, heads=heads,
+        intermediate = hf_config.get("intermediate_size") or 4 * hidden
+        experts_per_token = 0
+        if hf_config.get("num_local_experts") or hf_config.get("num_experts"):
+            experts_per_token = hf_config.get("num_experts_per_tok") or 0
+            expert_width = hf_config.get("moe_intermediate_size") or intermediate
+            intermediate = experts_per_token * expert_width + (hf_config.get("shared_expert_intermediate_size") or 0)
+        return cls(hidden=hidden, intermediate=intermediate, heads=heads,
                    kv_heads=hf_config.get("num_key_value_heads") or heads,
-                   head_dim=hf_config.get("head_dim") or hidden // heads)
+                   head_dim=hf_config.get("head_dim") or hidden // heads, experts_per_token=experts_per_token)
 
 
 def intermediate_tensors(compiled: bool, lora: bool = True) -> int:
@@ -94,15 +101,18 @@ def activation_bytes_per_token_per_layer(
     tests/test_finetune.py). Compiled (litft's partitioner settings, which recompute the norms and SwiGLU's
     product): the block input, q, k and v, the attention output, the residual between attention and MLP, gate and
     up. Eager: the norms' outputs too, about 8.5 hidden-size, 2 key/value-size and 2 intermediate-size tensors (4
-    for a full fine-tune, whose down projection keeps SwiGLU's activation and product)."""
+    for a full fine-tune, whose down projection keeps SwiGLU's activation and product). A mixture of experts runs
+    eagerly and also keeps, per chosen expert, the token's copy and the expert's output (float32 once weighted)."""
     widths = Widths.of(hf_config)
     kv_width = widths.kv_heads * widths.head_dim
     hidden_sized = 3 * widths.hidden + widths.heads * widths.head_dim if compiled else 17 * widths.hidden // 2
+    hidden_sized += 4 * widths.experts_per_token * widths.hidden
     return element_size * (hidden_sized + 2 * kv_width + intermediate_tensors(compiled, lora) * widths.intermediate)
 
 
 def parameter_count(hf_config: dict[str, Any]) -> int:
-    """Parameters of the decoder (attention and MLP matrices) plus embeddings, from the config."""
+    """Parameters of the decoder (attention and MLP matrices) plus embeddings, from the config. For a mixture of
+    experts, those one token computes with (its chosen experts): what sets the work per token."""
     widths = Widths.of(hf_config)
     attention = widths.hidden * widths.head_dim * (2 * widths.heads + 2 * widths.kv_heads)
     mlp = 3 * widths.hidden * widths.intermediate

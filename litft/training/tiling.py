@@ -43,11 +43,16 @@ def enable_tiled_mlp(model: nn.Module, tile_tokens: int) -> None:
     if isinstance(tile_tokens, bool) or not isinstance(tile_tokens, int) or tile_tokens < 1:
         raise ConfigError(f"--train.mlp_tile_tokens {tile_tokens!r}: must be a whole number of tokens, at least 1")
     for block in model.blocks:
-        forward = block.mlp.forward
-        if isinstance(forward, TiledForward):  # enabled before: only the tile size changes
-            forward.tile_tokens = tile_tokens
+        mlp = block_mlp(block)
+        if isinstance(mlp.forward, TiledForward):  # enabled before: only the tile size changes
+            mlp.forward.tile_tokens = tile_tokens
         else:
-            block.mlp.forward = TiledForward(forward, tile_tokens)
+            mlp.forward = TiledForward(mlp.forward, tile_tokens)
+
+
+def block_mlp(block: nn.Module) -> nn.Module:
+    """A decoder block's MLP (dense or a mixture of experts, which Mixtral's checkpoints call `block_sparse_moe`)."""
+    return getattr(block, getattr(block, "mlp_name", "mlp"))
 
 
 class TiledForward:

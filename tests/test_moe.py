@@ -1,0 +1,262 @@
+"""Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): what the family-wide tests in test_models, test_generate and
+test_decode_static do not already prove for them (logits, padding, KV caches and generation against transformers).
+
+Here: which layers LoRA and 4-bit quantization take (every expert's projections, never a router), that expert
+adapters mean what transformers reads from a merged checkpoint, that the sorted dispatch's gradients are those of a
+token-by-token mixture, and a LoRA fine-tune whose loss and update do not depend on how the batch is split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from model_zoo import FAMILY_BUILDERS
+from safetensors.torch import load_file
+from test_finetune import finetune, one_step_flags, read_metrics
+from test_lora import hf_model, input_ids, litft_lora_model, randomize_adapter
+from test_merge import run_merge, write_adapter
+from torch import nn
+
+from litft.adapters.lora import LoRAConfig, LoRALinear, apply_lora, resolve_targets
+from litft.adapters.quantization import QuantizedLinear, quantize_model
+from litft.checkpoint import load_model, read_hf_config
+from litft.models.llama import Router, SharedExpertGate, SparseMoE
+from litft.training.estimate import parameter_count
+
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+EXPERTS = 4
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoints(tmp_path_factory):
+    return {name: FAMILY_BUILDERS[name](tmp_path_factory.mktemp(name)) for name in MOE_FAMILIES}
+
+
+def sparse_blocks(model: nn.Module) -> list[SparseMoE]:
+    return [module for module in model.modules() if isinstance(module, SparseMoE)]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_all_linear_adapts_every_expert_and_never_a_router(family, moe_checkpoints):
+    model = load_model(moe_checkpoints[family], dtype=torch.float32)
+    targets = resolve_targets(model, ["all-linear"])
+    expert_names = ("w1", "w3", "w2") if family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    expected_experts = {
+        f"model.layers.0.{moe}.experts.{e}.{name}" for e in range(EXPERTS) for name in expert_names
+    }
+    assert expected_experts <= set(targets)
+    assert not [name for name in targets if name.endswith(("gate", "shared_expert_gate", "lm_head"))]
+    assert isinstance(model.get_submodule(f"model.layers.0.{moe}.gate"), Router)
+    # The short names reach the experts too: `gate` is every expert's gate projection, not the router.
+    gates = resolve_targets(model, ["gate"])
+    assert f"model.layers.0.{moe}.experts.3.{expert_names[0]}" in gates
+    assert f"model.layers.0.{moe}.gate" not in gates
+    if family == "qwen2_moe":  # its shared expert is a target like any other; its sigmoid gate is not
+        assert "model.layers.0.mlp.shared_expert.up_proj" in targets
+        assert "model.layers.1.mlp.up_proj" in targets  # the dense layer (mlp_only_layers)
+        assert not isinstance(model.model.layers[1].mlp, SparseMoE)
+        assert isinstance(model.model.layers[0].mlp.shared_expert_gate, SharedExpertGate)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_merged_expert_adapters_load_in_transformers_with_the_adapted_logits(family, moe_checkpoints, tmp_path):
+    """A random adapter on every expert, merged: transformers (which holds the experts stacked) computes from the
+    merged checkpoint exactly what litft's adapted model computes, so each expert's adapter went to that expert."""
+    checkpoint = moe_checkpoints[family]
+    config = LoRAConfig(rank=4, alpha=8, targets=["all-linear"])
+    adapted_logits = write_adapter(checkpoint, tmp_path / "adapter", config)
+    base_logits = load_model(checkpoint, dtype=torch.float32)(input_ids()).detach()
+    assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)  # the adapter changes what the experts do
+    run_merge("--checkpoint", checkpoint, "--adapter", tmp_path / "adapter", "--out_dir", tmp_path / "merged")
+    with torch.no_grad():
+        logits = hf_model(tmp_path / "merged")(input_ids=input_ids()).logits
+    torch.testing.assert_close(logits, adapted_logits, atol=1e-5, rtol=1e-5)
+
+
+def token_by_token(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
+    """The mixture as its definition reads: each token, each of its chosen experts, weighted and summed."""
+    B, T, C = x.shape
+    rows = x.reshape(B * T, C)
+    weights, chosen = moe.gate(rows)
+    outputs = []
+    for token in range(rows.shape[0]):
+        y = sum(weights[token, slot] * moe.experts[int(chosen[token, slot])](rows[token : token + 1])[0]
+                for slot in range(chosen.shape[1]))
+        if hasattr(moe, "shared_expert"):
+            y = y + moe.shared_expert_gate(rows[token : token + 1])[0] * moe.shared_expert(rows[token : token + 1])[0]
+        outputs.append(y)
+    return torch.stack(outputs).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("tokens", [1, 14])
+def test_dispatch_gradients_equal_the_token_by_token_mixture(family, tokens, moe_checkpoints):
+    model = litft_lora_model(moe_checkpoints[family], LoRAConfig(rank=4, alpha=8, targets=["all-linear"]))
+    randomize_adapter(model)
+    moe = sparse_blocks(model)[0]
+    x = torch.randn(1, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    probe = torch.randn(1, tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    chosen = set(moe.gate(x.reshape(tokens, -1))[1].flatten().tolist())
+    assert len(chosen) == (2 if tokens == 1 else EXPERTS)  # one token leaves two experts without work
+    parameters = [p for p in moe.parameters() if p.requires_grad]
+
+    ours = moe(x)
+    gradients = torch.autograd.grad((ours * probe).sum(), parameters)
+    reference = token_by_token(moe, x)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    reference_gradients = torch.autograd.grad((reference * probe).sum(), parameters, allow_unused=True)
+    names = [name for name, p in moe.named_parameters() if p.requires_grad]
+    for name, gradient, expected in zip(names, gradients, reference_gradients):
+        # Every adapter gets a gradient, an unused expert's a zero one (so DDP never waits for a missing one).
+        assert gradient is not None, name
+        if name.startswith("experts.") and int(name.split(".")[1]) not in chosen:
+            assert expected is None and not gradient.any(), name
+        else:
+            torch.testing.assert_close(gradient, expected, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_quantization_takes_the_experts_and_leaves_routers_in_full_precision(moe_checkpoints):
+    def prepare(model: nn.Module) -> None:
+        quantize_model(model, "bnb.nf4", compute_dtype=torch.float32)
+        apply_lora(model, LoRAConfig(rank=4, targets=["all-linear"]))
+
+    model = load_model(moe_checkpoints["qwen2_moe"], dtype=torch.float32, prepare=prepare)
+    moe = model.model.layers[0].mlp
+    assert isinstance(moe.experts[2].down_proj, LoRALinear) and moe.experts[2].down_proj.quantization is not None
+    assert moe.shared_expert.up_proj.quantization is not None
+    assert isinstance(model.model.layers[1].mlp.down_proj, LoRALinear)  # the dense layer's MLP
+    assert moe.gate.weight.dtype == torch.float32 and moe.shared_expert_gate.weight.dtype == torch.float32
+    assert not [name for name, module in model.named_modules() if type(module) is QuantizedLinear]  # all adapted
+    assert torch.isfinite(model(input_ids())).all()
+
+
+def test_parameter_count_is_what_a_token_computes_with(moe_checkpoints):
+    """The estimate's work per token counts a token's chosen experts, not all of them."""
+    hf_config = read_hf_config(moe_checkpoints["mixtral"])
+    model = load_model(moe_checkpoints["mixtral"], dtype=torch.float32)
+    total = sum(p.numel() for name, p in model.named_parameters() if ".gate." not in name and "norm" not in name)
+    experts = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    active = total - experts + experts * hf_config["num_experts_per_tok"] // hf_config["num_local_experts"]
+    assert parameter_count(hf_config) == active
+
+
+def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_checkpoints, tmp_path):
+    results = {}
+    for micro_batch_size in (2, 8):
+        out_dir = tmp_path / f"micro{micro_batch_size}"
+        finetune("lora", moe_checkpoints["qwen3_moe"], out_dir, *one_step_flags(micro_batch_size, pack=False))
+        adapter = load_file(out_dir / "final" / "adapter_model.safetensors")
+        results[micro_batch_size] = (read_metrics(out_dir)[1]["train/loss"], adapter)
+    loss, adapter = results[8]
+    assert any(".experts.3.down_proj.lora_B" in name for name in adapter)
+    assert not any(".mlp.gate." in name for name in adapter)
+    other_loss, other_adapter = results[2]
+    assert other_loss == pytest.approx(loss, rel=1e-6)
+    for name, tensor in adapter.items():
+        if tensor.any():
+            assert ((other_adapter[name] - tensor).norm() / tensor.norm()) < 5e-6, name
+        else:
+            assert not other_adapter[name].any(), name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_expert_adapters_load_in_peft_with_the_adapted_logits(family, moe_checkpoints, tmp_path):
+    """The adapter folder itself, read by PEFT onto transformers' model (whose experts are stacked tensors): the
+    same logits. (transformers 5.24 with PEFT 0.21 drops Qwen2-MoE's routed-expert adapters on load, so there the
+    README points to `litft merge`.)"""
+    import peft
+
+    checkpoint = moe_checkpoints[family]
+    config = LoRAConfig(rank=4, alpha=8, targets=["all-linear"])
+    adapted_logits = write_adapter(checkpoint, tmp_path / "adapter", config)
+    model = peft.PeftModel.from_pretrained(hf_model(checkpoint), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        logits = model(input_ids=input_ids()).logits
+    torch.testing.assert_close(logits, adapted_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_path):
+    """DDP and FSDP2 on two processes against one: the same loss and the same update of every adapter, experts
+    included, although each rank routes only its own rows (so the experts that run differ between the ranks and
+    the single run). One SGD step, whose update is the gradient itself: over several Adam steps, summation order
+    alone moves a mixture's adapters by ~5e-5 (one process with micro-batches of 2 against 8 does too), since
+    Adam's normalised update turns rounding in near-zero gradients into steps of the learning rate's size."""
+    from functools import partial
+
+    from conftest import concurrently
+    from test_distributed import adapter as final_adapter
+    from test_distributed import finetune as finetune_process
+    from test_distributed import losses
+
+    checkpoint, cache = moe_checkpoints["qwen3_moe"], tmp_path / "cache"
+    flags = ("--lora.targets", "all-linear", "--train.max_steps", "1", "--train.optimizer", "sgd", "--train.lr", "1.0",
+             "--train.warmup_steps", "0", "--train.lr_scheduler", "constant")
+    finetune_process(checkpoint, tmp_path / "single", cache, *flags)  # tokenizes the data into the shared cache
+    concurrently(
+        partial(finetune_process, checkpoint, tmp_path / "ddp", cache, *flags, "--devices", "2", "--strategy", "ddp"),
+        partial(finetune_process, checkpoint, tmp_path / "fsdp", cache, *flags, "--devices", "2", "--strategy", "fsdp"),
+    )
+    reference, reference_adapter = losses(tmp_path / "single")[1], final_adapter(tmp_path / "single")
+    assert reference_adapter["base_model.model.model.layers.1.mlp.experts.3.up_proj.lora_B.weight"].any()
+    for strategy in ("ddp", "fsdp"):
+        assert losses(tmp_path / strategy)[1] == pytest.approx(reference, rel=1e-6), strategy
+        adapter = final_adapter(tmp_path / strategy)
+        assert adapter.keys() == reference_adapter.keys()
+        for name, tensor in reference_adapter.items():
+            if tensor.any():
+                assert ((adapter[name] - tensor).norm() / tensor.norm()) < 5e-6, (strategy, name)
+            else:  # the B factor of an expert no row reached
+                assert not adapter[name].any(), (strategy, name)
+
+
+@pytest.mark.gpu
+def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp_path):
+    """On the GPU path: LoRA steps in bf16, compiled blocks (the mixture itself runs eagerly inside them) against
+    eager; then generation, where the default CUDA-graph decoding steps aside for the mixture's host-side routing
+    and gives the eager tokens."""
+    from test_finetune import IDENTITY
+
+    from litft.cli import main
+    from litft.generation import DecodeStep, generate
+
+    checkpoint = moe_checkpoints["mixtral"]
+    first_losses = {}
+    for compiled in (False, True):
+        out_dir = tmp_path / f"compiled-{compiled}"
+        main(["finetune", "lora", "--checkpoint", str(checkpoint), "--out_dir", str(out_dir), "--accelerator", "cuda",
+              "--precision", "bf16-true", "--data.path", str(IDENTITY), "--data.template", "plain", "--seed", "7",
+              "--data.limit", "16", "--data.max_seq_length", "256", "--train.global_batch_size", "8",
+              "--train.micro_batch_size", "4", "--train.max_steps", "2", "--lora.targets", "all-linear",
+              "--compile", str(compiled).lower()])
+        first_losses[compiled] = read_metrics(out_dir)[1]["train/loss"]
+        adapter = load_file(out_dir / "final" / "adapter_model.safetensors")
+        assert any(".experts.3.w2.lora_B" in name for name in adapter)
+    assert first_losses[True] == pytest.approx(first_losses[False], rel=2e-2)
+
+    model = load_model(checkpoint, dtype=torch.bfloat16, device="cuda").eval()
+    cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
+    step = DecodeStep(model, cache, torch.zeros(1, 1, dtype=torch.long, device="cuda"), use_cuda_graph=True)
+    assert step.use_cuda_graph is False
+    prompts = [[5, 17, 99, 4], [8, 9]]
+    with torch.inference_mode():
+        eager = [r.token_ids for r in generate(model, prompts, 12, [2], use_cuda_graph=False)]
+        default = [r.token_ids for r in generate(model, prompts, 12, [2])]
+    assert default == eager and all(eager)
+
+
+def test_tiled_mlp_runs_a_mixture_tile_by_tile_with_the_same_logits(moe_checkpoints):
+    from litft.training.tiling import enable_tiled_mlp
+
+    model = load_model(moe_checkpoints["mixtral"], dtype=torch.float32)
+    with torch.no_grad():
+        whole = model(input_ids())
+        enable_tiled_mlp(model, 5)  # 24 tokens in tiles of 5: each tile routes its own tokens
+        torch.testing.assert_close(model(input_ids()), whole, atol=1e-5, rtol=1e-5)
+
+
+def test_thunder_refuses_a_mixture_in_one_line(moe_checkpoints):
+    from litft.errors import ConfigError
+    from litft.training.compilation import refuse_what_thunder_cannot_compile
+
+    with pytest.raises(ConfigError, match="--compiler thunder does not support mixtures of experts"):
+        refuse_what_thunder_cannot_compile(load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32))
