@@ -34,6 +34,12 @@ SHAPES = {  # the geometry of Llama-3.2-1B and Llama-3.1-8B, as in peers.py
     "llama-1b": dict(vocab=128256, hidden=2048, layers=16, heads=32, kv=8, inter=8192, tied=True),
     "llama-8b": dict(vocab=128256, hidden=4096, layers=32, heads=32, kv=8, inter=14336, tied=False),
     "tiny": dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, inter=128, tied=False),  # a CPU smoke test
+    # Qwen3-30B-A3B's geometry (128 experts of 768, 8 per token, heads of 128) on 12 of its 48 layers: 8.1B
+    # parameters, 16 GB in bf16, so the random checkpoint fits a device call's disk and time.
+    "qwen3-moe": dict(vocab=151936, hidden=2048, layers=12, heads=32, kv=4, head_dim=128, inter=6144, tied=False,
+                      experts=128, experts_per_token=8, expert_inter=768),
+    "tiny-moe": dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, head_dim=16, inter=128, tied=False, experts=4,
+                     experts_per_token=2, expert_inter=32),  # a CPU smoke test of the mixture's path
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -50,24 +56,37 @@ PEAK_TFLOPS = 790.0
 
 
 def hf_config(shape: dict) -> dict:
-    return {
+    config = {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": shape["vocab"],
         "hidden_size": shape["hidden"], "num_hidden_layers": shape["layers"], "num_attention_heads": shape["heads"],
         "num_key_value_heads": shape["kv"], "intermediate_size": shape["inter"], "max_position_embeddings": 8192,
         "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": shape["tied"], "torch_dtype": "bfloat16",
         "bos_token_id": 2, "eos_token_id": 3,
     }
+    if "experts" in shape:
+        config.update(
+            model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=shape["head_dim"],
+            num_experts=shape["experts"], num_experts_per_tok=shape["experts_per_token"],
+            moe_intermediate_size=shape["expert_inter"], norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )
+    return config
+
+
+def attention_width(shape: dict) -> int:
+    return shape["heads"] * shape.get("head_dim", shape["hidden"] // shape["heads"])
 
 
 def parameter_count(shape: dict) -> int:
+    """Parameters a token computes with: for a mixture of experts, its chosen experts' and not the others'."""
     embed = shape["vocab"] * shape["hidden"] * (1 if shape["tied"] else 2)
-    h, kv, heads = shape["hidden"], shape["kv"], shape["heads"]
-    per_layer = 2 * h * h + 2 * h * h * kv // heads + 3 * h * shape["inter"]
+    h, kv, heads, width = shape["hidden"], shape["kv"], shape["heads"], attention_width(shape)
+    mlp_width = shape["experts_per_token"] * shape["expert_inter"] if "experts" in shape else shape["inter"]
+    per_layer = 2 * h * width + 2 * h * width * kv // heads + 3 * h * mlp_width
     return embed + shape["layers"] * per_layer
 
 
 def flops_per_token(shape: dict, seq: int, recompute: bool) -> float:
-    attention = 4 * shape["layers"] * seq * shape["hidden"]
+    attention = 4 * shape["layers"] * seq * attention_width(shape)
     return (6 if recompute else 4) * parameter_count(shape) + 3 * attention
 
 
@@ -149,6 +168,10 @@ def bench_training(args) -> dict:
         from litft.adapters import adapter_copies
 
         adapter_copies.ENABLED = False
+    if args.experts_one_by_one:  # the A/B of litft.adapters.lora_experts: a mixture's experts one by one
+        from litft.adapters import lora_experts
+
+        lora_experts.ENABLED = False
     if args.rotary_as_written:  # the A/B of litft.models.rotary_heads: autograd's backward of split and rotate
         from litft.models import rotary_heads
 
@@ -257,7 +280,8 @@ def bench_training(args) -> dict:
                 adapter_gradients_apart=args.adapter_gradients_apart,
                 adapters_cast_per_operator=args.adapters_cast_per_operator,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
-                rotary_as_written=args.rotary_as_written, lora_gemm_group_rows=args.lora_gemm_group_rows,
+                rotary_as_written=args.rotary_as_written, experts_one_by_one=args.experts_one_by_one,
+                lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
@@ -539,6 +563,8 @@ def main() -> None:
     parser.add_argument("--adapter_gradients_smallest_columns", type=int, default=None,
                         help="the narrowest output gradient that takes the one-read adapter-gradient kernel on the "
                              "GPU (litft.adapters.adapter_gradients.SMALLEST_KERNEL_COLUMNS)")
+    parser.add_argument("--experts_one_by_one", action="store_true",
+                        help="A/B: a mixture's LoRA experts each on its own rows, not in grouped GEMMs")
     parser.add_argument("--rotary_as_written", action="store_true",
                         help="q, k, v split and rotated with autograd's backward, not litft.models.rotary_heads' "
                              "kernel writing the joined gradient")

@@ -211,7 +211,7 @@ def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_p
 
 @pytest.mark.gpu
 def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp_path):
-    """On the GPU path: LoRA steps in bf16, compiled blocks (the mixture itself runs eagerly inside them) against
+    """On the GPU path: LoRA steps in bf16 with `--compile` (which leaves the mixture's blocks eager) against
     eager; then generation, where the default CUDA-graph decoding steps aside for the mixture's host-side routing
     and gives the eager tokens."""
     from test_finetune import IDENTITY
@@ -260,3 +260,76 @@ def test_thunder_refuses_a_mixture_in_one_line(moe_checkpoints):
 
     with pytest.raises(ConfigError, match="--compiler thunder does not support mixtures of experts"):
         refuse_what_thunder_cannot_compile(load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_grouped_experts_compute_what_the_experts_compute_one_by_one(family, moe_checkpoints):
+    """On the GPU a mixture's LoRA experts run as grouped GEMMs over their frozen weights laid back to back
+    (litft.adapters.lora_experts): the same output, input gradient and adapter gradients as each expert on its own
+    rows, to bf16's rounding; an expert that no row reached gets a zero gradient there too."""
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    model = load_model(moe_checkpoints[family], dtype=torch.bfloat16, device="cuda")
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    x = torch.randn(3, 40, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    probe = torch.randn_like(x)
+    rows = x.detach().reshape(-1, x.shape[-1])[:4]
+    ones = torch.ones(4, device="cuda", dtype=torch.bfloat16)
+    assert lora_experts.experts_together(moe.experts, rows, [4] + [0] * (EXPERTS - 1), ones) is not None  # applies
+    parameters = [p for p in moe.parameters() if p.requires_grad]
+    results = {}
+    for enabled in (True, False):
+        lora_experts.ENABLED = enabled
+        try:
+            output = moe(x)
+            results[enabled] = (output, torch.autograd.grad((output.float() * probe).sum(), [x, *parameters]))
+        finally:
+            lora_experts.ENABLED = True
+    (grouped, grouped_gradients), (alone, alone_gradients) = results[True], results[False]
+    torch.testing.assert_close(grouped, alone, atol=2e-2, rtol=2e-2)
+    for gradient, expected in zip(grouped_gradients, alone_gradients):
+        if not expected.any():
+            assert not gradient.any()
+        else:
+            assert ((gradient.float() - expected.float()).norm() / expected.float().norm()) < 2e-2
+
+
+def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkpoints):
+    """What the grouped GEMMs read: after join_frozen_weights every expert's frozen gate and up weights are views
+    of one (experts, 2I, C) storage and its down weight of one (experts, C, I), under the same names, with the same
+    values; on CPU (no grouped GEMM there) the experts then run one by one on those views."""
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    model = litft_lora_model(moe_checkpoints["qwen3_moe"], LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        logits = model(input_ids())
+    join_frozen_weights(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    for moe in sparse_blocks(model):
+        layers = lora_experts._projections(moe.experts)
+        gate_up, downs = lora_experts._stacked_weights(layers)
+        for index, (gate, up, down) in enumerate(layers):
+            assert torch.equal(gate_up[index], torch.cat([gate.weight, up.weight]))
+            assert torch.equal(downs[index], down.weight)
+        assert lora_experts.experts_together(moe.experts, torch.randn(3, 64), [3, 0, 0, 0], torch.ones(3)) is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
+
+
+def test_compile_leaves_a_mixtures_blocks_eager_and_compiles_the_dense_ones(moe_checkpoints):
+    from litft.training.compilation import compile_blocks
+
+    model = litft_lora_model(moe_checkpoints["qwen2_moe"], LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    sparse, dense = model.model.layers  # layer 1 is dense (mlp_only_layers)
+    compile_blocks(model, "torch")
+    assert "forward" not in sparse.__dict__  # the class's own forward: not wrapped, not compiled
+    assert "forward" in dense.__dict__

@@ -203,6 +203,17 @@ class LoRALinear(nn.Module):
         then computes gate and up, and `gated_down`)."""
         return lora_gated_down.gated_mlp(x, gate, up, down, activation)
 
+    @staticmethod
+    def experts_together(
+        experts: nn.ModuleList, x: torch.Tensor, counts: list[int], row_weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A mixture's SwiGLU experts on their runs of `x`'s rows (sorted by expert, `counts` rows each), weighted
+        by `row_weights`, through grouped GEMMs (`litft.adapters.lora_experts`); None where that does not apply
+        (the caller then runs each expert)."""
+        from litft.adapters.lora_experts import experts_together
+
+        return experts_together(experts, x, counts, row_weights)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         together = forward_together(x, [self])  # the usual path: see `forward_together`
         if together is not None:

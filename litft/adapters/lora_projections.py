@@ -610,7 +610,11 @@ def join_frozen_weights(model: nn.Module) -> int:
     to back in one storage for it (4-bit weights stay where they are: they dequantize into one buffer); lays gate's
     and up's back to back too, unmarked (`BACK_TO_BACK_GROUPS`). Each layer's `weight` stays its own parameter
     under its own name, with its own shape and values: a view into the group's storage. Returns how many groups it
-    marked."""
+    marked. A mixture's experts go back to back first, all of them in one storage per projection kind
+    (`litft.adapters.lora_experts`)."""
+    from litft.adapters.lora_experts import lay_experts_back_to_back
+
+    lay_experts_back_to_back(model)
     joined = 0
     for module in model.modules():
         for names in BACK_TO_BACK_GROUPS:

@@ -254,6 +254,21 @@ class Expert(nn.Module):
         return gated_mlp(x, gate, up, down, "silu")
 
 
+def experts_together(
+    experts: nn.ModuleList, rows: torch.Tensor, counts: list[int], row_weights: torch.Tensor
+) -> torch.Tensor:
+    """Each expert's output for its run of `rows` (sorted by expert, `counts[e]` rows for expert e), times that
+    row's router weight (`row_weights`, in the rows' dtype). LoRA experts can compute together in grouped GEMMs
+    (`litft.adapters.lora_experts`, which weights the down projection's input, a third as wide as its output);
+    otherwise each expert runs on its rows."""
+    first = getattr(experts[0], experts[0].names[0])
+    together = getattr(type(first), "experts_together", None)
+    outputs = together(experts, rows, counts, row_weights) if together is not None else None
+    if outputs is not None:
+        return outputs
+    return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts))]) * row_weights[:, None]
+
+
 class SparseMoE(nn.Module):
     """A mixture of experts: each token goes through the `experts_per_token` experts its router picks, and their
     outputs are summed with the router's weights (Qwen2-MoE adds a shared expert every token takes).
@@ -284,11 +299,13 @@ class SparseMoE(nn.Module):
         weights, chosen = self.gate(x)  # (N, top_k) each
         top_k = chosen.shape[1]
         order = chosen.flatten().argsort(stable=True)  # (N * top_k,): the (token, slot) pairs grouped by expert
-        tokens = order // top_k
         counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
-        outputs = [expert(rows) for expert, rows in zip(self.experts, x[tokens].split(counts))]
-        weighted = torch.cat(outputs).float() * weights.flatten()[order, None]  # (N * top_k, C)
-        y = torch.zeros(B * T, C, dtype=torch.float32, device=x.device).index_add_(0, tokens, weighted).to(x.dtype)
+        row_weights = weights.flatten()[order].to(x.dtype)
+        outputs = experts_together(self.experts, x[order // top_k], counts, row_weights)  # (N * top_k, C)
+        # Back in token order, each token's top_k weighted outputs summed in float32: a gather and a sum rather
+        # than scattered atomic adds, so the result does not depend on the order the GPU adds in.
+        by_token = outputs[order.argsort()].view(B * T, top_k, C)
+        y = by_token.sum(dim=1, dtype=torch.float32).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + self.shared_expert_gate(x) * self.shared_expert(x)
         return y.reshape(B, T, C)

@@ -1,0 +1,149 @@
+"""A mixture's LoRA experts computed together, through grouped GEMMs.
+
+Run one by one, a 128-expert layer is ~400 small LoRA projections, each several kernels and some Python. Together,
+with the tokens already sorted by expert (`litft.models.llama.SparseMoE`), one grouped GEMM (`torch._grouped_mm`:
+a matrix per expert, each applied to its own run of rows) does each of these for all experts at once:
+
+    gate | up = x @ [W_gate; W_up]^T + scaling * (x @ A^T) @ B^T      (A: gate's and up's stacked, 2r rows)
+    y         = h @ W_down^T + scaling * (h @ A_down^T) @ B_down^T,   h = silu(gate) * up * router weight
+
+For that, `lay_experts_back_to_back` puts every expert's frozen gate and up weights in one (experts, 2I, C) storage
+and the down weights in one (experts, C, I), each expert's `weight` staying its own parameter under its own name,
+a view into it (as `lora_projections.join_frozen_weights` does for q, k and v). The adapters' factors are stacked
+for each call (rank-sized: small). Autograd differentiates the grouped GEMMs; the frozen weights take no gradient.
+
+Where this does not apply (on CPU, whose grouped GEMM is missing; 4-bit or float8 experts, dropout, DoRA, adapters
+switched off, a rank or width the grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together`
+returns None and the experts run one by one, computing the same thing (tests/test_moe.py compares the two).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# torch._grouped_mm's operands: 16-byte aligned rows, i.e. every reduction and output width a multiple of 8
+# elements in 16-bit floats.
+ALIGNMENT = 8
+ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py --experts_one_by_one)
+
+
+def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
+    """Each expert's (gate, up, down) layers."""
+    return [[getattr(expert, name) for name in expert.names] for expert in experts]
+
+
+def lay_experts_back_to_back(model: nn.Module) -> int:
+    """Lays the frozen weights of every mixture of LoRA experts in `model` back to back (see the module's
+    docstring); returns how many mixtures it laid out. Mixtures whose experts are not all plain-weight LoRA layers
+    of one dtype and device stay as they are."""
+    from litft.adapters.lora import LoRALinear
+
+    laid = 0
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, nn.ModuleList) or not all(hasattr(expert, "names") for expert in experts):
+            continue
+        layers = _projections(experts)
+        flat = [layer for projections in layers for layer in projections]
+        if not all(type(layer) is LoRALinear and layer.quantization is None for layer in flat):
+            continue
+        weights = [layer.weight for layer in flat]
+        if any(weight.requires_grad or weight.is_meta for weight in weights):
+            continue
+        if len({(weight.dtype, weight.device) for weight in weights}) > 1:
+            continue
+        gate, _, down = layers[0]
+        width, hidden = gate.out_features, gate.in_features
+        first = weights[0]
+        gate_up = torch.empty(len(experts), 2 * width, hidden, dtype=first.dtype, device=first.device)
+        downs = torch.empty(len(experts), hidden, width, dtype=first.dtype, device=first.device)
+        for index, (gate, up, down) in enumerate(layers):
+            gate_up[index, :width].copy_(gate.weight)
+            gate_up[index, width:].copy_(up.weight)
+            downs[index].copy_(down.weight)
+            gate.weight = nn.Parameter(gate_up[index, :width], requires_grad=False)
+            up.weight = nn.Parameter(gate_up[index, width:], requires_grad=False)
+            down.weight = nn.Parameter(downs[index], requires_grad=False)
+        laid += 1
+    return laid
+
+
+def _stacked_weights(layers: list[list[nn.Module]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (experts, 2I, C) gate-and-up and (experts, C, I) down storages that `lay_experts_back_to_back` made, as
+    views rebuilt from the first expert's weights, if every expert's weights still lie there; else None."""
+    gate, up, down = layers[0]
+    count, width, hidden = len(layers), gate.out_features, gate.in_features
+    gate_up = gate.weight.as_strided((count, 2 * width, hidden), (2 * width * hidden, hidden, 1))
+    downs = down.weight.as_strided((count, hidden, width), (hidden * width, width, 1))
+    for index, (gate, up, down) in enumerate(layers):
+        if (
+            gate.weight.data_ptr() != gate_up[index].data_ptr()
+            or up.weight.data_ptr() != gate_up[index, width:].data_ptr()
+            or down.weight.data_ptr() != downs[index].data_ptr()
+        ):
+            return None
+    return gate_up, downs
+
+
+def _applies(x: torch.Tensor, layers: list[list[nn.Module]]) -> bool:
+    from litft.adapters.lora import LoRALinear
+
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    flat = [layer for projections in layers for layer in projections]
+    first = flat[0]
+    for layer in flat:
+        if type(layer) is not LoRALinear or layer.quantization is not None or layer.use_dora:
+            return False
+        if "forward" in layer.__dict__ or not isinstance(layer.lora_dropout, nn.Identity):  # switched off; dropout
+            return False
+        if layer.rank != first.rank or layer.scaling != first.scaling or layer.bias is not None:
+            return False
+        if layer.weight.dtype != x.dtype or layer.weight.requires_grad or type(layer.weight) is not nn.Parameter:
+            return False
+    gate = layers[0][0]
+    return all(size % ALIGNMENT == 0 for size in (first.rank, gate.in_features, gate.out_features))
+
+
+def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.stack(list(tensors)).to(dtype)
+
+
+def experts_together(
+    experts: nn.ModuleList, x: torch.Tensor, counts: list[int], row_weights: torch.Tensor
+) -> torch.Tensor | None:
+    """Every expert's SwiGLU output for its run of `x`'s rows (x sorted by expert, `counts[e]` rows each), each row
+    times its router weight (`row_weights`), as one (rows, C) tensor, through grouped GEMMs; None where that path
+    does not apply (see the module's docstring)."""
+    layers = _projections(experts)
+    if not ENABLED or not _applies(x, layers):
+        return None
+    stacked = _stacked_weights(layers)
+    if stacked is None:
+        return None
+    gate_up_weights, down_weights = stacked  # (E, 2I, C), (E, C, I)
+    offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
+    width, rank, scaling = layers[0][0].out_features, layers[0][0].rank, layers[0][0].scaling
+    dtype = x.dtype
+    a_gate = _stack([g.lora_A.weight for g, _, _ in layers], dtype)  # (E, r, C)
+    a_gate_up = torch.cat([a_gate, _stack([u.lora_A.weight for _, u, _ in layers], dtype)], dim=1)  # (E, 2r, C)
+    b_gate = _stack([g.lora_B.weight for g, _, _ in layers], dtype)  # (E, I, r)
+    b_up = _stack([u.lora_B.weight for _, u, _ in layers], dtype)
+    a_down = _stack([d.lora_A.weight for _, _, d in layers], dtype)  # (E, r, I)
+    b_down = _stack([d.lora_B.weight for _, _, d in layers], dtype)  # (E, C, r)
+
+    def grouped(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # rows @ weights[e]^T, per expert
+        return torch._grouped_mm(rows, weights.transpose(1, 2), offs=offsets)
+
+    base = grouped(x, gate_up_weights)  # (rows, 2I)
+    low = grouped(x, a_gate_up) * scaling  # (rows, 2r)
+    gate = base[:, :width] + grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
+    up = base[:, width:] + grouped(low[:, rank:].contiguous(), b_up)
+    h = F.silu(gate) * up * row_weights[:, None]  # down is linear: weighting its input weights its output
+    return grouped(h, down_weights) + grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
