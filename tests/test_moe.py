@@ -191,8 +191,8 @@ def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_p
     checkpoint, cache = moe_checkpoints["qwen3_moe"], tmp_path / "cache"
     flags = ("--lora.targets", "all-linear", "--train.max_steps", "1", "--train.optimizer", "sgd", "--train.lr", "1.0",
              "--train.warmup_steps", "0", "--train.lr_scheduler", "constant")
-    finetune_process(checkpoint, tmp_path / "single", cache, *flags)  # tokenizes the data into the shared cache
     concurrently(
+        partial(finetune_process, checkpoint, tmp_path / "single", cache, *flags),
         partial(finetune_process, checkpoint, tmp_path / "ddp", cache, *flags, "--devices", "2", "--strategy", "ddp"),
         partial(finetune_process, checkpoint, tmp_path / "fsdp", cache, *flags, "--devices", "2", "--strategy", "fsdp"),
     )
@@ -263,24 +263,30 @@ def test_thunder_refuses_a_mixture_in_one_line(moe_checkpoints):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
 @pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_grouped_experts_compute_what_the_experts_compute_one_by_one(family, moe_checkpoints):
-    """On the GPU a mixture's LoRA experts run as grouped GEMMs over their frozen weights laid back to back
-    (litft.adapters.lora_experts): the same output, input gradient and adapter gradients as each expert on its own
-    rows, to bf16's rounding; an expert that no row reached gets a zero gradient there too."""
+def test_grouped_experts_compute_what_the_experts_compute_one_by_one(family, quantize, moe_checkpoints):
+    """On the GPU a mixture's LoRA experts run as grouped GEMMs over their frozen weights laid back to back, or
+    4-bit weights dequantized together (litft.adapters.lora_experts): the same output, input gradient and adapter
+    gradients as each expert on its own rows, to bf16's rounding; an expert that no row reached gets a zero
+    gradient there too."""
     from litft.adapters import lora_experts
     from litft.adapters.lora_projections import join_frozen_weights
 
-    model = load_model(moe_checkpoints[family], dtype=torch.bfloat16, device="cuda")
+    def prepare(model: nn.Module) -> None:
+        if quantize:
+            quantize_model(model, quantize, compute_dtype=torch.bfloat16)
+
+    model = load_model(moe_checkpoints[family], dtype=torch.bfloat16, device="cuda", prepare=prepare)
     apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
     randomize_adapter(model)
     join_frozen_weights(model)
     moe = sparse_blocks(model)[0]
     x = torch.randn(3, 40, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     probe = torch.randn_like(x)
-    rows = x.detach().reshape(-1, x.shape[-1])[:4]
-    ones = torch.ones(4, device="cuda", dtype=torch.bfloat16)
-    assert lora_experts.experts_together(moe.experts, rows, [4] + [0] * (EXPERTS - 1), ones) is not None  # applies
+    rows = x.detach().reshape(-1, x.shape[-1])[:64]
+    ones = torch.ones(64, device="cuda", dtype=torch.bfloat16)
+    assert lora_experts.experts_together(moe.experts, rows, [64] + [0] * (EXPERTS - 1), ones) is not None  # applies
     parameters = [p for p in moe.parameters() if p.requires_grad]
     results = {}
     for enabled in (True, False):
@@ -333,3 +339,21 @@ def test_compile_leaves_a_mixtures_blocks_eager_and_compiles_the_dense_ones(moe_
     compile_blocks(model, "torch")
     assert "forward" not in sparse.__dict__  # the class's own forward: not wrapped, not compiled
     assert "forward" in dense.__dict__
+
+
+def test_without_gradients_only_the_chosen_experts_run(moe_checkpoints):
+    """Decoding a token runs its top_k experts, not all of them (a 128-expert model would otherwise launch every
+    expert's kernels for each token); training runs all of them, so each takes part in the backward."""
+    model = load_model(moe_checkpoints["mixtral"], dtype=torch.float32)
+    moe = sparse_blocks(model)[0]
+    calls = []
+    hooks = [expert.register_forward_hook(lambda module, args, output: calls.append(module)) for expert in moe.experts]
+    x = torch.randn(1, 1, model.config.hidden_size)
+    with torch.no_grad():
+        moe(x)
+    assert len(calls) == 2  # one token, two experts
+    calls.clear()
+    moe(x)
+    assert len(calls) == EXPERTS
+    for hook in hooks:
+        hook.remove()

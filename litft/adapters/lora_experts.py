@@ -12,14 +12,19 @@ and the down weights in one (experts, C, I), each expert's `weight` staying its 
 a view into it (as `lora_projections.join_frozen_weights` does for q, k and v). The adapters' factors are stacked
 for each call (rank-sized: small). Autograd differentiates the grouped GEMMs; the frozen weights take no gradient.
 
-Where this does not apply (on CPU, whose grouped GEMM is missing; 4-bit or float8 experts, dropout, DoRA, adapters
-switched off, a rank or width the grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together`
-returns None and the experts run one by one, computing the same thing (tests/test_moe.py compares the two).
+Quantized experts (QLoRA) are not laid out: each grouped GEMM dequantizes all experts' weights of its kind into one
+buffer, in the forward and again in the backward, so that no layer's dequantized experts wait for its backward.
+
+Where this does not apply (on CPU, whose grouped GEMM is missing; dropout, DoRA, adapters switched off, a rank or
+width the grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together` returns None and the experts
+run one by one, computing the same thing (tests/test_moe.py compares the two).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +34,9 @@ from torch import nn
 # elements in 16-bit floats.
 ALIGNMENT = 8
 ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py --experts_one_by_one)
+# Quantized experts dequantize all at once, which pays only for enough rows: decoding a few tokens runs the few
+# chosen experts one by one instead.
+QUANTIZED_ROWS_PER_EXPERT = 16
 
 
 def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
@@ -98,14 +106,21 @@ def _applies(x: torch.Tensor, layers: list[list[nn.Module]]) -> bool:
         return False
     flat = [layer for projections in layers for layer in projections]
     first = flat[0]
+    mode = first.quantization.mode if first.quantization is not None else None
     for layer in flat:
-        if type(layer) is not LoRALinear or layer.quantization is not None or layer.use_dora:
+        if type(layer) is not LoRALinear or layer.use_dora:
             return False
         if "forward" in layer.__dict__ or not isinstance(layer.lora_dropout, nn.Identity):  # switched off; dropout
             return False
         if layer.rank != first.rank or layer.scaling != first.scaling or layer.bias is not None:
             return False
-        if layer.weight.dtype != x.dtype or layer.weight.requires_grad or type(layer.weight) is not nn.Parameter:
+        if layer.weight.requires_grad or type(layer.weight) is not nn.Parameter:
+            return False
+        quantization = layer.quantization
+        if (quantization.mode if quantization is not None else None) != mode:
+            return False
+        weight_dtype = quantization.compute_dtype if quantization is not None else layer.weight.dtype
+        if weight_dtype != x.dtype:
             return False
     gate = layers[0][0]
     return all(size % ALIGNMENT == 0 for size in (first.rank, gate.in_features, gate.out_features))
@@ -124,10 +139,17 @@ def experts_together(
     layers = _projections(experts)
     if not ENABLED or not _applies(x, layers):
         return None
-    stacked = _stacked_weights(layers)
-    if stacked is None:
-        return None
-    gate_up_weights, down_weights = stacked  # (E, 2I, C), (E, C, I)
+    # The frozen weights, (E, 2I, C) and (E, C, I), each from a call: the laid-out storage, or dequantized anew.
+    if layers[0][0].quantization is not None:
+        if x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * len(layers):
+            return None
+        gate_up_weights = functools.partial(_dequantized, layers, (0, 1), x.dtype)
+        down_weights = functools.partial(_dequantized, layers, (2,), x.dtype)
+    else:
+        stacked = _stacked_weights(layers)
+        if stacked is None:
+            return None
+        gate_up_weights, down_weights = functools.partial(_first, stacked), functools.partial(_second, stacked)
     offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
     width, rank, scaling = layers[0][0].out_features, layers[0][0].rank, layers[0][0].scaling
     dtype = x.dtype
@@ -141,9 +163,62 @@ def experts_together(
     def grouped(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # rows @ weights[e]^T, per expert
         return torch._grouped_mm(rows, weights.transpose(1, 2), offs=offsets)
 
-    base = grouped(x, gate_up_weights)  # (rows, 2I)
+    base = _FrozenGroupedProduct.apply(x, offsets, gate_up_weights)  # (rows, 2I)
     low = grouped(x, a_gate_up) * scaling  # (rows, 2r)
     gate = base[:, :width] + grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
     up = base[:, width:] + grouped(low[:, rank:].contiguous(), b_up)
     h = F.silu(gate) * up * row_weights[:, None]  # down is linear: weighting its input weights its output
-    return grouped(h, down_weights) + grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
+    down = _FrozenGroupedProduct.apply(h, offsets, down_weights)
+    return down + grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
+
+
+class _FrozenGroupedProduct(torch.autograd.Function):
+    """rows @ W[e]^T for each expert's run of rows, W (E, N, K) frozen and produced by `weights()`, which the
+    backward calls again for the input gradient rather than keep W: a 4-bit mixture's dequantized experts (1.2 GB per
+    Qwen3-30B-A3B layer) then exist one layer at a time, not from each layer's forward to its backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, offsets: torch.Tensor, weights: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        ctx.weights = weights
+        ctx.save_for_backward(offsets)
+        return torch._grouped_mm(rows, weights().transpose(1, 2), offs=offsets)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (offsets,) = ctx.saved_tensors
+        return torch._grouped_mm(grad_output.contiguous(), ctx.weights(), offs=offsets), None, None
+
+
+def _first(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return pair[0]
+
+
+def _second(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    return pair[1]
+
+
+def _dequantized(layers: list[list[nn.Module]], kinds: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The experts' 4-bit (or int8, float8) weights of the projections `kinds` (0 gate, 1 up, 2 down), each expert's
+    side by side along the output rows, dequantized into one (E, sum of their out_features, in_features) tensor."""
+    from litft.adapters.quantization import dequantize_weight
+
+    first = [layers[0][kind] for kind in kinds]
+    rows = sum(layer.out_features for layer in first)
+    out = torch.empty(len(layers), rows, first[0].in_features, dtype=dtype, device=first[0].weight.device)
+    for index, projections in enumerate(layers):
+        start = 0
+        for kind in kinds:
+            layer = projections[kind]
+            target = out[index, start : start + layer.out_features]
+            quantization = layer.quantization
+            if quantization.mode == "fp8":
+                target.copy_(quantization.dequantize(layer))
+            else:
+                dequantize_weight(
+                    layer.weight, quantization.state_tensors(layer), quantization.mode, layer.out_features,
+                    layer.in_features, getattr(layer, "nested_blocksize", None) or 0, dtype, out=target,
+                )
+            start += layer.out_features
+    return out

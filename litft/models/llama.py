@@ -266,7 +266,12 @@ def experts_together(
     outputs = together(experts, rows, counts, row_weights) if together is not None else None
     if outputs is not None:
         return outputs
-    return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts))]) * row_weights[:, None]
+    # Without gradients (generation, evaluation) an expert no row chose is skipped: decoding a token then runs its
+    # top_k experts, not all of them. In training every expert runs, so that all take part in the backward.
+    return torch.cat([
+        expert(part) if part.shape[0] or torch.is_grad_enabled() else part
+        for expert, part in zip(experts, rows.split(counts))
+    ]) * row_weights[:, None]
 
 
 class SparseMoE(nn.Module):
