@@ -357,3 +357,79 @@ def test_without_gradients_only_the_chosen_experts_run(moe_checkpoints):
     assert len(calls) == EXPERTS
     for hook in hooks:
         hook.remove()
+
+
+@pytest.fixture(scope="module")
+def wide_moe_checkpoint(tmp_path_factory):
+    """Experts of 256 x 256: 1,024 NF4 blocks each, whole groups of 256 block scales, so double-quantized experts
+    can lie back to back (the tiny zoo's 32 blocks per expert cannot)."""
+    from conftest import save_tiny_hf_model
+
+    return save_tiny_hf_model(
+        tmp_path_factory.mktemp("wide_moe"), "Qwen3MoeConfig", "Qwen3MoeForCausalLM", vocab_size=512,
+        hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+
+
+def qlora_moe(checkpoint, dtype=torch.float32, device="cpu") -> nn.Module:
+    def prepare(model: nn.Module) -> None:
+        quantize_model(model, "bnb.nf4", compute_dtype=dtype)
+
+    model = load_model(checkpoint, dtype=dtype, device=device, prepare=prepare)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    return model
+
+
+def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkpoint, monkeypatch):
+    """QLoRA experts: join_frozen_weights lays each expert's NF4 tensors back to back (gate and up of each expert
+    side by side, then the downs); the model computes what it did, and one launch of the kernel (in Triton's
+    interpreter here) gives every expert's weight as each dequantizes alone."""
+    from conftest import triton_interpreter
+
+    from litft.adapters import lora_experts, nf4_dequantize
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    model = qlora_moe(wide_moe_checkpoint)
+    with torch.no_grad():
+        logits = model(input_ids())
+    join_frozen_weights(model)
+    layers = lora_experts._projections(sparse_blocks(model)[0].experts)
+    gate_up_order = [layer for gate, up, _ in layers for layer in (gate, up)]
+    assert lora_experts._quantized_stack(gate_up_order) is not None
+    assert lora_experts._quantized_stack([down for _, _, down in layers]) is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
+        shape = (EXPERTS, 2 * 256, 256)
+        together = lora_experts._dequantized_together(gate_up_order, shape, torch.float32)
+        each = lora_experts._dequantized_each(gate_up_order, shape, torch.float32)
+    assert torch.equal(together, each)
+
+
+@pytest.mark.gpu
+def test_grouped_4bit_experts_laid_back_to_back_compute_what_they_compute_one_by_one(wide_moe_checkpoint):
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    model = qlora_moe(wide_moe_checkpoint, torch.bfloat16, "cuda")
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    layers = lora_experts._projections(moe.experts)
+    assert lora_experts._quantized_stack([down for _, _, down in layers]) is not None
+    x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    probe = torch.randn_like(x)
+    parameters = [p for p in moe.parameters() if p.requires_grad]
+    results = {}
+    for enabled in (True, False):
+        lora_experts.ENABLED = enabled
+        try:
+            output = moe(x)
+            results[enabled] = (output, torch.autograd.grad((output.float() * probe).sum(), [x, *parameters]))
+        finally:
+            lora_experts.ENABLED = True
+    torch.testing.assert_close(results[True][0], results[False][0], atol=2e-2, rtol=2e-2)
+    for gradient, expected in zip(results[True][1], results[False][1]):
+        assert ((gradient.float() - expected.float()).norm() / expected.float().norm().clamp(min=1e-12)) < 2e-2

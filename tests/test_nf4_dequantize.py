@@ -144,3 +144,28 @@ def test_nf4_model_generates_what_its_dequantized_weights_generate(stories_dir, 
     reference = [result.token_ids for result in generate(plain, prompts, 24, [], use_cuda_graph=False)]
     for options in ({"use_cuda_graph": False}, {"use_cuda_graph": True}, {"use_cuda_graph": True, "compile": True}):
         assert [result.token_ids for result in generate(quantized, prompts, 24, [], **options)] == reference, options
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weights_laid_back_to_back_dequantize_in_one_launch_as_each_alone(interpreter, double_quant):
+    """A mixture's experts: three weights quantized apart, their packed bytes, block scales, group scales and
+    offsets laid back to back, dequantized in one launch: each weight's rows are what it dequantizes to alone. Each
+    weight holds 256 x 64 blocks of 64 values: whole groups of 256 block scales."""
+    shape = (256, 64 * 64)
+    weights = [quantize(shape, double_quant, seed=seed) for seed in range(3)]
+    alone = [
+        nf4_dequantize.dequantize_nf4(packed, tensors, *shape, 64, nested, torch.float32)
+        for packed, _, tensors, nested in weights
+    ]
+    joined_state = [torch.cat([tensors[0] for _, _, tensors, _ in weights])]
+    if double_quant:
+        joined_state += [
+            torch.cat([tensors[1] for _, _, tensors, _ in weights]), weights[0][2][2],
+            torch.stack([tensors[3].reshape(()) for _, _, tensors, _ in weights]),
+        ]
+    packed = torch.cat([packed for packed, _, _, _ in weights])
+    together = nf4_dequantize.dequantize_nf4(
+        packed, joined_state, *shape, 64, weights[0][3], torch.float32, weight_count=3
+    )
+    assert together.shape == (3 * shape[0], shape[1])
+    assert torch.equal(together, torch.cat(alone))

@@ -12,7 +12,8 @@ and the down weights in one (experts, C, I), each expert's `weight` staying its 
 a view into it (as `lora_projections.join_frozen_weights` does for q, k and v). The adapters' factors are stacked
 for each call (rank-sized: small). Autograd differentiates the grouped GEMMs; the frozen weights take no gradient.
 
-Quantized experts (QLoRA) are not laid out: each grouped GEMM dequantizes all experts' weights of its kind into one
+Quantized experts (QLoRA): their NF4 tensors (packed values, block scales, group scales, offsets) are laid back to
+back the same way, and each grouped GEMM dequantizes all experts' weights of its kind in one kernel launch into one
 buffer, in the forward and again in the backward, so that no layer's dequantized experts wait for its backward.
 
 Where this does not apply (on CPU, whose grouped GEMM is missing; dropout, DoRA, adapters switched off, a rank or
@@ -57,7 +58,14 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
             continue
         layers = _projections(experts)
         flat = [layer for projections in layers for layer in projections]
-        if not all(type(layer) is LoRALinear and layer.quantization is None for layer in flat):
+        if not all(type(layer) is LoRALinear for layer in flat):
+            continue
+        if all(layer.quantization is not None for layer in flat):
+            gate_up_order = [layer for gate, up, _ in layers for layer in (gate, up)]
+            if _lay_quantized(gate_up_order) and _lay_quantized([down for _, _, down in layers]):
+                laid += 1
+            continue
+        if any(layer.quantization is not None for layer in flat):
             continue
         weights = [layer.weight for layer in flat]
         if any(weight.requires_grad or weight.is_meta for weight in weights):
@@ -78,6 +86,83 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
             down.weight = nn.Parameter(downs[index], requires_grad=False)
         laid += 1
     return laid
+
+
+# A 4-bit weight's tensors, each laid back to back across a mixture's experts: the packed values, the block scales
+# and, with double quantization, the groups' scales and the offset (one per weight).
+QUANTIZED_TENSORS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_offset")
+
+
+def _lay_quantized(ordered: list[nn.Module]) -> bool:
+    """Lays the NF4 tensors of `ordered` (same shape each) back to back in that order, each layer's tensors views
+    into the joint ones, so that one kernel launch dequantizes them all (`nf4_dequantize`, `weight_count`); False
+    (nothing moved) where the format does not allow it: not NF4, or double quantization whose groups of block
+    scales would straddle two weights, or group-scale tables that differ."""
+    from litft.adapters.quantization import BLOCKSIZE_4BIT
+
+    first = ordered[0]
+    quantization = first.quantization
+    values = first.out_features * first.in_features
+    if quantization.mode != "bnb.nf4" or first.weight.is_meta or values % (2 * BLOCKSIZE_4BIT):
+        return False
+    if any(layer.quantization != quantization or layer.out_features * layer.in_features != values for layer in ordered):
+        return False
+    names = QUANTIZED_TENSORS if quantization.double_quant else QUANTIZED_TENSORS[:2]
+    if quantization.double_quant:
+        if (values // BLOCKSIZE_4BIT) % first.nested_blocksize:
+            return False
+        if any(not torch.equal(layer.weight_nested_code, first.weight_nested_code) for layer in ordered):
+            return False
+    for name in names:
+        tensors = [getattr(layer, name) for layer in ordered]
+        joint = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        size = tensors[0].numel()
+        for index, (layer, tensor) in enumerate(zip(ordered, tensors)):
+            view = joint[index * size : (index + 1) * size].view(tensor.shape)
+            if name == "weight":
+                layer.weight = nn.Parameter(view, requires_grad=False)
+            else:
+                setattr(layer, name, view)  # a registered buffer: replaced in place under its name
+    return True
+
+
+def _quantized_stack(ordered: list[nn.Module]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+    """The joint packed weight and state tensors that `_lay_quantized` made for `ordered`, as views rebuilt from the
+    first layer's, if every layer's tensors still lie there; else None."""
+    first = ordered[0]
+    names = QUANTIZED_TENSORS if first.quantization.double_quant else QUANTIZED_TENSORS[:2]
+    joint = {}
+    for name in names:
+        tensor = getattr(first, name)
+        size, step = tensor.numel(), tensor.numel() * tensor.element_size()
+        if not tensor.is_contiguous():
+            return None
+        for index, layer in enumerate(ordered):
+            if getattr(layer, name).data_ptr() != tensor.data_ptr() + index * step:
+                return None
+        joint[name] = tensor.as_strided((len(ordered) * size,), (1,))
+    state = [joint["weight_absmax"]]
+    if first.quantization.double_quant:
+        state += [joint["weight_nested_absmax"], first.weight_nested_code, joint["weight_offset"]]
+    return joint["weight"], state
+
+
+def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """`ordered`'s laid-out NF4 weights dequantized in one launch, as a (shape) tensor; per weight where they no
+    longer lie back to back."""
+    from litft.adapters import nf4_dequantize
+    from litft.adapters.quantization import BLOCKSIZE_4BIT
+
+    first = ordered[0]
+    stack = _quantized_stack(ordered) if first.quantization.mode == "bnb.nf4" else None
+    if stack is None or not nf4_dequantize.can_dequantize(stack[0], first.out_features, first.in_features):
+        return _dequantized_each(ordered, shape, dtype)
+    packed, state = stack
+    out = nf4_dequantize.dequantize_nf4(
+        packed, state, first.out_features, first.in_features, BLOCKSIZE_4BIT,
+        getattr(first, "nested_blocksize", None) or 0, dtype, weight_count=len(ordered),
+    )
+    return out.view(shape)
 
 
 def _stacked_weights(layers: list[list[nn.Module]]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -143,8 +228,12 @@ def experts_together(
     if layers[0][0].quantization is not None:
         if x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * len(layers):
             return None
-        gate_up_weights = functools.partial(_dequantized, layers, (0, 1), x.dtype)
-        down_weights = functools.partial(_dequantized, layers, (2,), x.dtype)
+        gate, _, down = layers[0]
+        gate_up_order = [layer for gate_layer, up_layer, _ in layers for layer in (gate_layer, up_layer)]
+        gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
+        down_shape = (len(layers), down.out_features, down.in_features)
+        gate_up_weights = functools.partial(_dequantized_together, gate_up_order, gate_up_shape, x.dtype)
+        down_weights = functools.partial(_dequantized_together, [d for _, _, d in layers], down_shape, x.dtype)
     else:
         stacked = _stacked_weights(layers)
         if stacked is None:
@@ -199,26 +288,22 @@ def _second(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return pair[1]
 
 
-def _dequantized(layers: list[list[nn.Module]], kinds: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The experts' 4-bit (or int8, float8) weights of the projections `kinds` (0 gate, 1 up, 2 down), each expert's
-    side by side along the output rows, dequantized into one (E, sum of their out_features, in_features) tensor."""
+def _dequantized_each(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
+    """`ordered`'s 4-bit (or int8, float8) weights dequantized one by one into consecutive rows of a (shape) tensor."""
     from litft.adapters.quantization import dequantize_weight
 
-    first = [layers[0][kind] for kind in kinds]
-    rows = sum(layer.out_features for layer in first)
-    out = torch.empty(len(layers), rows, first[0].in_features, dtype=dtype, device=first[0].weight.device)
-    for index, projections in enumerate(layers):
-        start = 0
-        for kind in kinds:
-            layer = projections[kind]
-            target = out[index, start : start + layer.out_features]
-            quantization = layer.quantization
-            if quantization.mode == "fp8":
-                target.copy_(quantization.dequantize(layer))
-            else:
-                dequantize_weight(
-                    layer.weight, quantization.state_tensors(layer), quantization.mode, layer.out_features,
-                    layer.in_features, getattr(layer, "nested_blocksize", None) or 0, dtype, out=target,
-                )
-            start += layer.out_features
+    out = torch.empty(shape, dtype=dtype, device=ordered[0].weight.device)
+    rows = out.view(-1, shape[-1])
+    start = 0
+    for layer in ordered:
+        target = rows[start : start + layer.out_features]
+        quantization = layer.quantization
+        if quantization.mode == "fp8":
+            target.copy_(quantization.dequantize(layer))
+        else:
+            dequantize_weight(
+                layer.weight, quantization.state_tensors(layer), quantization.mode, layer.out_features,
+                layer.in_features, getattr(layer, "nested_blocksize", None) or 0, dtype, out=target,
+            )
+        start += layer.out_features
     return out

@@ -37,7 +37,7 @@ def _kernel():
     def dequantize_nf4(
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, out_ptr, byte_count,
         NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
-        BYTES_PER_PROGRAM: tl.constexpr,
+        BYTES_PER_PROGRAM: tl.constexpr, BYTES_PER_WEIGHT: tl.constexpr,
     ):
         start = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM
         byte_index = start + tl.arange(0, BYTES_PER_PROGRAM)
@@ -47,7 +47,11 @@ def _kernel():
         if NESTED:
             code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
             group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-            scale = tl.load(nested_code_ptr + code) * group_scale + tl.load(offset_ptr)
+            if BYTES_PER_WEIGHT > 0:  # several weights back to back, each with its own offset
+                offset = tl.load(offset_ptr + byte_index // BYTES_PER_WEIGHT, mask=in_range, other=0.0)
+            else:
+                offset = tl.load(offset_ptr)
+            scale = tl.load(nested_code_ptr + code) * group_scale + offset
         else:
             scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
         high = tl.load(table_ptr + (packed >> 4)) * scale  # value 2i
@@ -75,20 +79,26 @@ def can_dequantize(weight: torch.Tensor, out_features: int, in_features: int) ->
 
 def dequantize_nf4(
     weight: torch.Tensor, state: list[torch.Tensor], out_features: int, in_features: int, blocksize: int,
-    nested_blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None,
+    nested_blocksize: int, dtype: torch.dtype, out: torch.Tensor | None = None, weight_count: int = 1,
 ) -> torch.Tensor:
     """The weight (out_features, in_features) in `dtype` from its packed storage and state (`[absmax]`, or
     `[absmax codes, nested_absmax, nested_code, offset]` with double quantization); `blocksize` values share a
-    scale. Written into `out` when given (contiguous, of that shape and dtype: rows of a group's joined weight)."""
+    scale. Written into `out` when given (contiguous, of that shape and dtype: rows of a group's joined weight).
+
+    `weight_count` > 1: that many weights of this shape laid back to back (their packed bytes, block scales and
+    group scales each in one tensor, each weight's groups whole; `offset` one per weight), dequantized in one
+    launch into (weight_count * out_features, in_features): a mixture's experts."""
     import triton
 
     packed = weight.contiguous().view(torch.uint8).reshape(-1)
-    byte_count = out_features * in_features // 2
+    weight_bytes = out_features * in_features // 2
+    byte_count = weight_count * weight_bytes
+    out_features *= weight_count
     if packed.numel() < byte_count:
         raise ValueError(f"a packed NF4 weight of {packed.numel()} bytes cannot hold {out_features} x {in_features}")
     if out is None:
         out = torch.empty((out_features, in_features), dtype=dtype, device=weight.device)
-    elif out.shape != (out_features, in_features) or out.dtype != dtype or not out.is_contiguous():
+    elif out.numel() != out_features * in_features or out.dtype != dtype or not out.is_contiguous():
         raise ValueError(f"NF4 output must be a contiguous {out_features} x {in_features} {dtype} tensor")
     nested = len(state) == 4
     absmax = state[0]
@@ -98,6 +108,7 @@ def dequantize_nf4(
         _kernel()[grid](
             packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
             NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=blocksize // 2,
-            BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
+            BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, BYTES_PER_WEIGHT=weight_bytes if weight_count > 1 else 0,
+            num_warps=WARPS, enable_fp_fusion=False,
         )
     return out
