@@ -47,8 +47,8 @@ def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
 
 def lay_experts_back_to_back(model: nn.Module) -> int:
     """Lays the frozen weights of every mixture of LoRA experts in `model` back to back (see the module's
-    docstring); returns how many mixtures it laid out. Mixtures whose experts are not all plain-weight LoRA layers
-    of one dtype and device stay as they are."""
+    docstring); returns how many mixtures it laid out. Mixtures whose experts are not all LoRA layers, either
+    plain-weight ones of one dtype and device or NF4 ones of one format, stay as they are."""
     from litft.adapters.lora import LoRALinear
 
     laid = 0
