@@ -87,9 +87,32 @@ def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
     return config
 
 
-def config_dtype(hf_config: dict[str, Any]) -> torch.dtype:
-    name = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
-    return DTYPES.get(str(name).replace("torch.", ""), torch.float32)
+# safetensors' names for the floating dtypes a model is loaded in.
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def checkpoint_dtype(checkpoint_dir: str | Path, hf_config: dict[str, Any]) -> torch.dtype:
+    """The dtype a checkpoint loads in when none is asked for: config.json's `dtype` / `torch_dtype` where it
+    names one litft knows; otherwise (absent, "auto") the dtype its safetensors store the first floating tensor
+    in, as transformers' "auto" reads it, rather than float32, which would double a bf16 model's memory; float32
+    for a pickled checkpoint, whose dtypes cannot be read without loading it."""
+    name = str(hf_config.get("dtype") or hf_config.get("torch_dtype") or "").replace("torch.", "")
+    if name in DTYPES:
+        return DTYPES[name]
+    from safetensors import SafetensorError, safe_open
+
+    for file in weight_files(checkpoint_dir):
+        if file.suffix != ".safetensors":
+            break
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                for key in handle.keys():
+                    stored = handle.get_slice(key).get_dtype()
+                    if stored in SAFETENSORS_DTYPES:
+                        return SAFETENSORS_DTYPES[stored]
+        except SafetensorError as error:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({error})") from None
+    return torch.float32
 
 
 def weight_files(checkpoint_dir: str | Path) -> list[Path]:
@@ -233,7 +256,7 @@ def load_model(
     if isinstance(dtype, str):
         dtype = DTYPES[dtype]
     if dtype is None:
-        dtype = config_dtype(hf_config)
+        dtype = checkpoint_dtype(checkpoint_dir, hf_config)
     with torch.device("meta"):
         model = build_model(hf_config, source=str(checkpoint_dir / "config.json"))
     if prepare is not None:

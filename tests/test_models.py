@@ -316,3 +316,27 @@ def test_a_rope_litft_cannot_compute_is_refused_when_the_config_is_read(rope_sca
     with pytest.raises(CheckpointError, match=message):
         build_model(config)
     build_model({**config, "rope_scaling": None})  # the same config with the default rope builds
+
+
+@pytest.mark.parametrize("config_dtype", [None, "auto", "bfloat16", "float32"])
+def test_without_a_known_dtype_in_the_config_a_checkpoint_loads_in_its_stored_dtype(tmp_path, config_dtype):
+    """config.json's dtype decides where it names one; where it is absent or "auto" the safetensors' stored dtype
+    does (a bf16 checkpoint without `torch_dtype` used to load in float32, twice its memory)."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from litft.checkpoint import checkpoint_dtype, read_hf_config
+
+    folder = FAMILY_BUILDERS["llama"](tmp_path / "float32")
+    stored = tmp_path / "bfloat16"
+    AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(stored)
+    config = json.loads((stored / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        config.pop(key, None)
+    if config_dtype is not None:
+        config["dtype"] = config_dtype
+    (stored / "config.json").write_text(json.dumps(config))
+    expected = torch.float32 if config_dtype == "float32" else torch.bfloat16
+    assert checkpoint_dtype(stored, read_hf_config(stored)) == expected
+    assert {p.dtype for p in load_model(stored).parameters()} == {expected}

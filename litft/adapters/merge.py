@@ -15,7 +15,7 @@ import torch
 from litft.adapters.lora import lora_modules, merge_lora_
 from litft.adapters.peft_format import load_peft_adapter
 from litft.adapters.quantization import OUTPUT_HEAD_NAMES
-from litft.checkpoint import config_dtype, load_model, read_hf_config, save_hf_checkpoint
+from litft.checkpoint import checkpoint_dtype, load_model, read_hf_config, save_hf_checkpoint
 from litft.errors import ConfigError
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -40,7 +40,7 @@ def merge_adapter(
     """Writes `checkpoint_dir` with the adapter of `adapter_dir` merged in to `out_dir`, in `dtype` (None: the
     checkpoint's dtype)."""
     hf_config = read_hf_config(checkpoint_dir)
-    base_dtype = config_dtype(hf_config)
+    base_dtype = checkpoint_dtype(checkpoint_dir, hf_config)
     model = load_model(checkpoint_dir, dtype=base_dtype, device="cpu")
     load_peft_adapter(model, adapter_dir)
     head_adapted = any(name.rpartition(".")[2] in OUTPUT_HEAD_NAMES for name in lora_modules(model))
