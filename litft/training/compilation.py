@@ -184,7 +184,7 @@ def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:
     if any(has_mixture_of_experts(block) for block in model.blocks):
         raise ConfigError(
             "--compiler thunder does not support mixtures of experts (their routing reads token counts on the host); "
-            "use --compiler torch, which runs the experts eagerly inside the compiled blocks"
+            "use --compiler torch, which leaves a mixture's blocks eager and compiles the others"
         )
     if any(isinstance(block_mlp(block).forward, TiledForward) for block in model.blocks):
         raise ConfigError(

@@ -101,8 +101,9 @@ def activation_bytes_per_token_per_layer(
     tests/test_finetune.py). Compiled (litft's partitioner settings, which recompute the norms and SwiGLU's
     product): the block input, q, k and v, the attention output, the residual between attention and MLP, gate and
     up. Eager: the norms' outputs too, about 8.5 hidden-size, 2 key/value-size and 2 intermediate-size tensors (4
-    for a full fine-tune, whose down projection keeps SwiGLU's activation and product). A mixture of experts runs
-    eagerly and also keeps, per chosen expert, the token's copy and the expert's output (float32 once weighted)."""
+    for a full fine-tune, whose down projection keeps SwiGLU's activation and product). A mixture of experts also
+    keeps, per chosen expert, about four hidden-size tensors: the token's copy, the expert's output, the outputs
+    gathered back into token order, and what its grouped GEMMs keep of them."""
     widths = Widths.of(hf_config)
     kv_width = widths.kv_heads * widths.head_dim
     hidden_sized = 3 * widths.hidden + widths.heads * widths.head_dim if compiled else 17 * widths.hidden // 2
