@@ -330,7 +330,9 @@ def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkp
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
     for moe in sparse_blocks(model):
         layers = lora_experts._projections(moe.experts)
-        gate_up, downs = lora_experts._stacked_weights(layers)
+        gate_up_order, down_order = lora_experts._kinds(layers)
+        gate_up = lora_experts._joint(gate_up_order, "weight").view(EXPERTS, 2 * 32, 64)
+        downs = lora_experts._joint(down_order, "weight").view(EXPERTS, 64, 32)
         for index, (gate, up, down) in enumerate(layers):
             assert torch.equal(gate_up[index], torch.cat([gate.weight, up.weight]))
             assert torch.equal(downs[index], down.weight)
@@ -405,9 +407,9 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
         logits = model(input_ids())
     join_frozen_weights(model)
     layers = lora_experts._projections(sparse_blocks(model)[0].experts)
-    gate_up_order = [layer for gate, up, _ in layers for layer in (gate, up)]
-    assert lora_experts._quantized_stack(gate_up_order) is not None
-    assert lora_experts._quantized_stack([down for _, _, down in layers]) is not None
+    gate_up_order, down_order = lora_experts._kinds(layers)
+    for ordered in (gate_up_order, down_order):  # every NF4 tensor of theirs lies back to back
+        assert all(lora_experts._joint(ordered, name) is not None for name in lora_experts.QUANTIZED_TENSORS)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
     with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
@@ -426,6 +428,6 @@ def test_grouped_4bit_experts_laid_back_to_back_compute_what_they_compute_one_by
     join_frozen_weights(model)
     moe = sparse_blocks(model)[0]
     layers = lora_experts._projections(moe.experts)
-    assert lora_experts._quantized_stack([down for _, _, down in layers]) is not None
+    assert lora_experts._joint(lora_experts._kinds(layers)[1], "weight_absmax") is not None
     x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))

@@ -94,13 +94,8 @@ class BlockAdapterCopies:
         self.forward = forward
         # Groups first, by parent module, in module order; every other LoRA layer on its own.
         self.groups: list[list[LoRALinear]] = []
-        # A mixture's experts are left out: their grouped GEMMs stack their own factors (litft.adapters.lora_experts)
-        # and, one by one, hundreds of prepared layers per call would cost the host more than the casts they save.
-        mixtures = [module for module in block.modules() if isinstance(getattr(module, "experts", None), nn.ModuleList)]
-        grouped = {id(layer) for module in mixtures for layer in module.experts.modules()}
+        grouped: set[int] = set()
         for module in block.modules():
-            if id(module) in grouped:
-                continue
             for names in GROUPS:
                 layers = [getattr(module, name, None) for name in names]
                 if all(isinstance(layer, LoRALinear) for layer in layers):

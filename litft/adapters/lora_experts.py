@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from litft.adapters.lora_projections import back_to_back
+
 # torch._grouped_mm's operands: 16-byte aligned rows, i.e. every reduction and output width a multiple of 8
 # elements in 16-bit floats.
 ALIGNMENT = 8
@@ -56,36 +58,28 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.ModuleList) or not all(hasattr(expert, "names") for expert in experts):
             continue
-        layers = _projections(experts)
-        flat = [layer for projections in layers for layer in projections]
+        gate_up_order, downs = _kinds(_projections(experts))
+        flat = gate_up_order + downs
         if not all(type(layer) is LoRALinear for layer in flat):
             continue
-        if all(layer.quantization is not None for layer in flat):
-            gate_up_order = [layer for gate, up, _ in layers for layer in (gate, up)]
-            if _lay_quantized(gate_up_order) and _lay_quantized([down for _, _, down in layers]):
-                laid += 1
+        if all(layer.quantization is None for layer in flat):
+            weights = [layer.weight for layer in flat]
+            if any(weight.requires_grad or weight.is_meta for weight in weights):
+                continue
+            if len({(weight.dtype, weight.device) for weight in weights}) > 1:
+                continue
+        elif not all(_can_lay_quantized(ordered) for ordered in (gate_up_order, downs)):
             continue
-        if any(layer.quantization is not None for layer in flat):
-            continue
-        weights = [layer.weight for layer in flat]
-        if any(weight.requires_grad or weight.is_meta for weight in weights):
-            continue
-        if len({(weight.dtype, weight.device) for weight in weights}) > 1:
-            continue
-        gate, _, down = layers[0]
-        width, hidden = gate.out_features, gate.in_features
-        first = weights[0]
-        gate_up = torch.empty(len(experts), 2 * width, hidden, dtype=first.dtype, device=first.device)
-        downs = torch.empty(len(experts), hidden, width, dtype=first.dtype, device=first.device)
-        for index, (gate, up, down) in enumerate(layers):
-            gate_up[index, :width].copy_(gate.weight)
-            gate_up[index, width:].copy_(up.weight)
-            downs[index].copy_(down.weight)
-            gate.weight = nn.Parameter(gate_up[index, :width], requires_grad=False)
-            up.weight = nn.Parameter(gate_up[index, width:], requires_grad=False)
-            down.weight = nn.Parameter(downs[index], requires_grad=False)
+        for ordered in (gate_up_order, downs):
+            _lay(ordered, _tensor_names(ordered[0]))
         laid += 1
     return laid
+
+
+def _kinds(layers: list[list[nn.Module]]) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The experts' layers in the order they lie back to back: gate and up of each expert side by side (so that
+    together they read as (E, 2I, C)), then every down (E, C, I)."""
+    return [layer for gate, up, _ in layers for layer in (gate, up)], [down for _, _, down in layers]
 
 
 # A 4-bit weight's tensors, each laid back to back across a mixture's experts: the packed values, the block scales
@@ -93,26 +87,37 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
 QUANTIZED_TENSORS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_offset")
 
 
-def _lay_quantized(ordered: list[nn.Module]) -> bool:
-    """Lays the NF4 tensors of `ordered` (same shape each) back to back in that order, each layer's tensors views
-    into the joint ones, so that one kernel launch dequantizes them all (`nf4_dequantize`, `weight_count`); False
-    (nothing moved) where the format does not allow it: not NF4, or double quantization whose groups of block
-    scales would straddle two weights, or group-scale tables that differ."""
+def _tensor_names(layer: nn.Module) -> tuple[str, ...]:
+    quantization = layer.quantization
+    if quantization is None:
+        return ("weight",)
+    return QUANTIZED_TENSORS if quantization.double_quant else QUANTIZED_TENSORS[:2]
+
+
+def _can_lay_quantized(ordered: list[nn.Module]) -> bool:
+    """Whether one kernel launch can dequantize `ordered`'s 4-bit weights laid back to back (`nf4_dequantize`,
+    `weight_count`): NF4 of one format and size, and with double quantization, groups of block scales that do not
+    straddle two weights and one group-scale table."""
     from litft.adapters.quantization import BLOCKSIZE_4BIT
 
     first = ordered[0]
     quantization = first.quantization
     values = first.out_features * first.in_features
-    if quantization.mode != "bnb.nf4" or first.weight.is_meta or values % (2 * BLOCKSIZE_4BIT):
+    if quantization is None or quantization.mode != "bnb.nf4" or first.weight.is_meta or values % (2 * BLOCKSIZE_4BIT):
         return False
     if any(layer.quantization != quantization or layer.out_features * layer.in_features != values for layer in ordered):
         return False
-    names = QUANTIZED_TENSORS if quantization.double_quant else QUANTIZED_TENSORS[:2]
     if quantization.double_quant:
         if (values // BLOCKSIZE_4BIT) % first.nested_blocksize:
             return False
         if any(not torch.equal(layer.weight_nested_code, first.weight_nested_code) for layer in ordered):
             return False
+    return True
+
+
+def _lay(ordered: list[nn.Module], names: tuple[str, ...]) -> None:
+    """Copies each tensor `names` of the layers `ordered` into one joint tensor per name, in that order, and makes
+    each layer's tensor a view into it, under its own name, shape and values."""
     for name in names:
         tensors = [getattr(layer, name) for layer in ordered]
         joint = torch.cat([tensor.reshape(-1) for tensor in tensors])
@@ -123,28 +128,13 @@ def _lay_quantized(ordered: list[nn.Module]) -> bool:
                 layer.weight = nn.Parameter(view, requires_grad=False)
             else:
                 setattr(layer, name, view)  # a registered buffer: replaced in place under its name
-    return True
 
 
-def _quantized_stack(ordered: list[nn.Module]) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
-    """The joint packed weight and state tensors that `_lay_quantized` made for `ordered`, as views rebuilt from the
-    first layer's, if every layer's tensors still lie there; else None."""
-    first = ordered[0]
-    names = QUANTIZED_TENSORS if first.quantization.double_quant else QUANTIZED_TENSORS[:2]
-    joint = {}
-    for name in names:
-        tensor = getattr(first, name)
-        size, step = tensor.numel(), tensor.numel() * tensor.element_size()
-        if not tensor.is_contiguous():
-            return None
-        for index, layer in enumerate(ordered):
-            if getattr(layer, name).data_ptr() != tensor.data_ptr() + index * step:
-                return None
-        joint[name] = tensor.as_strided((len(ordered) * size,), (1,))
-    state = [joint["weight_absmax"]]
-    if first.quantization.double_quant:
-        state += [joint["weight_nested_absmax"], first.weight_nested_code, joint["weight_offset"]]
-    return joint["weight"], state
+def _joint(ordered: list[nn.Module], name: str) -> torch.Tensor | None:
+    """The layers' tensors `name` as one flat tensor without a copy, where `_lay` left them back to back; else
+    None (e.g. FSDP2 re-allocated them)."""
+    joint = back_to_back([getattr(layer, name).view(-1, 1) for layer in ordered])
+    return None if joint is None else joint.view(-1)
 
 
 def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
@@ -154,32 +144,19 @@ def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int],
     from litft.adapters.quantization import BLOCKSIZE_4BIT
 
     first = ordered[0]
-    stack = _quantized_stack(ordered) if first.quantization.mode == "bnb.nf4" else None
-    if stack is None or not nf4_dequantize.can_dequantize(stack[0], first.out_features, first.in_features):
+    joint = [_joint(ordered, name) for name in _tensor_names(first)] if first.quantization.mode == "bnb.nf4" else [None]
+    if any(tensor is None for tensor in joint) or not nf4_dequantize.can_dequantize(
+        joint[0], first.out_features, first.in_features
+    ):
         return _dequantized_each(ordered, shape, dtype)
-    packed, state = stack
+    packed, state = joint[0], joint[1:]
+    if first.quantization.double_quant:  # the dequantization's order: block codes, group scales, table, offsets
+        state = [state[0], state[1], first.weight_nested_code, state[2]]
     out = nf4_dequantize.dequantize_nf4(
         packed, state, first.out_features, first.in_features, BLOCKSIZE_4BIT,
         getattr(first, "nested_blocksize", None) or 0, dtype, weight_count=len(ordered),
     )
     return out.view(shape)
-
-
-def _stacked_weights(layers: list[list[nn.Module]]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The (experts, 2I, C) gate-and-up and (experts, C, I) down storages that `lay_experts_back_to_back` made, as
-    views rebuilt from the first expert's weights, if every expert's weights still lie there; else None."""
-    gate, up, down = layers[0]
-    count, width, hidden = len(layers), gate.out_features, gate.in_features
-    gate_up = gate.weight.as_strided((count, 2 * width, hidden), (2 * width * hidden, hidden, 1))
-    downs = down.weight.as_strided((count, hidden, width), (hidden * width, width, 1))
-    for index, (gate, up, down) in enumerate(layers):
-        if (
-            gate.weight.data_ptr() != gate_up[index].data_ptr()
-            or up.weight.data_ptr() != gate_up[index, width:].data_ptr()
-            or down.weight.data_ptr() != downs[index].data_ptr()
-        ):
-            return None
-    return gate_up, downs
 
 
 def _applies(x: torch.Tensor, layers: list[list[nn.Module]]) -> bool:
@@ -229,16 +206,20 @@ def experts_together(
         if x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * len(layers):
             return None
         gate, _, down = layers[0]
-        gate_up_order = [layer for gate_layer, up_layer, _ in layers for layer in (gate_layer, up_layer)]
+        gate_up_order, downs = _kinds(layers)
         gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
         down_shape = (len(layers), down.out_features, down.in_features)
         gate_up_weights = functools.partial(_dequantized_together, gate_up_order, gate_up_shape, x.dtype)
-        down_weights = functools.partial(_dequantized_together, [d for _, _, d in layers], down_shape, x.dtype)
+        down_weights = functools.partial(_dequantized_together, downs, down_shape, x.dtype)
     else:
-        stacked = _stacked_weights(layers)
-        if stacked is None:
+        gate_up_order, downs = _kinds(layers)
+        gate_up, down = _joint(gate_up_order, "weight"), _joint(downs, "weight")
+        if gate_up is None or down is None:
             return None
-        gate_up_weights, down_weights = functools.partial(_first, stacked), functools.partial(_second, stacked)
+        gate, _, down_layer = layers[0]
+        gate_up = gate_up.view(len(layers), 2 * gate.out_features, gate.in_features)
+        down = down.view(len(layers), down_layer.out_features, down_layer.in_features)
+        gate_up_weights, down_weights = functools.partial(_same, gate_up), functools.partial(_same, down)
     offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
     width, rank, scaling = layers[0][0].out_features, layers[0][0].rank, layers[0][0].scaling
     dtype = x.dtype
@@ -280,12 +261,8 @@ class _FrozenGroupedProduct(torch.autograd.Function):
         return torch._grouped_mm(grad_output.contiguous(), ctx.weights(), offs=offsets), None, None
 
 
-def _first(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return pair[0]
-
-
-def _second(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    return pair[1]
+def _same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _dequantized_each(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
