@@ -347,6 +347,119 @@ def bench_lora_gemm(tokens: int, shapes: list[str], rank: int = 16) -> None:
             lora_gemm.QUEUE_AHEAD_CYCLES = queue_ahead
 
 
+def bench_extended_reduction(tokens: int, shapes: list[str]) -> None:
+    """A projection and its adapter as ONE cuBLAS GEMM whose reduction runs over the base operand and then the
+    rank-deep one: forward [x | low] @ [W | B]^T (the operands (M, K + r) and (N, K + r), each a view into a
+    buffer whose rows hold both), input gradient [dy | g_low] @ [W; sA] ((M, N + r) and (N + r, K)). Against
+    cuBLAS's pair (the grouped operator's fallback), lora_gemm's kernel and the base GEMM alone: queued,
+    sustained (~0.5 s, the power limit) and millijoules per call, in alternating rounds. Also the gated forward:
+    lora_gemm.gated_projections' one kernel against the extended GEMM over gate and up then the gated product.
+    Whether cuBLAS's clustered kernels, without the extra pass over an output-sized tensor, spend less energy per
+    call than our kernel (NOTES.md, section 25)."""
+    from litft.adapters import gated_activation, lora_gemm
+
+    for shape in shapes:
+        for name, pairs, transposed in lora_gemm_cases(tokens, shape):
+            *base, (low, update) = pairs
+            rows, rank = low.shape
+            if transposed:  # one base pair: x (M, K), W (N, K); low (M, r), B (N, r)
+                (x, weight), = base
+                depth = x.shape[1]
+                wide = torch.empty(rows, depth + 64, device="cuda", dtype=x.dtype)  # row pitch a multiple of 64
+                left = wide[:, : depth + rank]
+                left[:, :depth].copy_(x)
+                left[:, depth:].copy_(low)
+                right = torch.cat([weight, update], dim=1)  # (N, K + r)
+                exact_left = left.contiguous()
+
+                def extended(left=left, right=right):
+                    return left @ right.t()
+
+                def extended_exact(left=exact_left, right=right):
+                    return left @ right.t()
+
+                def base_alone(x=x, weight=weight):
+                    return x @ weight.t()
+            else:  # base pairs dy_i (M, N_i), W_i (N_i, K); g_low (M, r), sA (r, K)
+                width = sum(grad.shape[1] for grad, _ in base)
+                wide = torch.empty(rows, width + 64, device="cuda", dtype=low.dtype)
+                left = wide[:, : width + rank]
+                start = 0
+                for grad, _ in base:
+                    left[:, start : start + grad.shape[1]].copy_(grad)
+                    start += grad.shape[1]
+                left[:, start:].copy_(low)
+                right = torch.cat([weight for _, weight in base] + [update], dim=0)  # (N + r, K)
+                exact_left = left.contiguous()
+
+                def extended(left=left, right=right):
+                    return left @ right
+
+                def extended_exact(left=exact_left, right=right):
+                    return left @ right
+
+                def base_alone(base=base):
+                    out = base[0][0] @ base[0][1]
+                    for grad, weight in base[1:]:
+                        out.addmm_(grad, weight)
+                    return out
+            reference = cublas_sum(pairs, transposed).float()
+            error = ((extended().float() - reference).abs().max() / reference.abs().max()).item()
+            paths = {"cublas_pair": lambda pairs=pairs, transposed=transposed: cublas_sum(pairs, transposed),
+                     "triton": lambda pairs=pairs, transposed=transposed: lora_gemm._run(pairs, transposed, 0),
+                     "cublas_extended": extended, "cublas_extended_exact_pitch": extended_exact,
+                     "cublas_base_alone": base_alone}
+            sustained_calls = max(20, int(500 / time_ms(paths["cublas_pair"], queued=True)))
+            for round_ in range(2):
+                for path, function in paths.items():
+                    emit(kind="extended_reduction", shape=shape, case=name, tokens=tokens, path=path, round=round_,
+                         relative_error=round(error, 5) if path.startswith("cublas_ext") else None,
+                         queued_ms=round(time_ms(function, queued=True), 4),
+                         sustained_ms=round(time_ms(function, repeats=sustained_calls, queued=True), 4),
+                         mj_per_call=round(energy_mj(function, seconds=1.0) or 0, 2))
+        # The gated forward: gate and up with their adapters and h = act(gate) * up.
+        hidden, inter = PROJECTIONS[shape]["gate_up"]
+        rank = 16
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        low = torch.randn(tokens, 2 * rank, device="cuda", dtype=torch.bfloat16)
+        weights = torch.randn(2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+        updates = (torch.randn(inter, rank, device="cuda", dtype=torch.bfloat16),
+                   torch.randn(inter, rank, device="cuda", dtype=torch.bfloat16))
+        blocks = torch.block_diag(*updates)
+        wide = torch.empty(tokens, hidden + 64, device="cuda", dtype=x.dtype)
+        left = wide[:, : hidden + 2 * rank]
+        left[:, :hidden].copy_(x)
+        left[:, hidden:].copy_(low)
+        right = torch.cat([weights, blocks], dim=1)  # (2I, K + 2r)
+
+        def fused():
+            return lora_gemm._run_gated(x, weights, low, blocks, "silu", 0)
+
+        def extended_then_product():
+            both = left @ right.t()
+            gate, up = both[:, :inter], both[:, inter:]
+            return gate, up, gated_activation.gated_product(gate, up, "silu")
+
+        def extended_alone():
+            return left @ right.t()
+
+        sustained_calls = max(20, int(500 / time_ms(fused, queued=True)))
+        for round_ in range(2):
+            for path, function in (("fused_kernel", fused), ("cublas_extended_then_product", extended_then_product),
+                                   ("cublas_extended_alone", extended_alone)):
+                emit(kind="extended_reduction", shape=shape, case="forward_gate_up_gated", tokens=tokens, path=path,
+                     round=round_, queued_ms=round(time_ms(function, queued=True), 4),
+                     sustained_ms=round(time_ms(function, repeats=sustained_calls, queued=True), 4),
+                     mj_per_call=round(energy_mj(function, seconds=1.0) or 0, 2))
+        # Whether torch.mm writes a column block of a wider buffer in place (ld > columns) at a plain GEMM's time.
+        factor = right[: 2 * rank, :hidden]
+        torch.mm(x, factor.t(), out=wide[:, hidden : hidden + 2 * rank])
+        emit(kind="extended_reduction_out_view", shape=shape,
+             matches=bool(torch.equal(wide[:, hidden : hidden + 2 * rank], x @ factor.t())),
+             into_view_ms=round(time_ms(lambda: torch.mm(x, factor.t(), out=wide[:, hidden : hidden + 2 * rank])), 4),
+             contiguous_ms=round(time_ms(lambda: x @ factor.t()), 4))
+
+
 def bench_lora(tokens: int) -> None:
     from litft.adapters.lora import LoRAConfig, LoRALinear
 
@@ -774,6 +887,8 @@ def main() -> None:
         bench_lora_gemm_energy(args.tokens, args.shapes.split(","))
     if "depth" in chosen:
         bench_depth(args.tokens)
+    if "extended_reduction" in chosen:
+        bench_extended_reduction(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 #   bash benchmarks/run_gpu.sh [ROWS]   ROWS: a space-separated subset of:
 #        lora1b lora8b ckpt8b qlora8b decode8b longest dpo1b        (dpo1b has no peer: peers.py has no DPO task)
 #        fp8lora1b fp8lora8b fp8ckpt8b   litft's float8 base; the table sets them beside the peers' lora rows
+#        loramoe qloramoe    Qwen3-30B-A3B's geometry on 12 layers (a 16 GB checkpoint); peers from peers_moe.py
 #   PEERS=unsloth,hf,litgpt (default: unsloth, the fastest and leanest peer)
 # Each row runs litft and then its peers on the same GPU (GPUs differ by a few percent in clock and power: measured
 # 2-5% between two H200s of one host); with several GPUs visible the rows are dealt out over them and run at once.
@@ -18,7 +19,7 @@ results="$out/results.jsonl"
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 
 # Both sides read the same random checkpoints: write them once, before anything runs in parallel.
-python - <<'PY'
+python - "$rows" <<'PY'
 import sys; sys.path[:0] = ["benchmarks", ".bench"]
 from pathlib import Path
 import bench, peers
@@ -26,6 +27,8 @@ for shape in ("llama-1b", "llama-8b"):
     folder = f"/tmp/peers-hf-checkpoint-{shape}"
     bench.random_checkpoint(shape, Path(folder))
     peers.saved_checkpoint(peers.SHAPES[shape], folder)
+if "moe" in sys.argv[1]:
+    bench.random_checkpoint("qwen3-moe", Path("/tmp/peers-hf-checkpoint-qwen3-moe"))
 PY
 
 # The first heavy run on a freshly started machine has run 6-15% slow (NOTES.md, sections 11, 16, 17; not understood),
@@ -55,6 +58,8 @@ litft_row() {
       fp8lora1b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-1b --batch 8 --seq 2048 --compile ;;
       fp8lora8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 4 --seq 2048 --compile ;;
       fp8ckpt8b) python benchmarks/bench.py --task qlora --quantize fp8 --shape llama-8b --batch 8 --seq 2048 --ckpt --offload --compile ;;
+      loramoe)  python benchmarks/bench.py --task lora --shape qwen3-moe --batch 4 --seq 2048 --compile ;;
+      qloramoe) python benchmarks/bench.py --task qlora --shape qwen3-moe --batch 4 --seq 2048 --compile ;;
     esac
 }
 peer_row() {
@@ -65,6 +70,8 @@ peer_row() {
       qlora8b)  python .bench/peers.py --peers "$peers" --task qlora --shape llama-8b --batch 4 --seq 2048 ;;
       decode8b) python .bench/peers.py --peers "$peers" --task decode --shape llama-8b --prompt 128 --new 256 ;;
       longest)  python benchmarks/longest_sequence.py --peer unsloth --seqs 16384,32768,65536 ;;
+      loramoe)  python benchmarks/peers_moe.py --peers "$peers" --task lora --checkpoint /tmp/peers-hf-checkpoint-qwen3-moe ;;
+      qloramoe) python benchmarks/peers_moe.py --peers "$peers" --task qlora --checkpoint /tmp/peers-hf-checkpoint-qwen3-moe ;;
     esac
 }
 gpu_rows() {  # $1 = this GPU's index, $2 = how many GPUs: every $2-th row from the $1-th

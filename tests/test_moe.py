@@ -100,11 +100,15 @@ def test_dispatch_gradients_equal_the_token_by_token_mixture(family, tokens, moe
     assert len(chosen) == (2 if tokens == 1 else EXPERTS)  # one token leaves two experts without work
     parameters = [p for p in moe.parameters() if p.requires_grad]
 
+    x.requires_grad_(True)
     ours = moe(x)
-    gradients = torch.autograd.grad((ours * probe).sum(), parameters)
+    gradients = torch.autograd.grad((ours * probe).sum(), [x, *parameters])
     reference = token_by_token(moe, x)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
-    reference_gradients = torch.autograd.grad((reference * probe).sum(), parameters, allow_unused=True)
+    reference_gradients = torch.autograd.grad((reference * probe).sum(), [x, *parameters], allow_unused=True)
+    # The input's gradient: each token's rows' gradients summed back over its chosen experts.
+    torch.testing.assert_close(gradients[0], reference_gradients[0], atol=1e-5, rtol=1e-5)
+    gradients, reference_gradients = gradients[1:], reference_gradients[1:]
     names = [name for name, p in moe.named_parameters() if p.requires_grad]
     for name, gradient, expected in zip(names, gradients, reference_gradients):
         # Every adapter gets a gradient, an unused expert's a zero one (so DDP never waits for a missing one).
@@ -286,8 +290,65 @@ def test_grouped_experts_compute_what_the_experts_compute_one_by_one(family, qua
     probe = torch.randn_like(x)
     rows = x.detach().reshape(-1, x.shape[-1])[:64]
     ones = torch.ones(64, device="cuda", dtype=torch.bfloat16)
-    assert lora_experts.experts_together(moe.experts, rows, [64] + [0] * (EXPERTS - 1), ones) is not None  # applies
+    ends = torch.full((EXPERTS,), 64, device="cuda", dtype=torch.int32)  # every row expert 0's
+    assert lora_experts.experts_together(moe.experts, rows, ends, ones) is not None  # applies
     assert_grouped_equals_one_by_one(moe, x, probe)
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(family, moe_checkpoints, monkeypatch):
+    """The same comparison on CPU, where torch's grouped GEMM also runs (slowly; off by default): the routing, the
+    run ends found on the device, the rows' gathers and their gradients, the grouped GEMMs and the plan kept
+    between calls, without a GPU."""
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_model(moe_checkpoints[family], dtype=torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    torch.manual_seed(0)
+    x = torch.randn(3, 40, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    rows = x.detach().reshape(-1, x.shape[-1])[:64]
+    ends = torch.full((EXPERTS,), 64, dtype=torch.int32)
+    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
+    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+    # The plan is kept, and found again once the adapters are switched off (then the experts run one by one).
+    plan = moe.experts.__dict__["_grouped_plan"]
+    moe(x)
+    assert moe.experts.__dict__["_grouped_plan"] is plan
+    from litft.adapters.lora import adapters_disabled
+
+    with adapters_disabled(model):
+        assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is None
+    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
+def test_grouped_experts_never_wait_for_the_gpu(quantize, moe_checkpoints):
+    """The routing keeps each expert's run of rows on the device: a mixture's forward and backward through the
+    grouped GEMMs make no synchronizing call (the one-by-one path reads the counts on the host, once per layer)."""
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    def prepare(model: nn.Module) -> None:
+        if quantize:
+            quantize_model(model, quantize, compute_dtype=torch.bfloat16)
+
+    model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.bfloat16, device="cuda", prepare=prepare)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    x = torch.randn(4, 64, model.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    (moe(x).float().sum()).backward()  # the plan is found (host work) on the first call
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (moe(x).float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def assert_grouped_equals_one_by_one(moe: SparseMoE, x: torch.Tensor, probe: torch.Tensor) -> None:
@@ -313,21 +374,51 @@ def assert_grouped_equals_one_by_one(moe: SparseMoE, x: torch.Tensor, probe: tor
             assert ((gradient.float() - expected.float()).norm() / expected.float().norm()) < 2e-2
 
 
-def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkpoints):
+def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkpoints, tmp_path):
     """What the grouped GEMMs read: after join_frozen_weights every expert's frozen gate and up weights are views
     of one (experts, 2I, C) storage and its down weight of one (experts, C, I), under the same names, with the same
-    values; on CPU (no grouped GEMM there) the experts then run one by one on those views."""
+    values; each projection's expert adapters are two stacked parameters (A, B) instead of two per expert, while
+    the adapter keeps its per-expert names and values (what PEFT reads), and gradients reach every expert's slice.
+    On CPU (no grouped GEMM by default) the experts then run one by one on those views."""
     from litft.adapters import lora_experts
+    from litft.adapters.lora import adapter_state_dict
     from litft.adapters.lora_projections import join_frozen_weights
+    from litft.adapters.peft_format import load_peft_adapter, save_peft_adapter
 
-    model = litft_lora_model(moe_checkpoints["qwen3_moe"], LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    config = LoRAConfig(rank=8, alpha=16, targets=["all-linear"])
+    model = litft_lora_model(moe_checkpoints["qwen3_moe"], config)
     randomize_adapter(model)
+    adapter_names = set(adapter_state_dict(model))
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    adapter_before = {name: tensor.clone() for name, tensor in adapter_state_dict(model).items()}
+    trainable_before = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         logits = model(input_ids())
     join_frozen_weights(model)
     after = model.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    frozen = [name for name in before if name not in adapter_names]
+    assert all(torch.equal(after[name], before[name]) for name in frozen)
+    adapter_after = adapter_state_dict(model)
+    assert adapter_after.keys() == adapter_before.keys()
+    assert all(torch.equal(adapter_after[name], adapter_before[name]) for name in adapter_before)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    mixtures = len(sparse_blocks(model))
+    assert len(trainable) == len(trainable_before) - mixtures * (EXPERTS * 6 - 6)
+    assert sum(p.numel() for p in trainable) == sum(p.numel() for p in trainable_before)
+    first = sparse_blocks(model)[0]
+    assert first.experts.gate_proj_lora_A.shape == (EXPERTS, 8, 64)
+    assert first.experts.down_proj_lora_B.shape == (EXPERTS, 64, 8)
+    # Every expert's slice takes its gradient, the stacked parameter holds them side by side.
+    model(input_ids()).float().pow(2).mean().backward()
+    used = first.experts.down_proj_lora_A.grad.flatten(1).abs().sum(dim=1)
+    assert (used > 0).sum() >= 2
+    # Saved as PEFT reads it, per expert, and loaded back into a model that stacks again.
+    save_peft_adapter(model, config, tmp_path / "adapter", "base")
+    reloaded = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32)
+    load_peft_adapter(reloaded, tmp_path / "adapter")
+    join_frozen_weights(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids()), logits, atol=1e-5, rtol=1e-5)
     for moe in sparse_blocks(model):
         layers = lora_experts._projections(moe.experts)
         gate_up_order, down_order = lora_experts._kinds(layers)
@@ -336,18 +427,26 @@ def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkp
         for index, (gate, up, down) in enumerate(layers):
             assert torch.equal(gate_up[index], torch.cat([gate.weight, up.weight]))
             assert torch.equal(downs[index], down.weight)
-        assert lora_experts.experts_together(moe.experts, torch.randn(3, 64), [3, 0, 0, 0], torch.ones(3)) is None
+        ends = torch.full((EXPERTS,), 3, dtype=torch.int32)
+        assert lora_experts.experts_together(moe.experts, torch.randn(3, 64), ends, torch.ones(3)) is None
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
 
 
-def test_compile_leaves_a_mixtures_blocks_eager_and_compiles_the_dense_ones(moe_checkpoints):
+def test_compile_leaves_a_mixture_eager_and_compiles_its_attention_and_the_dense_blocks(moe_checkpoints):
     from litft.training.compilation import compile_blocks
 
     model = litft_lora_model(moe_checkpoints["qwen2_moe"], LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    with torch.no_grad():
+        eager = model(input_ids())
     sparse, dense = model.model.layers  # layer 1 is dense (mlp_only_layers)
     compile_blocks(model, "torch")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()), eager, atol=1e-5, rtol=1e-5)
     assert "forward" not in sparse.__dict__  # the class's own forward: not wrapped, not compiled
+    assert "attend" in sparse.__dict__  # its first half, x + attention(norm(x)), compiled on its own
+    assert "forward" not in sparse.mlp.__dict__
     assert "forward" in dense.__dict__
 
 

@@ -9,16 +9,23 @@ a matrix per expert, each applied to its own run of rows) does each of these for
 
 For that, `lay_experts_back_to_back` puts every expert's frozen gate and up weights in one (experts, 2I, C) storage
 and the down weights in one (experts, C, I), each expert's `weight` staying its own parameter under its own name,
-a view into it (as `lora_projections.join_frozen_weights` does for q, k and v). The adapters' factors are stacked
-for each call (rank-sized: small). Autograd differentiates the grouped GEMMs; the frozen weights take no gradient.
+a view into it (as `lora_projections.join_frozen_weights` does for q, k and v). It also stacks the adapters
+(`stack_expert_adapters`): each projection's A and B of all experts become two parameters, (E, r, in) and
+(E, out, r), and each expert's `lora_A` / `lora_B` a slice of them, so that the optimizer, autograd and these GEMMs
+handle 6 adapter tensors per layer instead of 768 (saved adapters keep their per-expert names). Autograd
+differentiates the grouped GEMMs; the frozen weights take no gradient.
+
+The host never waits for the GPU here: the runs' ends come as a device tensor (`SparseMoE`), and what the GEMMs
+read of the experts (the checks, the laid-out storage, the stacked adapters) is found once and kept on the experts'
+ModuleList (`_plan`), found again only when the experts' tensors or their switches change.
 
 Quantized experts (QLoRA): their NF4 tensors (packed values, block scales, group scales, offsets) are laid back to
 back the same way, and each grouped GEMM dequantizes all experts' weights of its kind in one kernel launch into one
 buffer, in the forward and again in the backward, so that no layer's dequantized experts wait for its backward.
 
-Where this does not apply (on CPU, whose grouped GEMM is missing; dropout, DoRA, adapters switched off, a rank or
-width the grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together` returns None and the experts
-run one by one, computing the same thing (tests/test_moe.py compares the two).
+Where this does not apply (on CPU unless `ON_CPU`; dropout, DoRA, adapters switched off, a rank or width the
+grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together` returns None and the experts run one by
+one, computing the same thing (tests/test_moe.py compares the two).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from litft.adapters.lora_projections import back_to_back
 # elements in 16-bit floats.
 ALIGNMENT = 8
 ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py --experts_one_by_one)
+# torch's grouped GEMM also runs on CPU in recent releases (slowly): True lets the CPU tests take this path.
+ON_CPU = False
 # Quantized experts dequantize all at once, which pays only for enough rows: decoding a few tokens runs the few
 # chosen experts one by one instead.
 QUANTIZED_ROWS_PER_EXPERT = 16
@@ -58,6 +67,7 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
         experts = getattr(module, "experts", None)
         if not isinstance(experts, nn.ModuleList) or not all(hasattr(expert, "names") for expert in experts):
             continue
+        stack_expert_adapters(experts)
         gate_up_order, downs = _kinds(_projections(experts))
         flat = gate_up_order + downs
         if not all(type(layer) is LoRALinear for layer in flat):
@@ -74,6 +84,77 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
             _lay(ordered, _tensor_names(ordered[0]))
         laid += 1
     return laid
+
+
+class ExpertAdapterSlice:
+    """An expert LoRA layer's `lora_A` or `lora_B` once its mixture's adapters are stacked: `weight` is the expert's
+    slice of the stacked parameter (a view: its gradient lands in the stacked one), looked up at each use so that a
+    parameter moved or re-registered (FSDP2's shards) is followed. Called, it is the bias-free linear layer it
+    replaced."""
+
+    def __init__(self, experts: nn.ModuleList, name: str, index: int) -> None:
+        self.experts, self.name, self.index = experts, name, index
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.experts, self.name)[self.index]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def __repr__(self) -> str:
+        return f"ExpertAdapterSlice({self.name}[{self.index}])"
+
+
+def stacked_adapter_name(projection: str, factor: str) -> str:
+    """The experts' ModuleList's parameter holding every expert's `factor` ("lora_A", "lora_B") of `projection`."""
+    return f"{projection}_{factor}"
+
+
+def stack_expert_adapters(experts: nn.ModuleList) -> bool:
+    """Stacks a mixture's expert adapters: for each projection (gate, up, down), every expert's A into one (E, r, in)
+    parameter and every B into one (E, out, r), registered on the experts' ModuleList (`gate_proj_lora_A`, ...), each
+    expert's `lora_A` / `lora_B` becoming an `ExpertAdapterSlice` of them. The values do not change, nor the names
+    an adapter is saved and loaded under (`adapter_state_dict` reads each expert's slice). What changes is how many
+    tensors training handles: a 128-expert layer's 768 adapter tensors become 6, and the optimizer, the autograd
+    engine and the grouped GEMMs' stacking each paid per tensor on the host (~26 ms per Qwen3-MoE step in the
+    optimizer alone; benchmarks/NOTES.md, section 25). False where the experts are not all plain LoRA layers with
+    adapters alike (DoRA, meta or mismatched adapters) or are stacked already."""
+    from litft.adapters.lora import LoRALinear
+
+    layers = _projections(experts)
+    flat = [layer for projections in layers for layer in projections]
+    if not all(type(layer) is LoRALinear and not layer.use_dora for layer in flat):
+        return False
+    if any(not isinstance(getattr(layer, factor), nn.Linear) for layer in flat for factor in ("lora_A", "lora_B")):
+        return False  # not created yet, or stacked already
+    columns = []
+    for position, projection in enumerate(experts[0].names):
+        column = [projections[position] for projections in layers]
+        for factor in ("lora_A", "lora_B"):
+            weights = [getattr(layer, factor).weight for layer in column]
+            if any(weight.is_meta for weight in weights):
+                return False
+            if len({(weight.shape, weight.dtype, weight.device, weight.requires_grad) for weight in weights}) > 1:
+                return False
+            columns.append((projection, factor, column, weights))
+    for projection, factor, column, weights in columns:
+        name = stacked_adapter_name(projection, factor)
+        stacked = torch.stack([weight.detach() for weight in weights])  # (E, r, in) or (E, out, r)
+        experts.register_parameter(name, nn.Parameter(stacked, requires_grad=weights[0].requires_grad))
+        for index, layer in enumerate(column):
+            del layer._modules[factor]  # the nn.Linear; a plain attribute takes its place
+            setattr(layer, factor, ExpertAdapterSlice(experts, name, index))
+    return True
+
+
+def _stacked_adapters(experts: nn.ModuleList) -> list[str] | None:
+    """The names of the stacked adapter parameters in the order the grouped GEMMs read them (A of gate, up, down;
+    B of gate, up, down), or None where the adapters are the experts' own."""
+    gate, up, down = experts[0].names
+    names = [stacked_adapter_name(projection, factor)
+             for factor in ("lora_A", "lora_B") for projection in (gate, up, down)]
+    return names if all(name in experts._parameters for name in names) else None
 
 
 def _kinds(layers: list[list[nn.Module]]) -> tuple[list[nn.Module], list[nn.Module]]:
@@ -159,13 +240,20 @@ def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int],
     return out.view(shape)
 
 
-def _applies(x: torch.Tensor, layers: list[list[nn.Module]]) -> bool:
+def _applies(x: torch.Tensor) -> bool:
+    """Whether the grouped GEMMs can take this input (the experts themselves: `_plan`)."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or not hasattr(torch, "_grouped_mm"):
+        return False
+    if not (x.is_cuda or (ON_CPU and x.device.type == "cpu")):
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
+    """Whether every expert's projections are plain LoRA layers alike (rank, scaling, storage mode), adapters on,
+    without dropout or bias, whose frozen weights compute in `dtype`, at widths the grouped GEMM can align."""
     from litft.adapters.lora import LoRALinear
 
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and hasattr(torch, "_grouped_mm")):
-        return False
-    if torch.compiler.is_compiling():
-        return False
     flat = [layer for projections in layers for layer in projections]
     first = flat[0]
     mode = first.quantization.mode if first.quantization is not None else None
@@ -182,10 +270,89 @@ def _applies(x: torch.Tensor, layers: list[list[nn.Module]]) -> bool:
         if (quantization.mode if quantization is not None else None) != mode:
             return False
         weight_dtype = quantization.compute_dtype if quantization is not None else layer.weight.dtype
-        if weight_dtype != x.dtype:
+        if weight_dtype != dtype:
             return False
     gate = layers[0][0]
     return all(size % ALIGNMENT == 0 for size in (first.rank, gate.in_features, gate.out_features))
+
+
+class _Plan:
+    """What a mixture's grouped GEMMs read of its experts, found once and kept on the experts' ModuleList: a
+    128-expert layer has 384 LoRA layers, and walking them on every call (checks, laid-out storage, the adapter
+    parameters) cost the host more than a millisecond per layer and step."""
+
+    def __init__(self, layers: list[list[nn.Module]], dtype: torch.dtype, stacked: list[str] | None) -> None:
+        gate, _, down = layers[0]
+        self.expert_count = len(layers)
+        self.quantized = gate.quantization is not None
+        self.width, self.rank, self.scaling = gate.out_features, gate.rank, gate.scaling
+        gate_up_order, downs = _kinds(layers)
+        gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
+        down_shape = (len(layers), down.out_features, down.in_features)
+        if self.quantized:  # dequantized anew in each call, forward and backward
+            self.gate_up_weights = functools.partial(_dequantized_together, gate_up_order, gate_up_shape, dtype)
+            self.down_weights = functools.partial(_dequantized_together, downs, down_shape, dtype)
+        else:
+            gate_up, down_weight = _joint(gate_up_order, "weight"), _joint(downs, "weight")
+            self.laid_out = gate_up is not None and down_weight is not None
+            if self.laid_out:
+                self.gate_up_weights = functools.partial(_same, gate_up.view(gate_up_shape))
+                self.down_weights = functools.partial(_same, down_weight.view(down_shape))
+        # The adapters: stacked (`stack_expert_adapters`), read by name at each call, or each expert's own,
+        # stacked at each call. A (r, C) of gate, of up, of down (r, I); B (I, r), (I, r), (C, r).
+        self.stacked = stacked
+        self.adapters = None if stacked is not None else [
+            [layers[expert][index].lora_A.weight for expert in range(len(layers))] for index in range(3)
+        ] + [[layers[expert][index].lora_B.weight for expert in range(len(layers))] for index in range(3)]
+
+    def adapter_factors(self, experts: nn.ModuleList, dtype: torch.dtype) -> list[torch.Tensor]:
+        """A of gate, up and down, B of gate, up and down, each (E, ...) in `dtype`."""
+        if self.stacked is not None:
+            return [getattr(experts, name).to(dtype) for name in self.stacked]
+        return [_stack(tensors, dtype) for tensors in self.adapters]
+
+    @property
+    def usable(self) -> bool:
+        return self.quantized or self.laid_out
+
+
+def _plan_key(experts: nn.ModuleList, layers: list[list[nn.Module]], dtype: torch.dtype) -> tuple:
+    """What, changed, makes a mixture's plan stale: the dtype, whether adapters are switched off (for all layers
+    at once, `litft.adapters.lora.adapters_disabled`), and the first and last experts' tensors and adapters
+    (replaced together when a model moves, is sharded, re-laid, stacked or reloaded). The objects themselves,
+    compared by identity, so that none of them can be freed and its id reused while the key holds it."""
+    first, last = layers[0][0], layers[-1][-1]
+    adapters = tuple(experts._parameters.get(name) for name in (_stacked_adapters(experts) or ()))
+    if not adapters:
+        adapters = (getattr(first.lora_A, "weight", None), getattr(last.lora_B, "weight", None))
+    return (dtype, "forward" in first.__dict__, len(layers),
+            *(getattr(layer, name) for layer in (first, last) for name in ("weight", "lora_A", "lora_B")), *adapters)
+
+
+def _same_key(key: tuple, other: tuple) -> bool:
+    """Tensors and modules by identity, the rest (dtype, flags, counts) by value."""
+    return len(key) == len(other) and all(
+        a is b if isinstance(a, (torch.Tensor, nn.Module)) or a is None else a == b for a, b in zip(key, other)
+    )
+
+
+def _plan(experts: nn.ModuleList, dtype: torch.dtype) -> _Plan | None:
+    """The experts' plan for inputs of `dtype`, found again only where its key changed; None where the experts
+    cannot compute together."""
+    cached = experts.__dict__.get("_grouped_plan")  # outside nn.Module's registries: neither a submodule nor state
+    if cached is not None and _same_key(_plan_key(experts, cached.layers, dtype), cached.key):
+        return cached.plan
+    layers = _projections(experts)
+    found = _Plan(layers, dtype, _stacked_adapters(experts)) if _layers_apply(layers, dtype) else None
+    if found is not None and not found.usable:
+        found = None
+    experts.__dict__["_grouped_plan"] = _CachedPlan(layers, _plan_key(experts, layers, dtype), found)
+    return found
+
+
+class _CachedPlan:
+    def __init__(self, layers: list[list[nn.Module]], key: tuple, plan: _Plan | None) -> None:
+        self.layers, self.key, self.plan = layers, key, plan
 
 
 def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -193,52 +360,33 @@ def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def experts_together(
-    experts: nn.ModuleList, x: torch.Tensor, counts: list[int], row_weights: torch.Tensor
+    experts: nn.ModuleList, x: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor | None:
-    """Every expert's SwiGLU output for its run of `x`'s rows (x sorted by expert, `counts[e]` rows each), each row
-    times its router weight (`row_weights`), as one (rows, C) tensor, through grouped GEMMs; None where that path
-    does not apply (see the module's docstring)."""
-    layers = _projections(experts)
-    if not ENABLED or not _applies(x, layers):
+    """Every expert's SwiGLU output for its run of `x`'s rows (x sorted by expert, expert e's rows ending at
+    `ends[e]`, a device tensor), each row times its router weight (`row_weights`), as one (rows, C) tensor, through
+    grouped GEMMs; None where that path does not apply (see the module's docstring)."""
+    if not ENABLED or not _applies(x):
         return None
-    # The frozen weights, (E, 2I, C) and (E, C, I), each from a call: the laid-out storage, or dequantized anew.
-    if layers[0][0].quantization is not None:
-        if x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * len(layers):
-            return None
-        gate, _, down = layers[0]
-        gate_up_order, downs = _kinds(layers)
-        gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
-        down_shape = (len(layers), down.out_features, down.in_features)
-        gate_up_weights = functools.partial(_dequantized_together, gate_up_order, gate_up_shape, x.dtype)
-        down_weights = functools.partial(_dequantized_together, downs, down_shape, x.dtype)
-    else:
-        gate_up_order, downs = _kinds(layers)
-        gate_up, down = _joint(gate_up_order, "weight"), _joint(downs, "weight")
-        if gate_up is None or down is None:
-            return None
-        gate, _, down_layer = layers[0]
-        gate_up = gate_up.view(len(layers), 2 * gate.out_features, gate.in_features)
-        down = down.view(len(layers), down_layer.out_features, down_layer.in_features)
-        gate_up_weights, down_weights = functools.partial(_same, gate_up), functools.partial(_same, down)
-    offsets = torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
-    width, rank, scaling = layers[0][0].out_features, layers[0][0].rank, layers[0][0].scaling
+    plan = _plan(experts, x.dtype)
+    if plan is None:
+        return None
+    if plan.quantized and x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * plan.expert_count:
+        return None
+    offsets = ends.to(torch.int32)
+    width, rank, scaling = plan.width, plan.rank, plan.scaling
     dtype = x.dtype
-    a_gate = _stack([g.lora_A.weight for g, _, _ in layers], dtype)  # (E, r, C)
-    a_gate_up = torch.cat([a_gate, _stack([u.lora_A.weight for _, u, _ in layers], dtype)], dim=1)  # (E, 2r, C)
-    b_gate = _stack([g.lora_B.weight for g, _, _ in layers], dtype)  # (E, I, r)
-    b_up = _stack([u.lora_B.weight for _, u, _ in layers], dtype)
-    a_down = _stack([d.lora_A.weight for _, _, d in layers], dtype)  # (E, r, I)
-    b_down = _stack([d.lora_B.weight for _, _, d in layers], dtype)  # (E, C, r)
+    a_gate, a_up, a_down, b_gate, b_up, b_down = plan.adapter_factors(experts, dtype)
+    a_gate_up = torch.cat([a_gate, a_up], dim=1)  # (E, 2r, C)
 
     def grouped(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # rows @ weights[e]^T, per expert
         return torch._grouped_mm(rows, weights.transpose(1, 2), offs=offsets)
 
-    base = _FrozenGroupedProduct.apply(x, offsets, gate_up_weights)  # (rows, 2I)
+    base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
     low = grouped(x, a_gate_up) * scaling  # (rows, 2r)
     gate = base[:, :width] + grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
     up = base[:, width:] + grouped(low[:, rank:].contiguous(), b_up)
     h = F.silu(gate) * up * row_weights[:, None]  # down is linear: weighting its input weights its output
-    down = _FrozenGroupedProduct.apply(h, offsets, down_weights)
+    down = _FrozenGroupedProduct.apply(h, offsets, plan.down_weights)
     return down + grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
 
 

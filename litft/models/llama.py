@@ -255,17 +255,19 @@ class Expert(nn.Module):
 
 
 def experts_together(
-    experts: nn.ModuleList, rows: torch.Tensor, counts: list[int], row_weights: torch.Tensor
+    experts: nn.ModuleList, rows: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor:
-    """Each expert's output for its run of `rows` (sorted by expert, `counts[e]` rows for expert e), times that
-    row's router weight (`row_weights`, in the rows' dtype). LoRA experts can compute together in grouped GEMMs
-    (`litft.adapters.lora_experts`, which weights the down projection's input, a third as wide as its output);
-    otherwise each expert runs on its rows."""
+    """Each expert's output for its run of `rows` (sorted by expert: expert e's rows end at `ends[e]`, a device
+    tensor of cumulative counts), times that row's router weight (`row_weights`, in the rows' dtype). LoRA experts
+    can compute together in grouped GEMMs that read the run ends on the device (`litft.adapters.lora_experts`,
+    which weights the down projection's input, a third as wide as its output); otherwise each expert runs on its
+    rows, which reads the counts on the host."""
     first = getattr(experts[0], experts[0].names[0])
     together = getattr(type(first), "experts_together", None)
-    outputs = together(experts, rows, counts, row_weights) if together is not None else None
+    outputs = together(experts, rows, ends, row_weights) if together is not None else None
     if outputs is not None:
         return outputs
+    counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
     # Without gradients (generation, evaluation) an expert no row chose is skipped: decoding a token then runs its
     # top_k experts, not all of them. In training every expert runs, so that all take part in the backward.
     return torch.cat([
@@ -274,14 +276,48 @@ def experts_together(
     ]) * row_weights[:, None]
 
 
+class _RowsByExpert(torch.autograd.Function):
+    """x (N, C) -> its rows in expert order (N * top_k, C): row i is token order[i] // top_k. The backward sums
+    each token's top_k row gradients through a gather (`inverse`: where each (token, slot) pair went), not with
+    scattered atomic adds after a sort of the indices, as indexing's backward would."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, order // top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (inverse,) = ctx.saved_tensors
+        by_token = grad.index_select(0, inverse).view(-1, ctx.top_k, grad.shape[-1])  # (N, top_k, C)
+        return by_token.sum(dim=1, dtype=torch.float32).to(grad.dtype), None, None, None
+
+
+class _TokenOrder(torch.autograd.Function):
+    """The experts' outputs (N * top_k, C), in expert order, back in (token, slot) order: a permutation, whose
+    backward is the inverse permutation, again a gather."""
+
+    @staticmethod
+    def forward(ctx, outputs: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return outputs.index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None, None
+
+
 class SparseMoE(nn.Module):
     """A mixture of experts: each token goes through the `experts_per_token` experts its router picks, and their
     outputs are summed with the router's weights (Qwen2-MoE adds a shared expert every token takes).
 
     The tokens are sorted by expert, so each expert runs once on one contiguous run of its tokens. Every expert
     runs, on no tokens where none chose it, so each one's parameters take part in every backward (DDP needs that)
-    and its gradient is zero. The run lengths are read on the host, so this block runs outside torch.compile and
-    outside CUDA graphs (`LlamaForCausalLM.decode_graph_safe`)."""
+    and its gradient is zero. Where the experts compute in grouped GEMMs the run boundaries stay on the device, so
+    the host never waits for the GPU here; the experts one by one read them on the host. Either way the block runs
+    outside torch.compile and outside CUDA graphs (`LlamaForCausalLM.decode_graph_safe`)."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -303,13 +339,19 @@ class SparseMoE(nn.Module):
         x = x.reshape(B * T, C)  # (N, C)
         weights, chosen = self.gate(x)  # (N, top_k) each
         top_k = chosen.shape[1]
-        order = chosen.flatten().argsort(stable=True)  # (N * top_k,): the (token, slot) pairs grouped by expert
-        counts = torch.bincount(chosen.flatten(), minlength=len(self.experts)).tolist()
+        chosen = chosen.flatten()  # (N * top_k,): the (token, slot) pairs' experts
+        order = chosen.argsort(stable=True)  # the pairs grouped by expert
+        positions = torch.arange(order.shape[0], device=order.device)
+        inverse = torch.empty_like(order).index_copy_(0, order, positions)  # where each pair went (no second sort)
+        # Where each expert's run of rows ends, found on the device (a count read on the host would wait for the GPU).
+        experts = torch.arange(1, len(self.experts) + 1, device=chosen.device, dtype=chosen.dtype)
+        ends = torch.searchsorted(chosen[order], experts, out_int32=True)  # (num_experts,)
         row_weights = weights.flatten()[order].to(x.dtype)
-        outputs = experts_together(self.experts, x[order // top_k], counts, row_weights)  # (N * top_k, C)
+        rows = _RowsByExpert.apply(x, order, inverse, top_k)  # (N * top_k, C)
+        outputs = experts_together(self.experts, rows, ends, row_weights)  # (N * top_k, C)
         # Back in token order, each token's top_k weighted outputs summed in float32: a gather and a sum rather
         # than scattered atomic adds, so the result does not depend on the order the GPU adds in.
-        by_token = outputs[order.argsort()].view(B * T, top_k, C)
+        by_token = _TokenOrder.apply(outputs, order, inverse).view(B * T, top_k, C)
         y = by_token.sum(dim=1, dtype=torch.float32).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + self.shared_expert_gate(x) * self.shared_expert(x)
@@ -329,8 +371,15 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context)
+        x = self.attend(x, cos, sin, context)
         return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+
+    def attend(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context: AttentionContext
+    ) -> torch.Tensor:
+        """The block's first half, x + attention(norm(x)): compiled on its own where the second half is a mixture
+        of experts, which stays eager (`litft.training.compilation.compile_blocks`)."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, context)
 
 
 class LlamaModel(nn.Module):

@@ -81,12 +81,18 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
         from litft.adapters.adapter_copies import BlockAdapterCopies, has_lora_layers, wrap_block_forward
 
         for block in model.blocks:
-            if has_mixture_of_experts(block):
-                # Left eager: the mixture's routing breaks the graph, and the compiled halves around it ran a
-                # Qwen3-MoE LoRA step at 16,679 tok/s against 27,022 eagerly (H200, benchmarks/NOTES.md, section 24).
-                continue
             offload = getattr(block, "activation_offload", None)
             forward = block.forward
+            if has_mixture_of_experts(block):
+                # The block stays eager: the mixture's routing breaks the graph, and the compiled halves around it
+                # ran a Qwen3-MoE LoRA step at 16,679 tok/s against 27,022 eagerly (H200, benchmarks/NOTES.md, section
+                # 24). Its first half, x + attention(norm(x)), compiles on its own where the block's forward is its
+                # class's own (not wrapped for checkpointing): eagerly the LoRA operators' dispatch cost the host
+                # ~0.6 ms per call, and the norm and rotary embedding ran as separate kernels. The adapter copies
+                # are the attention's (the experts read their own).
+                if hasattr(block, "attend") and offload is None and "forward" not in vars(block):
+                    block.attend = wrap_block_forward(block.self_attn, torch.compile(block.attend))
+                continue
             # A LoRA block's compiled forward runs inside a wrapper that casts its adapters for the call in a few
             # kernels (`litft.adapters.adapter_copies`); the wrapper stays out of the graph, inside any checkpoint,
             # so that a recomputation prepares its own.
