@@ -172,6 +172,10 @@ def bench_training(args) -> dict:
         from litft.adapters import lora_experts
 
         lora_experts.ENABLED = False
+    if args.experts_elementwise_eager:  # the A/B of the experts' elementwise work compiled under --compile
+        from litft.adapters import lora_experts
+
+        lora_experts.COMPILED_ELEMENTWISE = False
     if args.rotary_as_written:  # the A/B of litft.models.rotary_heads: autograd's backward of split and rotate
         from litft.models import rotary_heads
 
@@ -281,6 +285,7 @@ def bench_training(args) -> dict:
                 adapters_cast_per_operator=args.adapters_cast_per_operator,
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, experts_one_by_one=args.experts_one_by_one,
+                experts_elementwise_eager=args.experts_elementwise_eager,
                 lora_gemm_group_rows=args.lora_gemm_group_rows,
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
@@ -563,6 +568,9 @@ def main() -> None:
     parser.add_argument("--adapter_gradients_smallest_columns", type=int, default=None,
                         help="the narrowest output gradient that takes the one-read adapter-gradient kernel on the "
                              "GPU (litft.adapters.adapter_gradients.SMALLEST_KERNEL_COLUMNS)")
+    parser.add_argument("--experts_elementwise_eager", action="store_true",
+                        help="A/B: under --compile, a mixture's weighted SwiGLU and its sum over slots eager "
+                             "(as without --compile)")
     parser.add_argument("--experts_one_by_one", action="store_true",
                         help="A/B: a mixture's LoRA experts each on its own rows, not in grouped GEMMs")
     parser.add_argument("--rotary_as_written", action="store_true",

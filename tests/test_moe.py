@@ -295,6 +295,28 @@ def test_grouped_experts_compute_what_the_experts_compute_one_by_one(family, qua
     assert_grouped_equals_one_by_one(moe, x, probe)
 
 
+def test_compiled_elementwise_of_grouped_experts_computes_what_they_compute_one_by_one(moe_checkpoints, monkeypatch):
+    """Under --compile (`compile_blocks` marks the mixture) the grouped path's weighted SwiGLU runs compiled, and
+    the experts' two summands are added as each token's rows are gathered and summed, in one compiled kernel: the
+    same output and gradients as each expert on its own (CPU, torch's grouped GEMM, bf16)."""
+    from litft.adapters import lora_experts
+    from litft.training.compilation import compile_blocks
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    randomize_adapter(model)
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    join_frozen_weights(model)
+    compile_blocks(model, "torch")
+    moe = sparse_blocks(model)[0]
+    assert moe.experts.__dict__[lora_experts.COMPILE_ELEMENTWISE]
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(family, moe_checkpoints, monkeypatch):
     """The same comparison on CPU, where torch's grouped GEMM also runs (slowly; off by default): the routing, the

@@ -285,7 +285,7 @@ class _Plan:
         gate, _, down = layers[0]
         self.expert_count = len(layers)
         self.quantized = gate.quantization is not None
-        self.width, self.rank, self.scaling = gate.out_features, gate.rank, gate.scaling
+        self.rank, self.scaling = gate.rank, gate.scaling
         gate_up_order, downs = _kinds(layers)
         gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
         down_shape = (len(layers), down.out_features, down.in_features)
@@ -364,7 +364,8 @@ def experts_together(
 ) -> torch.Tensor | None:
     """Every expert's SwiGLU output for its run of `x`'s rows (x sorted by expert, expert e's rows ending at
     `ends[e]`, a device tensor), each row times its router weight (`row_weights`), as one (rows, C) tensor, through
-    grouped GEMMs; None where that path does not apply (see the module's docstring)."""
+    grouped GEMMs; under --compile (`COMPILE_ELEMENTWISE`) as its two summands (base, adapter), which the mixture
+    adds as it sums each token's rows; None where that path does not apply (see the module's docstring)."""
     if not ENABLED or not _applies(x):
         return None
     plan = _plan(experts, x.dtype)
@@ -373,7 +374,7 @@ def experts_together(
     if plan.quantized and x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * plan.expert_count:
         return None
     offsets = ends.to(torch.int32)
-    width, rank, scaling = plan.width, plan.rank, plan.scaling
+    rank, scaling = plan.rank, plan.scaling
     dtype = x.dtype
     a_gate, a_up, a_down, b_gate, b_up, b_down = plan.adapter_factors(experts, dtype)
     a_gate_up = torch.cat([a_gate, a_up], dim=1)  # (E, 2r, C)
@@ -383,11 +384,40 @@ def experts_together(
 
     base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
     low = grouped(x, a_gate_up) * scaling  # (rows, 2r)
-    gate = base[:, :width] + grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
-    up = base[:, width:] + grouped(low[:, rank:].contiguous(), b_up)
-    h = F.silu(gate) * up * row_weights[:, None]  # down is linear: weighting its input weights its output
+    update_gate = grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
+    update_up = grouped(low[:, rank:].contiguous(), b_up)
+    compiled = COMPILED_ELEMENTWISE and experts.__dict__.get(COMPILE_ELEMENTWISE)
+    swiglu = _compiled_weighted_swiglu() if compiled else weighted_swiglu
+    h = swiglu(base, update_gate, update_up, row_weights)  # (rows, I)
     down = _FrozenGroupedProduct.apply(h, offsets, plan.down_weights)
-    return down + grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
+    update = grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
+    # Compiled, the caller adds the two as it sums each token's rows (one pass instead of three).
+    return (down, update) if compiled else down + update
+
+
+def weighted_swiglu(
+    base: torch.Tensor, update_gate: torch.Tensor, update_up: torch.Tensor, row_weights: torch.Tensor
+) -> torch.Tensor:
+    """h = silu(gate) * up * router weight, gate and up being the base GEMM's halves plus the adapters' updates.
+    Down is linear: weighting its input weights its output, on a tensor a third as wide."""
+    width = update_gate.shape[1]
+    gate = base[:, :width] + update_gate
+    up = base[:, width:] + update_up
+    return F.silu(gate) * up * row_weights[:, None]
+
+
+# Set on a mixture's experts ModuleList (in its __dict__, not as state) by `compile_blocks`: under --compile the
+# weighted SwiGLU runs compiled, its forward one kernel and its backward another, instead of seven eager passes
+# over (rows, I) tensors each way, and the output's two summands are added where the mixture sums each token's
+# rows (`litft.models.llama.gather_sum`). The mixture itself stays eager (its routing breaks a graph).
+COMPILE_ELEMENTWISE = "compile_elementwise"
+# False: eager under --compile too (the A/B of benchmarks/bench.py --experts_elementwise_eager).
+COMPILED_ELEMENTWISE = True
+
+
+@functools.cache
+def _compiled_weighted_swiglu() -> Callable[..., torch.Tensor]:
+    return torch.compile(weighted_swiglu, dynamic=True)
 
 
 class _FrozenGroupedProduct(torch.autograd.Function):

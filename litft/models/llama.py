@@ -17,6 +17,7 @@ also how transformers writes them, although it holds them stacked in memory.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,12 +257,12 @@ class Expert(nn.Module):
 
 def experts_together(
     experts: nn.ModuleList, rows: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
-) -> torch.Tensor:
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Each expert's output for its run of `rows` (sorted by expert: expert e's rows end at `ends[e]`, a device
     tensor of cumulative counts), times that row's router weight (`row_weights`, in the rows' dtype). LoRA experts
     can compute together in grouped GEMMs that read the run ends on the device (`litft.adapters.lora_experts`,
-    which weights the down projection's input, a third as wide as its output); otherwise each expert runs on its
-    rows, which reads the counts on the host."""
+    which weights the down projection's input, a third as wide as its output, and under --compile returns the
+    output as two summands); otherwise each expert runs on its rows, which reads the counts on the host."""
     first = getattr(experts[0], experts[0].names[0])
     together = getattr(type(first), "experts_together", None)
     outputs = together(experts, rows, ends, row_weights) if together is not None else None
@@ -309,6 +310,37 @@ class _TokenOrder(torch.autograd.Function):
         return grad.index_select(0, order), None, None
 
 
+def gather_sum(down: torch.Tensor, update: torch.Tensor, inverse: torch.Tensor, top_k: int) -> torch.Tensor:
+    """y (N, C) = for each token, the sum over its top_k rows (at `inverse`) of down + update, in float32, rounded
+    once to the rows' dtype. Compiled, one kernel reads each summand once through the gather and writes y."""
+    rows = down.index_select(0, inverse) + update.index_select(0, inverse)  # (N * top_k, C) in token order
+    return rows.view(-1, top_k, rows.shape[-1]).sum(dim=1, dtype=torch.float32).to(down.dtype)
+
+
+@functools.cache
+def _compiled_gather_sum():
+    return torch.compile(gather_sum, dynamic=True)
+
+
+class _CombineSlots(torch.autograd.Function):
+    """Each token's weighted expert outputs summed, the experts' two summands (base and adapter) added on the way,
+    through the compiled `gather_sum`; the backward hands both summands, for each row, its token's gradient (a
+    gather by `order // top_k`)."""
+
+    @staticmethod
+    def forward(ctx, down: torch.Tensor, update: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor,
+                top_k: int) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        ctx.top_k = top_k
+        return _compiled_gather_sum()(down, update, inverse, top_k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        (order,) = ctx.saved_tensors
+        rows = grad.index_select(0, order // ctx.top_k)  # (N * top_k, C)
+        return rows, rows, None, None, None
+
+
 class SparseMoE(nn.Module):
     """A mixture of experts: each token goes through the `experts_per_token` experts its router picks, and their
     outputs are summed with the router's weights (Qwen2-MoE adds a shared expert every token takes).
@@ -348,11 +380,14 @@ class SparseMoE(nn.Module):
         ends = torch.searchsorted(chosen[order], experts, out_int32=True)  # (num_experts,)
         row_weights = weights.flatten()[order].to(x.dtype)
         rows = _RowsByExpert.apply(x, order, inverse, top_k)  # (N * top_k, C)
-        outputs = experts_together(self.experts, rows, ends, row_weights)  # (N * top_k, C)
+        outputs = experts_together(self.experts, rows, ends, row_weights)  # (N * top_k, C), or its two summands
         # Back in token order, each token's top_k weighted outputs summed in float32: a gather and a sum rather
         # than scattered atomic adds, so the result does not depend on the order the GPU adds in.
-        by_token = _TokenOrder.apply(outputs, order, inverse).view(B * T, top_k, C)
-        y = by_token.sum(dim=1, dtype=torch.float32).to(x.dtype)
+        if isinstance(outputs, tuple):  # under --compile: added, gathered and summed in one compiled kernel
+            y = _CombineSlots.apply(*outputs, order, inverse, top_k)
+        else:
+            by_token = _TokenOrder.apply(outputs, order, inverse).view(B * T, top_k, C)
+            y = by_token.sum(dim=1, dtype=torch.float32).to(x.dtype)
         if hasattr(self, "shared_expert"):
             y = y + self.shared_expert_gate(x) * self.shared_expert(x)
         return y.reshape(B, T, C)

@@ -92,6 +92,11 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
                 # are the attention's (the experts read their own).
                 if hasattr(block, "attend") and offload is None and "forward" not in vars(block):
                     block.attend = wrap_block_forward(block.self_attn, torch.compile(block.attend))
+                from litft.adapters.lora_experts import COMPILE_ELEMENTWISE  # the experts' SwiGLU, compiled alone
+
+                for module in block.modules():
+                    if isinstance(getattr(module, "experts", None), nn.ModuleList):
+                        module.experts.__dict__[COMPILE_ELEMENTWISE] = True
                 continue
             # A LoRA block's compiled forward runs inside a wrapper that casts its adapters for the call in a few
             # kernels (`litft.adapters.adapter_copies`); the wrapper stays out of the graph, inside any checkpoint,
