@@ -52,9 +52,13 @@
   depth       one GEMM's multiply-adds at reduction depths 2,048-28,672 (the output as wide as the depth allows),
               cuBLAS and lora_gemm's kernel: queued, sustained, millijoules per call (written in session 17 after
               its device time was spent: not yet run).
+  extended_reduction
+              a projection and its adapter as one cuBLAS GEMM whose reduction runs on over the rank-deep operands
+              ([x | low] @ [W | B]^T, [dy | g_low] @ [W; sA]) against cuBLAS's pair, lora_gemm's kernel and the base
+              GEMM alone: queued, sustained, millijoules per call (NOTES.md, section 25).
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
                                              adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy,
-                                             depth]
+                                             depth,extended_reduction]
                                      [--tokens 8192]
 """
 

@@ -206,10 +206,11 @@ class LoRALinear(nn.Module):
     @staticmethod
     def experts_together(
         experts: nn.ModuleList, x: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
-    ) -> torch.Tensor | None:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """A mixture's SwiGLU experts on their runs of `x`'s rows (sorted by expert, expert e's run ending at
-        `ends[e]`, on the device), weighted by `row_weights`, through grouped GEMMs (`litft.adapters.lora_experts`);
-        None where that does not apply (the caller then runs each expert)."""
+        `ends[e]`, on the device), weighted by `row_weights`, through grouped GEMMs (`litft.adapters.lora_experts`;
+        under --compile the output's two summands); None where that does not apply (the caller then runs each
+        expert)."""
         from litft.adapters.lora_experts import experts_together
 
         return experts_together(experts, x, ends, row_weights)

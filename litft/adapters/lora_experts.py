@@ -49,6 +49,13 @@ ON_CPU = False
 # Quantized experts dequantize all at once, which pays only for enough rows: decoding a few tokens runs the few
 # chosen experts one by one instead.
 QUANTIZED_ROWS_PER_EXPERT = 16
+# Set on a mixture's experts ModuleList (in its __dict__, not as state) by `compile_blocks`: under --compile the
+# weighted SwiGLU runs compiled, its forward one kernel and its backward another, instead of seven eager passes
+# over (rows, I) tensors each way, and the output's two summands are added where the mixture sums each token's
+# rows (`litft.models.llama.gather_sum`). The mixture itself stays eager (its routing breaks a graph).
+COMPILE_ELEMENTWISE = "compile_elementwise"
+# False: eager under --compile too (the A/B of benchmarks/bench.py --experts_elementwise_eager).
+COMPILED_ELEMENTWISE = True
 
 
 def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
@@ -89,8 +96,8 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
 class ExpertAdapterSlice:
     """An expert LoRA layer's `lora_A` or `lora_B` once its mixture's adapters are stacked: `weight` is the expert's
     slice of the stacked parameter (a view: its gradient lands in the stacked one), looked up at each use so that a
-    parameter moved or re-registered (FSDP2's shards) is followed. Called, it is the bias-free linear layer it
-    replaced."""
+    parameter replaced on the ModuleList (a reload that assigns) is followed. Called, it is the bias-free linear
+    layer it replaced."""
 
     def __init__(self, experts: nn.ModuleList, name: str, index: int) -> None:
         self.experts, self.name, self.index = experts, name, index
@@ -405,14 +412,6 @@ def weighted_swiglu(
     up = base[:, width:] + update_up
     return F.silu(gate) * up * row_weights[:, None]
 
-
-# Set on a mixture's experts ModuleList (in its __dict__, not as state) by `compile_blocks`: under --compile the
-# weighted SwiGLU runs compiled, its forward one kernel and its backward another, instead of seven eager passes
-# over (rows, I) tensors each way, and the output's two summands are added where the mixture sums each token's
-# rows (`litft.models.llama.gather_sum`). The mixture itself stays eager (its routing breaks a graph).
-COMPILE_ELEMENTWISE = "compile_elementwise"
-# False: eager under --compile too (the A/B of benchmarks/bench.py --experts_elementwise_eager).
-COMPILED_ELEMENTWISE = True
 
 
 @functools.cache

@@ -348,8 +348,9 @@ class SparseMoE(nn.Module):
     The tokens are sorted by expert, so each expert runs once on one contiguous run of its tokens. Every expert
     runs, on no tokens where none chose it, so each one's parameters take part in every backward (DDP needs that)
     and its gradient is zero. Where the experts compute in grouped GEMMs the run boundaries stay on the device, so
-    the host never waits for the GPU here; the experts one by one read them on the host. Either way the block runs
-    outside torch.compile and outside CUDA graphs (`LlamaForCausalLM.decode_graph_safe`)."""
+    the host never waits for the GPU here; the experts one by one read them on the host, which keeps mixtures out of
+    CUDA graphs (`LlamaForCausalLM.decode_graph_safe`). The routing runs outside torch.compile; under --compile the
+    experts' elementwise work and the sum over each token's rows run as compiled functions of their own."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -376,8 +377,8 @@ class SparseMoE(nn.Module):
         positions = torch.arange(order.shape[0], device=order.device)
         inverse = torch.empty_like(order).index_copy_(0, order, positions)  # where each pair went (no second sort)
         # Where each expert's run of rows ends, found on the device (a count read on the host would wait for the GPU).
-        experts = torch.arange(1, len(self.experts) + 1, device=chosen.device, dtype=chosen.dtype)
-        ends = torch.searchsorted(chosen[order], experts, out_int32=True)  # (num_experts,)
+        expert_ids = torch.arange(1, len(self.experts) + 1, device=chosen.device, dtype=chosen.dtype)
+        ends = torch.searchsorted(chosen[order], expert_ids, out_int32=True)  # (num_experts,)
         row_weights = weights.flatten()[order].to(x.dtype)
         rows = _RowsByExpert.apply(x, order, inverse, top_k)  # (N * top_k, C)
         outputs = experts_together(self.experts, rows, ends, row_weights)  # (N * top_k, C), or its two summands

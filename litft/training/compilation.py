@@ -79,6 +79,7 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
         # seen on the quickstart with offloading, whose evaluation then ran uncompiled.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_GRAPH_LIMIT)
         from litft.adapters.adapter_copies import BlockAdapterCopies, has_lora_layers, wrap_block_forward
+        from litft.adapters.lora_experts import COMPILE_ELEMENTWISE
 
         for block in model.blocks:
             offload = getattr(block, "activation_offload", None)
@@ -92,9 +93,7 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
                 # are the attention's (the experts read their own).
                 if hasattr(block, "attend") and offload is None and "forward" not in vars(block):
                     block.attend = wrap_block_forward(block.self_attn, torch.compile(block.attend))
-                from litft.adapters.lora_experts import COMPILE_ELEMENTWISE  # the experts' SwiGLU, compiled alone
-
-                for module in block.modules():
+                for module in block.modules():  # the experts' elementwise work, compiled apart from the routing
                     if isinstance(getattr(module, "experts", None), nn.ModuleList):
                         module.experts.__dict__[COMPILE_ELEMENTWISE] = True
                 continue
