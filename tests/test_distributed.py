@@ -202,13 +202,19 @@ def test_float8_base_trains_alike_on_one_and_two_processes(tmp_path, tiny_llama_
     ))
     reference = losses(tmp_path / "single")
     assert len(reference) == STEPS
+    single = adapter(tmp_path / "single")
     for name in ("ddp", "fsdp"):
         # Not bit for bit: a gradient scaled by another constant (the token count of a process's share) rounds to
-        # float8 a hair differently; float32 LoRA meets 1e-5 here, float8 1e-4 (adapter values ~0.1), and the
-        # losses (~6) 3e-5 (1.1e-5 seen on an AVX2-only CPU).
-        assert losses(tmp_path / name) == pytest.approx(reference, rel=0, abs=3 * TOLERANCE), name
+        # float8 a hair differently, by how much depends on the CPU's kernels. Seen: losses (~6) 1.1e-5 apart on an
+        # AVX2-only CPU, 5.7e-5 on an AMD EPYC, whose adapters differed from one process's by up to 0.6% of each
+        # tensor's norm (B, all update: 1e-4 absolute on the other CPU). A base that did not reach a process, or a
+        # shard that went astray, moves them by whole percents of the loss.
+        assert losses(tmp_path / name) == pytest.approx(reference, rel=0, abs=20 * TOLERANCE), name
         for key, tensor in adapter(tmp_path / name).items():
-            torch.testing.assert_close(tensor, adapter(tmp_path / "single")[key], rtol=0, atol=1e-4, msg=key)
+            assert (tensor - single[key]).norm() <= 0.02 * single[key].norm(), (name, key)
+    # The two strategies split the batch alike, so they round alike: DDP and FSDP2 agree with each other closely.
+    for key, tensor in adapter(tmp_path / "fsdp").items():
+        torch.testing.assert_close(tensor, adapter(tmp_path / "ddp")[key], rtol=0, atol=1e-5, msg=key)
 
 
 def test_lora_on_every_projection_trains_alike_under_fsdp2(tmp_path, tiny_llama_dir):
