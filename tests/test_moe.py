@@ -179,6 +179,33 @@ def test_expert_adapters_load_in_peft_with_the_adapted_logits(family, moe_checkp
     torch.testing.assert_close(logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("join_weights", [True, False])
+def test_training_loads_a_mixture_with_its_expert_adapters_stacked(join_weights, moe_checkpoints):
+    """Loaded for training, a mixture's expert adapters are two parameters per projection, also where the frozen
+    weights are left apart for FSDP2 (join_weights False): FSDP2 then shards 6 adapter tensors per layer, not 768."""
+    from pathlib import Path
+
+    from litft.commands.finetune import load_for_training
+
+    config = LoRAConfig(rank=4, alpha=8, targets=["all-linear"])
+    model = load_for_training("lora", Path(moe_checkpoints["qwen3_moe"]), torch.float32, torch.device("cpu"), config,
+                              None, join_weights)
+    for moe in sparse_blocks(model):
+        stacked = [name for name, _ in moe.experts.named_parameters(recurse=False)]
+        assert sorted(stacked) == sorted(f"{p}_{f}" for p in ("gate_proj", "up_proj", "down_proj")
+                                         for f in ("lora_A", "lora_B"))
+        assert all(p.requires_grad for p in moe.experts.parameters(recurse=False))
+    laid = [lora_experts_joint(moe) for moe in sparse_blocks(model)]
+    assert all(laid) if join_weights else not any(laid)
+
+
+def lora_experts_joint(moe: SparseMoE) -> bool:
+    from litft.adapters import lora_experts
+
+    gate_up_order, _ = lora_experts._kinds(lora_experts._projections(moe.experts))
+    return lora_experts._joint(gate_up_order, "weight") is not None
+
+
 def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_path):
     """DDP and FSDP2 on two processes against one: the same loss and the same update of every adapter, experts
     included, although each rank routes only its own rows (so the experts that run differ between the ranks and

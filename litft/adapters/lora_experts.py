@@ -70,10 +70,7 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
     from litft.adapters.lora import LoRALinear
 
     laid = 0
-    for module in model.modules():
-        experts = getattr(module, "experts", None)
-        if not isinstance(experts, nn.ModuleList) or not all(hasattr(expert, "names") for expert in experts):
-            continue
+    for experts in _mixtures(model):
         stack_expert_adapters(experts)
         gate_up_order, downs = _kinds(_projections(experts))
         flat = gate_up_order + downs
@@ -91,6 +88,22 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
             _lay(ordered, _tensor_names(ordered[0]))
         laid += 1
     return laid
+
+
+def stack_mixture_adapters(model: nn.Module) -> int:
+    """`stack_expert_adapters` for every mixture of `model` (without laying the frozen weights out, which FSDP2
+    would undo); returns how many it stacked."""
+    return sum(stack_expert_adapters(experts) for experts in _mixtures(model))
+
+
+def _mixtures(model: nn.Module) -> list[nn.ModuleList]:
+    """The experts' ModuleList of each mixture in `model` (experts that name their projections)."""
+    found = []
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, nn.ModuleList) and all(hasattr(expert, "names") for expert in experts):
+            found.append(experts)
+    return found
 
 
 class ExpertAdapterSlice:

@@ -750,6 +750,10 @@ def load_for_training(
         apply_lora(model, lora_config)
         if join_weights:
             join_frozen_weights(model)
+        else:  # FSDP2: the frozen weights stay apart, but a mixture's expert adapters are still stacked (fewer shards)
+            from litft.adapters.lora_experts import stack_mixture_adapters
+
+            stack_mixture_adapters(model)
     else:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
