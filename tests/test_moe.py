@@ -579,3 +579,104 @@ def test_grouped_4bit_experts_laid_back_to_back_compute_what_they_compute_one_by
     assert lora_experts._joint(lora_experts._kinds(layers)[1], "weight_absmax") is not None
     x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The routers' load-balancing loss (--train.router_aux_loss_coef)
+
+
+def padded_batch(vocab: int = 512) -> dict[str, torch.Tensor]:
+    """Two rows, the second right-padded: input ids, next-token targets (-100 past each row's end) and the mask of
+    real tokens, as SupervisedObjective.collate makes them."""
+    generator = torch.Generator().manual_seed(3)
+    lengths = [12, 7]
+    ids = torch.randint(0, vocab, (2, 12), generator=generator)
+    mask = torch.arange(12)[None, :] < torch.tensor(lengths)[:, None]
+    ids = ids.masked_fill(~mask, 0)
+    targets = ids.roll(-1, dims=1).masked_fill(~mask.roll(-1, dims=1), -100)
+    targets[:, -1] = -100
+    return {"input_ids": ids, "targets": targets, "token_mask": mask}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_router_loss_and_gradients_equal_transformers_with_router_logits(family, moe_checkpoints):
+    """With --train.router_aux_loss_coef, one micro-batch's loss (summed, then divided by its trained tokens) is
+    transformers' loss with `output_router_logits` and that `router_aux_loss_coef`, padding left out of the
+    balancing loss by the mask; the routers' gradients (full fine-tuning) match transformers' too."""
+    import transformers
+
+    from litft.training.loss import CausalLMObjective
+
+    coefficient = 0.05
+    checkpoint = moe_checkpoints[family]
+    batch = padded_batch()
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.float32, output_router_logits=True, router_aux_loss_coef=coefficient
+    )
+    labels = batch["input_ids"].masked_fill(~batch["token_mask"], -100)
+    expected = reference(input_ids=batch["input_ids"], attention_mask=batch["token_mask"].long(), labels=labels).loss
+    expected.backward()
+    model = load_model(checkpoint, dtype=torch.float32).requires_grad_(True)
+    objective = CausalLMObjective(model, router_aux_loss_coef=coefficient)
+    trained = (batch["targets"] != -100).sum()
+    loss = objective(batch["input_ids"], batch["targets"], token_mask=batch["token_mask"]) / trained
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    without = CausalLMObjective(model)(batch["input_ids"], batch["targets"]) / trained
+    assert (loss - without).item() > 0.025  # the balancing loss is there (top_k = 2 for an even router, times 0.05)
+    loss.backward()
+    moe = "block_sparse_moe" if family == "mixtral" else "mlp"
+    for name, parameter in model.named_parameters():
+        if name.endswith(f"{moe}.gate.weight"):  # transformers 5 calls Mixtral's block `mlp` too
+            expected_gradient = reference.get_parameter(name.replace("block_sparse_moe", "mlp")).grad
+            torch.testing.assert_close(parameter.grad, expected_gradient, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_router_loss_is_the_same_under_checkpointing_and_tiles(moe_checkpoints):
+    """Recomputed blocks (activation checkpointing) and MLP tiles give the same balancing loss and the same router
+    gradients as the plain forward: the routers' outputs that escape a checkpoint still take their gradient."""
+    from litft.training.loss import CausalLMObjective
+    from litft.training.strategies import enable_activation_checkpointing
+    from litft.training.tiling import enable_tiled_mlp
+
+    batch = padded_batch()
+    results = []
+    for variant in ("plain", "checkpointed", "tiled"):
+        model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32).requires_grad_(True)
+        if variant == "checkpointed":
+            enable_activation_checkpointing(model)
+        elif variant == "tiled":
+            enable_tiled_mlp(model, 5)
+        objective = CausalLMObjective(model, router_aux_loss_coef=0.1)
+        loss = objective(batch["input_ids"], batch["targets"], token_mask=batch["token_mask"])
+        loss.backward()
+        routers = [p.grad.clone() for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
+        results.append((loss.detach(), routers))
+    (plain, plain_routers), *others = results
+    for loss, routers in others:
+        torch.testing.assert_close(loss, plain, atol=1e-5, rtol=1e-6)
+        for gradient, expected in zip(routers, plain_routers):
+            torch.testing.assert_close(gradient, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_router_loss_flag_fine_tunes_a_mixture_and_refuses_what_it_cannot_do(moe_checkpoints, tiny_llama_dir,
+                                                                            tmp_path, capsys):
+    """`--train.router_aux_loss_coef` trains (its first loss above the plain run's by the coefficient times the
+    balancing loss, about top_k = 2 for a router near even), and stops with one line on a model without routers,
+    with offloaded checkpointing and below 0."""
+    checkpoint = moe_checkpoints["qwen3_moe"]
+    flags = ("--train.max_steps", "1", "--data.limit", "8", "--train.global_batch_size", "4")
+    finetune("full", checkpoint, tmp_path / "plain", *flags)
+    finetune("full", checkpoint, tmp_path / "balanced", *flags, "--train.router_aux_loss_coef", "0.5")
+    plain, balanced = (read_metrics(tmp_path / name)[1]["train/loss"] for name in ("plain", "balanced"))
+    assert balanced > plain + 0.5 * 1.0
+    for directory, extra, message in (
+        (tiny_llama_dir, ("--train.router_aux_loss_coef", "0.01"), "has no mixture of experts"),
+        (checkpoint, ("--train.router_aux_loss_coef", "0.01", "--train.activation_checkpointing", "offload"),
+         "offload is not supported"),
+        (checkpoint, ("--train.router_aux_loss_coef", "-1"), "must be 0 or more"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            finetune("full", directory, tmp_path / "refused", *flags, *extra)
+        assert exit_info.value.code != 0
+        error = capsys.readouterr().err.strip().splitlines()
+        assert message in error[-1] and "Traceback" not in "\n".join(error)

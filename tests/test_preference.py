@@ -349,6 +349,8 @@ def preference_records(**changes) -> list[dict]:
     (preference_records(), ["--dpo.beta", "0"], "--dpo.beta 0.0: must be positive"),
     (preference_records(), ["--method", "adapter"], "--method 'adapter': choose one of lora, qlora, full"),
     (preference_records(), ["--data.pack", "true"], "--data.pack"),
+    (preference_records(), ["--train.router_aux_loss_coef", "0.01"],
+     "--train.router_aux_loss_coef applies to supervised fine-tuning, not to dpo"),
 ])
 def test_bad_pairs_and_flags_fail_with_one_line(records, flags, message, stories_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "pairs.jsonl", records)

@@ -470,6 +470,9 @@ def run_finetune(
     task.validate(data)
     train.validate()
     eval.validate()
+    if train.router_aux_loss_coef and not isinstance(task, SupervisedTask):
+        raise ConfigError(f"--train.router_aux_loss_coef applies to supervised fine-tuning, not to {task.name}; "
+                          "leave it at 0")
     checkpoint = checkpoint_dir_or_error(checkpoint)
     out_dir = Path(out_dir)
     refuse_out_dir_over_checkpoint(out_dir, checkpoint)
@@ -514,6 +517,9 @@ def run_finetune(
     # ---- model -------------------------------------------------------------------------------------------------
     sharded = is_fsdp(fabric)
     model = load_for_strategy(fabric, method, checkpoint, weights_dtype, lora, quantize)
+    if train.router_aux_loss_coef and not has_routers(model):
+        raise ConfigError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {checkpoint} has no mixture "
+                          "of experts (no router to balance); leave it at 0")
     objective = task.make_objective(fabric, model, tokenizer, method)
     if train.mlp_tile_tokens is not None:
         from litft.training.tiling import enable_tiled_mlp
@@ -533,7 +539,7 @@ def run_finetune(
     total = logical_parameter_count(model)
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}, objective {task.name}")
-    wrapped = setup_for_strategy(fabric, CausalLMObjective(model))
+    wrapped = setup_for_strategy(fabric, CausalLMObjective(model, router_aux_loss_coef=train.router_aux_loss_coef))
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
     optimizer = fabric.setup_optimizers(make_optimizer(wrapped, train))
@@ -708,6 +714,13 @@ def padding_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
+
+
+def has_routers(model: nn.Module) -> bool:
+    """Whether `model` has a mixture of experts' router (what --train.router_aux_loss_coef balances)."""
+    from litft.models.llama import Router
+
+    return any(isinstance(module, Router) for module in model.modules())
 
 
 def load_for_training(

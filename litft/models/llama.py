@@ -217,11 +217,16 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.top_k = top_k
         self.normalize = normalize
+        # While a load-balancing loss is gathered (`litft.training.loss.router_choices`): each call appends its
+        # probabilities and choices here.
+        self.collected: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(x, self.weight)  # (N, num_experts)
         probabilities = logits.float().softmax(dim=-1)
         weights, experts = probabilities.topk(self.top_k, dim=-1)  # (N, top_k) each
+        if self.collected is not None:
+            self.collected.append((probabilities, experts))
         if self.normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, experts  # weights in float32

@@ -38,6 +38,10 @@ class TrainConfig:
         mlp_tile_tokens: Run each MLP over chunks of this many tokens when a micro-batch holds more, so one chunk's
             intermediate activations exist at a time (for sequences of 100k tokens and more; costs one more MLP
             forward per chunk in the backward). None: whole micro-batches.
+        router_aux_loss_coef: Mixtures of experts: add this times the routers' load-balancing loss (Switch
+            Transformer's, as transformers computes it with `output_router_logits`) to each micro-batch's loss, so
+            that training keeps the experts evenly used. 0: none (transformers' default); the models' own configs
+            suggest 0.02 (Mixtral) and 0.001 (Qwen-MoE). Supervised fine-tuning only.
         save_interval: Save a resumable checkpoint every this many steps (None: only at the end).
         log_interval: Log metrics every this many steps.
     """
@@ -59,6 +63,7 @@ class TrainConfig:
     activation_checkpointing: bool | Literal["offload"] = False
     checkpointed_blocks: int | None = None
     mlp_tile_tokens: int | None = None
+    router_aux_loss_coef: float = 0.0
     save_interval: int | None = None
     log_interval: int = 1
 
@@ -93,6 +98,13 @@ class TrainConfig:
         for flag, beta in (("--train.beta1", self.beta1), ("--train.beta2", self.beta2)):
             if not 0.0 <= beta < 1.0:
                 raise ConfigError(f"{flag} {beta}: must be at least 0 and below 1")
+        if self.router_aux_loss_coef < 0:
+            raise ConfigError(f"--train.router_aux_loss_coef {self.router_aux_loss_coef}: must be 0 or more")
+        if self.router_aux_loss_coef and self.activation_checkpointing == "offload":
+            raise ConfigError(
+                "--train.router_aux_loss_coef with --train.activation_checkpointing offload is not supported (the "
+                "offloaded forward runs without autograd, so the routers' loss would not train); use "
+                "--train.activation_checkpointing true")
         if self.max_norm is not None and self.max_norm <= 0:
             raise ConfigError(f"--train.max_norm {self.max_norm}: must be positive (None: no clipping)")
         if self.save_interval is not None and self.save_interval < 1:

@@ -11,7 +11,8 @@ checkpointing instead: the same memory bound, one extra head projection in the b
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -161,13 +162,63 @@ def causal_lm_loss(
     return per_position.index_copy(0, positions, losses).view(targets.shape)
 
 
+@contextmanager
+def router_choices(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Within the block, every router of `model`'s mixtures of experts appends its (probabilities (N, E) float32,
+    chosen experts (N, top_k)) to the yielded list, layer after layer (and tile after tile, each a run of the
+    batch's tokens in order, under --train.mlp_tile_tokens)."""
+    from litft.models.llama import Router
+
+    routers = [module for module in model.modules() if isinstance(module, Router)]
+    collected: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for router in routers:
+        router.collected = collected
+    try:
+        yield collected
+    finally:
+        for router in routers:
+            router.collected = None
+
+
+def load_balancing_loss(
+    collected: list[tuple[torch.Tensor, torch.Tensor]], token_mask: torch.Tensor
+) -> torch.Tensor:
+    """The routers' auxiliary load-balancing loss (Switch Transformer's, as transformers' `load_balancing_loss_func`
+    computes it for Mixtral and Qwen-MoE): over every routed layer's real tokens (`token_mask` (B, T), padding
+    False), num_experts * sum over slots and experts of (the fraction of tokens whose slot k went to expert e) x
+    (expert e's mean router probability): top_k for an even router, up to top_k x num_experts for one that sends
+    everything to the same experts. Sums per layer, so nothing of size tokens x top_k x experts is formed."""
+    mask = token_mask.reshape(-1).to(torch.float32)  # (N,)
+    tokens = mask.shape[0]
+    probabilities, chosen = collected[0]
+    experts, top_k = probabilities.shape[1], chosen.shape[1]
+    routed = torch.zeros((top_k, experts), dtype=torch.float32, device=probabilities.device)
+    probability_sum = torch.zeros(experts, dtype=torch.float32, device=probabilities.device)
+    start = 0
+    for probabilities, chosen in collected:
+        rows = probabilities.shape[0]
+        weight = mask[start : start + rows]  # this call's run of the batch's tokens
+        start = (start + rows) % tokens
+        routed = routed.scatter_add(1, chosen.t(), weight.expand(top_k, rows))  # (top_k, E)
+        probability_sum = probability_sum + (probabilities * weight[:, None]).sum(dim=0)  # (E,)
+    layers = sum(probabilities.shape[0] for probabilities, _ in collected) / tokens  # the routed layers
+    counted = (mask.sum() * layers).clamp(min=1)  # real tokens over all routed layers
+    return experts * ((routed / counted) * (probability_sum / counted)[None, :]).sum()
+
+
 class CausalLMObjective(nn.Module):
     """Wraps a model so that its `forward` returns the loss: Fabric's DDP and FSDP2 wrappers hook `forward`, so the
-    loss (and the head projection inside it) must run there, not in a side method."""
+    loss (and the head projection inside it) must run there, not in a side method.
 
-    def __init__(self, model: nn.Module) -> None:
+    `router_aux_loss_coef` > 0 (a mixture of experts): the summed loss also carries that times the routers'
+    load-balancing loss times the micro-batch's trained-token count, so that divided by the global batch's count
+    it adds the coefficient times each micro-batch's balancing loss, weighted by its share of trained tokens (a
+    single micro-batch: exactly transformers' loss with `output_router_logits`)."""
+
+    def __init__(self, model: nn.Module, router_aux_loss_coef: float = 0.0) -> None:
         super().__init__()
         self.model = model
+        self.router_aux_loss_coef = router_aux_loss_coef
 
     def forward(
         self,
@@ -177,9 +228,23 @@ class CausalLMObjective(nn.Module):
         document_ids: torch.Tensor | None = None,
         reduction: str = "sum",
         trained_positions: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+        """The loss (see `causal_lm_loss`); `token_mask` (B, T): the real tokens, padding False, which the routers'
+        load-balancing loss counts (None: every position)."""
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        return causal_lm_loss(
-            hidden, targets, self.model.head, self.model.logits, softcap, reduction, trained_positions
-        )
+        if not self.router_aux_loss_coef:
+            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+            return causal_lm_loss(
+                hidden, targets, self.model.head, self.model.logits, softcap, reduction, trained_positions
+            )
+        if reduction != "sum":
+            raise ValueError("the routers' load-balancing loss is added to the summed loss only")
+        with router_choices(self.model) as collected:
+            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+        loss = causal_lm_loss(hidden, targets, self.model.head, self.model.logits, softcap, "sum", trained_positions)
+        if not collected:  # no token reached a router (a model without mixtures is refused before training)
+            return loss
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
+        trained = (targets != IGNORE_INDEX).sum() if trained_positions is None else trained_positions.numel()
+        return loss + self.router_aux_loss_coef * load_balancing_loss(collected, mask) * trained

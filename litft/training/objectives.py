@@ -24,8 +24,11 @@ class SupervisedObjective:
         from litft.data import collate
 
         batch = collate(rows, pad_id=self.pad_id)
-        batch["num_tokens"] = sum(self.row_length(row) for row in rows)
+        lengths = torch.tensor([self.row_length(row) for row in rows])
+        batch["num_tokens"] = int(lengths.sum())
         batch["trained_positions"] = find_trained_positions(batch["targets"])
+        # The real tokens, padding False: what a mixture's load-balancing loss counts (--train.router_aux_loss_coef).
+        batch["token_mask"] = torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]
         return batch
 
     @staticmethod
@@ -44,6 +47,7 @@ class SupervisedObjective:
             position_ids=batch.get("position_ids"),
             document_ids=batch.get("document_ids"),
             trained_positions=batch.get("trained_positions"),
+            token_mask=batch.get("token_mask"),
         )
         return loss, {}
 
