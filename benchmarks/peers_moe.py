@@ -155,13 +155,27 @@ def decode(arguments, vocab: int) -> dict:
     return dict(tokens_per_s=made / (time.perf_counter() - began), prompt=arguments.prompt, new=arguments.new)
 
 
+def versions(peer: str) -> dict[str, str]:
+    """The peer's package versions, so that a result says what it measured."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "transformers", "peft"] + (["unsloth", "unsloth_zoo"] if peer == "unsloth" else [])
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
 def one_peer(arguments) -> None:
     import torch
     from bench import SHAPES, flops_per_token
 
     shape = SHAPES[arguments.shape]
     record = dict(peer=arguments.one, task=arguments.task, shape=arguments.shape, batch=arguments.batch,
-                  seq=arguments.seq)
+                  seq=arguments.seq, versions=versions(arguments.one))
     try:
         if arguments.one == "hf" and arguments.task == "qlora":
             raise ValueError("bitsandbytes' 4-bit layers do not take transformers' fused 3-D expert parameters")
