@@ -179,6 +179,28 @@ def test_expert_adapters_load_in_peft_with_the_adapted_logits(family, moe_checkp
     torch.testing.assert_close(logits, adapted_logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_mixture_resumes_from_a_checkpoint_with_its_stacked_adapters(moe_checkpoints, tmp_path):
+    """A resumable checkpoint holds the stacked expert adapters and their optimizer state under the stacked names:
+    continued from step 2 of a 4-step run, another run ends with the same adapter and the same last loss."""
+    from safetensors.torch import load_file as load_tensors
+
+    checkpoint = moe_checkpoints["qwen3_moe"]
+    flags = ("--lora.targets", "all-linear", "--train.max_steps", "4", "--train.save_interval", "2",
+             "--train.global_batch_size", "2", "--data.limit", "16", "--train.warmup_steps", "0")
+    finetune("lora", checkpoint, tmp_path / "straight", *flags)
+    step_two = tmp_path / "straight" / "checkpoints" / "step-00000002"
+    assert step_two.exists()
+    finetune("lora", checkpoint, tmp_path / "resumed", *flags, "--resume", str(step_two))
+    resumed_steps = {step for step, row in read_metrics(tmp_path / "resumed").items() if "train/loss" in row}
+    assert resumed_steps == {3, 4}  # it trained only after the checkpoint: equal below only if state came back
+    assert read_metrics(tmp_path / "resumed")[4]["train/loss"] == read_metrics(tmp_path / "straight")[4]["train/loss"]
+    expected = load_tensors(tmp_path / "straight" / "final" / "adapter_model.safetensors")
+    resumed = load_tensors(tmp_path / "resumed" / "final" / "adapter_model.safetensors")
+    assert resumed.keys() == expected.keys() and any(".experts.3." in name for name in expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize("join_weights", [True, False])
 def test_training_loads_a_mixture_with_its_expert_adapters_stacked(join_weights, moe_checkpoints):
     """Loaded for training, a mixture's expert adapters are two parameters per projection, also where the frozen
