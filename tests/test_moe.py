@@ -490,6 +490,13 @@ def test_experts_laid_back_to_back_keep_their_names_values_and_logits(moe_checkp
     join_frozen_weights(reloaded)
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids()), logits, atol=1e-5, rtol=1e-5)
+    # Merged in place, the stacked adapters go with the LoRA layers: the state is the base model's names alone.
+    from litft.adapters.lora import merge_lora_
+
+    merge_lora_(reloaded)
+    assert set(reloaded.state_dict()) == set(load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids()), logits, atol=1e-5, rtol=1e-5)
     for moe in sparse_blocks(model):
         layers = lora_experts._projections(moe.experts)
         gate_up_order, down_order = lora_experts._kinds(layers)

@@ -383,3 +383,6 @@ def merge_lora_(model: nn.Module, dtype: torch.dtype | None = None) -> None:
         if module.bias is not None:
             merged.bias = nn.Parameter(module.bias.detach().to(target_dtype), requires_grad=False)
         replace_module(model, name, merged)
+    from litft.adapters.lora_experts import drop_stacked_adapters
+
+    drop_stacked_adapters(model)  # a mixture's stacked expert adapters, merged above through each expert's slice

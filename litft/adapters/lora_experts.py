@@ -64,9 +64,10 @@ def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
 
 
 def lay_experts_back_to_back(model: nn.Module) -> int:
-    """Lays the frozen weights of every mixture of LoRA experts in `model` back to back (see the module's
-    docstring); returns how many mixtures it laid out. Mixtures whose experts are not all LoRA layers, either
-    plain-weight ones of one dtype and device or NF4 ones of one format, stay as they are."""
+    """Stacks the expert adapters of every mixture of LoRA experts in `model` (`stack_expert_adapters`) and lays
+    their frozen weights back to back (see the module's docstring); returns how many mixtures it laid out. Mixtures
+    whose experts are not all LoRA layers, either plain-weight ones of one dtype and device or NF4 ones of one
+    format, stay as they are."""
     from litft.adapters.lora import LoRALinear
 
     laid = 0
@@ -94,6 +95,15 @@ def stack_mixture_adapters(model: nn.Module) -> int:
     """`stack_expert_adapters` for every mixture of `model` (without laying the frozen weights out, which FSDP2
     would undo); returns how many it stacked."""
     return sum(stack_expert_adapters(experts) for experts in _mixtures(model))
+
+
+def drop_stacked_adapters(model: nn.Module) -> None:
+    """Removes the stacked expert adapters of `model`'s mixtures once nothing reads them (their LoRA layers merged
+    into plain ones), so that a merged model's state holds no adapter tensors."""
+    for experts in _mixtures(model):
+        for name in _stacked_adapters(experts) or ():
+            del experts._parameters[name]
+        experts.__dict__.pop("_grouped_plan", None)
 
 
 def _mixtures(model: nn.Module) -> list[nn.ModuleList]:
