@@ -698,6 +698,10 @@ def test_router_loss_flag_fine_tunes_a_mixture_and_refuses_what_it_cannot_do(moe
     finetune("full", checkpoint, tmp_path / "balanced", *flags, "--train.router_aux_loss_coef", "0.5")
     plain, balanced = (read_metrics(tmp_path / name)[1]["train/loss"] for name in ("plain", "balanced"))
     assert balanced > plain + 0.5 * 1.0
+    # The balancing loss is logged apart, and the two losses differ by the coefficient times it.
+    logged = read_metrics(tmp_path / "balanced")[1]["train/router_aux_loss"]
+    assert balanced - plain == pytest.approx(0.5 * logged, rel=1e-4)
+    assert "train/router_aux_loss" not in read_metrics(tmp_path / "plain")[1]
     for directory, extra, message in (
         (tiny_llama_dir, ("--train.router_aux_loss_coef", "0.01"), "has no mixture of experts"),
         (checkpoint, ("--train.router_aux_loss_coef", "0.01", "--train.activation_checkpointing", "offload"),

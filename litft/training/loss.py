@@ -219,6 +219,8 @@ class CausalLMObjective(nn.Module):
         super().__init__()
         self.model = model
         self.router_aux_loss_coef = router_aux_loss_coef
+        # The last call's balancing loss times its trained tokens (detached), which the objective logs.
+        self.router_aux_loss_sum: torch.Tensor | None = None
 
     def forward(
         self,
@@ -247,4 +249,6 @@ class CausalLMObjective(nn.Module):
             return loss
         mask = torch.ones_like(input_ids, dtype=torch.bool) if token_mask is None else token_mask
         trained = (targets != IGNORE_INDEX).sum() if trained_positions is None else trained_positions.numel()
-        return loss + self.router_aux_loss_coef * load_balancing_loss(collected, mask) * trained
+        balancing = load_balancing_loss(collected, mask) * trained
+        self.router_aux_loss_sum = balancing.detach()
+        return loss + self.router_aux_loss_coef * balancing

@@ -49,7 +49,10 @@ class SupervisedObjective:
             trained_positions=batch.get("trained_positions"),
             token_mask=batch.get("token_mask"),
         )
-        return loss, {}
+        # A mixture's balancing loss (--train.router_aux_loss_coef), logged apart: averaged like the loss, it reads
+        # as the mean balancing loss per trained token (the logged loss includes it times the coefficient).
+        balancing = getattr(getattr(model, "module", model), "router_aux_loss_sum", None)
+        return loss, {} if balancing is None else {"router_aux_loss": balancing}
 
     @staticmethod
     def derived_metrics(metrics: dict[str, float]) -> dict[str, float]:
