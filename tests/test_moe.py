@@ -363,6 +363,9 @@ def test_compiled_elementwise_of_grouped_experts_computes_what_they_compute_one_
     assert moe.experts.__dict__[lora_experts.COMPILE_ELEMENTWISE]
     torch.manual_seed(0)
     x = torch.randn(2, 24, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    rows, ends = x.detach().reshape(-1, x.shape[-1]), torch.full((EXPERTS,), 48, dtype=torch.int32)
+    summands = lora_experts.experts_together(moe.experts, rows, ends, torch.ones(48, dtype=torch.bfloat16))
+    assert isinstance(summands, tuple)  # the compiled path: base and adapter apart, for the compiled sum
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
 
 
@@ -395,6 +398,12 @@ def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(fami
     with adapters_disabled(model):
         assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is None
     assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
+    # Weights given new memory under the same parameters (as model.to(...) does) are found again: no longer back
+    # to back, the experts run one by one, on the new values.
+    with torch.no_grad():
+        for parameter in moe.experts.parameters():
+            parameter.data = parameter.data.clone()
+    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is None
 
 
 @pytest.mark.gpu

@@ -119,8 +119,8 @@ def _mixtures(model: nn.Module) -> list[nn.ModuleList]:
 class ExpertAdapterSlice:
     """An expert LoRA layer's `lora_A` or `lora_B` once its mixture's adapters are stacked: `weight` is the expert's
     slice of the stacked parameter (a view: its gradient lands in the stacked one), looked up at each use so that a
-    parameter replaced on the ModuleList (a reload that assigns) is followed. Called, it is the bias-free linear
-    layer it replaced."""
+    parameter replaced on the ModuleList (a reload that assigns) is followed. (Only plain LoRA layers are stacked,
+    which read `weight`; DoRA's, which call their factors as layers, keep them.)"""
 
     def __init__(self, experts: nn.ModuleList, name: str, index: int) -> None:
         self.experts, self.name, self.index = experts, name, index
@@ -128,9 +128,6 @@ class ExpertAdapterSlice:
     @property
     def weight(self) -> torch.Tensor:
         return getattr(self.experts, self.name)[self.index]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
 
     def __repr__(self) -> str:
         return f"ExpertAdapterSlice({self.name}[{self.index}])"
@@ -251,20 +248,40 @@ def _joint(ordered: list[nn.Module], name: str) -> torch.Tensor | None:
 def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
     """`ordered`'s laid-out NF4 weights dequantized in one launch, as a (shape) tensor; per weight where they no
     longer lie back to back."""
+    return _dequantized(ordered, _nf4_joint(ordered), shape, dtype)
+
+
+def _nf4_joint(ordered: list[nn.Module]) -> list[torch.Tensor] | None:
+    """`ordered`'s laid-out NF4 tensors (packed values, then the dequantization's state in its order: block codes,
+    group scales, table, offsets) as flat joint tensors for one launch; None where they cannot go in one."""
     from litft.adapters import nf4_dequantize
-    from litft.adapters.quantization import BLOCKSIZE_4BIT
 
     first = ordered[0]
-    joint = [_joint(ordered, name) for name in _tensor_names(first)] if first.quantization.mode == "bnb.nf4" else [None]
+    if first.quantization.mode != "bnb.nf4":
+        return None
+    joint = [_joint(ordered, name) for name in _tensor_names(first)]
     if any(tensor is None for tensor in joint) or not nf4_dequantize.can_dequantize(
         joint[0], first.out_features, first.in_features
     ):
+        return None
+    if first.quantization.double_quant:
+        joint = [joint[0], joint[1], joint[2], first.weight_nested_code, joint[3]]
+    return joint
+
+
+def _dequantized(
+    ordered: list[nn.Module], joint: list[torch.Tensor] | None, shape: tuple[int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """`ordered`'s 4-bit weights as a (shape) tensor in `dtype`: one launch over their `joint` tensors
+    (`_nf4_joint`, found once per plan), or one weight at a time where there are none."""
+    from litft.adapters import nf4_dequantize
+    from litft.adapters.quantization import BLOCKSIZE_4BIT
+
+    if joint is None:
         return _dequantized_each(ordered, shape, dtype)
-    packed, state = joint[0], joint[1:]
-    if first.quantization.double_quant:  # the dequantization's order: block codes, group scales, table, offsets
-        state = [state[0], state[1], first.weight_nested_code, state[2]]
+    first = ordered[0]
     out = nf4_dequantize.dequantize_nf4(
-        packed, state, first.out_features, first.in_features, BLOCKSIZE_4BIT,
+        joint[0], joint[1:], first.out_features, first.in_features, BLOCKSIZE_4BIT,
         getattr(first, "nested_blocksize", None) or 0, dtype, weight_count=len(ordered),
     )
     return out.view(shape)
@@ -319,9 +336,11 @@ class _Plan:
         gate_up_order, downs = _kinds(layers)
         gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
         down_shape = (len(layers), down.out_features, down.in_features)
-        if self.quantized:  # dequantized anew in each call, forward and backward
-            self.gate_up_weights = functools.partial(_dequantized_together, gate_up_order, gate_up_shape, dtype)
-            self.down_weights = functools.partial(_dequantized_together, downs, down_shape, dtype)
+        if self.quantized:  # dequantized anew in each call, forward and backward, from tensors found here
+            self.gate_up_weights = functools.partial(
+                _dequantized, gate_up_order, _nf4_joint(gate_up_order), gate_up_shape, dtype
+            )
+            self.down_weights = functools.partial(_dequantized, downs, _nf4_joint(downs), down_shape, dtype)
         else:
             gate_up, down_weight = _joint(gate_up_order, "weight"), _joint(downs, "weight")
             self.laid_out = gate_up is not None and down_weight is not None
@@ -350,12 +369,13 @@ def _plan_key(experts: nn.ModuleList, layers: list[list[nn.Module]], dtype: torc
     """What, changed, makes a mixture's plan stale: the dtype, whether adapters are switched off (for all layers
     at once, `litft.adapters.lora.adapters_disabled`), and the first and last experts' tensors and adapters
     (replaced together when a model moves, is sharded, re-laid, stacked or reloaded). The objects themselves,
-    compared by identity, so that none of them can be freed and its id reused while the key holds it."""
+    compared by identity, so that none of them can be freed and its id reused while the key holds it; and where the
+    frozen weights' memory is, which moves under the same objects when their data is replaced (`model.to(...)`)."""
     first, last = layers[0][0], layers[-1][-1]
     adapters = tuple(experts._parameters.get(name) for name in (_stacked_adapters(experts) or ()))
     if not adapters:
         adapters = (getattr(first.lora_A, "weight", None), getattr(last.lora_B, "weight", None))
-    return (dtype, "forward" in first.__dict__, len(layers),
+    return (dtype, "forward" in first.__dict__, len(layers), first.weight.data_ptr(), last.weight.data_ptr(),
             *(getattr(layer, name) for layer in (first, last) for name in ("weight", "lora_A", "lora_B")), *adapters)
 
 

@@ -453,7 +453,7 @@ def run_finetune(
     from litft.chat_templates import resolve_chat_template
     from litft.checkpoint import checkpoint_dir_or_error, read_hf_config
     from litft.tokenizer import Tokenizer
-    from litft.training.compilation import compile_blocks, resolve_compiler
+    from litft.training.compilation import compile_blocks, has_mixture_of_experts, resolve_compiler
     from litft.training.loop import Progress, TrainingState, fit, plot_history, total_steps
     from litft.training.loss import CausalLMObjective
     from litft.training.optim import make_optimizer, make_scheduler
@@ -517,7 +517,7 @@ def run_finetune(
     # ---- model -------------------------------------------------------------------------------------------------
     sharded = is_fsdp(fabric)
     model = load_for_strategy(fabric, method, checkpoint, weights_dtype, lora, quantize)
-    if train.router_aux_loss_coef and not has_routers(model):
+    if train.router_aux_loss_coef and not has_mixture_of_experts(model):
         raise ConfigError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {checkpoint} has no mixture "
                           "of experts (no router to balance); leave it at 0")
     objective = task.make_objective(fabric, model, tokenizer, method)
@@ -714,13 +714,6 @@ def padding_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
-
-
-def has_routers(model: nn.Module) -> bool:
-    """Whether `model` has a mixture of experts' router (what --train.router_aux_loss_coef balances)."""
-    from litft.models.llama import Router
-
-    return any(isinstance(module, Router) for module in model.modules())
 
 
 def load_for_training(

@@ -178,10 +178,11 @@ def block_build(block: nn.Module) -> tuple:
     return tuple(parts)
 
 
-def has_mixture_of_experts(block: nn.Module) -> bool:
+def has_mixture_of_experts(module: nn.Module) -> bool:
+    """Whether `module` (a block, or a whole model) holds a mixture of experts."""
     from litft.models.llama import SparseMoE
 
-    return any(isinstance(module, SparseMoE) for module in block.modules())
+    return any(isinstance(inner, SparseMoE) for inner in module.modules())
 
 
 def refuse_what_thunder_cannot_compile(model: nn.Module) -> None:

@@ -162,14 +162,18 @@ def causal_lm_loss(
     return per_position.index_copy(0, positions, losses).view(targets.shape)
 
 
-@contextmanager
-def router_choices(model: nn.Module) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Within the block, every router of `model`'s mixtures of experts appends its (probabilities (N, E) float32,
-    chosen experts (N, top_k)) to the yielded list, layer after layer (and tile after tile, each a run of the
-    batch's tokens in order, under --train.mlp_tile_tokens)."""
+def routers_of(model: nn.Module) -> list[nn.Module]:
+    """The routers of `model`'s mixtures of experts, in layer order."""
     from litft.models.llama import Router
 
-    routers = [module for module in model.modules() if isinstance(module, Router)]
+    return [module for module in model.modules() if isinstance(module, Router)]
+
+
+@contextmanager
+def router_choices(routers: list[nn.Module]) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Within the block, each of `routers` appends its (probabilities (N, E) float32, chosen experts (N, top_k)) to
+    the yielded list, layer after layer (and tile after tile, each a run of the batch's tokens in order, under
+    --train.mlp_tile_tokens)."""
     collected: list[tuple[torch.Tensor, torch.Tensor]] = []
     for router in routers:
         router.collected = collected
@@ -219,6 +223,9 @@ class CausalLMObjective(nn.Module):
         super().__init__()
         self.model = model
         self.router_aux_loss_coef = router_aux_loss_coef
+        # Found once: a 48-layer mixture has tens of thousands of modules to walk (kept in a plain list, so the
+        # routers are not registered twice).
+        self.routers = routers_of(model) if router_aux_loss_coef else []
         # The last call's balancing loss times its trained tokens (detached), which the objective logs.
         self.router_aux_loss_sum: torch.Tensor | None = None
 
@@ -242,7 +249,7 @@ class CausalLMObjective(nn.Module):
             )
         if reduction != "sum":
             raise ValueError("the routers' load-balancing loss is added to the summed loss only")
-        with router_choices(self.model) as collected:
+        with router_choices(self.routers) as collected:
             hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
         loss = causal_lm_loss(hidden, targets, self.model.head, self.model.logits, softcap, "sum", trained_positions)
         if not collected:  # no token reached a router (a model without mixtures is refused before training)
