@@ -485,7 +485,12 @@ def bench_decode(args) -> dict:
 
     shape = SHAPES[args.shape]
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
-    model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval()
+    model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval().requires_grad_(False)
+    from litft.adapters import lora_experts
+
+    lora_experts.lay_experts_back_to_back(model)  # as `litft generate` does: a mixture's experts in grouped GEMMs
+    if args.experts_one_by_one:  # the A/B: each chosen expert on its own (reading the counts, without CUDA graphs)
+        lora_experts.ENABLED = False
     prompt = torch.randint(0, shape["vocab"], (args.prompt,)).tolist()
 
     def run(new_tokens: int):
@@ -505,7 +510,8 @@ def bench_decode(args) -> dict:
             run(16)  # compiles for the profiled run's shorter cache outside the profile
         profile_steps(lambda: run(16), count=1, kernel_trace=args.kernel_trace)
     made = len(result[0].token_ids)
-    return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1))
+    return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1),
+                cuda_graph=bool(getattr(model, "decode_graph_safe", True)), experts_one_by_one=args.experts_one_by_one)
 
 
 def set_inductor_option(parser: argparse.ArgumentParser, setting: str) -> None:

@@ -42,6 +42,10 @@ def main() -> None:
     parser.add_argument("--offload", action="store_true", help="with --ckpt: saved block inputs in host memory")
     parser.add_argument("--ckpt_blocks", type=int, default=None, help="with --ckpt: checkpoint only the first N blocks")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--experts_one_by_one", action="store_true",
+                        help="a mixture's experts one by one (the A/B of its grouped GEMMs; under FSDP2 these read "
+                             "the gathered expert weights copied together)")
+    parser.add_argument("--profile", action="store_true", help="print rank 0's kernel profile of one more step (stderr)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--checkpoint_dir", default="/tmp/peers-hf-checkpoint")
@@ -56,6 +60,10 @@ def main() -> None:
     from litft.training.optim import make_optimizer
     from litft.training.strategies import enable_activation_checkpointing, make_fabric
 
+    if args.experts_one_by_one:
+        from litft.adapters import lora_experts
+
+        lora_experts.ENABLED = False
     shape = SHAPES[args.shape]
     fabric = make_fabric(accelerator=DEVICE, devices=args.devices, strategy=args.strategy, precision="32-true")
     fabric.launch()
@@ -92,6 +100,22 @@ def main() -> None:
     synchronize()
     fabric.barrier()
     seconds = time.perf_counter() - started
+    if args.profile:  # every rank runs the step (its collectives); rank 0 records it
+        import contextlib
+
+        from torch.profiler import ProfilerActivity, profile
+
+        from bench import print_profile_summary
+
+        recording = fabric.global_rank == 0
+        context = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if recording else contextlib.nullcontext()
+        with context as profiler:
+            train_step(fabric, wrapped, optimizer, objective, micro_batches, config)
+            synchronize()
+        if recording:
+            print(profiler.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=90),
+                  file=sys.stderr)
+            print_profile_summary(profiler, 1)
     total = per_step * args.seq * args.steps / seconds
     peak = fabric.all_reduce(torch.tensor(peak_memory_gib(), device=fabric.device), reduce_op="max")
     if fabric.global_rank == 0:
@@ -101,7 +125,7 @@ def main() -> None:
         print(json.dumps(dict(
             peer="litft", task=args.task, shape=args.shape, strategy=args.strategy, devices=args.devices,
             batch_per_gpu=args.batch, micro_batch=micro_batch, seq=args.seq, ckpt=args.ckpt, ckpt_blocks=args.ckpt_blocks, offload=args.offload,
-            compile=args.compile,
+            compile=args.compile, experts_one_by_one=args.experts_one_by_one,
             tokens_per_s=round(total), tokens_per_s_per_gpu=round(total / args.devices), mfu=round(mfu, 3),
             peak_mem_gib_per_gpu=round(float(peak), 2),
         )), flush=True)

@@ -347,7 +347,10 @@ def save_safetensors_shards(
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
-        shards[-1][name] = tensor.detach().contiguous().cpu()
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.untyped_storage().nbytes() != nbytes:  # a view into a larger storage (weights laid back to back)
+            tensor = tensor.clone()  # safetensors refuses tensors that share memory
+        shards[-1][name] = tensor
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:

@@ -158,8 +158,7 @@ class DecodeStep:
         self.positions = positions.clone()  # (B, 1): each row's position of the token being fed
         self.input_ids = torch.zeros_like(self.positions)  # (B, 1)
         self.forward_function = compiled_decode_forward() if compile else decode_forward
-        graph_safe = getattr(model, "decode_graph_safe", True)  # a mixture of experts reads its routing on the host
-        self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda" and graph_safe
+        self.use_cuda_graph = use_cuda_graph and positions.device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_logits: torch.Tensor | None = None  # (B, vocab): where each replay leaves its logits
 
@@ -186,6 +185,10 @@ class DecodeStep:
             logits = self._forward()
         main.wait_stream(side)
         logits.record_stream(main)  # allocated on the side stream, read on the main one
+        # A step that read on the host (a mixture whose experts ran one by one) cannot be recorded: it runs eager.
+        if not getattr(self.model, "decode_graph_safe", True):
+            self.use_cuda_graph = False
+            return logits
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=side):
             self.graph_logits = self._forward()

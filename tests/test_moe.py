@@ -228,12 +228,15 @@ def lora_experts_joint(moe: SparseMoE) -> bool:
     return lora_experts._joint(gate_up_order, "weight") is not None
 
 
-def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_path):
+@pytest.mark.parametrize("grouped", [False, True])
+def test_two_processes_compute_a_mixtures_update_like_one(grouped, moe_checkpoints, tmp_path, monkeypatch):
     """DDP and FSDP2 on two processes against one: the same loss and the same update of every adapter, experts
     included, although each rank routes only its own rows (so the experts that run differ between the ranks and
     the single run). One SGD step, whose update is the gradient itself: over several Adam steps, summation order
     alone moves a mixture's adapters by ~5e-5 (one process with micro-batches of 2 against 8 does too), since
-    Adam's normalised update turns rounding in near-zero gradients into steps of the learning rate's size."""
+    Adam's normalised update turns rounding in near-zero gradients into steps of the learning rate's size.
+    `grouped`: the experts through the grouped GEMMs (CPU float32 here), laid back to back in the single and DDP
+    runs, copied together at each call under FSDP2."""
     from functools import partial
 
     from conftest import concurrently
@@ -241,6 +244,8 @@ def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_p
     from test_distributed import finetune as finetune_process
     from test_distributed import losses
 
+    if grouped:
+        monkeypatch.setenv("LITFT_GROUPED_EXPERTS_ON_CPU", "1")
     checkpoint, cache = moe_checkpoints["qwen3_moe"], tmp_path / "cache"
     flags = ("--lora.targets", "all-linear", "--train.max_steps", "1", "--train.optimizer", "sgd", "--train.lr", "1.0",
              "--train.warmup_steps", "0", "--train.lr_scheduler", "constant")
@@ -265,8 +270,9 @@ def test_two_processes_compute_a_mixtures_update_like_one(moe_checkpoints, tmp_p
 @pytest.mark.gpu
 def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp_path):
     """On the GPU path: LoRA steps in bf16 with `--compile` (which leaves the mixture's blocks eager) against
-    eager; then generation, where the default CUDA-graph decoding steps aside for the mixture's host-side routing
-    and gives the eager tokens."""
+    eager; then generation: with the experts one by one (not laid out) the default CUDA-graph decoding steps aside
+    for their host-side counts, and laid out as `litft generate` lays them, the step is recorded in a CUDA graph;
+    both give the eager tokens."""
     from test_finetune import IDENTITY
 
     from litft.cli import main
@@ -286,15 +292,24 @@ def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp
         assert any(".experts.3.w2.lora_B" in name for name in adapter)
     assert first_losses[True] == pytest.approx(first_losses[False], rel=2e-2)
 
-    model = load_model(checkpoint, dtype=torch.bfloat16, device="cuda").eval()
-    cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
-    step = DecodeStep(model, cache, torch.zeros(1, 1, dtype=torch.long, device="cuda"), use_cuda_graph=True)
-    assert step.use_cuda_graph is False
+    from litft.adapters.lora_experts import lay_experts_back_to_back
+
+    model = load_model(checkpoint, dtype=torch.bfloat16, device="cuda").eval().requires_grad_(False)
     prompts = [[5, 17, 99, 4], [8, 9]]
-    with torch.inference_mode():
-        eager = [r.token_ids for r in generate(model, prompts, 12, [2], use_cuda_graph=False)]
-        default = [r.token_ids for r in generate(model, prompts, 12, [2])]
-    assert default == eager and all(eager)
+    for laid_out in (False, True):
+        if laid_out:
+            assert lay_experts_back_to_back(model) == len(sparse_blocks(model))
+        with torch.inference_mode():
+            cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
+            model.hidden_states(torch.tensor([[5, 17]], device="cuda"), torch.tensor([[0, 1]], device="cuda"),
+                                torch.ones(1, 2, dtype=torch.long, device="cuda"), cache)
+            step = DecodeStep(model, cache, torch.full((1, 1), 2, device="cuda"), use_cuda_graph=True)
+            step(torch.tensor([4], device="cuda"))
+            step(torch.tensor([7], device="cuda"))
+            assert (step.graph is not None) == laid_out and step.use_cuda_graph == laid_out
+            eager = [r.token_ids for r in generate(model, prompts, 12, [2], use_cuda_graph=False)]
+            default = [r.token_ids for r in generate(model, prompts, 12, [2])]
+        assert default == eager and all(eager)
 
 
 def test_tiled_mlp_runs_a_mixture_tile_by_tile_with_the_same_logits(moe_checkpoints):
@@ -399,11 +414,82 @@ def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(fami
         assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is None
     assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
     # Weights given new memory under the same parameters (as model.to(...) does) are found again: no longer back
-    # to back, the experts run one by one, on the new values.
+    # to back, the grouped GEMMs read them copied together at each call, on the new values.
     with torch.no_grad():
         for parameter in moe.experts.parameters():
-            parameter.data = parameter.data.clone()
-    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is None
+            parameter.data = parameter.data.clone() * 1.5
+    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
+    assert not moe.experts.__dict__["_grouped_plan"].plan.holds_views
+    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+
+
+@pytest.mark.parametrize("quantize", [None, "bnb.nf4"])
+def test_grouped_experts_run_under_fsdp2_on_weights_it_gathers(quantize, moe_checkpoints, monkeypatch):
+    """FSDP2 gives every gathered weight memory of its own, so the experts cannot lie back to back: the grouped
+    GEMMs read them copied together, forward and backward (where FSDP2 has gathered them again). One process on
+    CPU, float32: every mixture takes the grouped path in every step, its plan is kept between steps although the
+    weights' memory moves, and the loss and every gradient are the unsharded model's with its experts one by one."""
+    import tempfile
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from litft.adapters import lora_experts
+    from litft.training.parallel import parallelize_fsdp2
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    grouped_calls = []
+    experts_together = lora_experts.experts_together
+
+    def recording(*args, **kwargs):
+        result = experts_together(*args, **kwargs)
+        grouped_calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(lora_experts, "experts_together", recording)
+
+    def prepare(model: nn.Module) -> None:
+        if quantize:
+            quantize_model(model, quantize, compute_dtype=torch.float32)
+
+    def adapted() -> nn.Module:
+        model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32, prepare=prepare)
+        apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+        torch.manual_seed(0)
+        randomize_adapter(model)
+        lora_experts.stack_mixture_adapters(model)
+        return model
+
+    reference, model = adapted(), adapted()
+    ids = input_ids(batch=4)  # enough rows for 4-bit experts to be dequantized all at once
+    monkeypatch.setattr(lora_experts, "ENABLED", False)
+    expected_loss = reference(ids).logsumexp(-1).mean()
+    expected_loss.backward()
+    monkeypatch.setattr(lora_experts, "ENABLED", True)
+    grouped_calls.clear()
+    with tempfile.TemporaryDirectory() as folder:
+        dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 1), rank=0, world_size=1)
+        try:
+            parallelize_fsdp2(model, init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",)))
+            mixtures = sparse_blocks(model)
+            plans = []
+            for _ in range(2):
+                model.zero_grad()
+                loss = model(ids).logsumexp(-1).mean()
+                loss.backward()
+                plans.append([moe.experts.__dict__["_grouped_plan"] for moe in mixtures])
+            gradients = {name: parameter.grad.full_tensor() for name, parameter in model.named_parameters()
+                         if parameter.grad is not None}
+        finally:
+            dist.destroy_process_group()
+    assert grouped_calls == [True] * 2 * len(mixtures)
+    assert all(cached.plan is not None and not cached.plan.holds_views for cached in plans[0])
+    assert all(first is second for first, second in zip(*plans))  # found once
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-6)
+    expected = {name: parameter.grad for name, parameter in reference.named_parameters() if parameter.grad is not None}
+    assert gradients.keys() == expected.keys() and any(".experts." in name for name in expected)
+    for name, gradient in expected.items():
+        assert (gradients[name] - gradient).norm() <= 1e-5 * gradient.norm(), name
 
 
 @pytest.mark.gpu
@@ -555,6 +641,77 @@ def test_without_gradients_only_the_chosen_experts_run(moe_checkpoints):
         hook.remove()
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_plain_experts_laid_out_compute_together_and_let_a_decoding_step_be_recorded(family, moe_checkpoints,
+                                                                                      tmp_path, monkeypatch):
+    """Generation lays a model's plain (adapter-free) experts back to back (`litft generate`'s loading does): they
+    then compute together in grouped GEMMs (CPU float32 here) with the logits of each expert on its own, read
+    nothing on the host (`decode_graph_safe`, what lets DecodeStep record a CUDA graph), and the model still saves
+    each expert's weight under its name."""
+    from litft.adapters import lora_experts
+    from litft.checkpoint import save_safetensors_shards
+    from litft.commands.generate import load_for_generation
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_for_generation(moe_checkpoints[family], precision="32-true").model
+    mixtures = sparse_blocks(model)
+    gate_up_order, downs = lora_experts._kinds(lora_experts._projections(mixtures[0].experts))
+    assert lora_experts._joint(gate_up_order, "weight") is not None and lora_experts._joint(downs, "weight") is not None
+    ids = input_ids()
+    with torch.no_grad():
+        together = model(ids)
+        assert model.decode_graph_safe
+        monkeypatch.setattr(lora_experts, "ENABLED", False)
+        one_by_one = model(ids)
+        assert not model.decode_graph_safe
+    torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
+    save_safetensors_shards(model.state_dict(), tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+
+
+def test_frozen_plain_experts_under_lora_of_attention_compute_together_with_their_input_gradient(moe_checkpoints,
+                                                                                                   monkeypatch):
+    """LoRA that leaves the experts out: join_frozen_weights lays the plain experts back to back and they run in
+    grouped GEMMs in training too, with the input gradient of each expert on its own rows."""
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.bfloat16)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["q", "v"]))
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    x = torch.randn(3, 40, model.config.hidden_size, dtype=torch.bfloat16, requires_grad=True)
+    rows = x.detach().reshape(-1, x.shape[-1])[:64]
+    ends = torch.full((EXPERTS,), 64, dtype=torch.int32)
+    assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(64, dtype=torch.bfloat16)) is not None
+    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+
+
+def test_expert_adapters_with_dropout_compute_together_in_evaluation_only(moe_checkpoints, monkeypatch):
+    """An adapter dropout applies in training (the experts then run one by one, each with its own dropout) and not
+    in evaluation or generation, where the grouped GEMMs take the experts; the kept plan follows the switch."""
+    from litft.adapters import lora_experts
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32)
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.1, targets=["all-linear"]))
+    randomize_adapter(model)
+    join_frozen_weights(model)
+    moe = sparse_blocks(model)[0]
+    rows = torch.randn(64, model.config.hidden_size)
+    ends, weights = torch.full((EXPERTS,), 64, dtype=torch.int32), torch.ones(64)
+    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is None  # training: dropout applies
+    model.eval()
+    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is not None
+    x = torch.randn(2, 40, model.config.hidden_size, requires_grad=True)
+    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+    model.train()
+    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is None
+
+
 @pytest.fixture(scope="module")
 def wide_moe_checkpoint(tmp_path_factory):
     """Experts of 256 x 256: 1,024 NF4 blocks each, whole groups of 256 block scales, so double-quantized experts
@@ -582,7 +739,8 @@ def qlora_moe(checkpoint, dtype=torch.float32, device="cpu") -> nn.Module:
 def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkpoint, monkeypatch):
     """QLoRA experts: join_frozen_weights lays each expert's NF4 tensors back to back (gate and up of each expert
     side by side, then the downs); the model computes what it did, and one launch of the kernel (in Triton's
-    interpreter here) gives every expert's weight as each dequantizes alone."""
+    interpreter here) gives every expert's weight as each dequantizes alone, as it does where the experts lie apart
+    (FSDP2) and their NF4 tensors are copied together for it."""
     from conftest import triton_interpreter
 
     from litft.adapters import lora_experts, nf4_dequantize
@@ -598,24 +756,39 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
         assert all(lora_experts._joint(ordered, name) is not None for name in lora_experts.QUANTIZED_TENSORS)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
+    shape = (EXPERTS, 2 * 256, 256)
+    apart = lora_experts._kinds(lora_experts._projections(sparse_blocks(qlora_moe(wide_moe_checkpoint))[0].experts))[0]
     with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
-        shape = (EXPERTS, 2 * 256, 256)
         together = lora_experts._dequantized_together(gate_up_order, shape, torch.float32)
         each = lora_experts._dequantized_each(gate_up_order, shape, torch.float32)
+        # Apart (FSDP2 gathers each weight into memory of its own): copied together for the one launch.
+        assert lora_experts._nf4_joint(apart) is None
+        copied = lora_experts._dequantized_copied_together(apart, shape, torch.float32)
     assert torch.equal(together, each)
+    assert torch.equal(copied, each)
 
 
 @pytest.mark.gpu
-def test_grouped_4bit_experts_laid_back_to_back_compute_what_they_compute_one_by_one(wide_moe_checkpoint):
+@pytest.mark.parametrize("laid_out", [True, False])
+def test_grouped_4bit_experts_compute_what_they_compute_one_by_one(laid_out, wide_moe_checkpoint):
+    """Laid back to back (one GPU, DDP) or apart (FSDP2: their tensors copied together at each call)."""
     from litft.adapters import lora_experts
     from litft.adapters.lora_projections import join_frozen_weights
 
     model = qlora_moe(wide_moe_checkpoint, torch.bfloat16, "cuda")
-    join_frozen_weights(model)
+    if laid_out:
+        join_frozen_weights(model)
+    else:
+        lora_experts.stack_mixture_adapters(model)
     moe = sparse_blocks(model)[0]
     layers = lora_experts._projections(moe.experts)
-    assert lora_experts._joint(lora_experts._kinds(layers)[1], "weight_absmax") is not None
+    assert (lora_experts._joint(lora_experts._kinds(layers)[1], "weight_absmax") is not None) == laid_out
     x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rows = x.detach().reshape(-1, 256)
+    ends = torch.full((EXPERTS,), rows.shape[0], dtype=torch.int32, device="cuda")
+    weights = torch.ones(rows.shape[0], dtype=torch.bfloat16, device="cuda")
+    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is not None
+    assert moe.experts.__dict__["_grouped_plan"].plan.holds_views == laid_out
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
 
 

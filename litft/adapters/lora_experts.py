@@ -23,14 +23,20 @@ Quantized experts (QLoRA): their NF4 tensors (packed values, block scales, group
 back the same way, and each grouped GEMM dequantizes all experts' weights of its kind in one kernel launch into one
 buffer, in the forward and again in the backward, so that no layer's dequantized experts wait for its backward.
 
+Under FSDP2 the experts' weights cannot lie back to back: FSDP2 gives each parameter memory of its own when it
+gathers a block. The grouped GEMMs then read them copied together, once per call, forward and again backward (one
+copy of 1.2 GB per Qwen3-30B-A3B layer and pass, ~0.4 ms on an H200, where one expert after another ran the layer
+~2.5x slower), and 4-bit experts have their packed tensors copied together for the one-launch dequantization.
+
 Where this does not apply (on CPU unless `ON_CPU`; dropout, DoRA, adapters switched off, a rank or width the
-grouped GEMM cannot align, FSDP2's re-allocated shards), `experts_together` returns None and the experts run one by
-one, computing the same thing (tests/test_moe.py compares the two).
+grouped GEMM cannot align), `experts_together` returns None and the experts run one by one, computing the same
+thing (tests/test_moe.py compares the two).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -44,8 +50,9 @@ from litft.adapters.lora_projections import back_to_back
 # elements in 16-bit floats.
 ALIGNMENT = 8
 ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py --experts_one_by_one)
-# torch's grouped GEMM also runs on CPU in recent releases (slowly): True lets the CPU tests take this path.
-ON_CPU = False
+# torch's grouped GEMM also runs on CPU in recent releases (slowly, and in float32 too): True lets the CPU tests take
+# this path; the environment variable sets it in processes a test starts (two-process DDP / FSDP2 runs).
+ON_CPU = os.environ.get("LITFT_GROUPED_EXPERTS_ON_CPU") == "1"
 # Quantized experts dequantize all at once, which pays only for enough rows: decoding a few tokens runs the few
 # chosen experts one by one instead.
 QUANTIZED_ROWS_PER_EXPERT = 16
@@ -56,6 +63,9 @@ QUANTIZED_ROWS_PER_EXPERT = 16
 COMPILE_ELEMENTWISE = "compile_elementwise"
 # False: eager under --compile too (the A/B of benchmarks/bench.py --experts_elementwise_eager).
 COMPILED_ELEMENTWISE = True
+# Set on a mixture's experts ModuleList (in its __dict__) where they are plain linear layers laid back to back: the
+# function that computes them together. (LoRA experts are found through their class, `LoRALinear.experts_together`.)
+PLAIN_EXPERTS_TOGETHER = "experts_together"
 
 
 def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
@@ -66,8 +76,10 @@ def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
 def lay_experts_back_to_back(model: nn.Module) -> int:
     """Stacks the expert adapters of every mixture of LoRA experts in `model` (`stack_expert_adapters`) and lays
     their frozen weights back to back (see the module's docstring); returns how many mixtures it laid out. Mixtures
-    whose experts are not all LoRA layers, either plain-weight ones of one dtype and device or NF4 ones of one
-    format, stay as they are."""
+    of frozen experts without adapters (plain linear layers: generation, or LoRA that leaves the experts out) are
+    laid out too and compute together the same way, minus the adapters. Mixtures whose experts are neither all LoRA
+    nor all plain, or whose weights are not all full-precision ones of one dtype and device or NF4 ones of one
+    format, or that train their weights (full fine-tuning), stay as they are."""
     from litft.adapters.lora import LoRALinear
 
     laid = 0
@@ -75,9 +87,10 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
         stack_expert_adapters(experts)
         gate_up_order, downs = _kinds(_projections(experts))
         flat = gate_up_order + downs
-        if not all(type(layer) is LoRALinear for layer in flat):
+        plain = all(type(layer) is nn.Linear and layer.bias is None for layer in flat)
+        if not plain and not all(type(layer) is LoRALinear for layer in flat):
             continue
-        if all(layer.quantization is None for layer in flat):
+        if plain or all(layer.quantization is None for layer in flat):
             weights = [layer.weight for layer in flat]
             if any(weight.requires_grad or weight.is_meta for weight in weights):
                 continue
@@ -87,6 +100,8 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
             continue
         for ordered in (gate_up_order, downs):
             _lay(ordered, _tensor_names(ordered[0]))
+        if plain:  # how the mixture finds this module (`litft.models.llama.experts_together`)
+            experts.__dict__[PLAIN_EXPERTS_TOGETHER] = experts_together
         laid += 1
     return laid
 
@@ -196,7 +211,7 @@ QUANTIZED_TENSORS = ("weight", "weight_absmax", "weight_nested_absmax", "weight_
 
 
 def _tensor_names(layer: nn.Module) -> tuple[str, ...]:
-    quantization = layer.quantization
+    quantization = getattr(layer, "quantization", None)  # a plain linear layer has none
     if quantization is None:
         return ("weight",)
     return QUANTIZED_TENSORS if quantization.double_quant else QUANTIZED_TENSORS[:2]
@@ -251,15 +266,17 @@ def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int],
     return _dequantized(ordered, _nf4_joint(ordered), shape, dtype)
 
 
-def _nf4_joint(ordered: list[nn.Module]) -> list[torch.Tensor] | None:
+def _nf4_joint(ordered: list[nn.Module], copied: bool = False) -> list[torch.Tensor] | None:
     """`ordered`'s laid-out NF4 tensors (packed values, then the dequantization's state in its order: block codes,
-    group scales, table, offsets) as flat joint tensors for one launch; None where they cannot go in one."""
+    group scales, table, offsets) as flat joint tensors for one launch; None where they cannot go in one. `copied`:
+    each tensor copied together from the layers' own (they do not lie back to back; see `_can_lay_quantized`)."""
     from litft.adapters import nf4_dequantize
 
     first = ordered[0]
     if first.quantization.mode != "bnb.nf4":
         return None
-    joint = [_joint(ordered, name) for name in _tensor_names(first)]
+    names = _tensor_names(first)
+    joint = [_copied_together(ordered, name) for name in names] if copied else [_joint(ordered, name) for name in names]
     if any(tensor is None for tensor in joint) or not nf4_dequantize.can_dequantize(
         joint[0], first.out_features, first.in_features
     ):
@@ -269,11 +286,26 @@ def _nf4_joint(ordered: list[nn.Module]) -> list[torch.Tensor] | None:
     return joint
 
 
+def _copied_together(ordered: list[nn.Module], name: str) -> torch.Tensor:
+    """The layers' tensors `name`, read now, copied into one flat tensor in their order."""
+    return torch.cat([getattr(layer, name).reshape(-1) for layer in ordered])
+
+
+def _weights_copied_together(ordered: list[nn.Module], shape: tuple[int, int, int]) -> torch.Tensor:
+    return _copied_together(ordered, "weight").view(shape)
+
+
+def _dequantized_copied_together(
+    ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    return _dequantized(ordered, _nf4_joint(ordered, copied=True), shape, dtype)
+
+
 def _dequantized(
     ordered: list[nn.Module], joint: list[torch.Tensor] | None, shape: tuple[int, int, int], dtype: torch.dtype
 ) -> torch.Tensor:
     """`ordered`'s 4-bit weights as a (shape) tensor in `dtype`: one launch over their `joint` tensors
-    (`_nf4_joint`, found once per plan), or one weight at a time where there are none."""
+    (`_nf4_joint`), or one weight at a time where there are none."""
     from litft.adapters import nf4_dequantize
     from litft.adapters.quantization import BLOCKSIZE_4BIT
 
@@ -289,25 +321,36 @@ def _dequantized(
 
 def _applies(x: torch.Tensor) -> bool:
     """Whether the grouped GEMMs can take this input (the experts themselves: `_plan`)."""
-    if x.dtype not in (torch.bfloat16, torch.float16) or not hasattr(torch, "_grouped_mm"):
+    if not hasattr(torch, "_grouped_mm"):
         return False
-    if not (x.is_cuda or (ON_CPU and x.device.type == "cpu")):
+    if x.is_cuda:
+        if x.dtype not in (torch.bfloat16, torch.float16):
+            return False
+    elif not (ON_CPU and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)):
         return False
     return not torch.compiler.is_compiling()
 
 
 def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
     """Whether every expert's projections are plain LoRA layers alike (rank, scaling, storage mode), adapters on,
-    without dropout or bias, whose frozen weights compute in `dtype`, at widths the grouped GEMM can align."""
+    without dropout (in training) or bias, whose frozen weights compute in `dtype`, at widths the grouped GEMM can
+    align; or all plain linear layers, frozen, without bias, in `dtype`."""
     from litft.adapters.lora import LoRALinear
 
     flat = [layer for projections in layers for layer in projections]
     first = flat[0]
+    if type(first) is nn.Linear:
+        return all(
+            type(layer) is nn.Linear and layer.bias is None and not layer.weight.requires_grad
+            and layer.weight.dtype == dtype for layer in flat
+        ) and all(size % ALIGNMENT == 0 for size in (first.in_features, first.out_features))
     mode = first.quantization.mode if first.quantization is not None else None
     for layer in flat:
         if type(layer) is not LoRALinear or layer.use_dora:
             return False
-        if "forward" in layer.__dict__ or not isinstance(layer.lora_dropout, nn.Identity):  # switched off; dropout
+        if "forward" in layer.__dict__:  # adapters switched off
+            return False
+        if not isinstance(layer.lora_dropout, nn.Identity) and layer.lora_dropout.training:  # dropout that applies
             return False
         if layer.rank != first.rank or layer.scaling != first.scaling or layer.bias is not None:
             return False
@@ -331,26 +374,39 @@ class _Plan:
     def __init__(self, layers: list[list[nn.Module]], dtype: torch.dtype, stacked: list[str] | None) -> None:
         gate, _, down = layers[0]
         self.expert_count = len(layers)
-        self.quantized = gate.quantization is not None
-        self.rank, self.scaling = gate.rank, gate.scaling
+        self.adapted = type(gate) is not nn.Linear  # LoRA experts; else plain ones, without adapters
+        self.quantized = getattr(gate, "quantization", None) is not None
+        self.rank, self.scaling = (gate.rank, gate.scaling) if self.adapted else (0, 0.0)
         gate_up_order, downs = _kinds(layers)
         gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
         down_shape = (len(layers), down.out_features, down.in_features)
-        if self.quantized:  # dequantized anew in each call, forward and backward, from tensors found here
-            self.gate_up_weights = functools.partial(
-                _dequantized, gate_up_order, _nf4_joint(gate_up_order), gate_up_shape, dtype
-            )
-            self.down_weights = functools.partial(_dequantized, downs, _nf4_joint(downs), down_shape, dtype)
+        # Whether the plan keeps views of the weights' memory (laid back to back), which a new allocation under the
+        # same parameters makes stale; otherwise it reads the weights anew at each call (FSDP2's gathered blocks).
+        self.holds_views = True
+        if self.quantized:  # dequantized anew in each call, forward and backward
+            joints = [_nf4_joint(gate_up_order), _nf4_joint(downs)]
+            if all(joint is not None for joint in joints):  # laid out: from tensors found here
+                self.gate_up_weights = functools.partial(_dequantized, gate_up_order, joints[0], gate_up_shape, dtype)
+                self.down_weights = functools.partial(_dequantized, downs, joints[1], down_shape, dtype)
+            else:  # copied together first where one launch can take them, else one weight at a time
+                self.holds_views = False
+                together = all(_can_lay_quantized(ordered) for ordered in (gate_up_order, downs))
+                dequantized = _dequantized_copied_together if together else _dequantized_each
+                self.gate_up_weights = functools.partial(dequantized, gate_up_order, gate_up_shape, dtype)
+                self.down_weights = functools.partial(dequantized, downs, down_shape, dtype)
         else:
             gate_up, down_weight = _joint(gate_up_order, "weight"), _joint(downs, "weight")
-            self.laid_out = gate_up is not None and down_weight is not None
-            if self.laid_out:
+            if gate_up is not None and down_weight is not None:
                 self.gate_up_weights = functools.partial(_same, gate_up.view(gate_up_shape))
                 self.down_weights = functools.partial(_same, down_weight.view(down_shape))
+            else:
+                self.holds_views = False
+                self.gate_up_weights = functools.partial(_weights_copied_together, gate_up_order, gate_up_shape)
+                self.down_weights = functools.partial(_weights_copied_together, downs, down_shape)
         # The adapters: stacked (`stack_expert_adapters`), read by name at each call, or each expert's own,
         # stacked at each call. A (r, C) of gate, of up, of down (r, I); B (I, r), (I, r), (C, r).
         self.stacked = stacked
-        self.adapters = None if stacked is not None else [
+        self.adapters = None if stacked is not None or not self.adapted else [
             [layers[expert][index].lora_A.weight for expert in range(len(layers))] for index in range(3)
         ] + [[layers[expert][index].lora_B.weight for expert in range(len(layers))] for index in range(3)]
 
@@ -360,23 +416,25 @@ class _Plan:
             return [getattr(experts, name).to(dtype) for name in self.stacked]
         return [_stack(tensors, dtype) for tensors in self.adapters]
 
-    @property
-    def usable(self) -> bool:
-        return self.quantized or self.laid_out
 
 
-def _plan_key(experts: nn.ModuleList, layers: list[list[nn.Module]], dtype: torch.dtype) -> tuple:
+def _plan_key(experts: nn.ModuleList, layers: list[list[nn.Module]], dtype: torch.dtype, addresses: bool) -> tuple:
     """What, changed, makes a mixture's plan stale: the dtype, whether adapters are switched off (for all layers
     at once, `litft.adapters.lora.adapters_disabled`), and the first and last experts' tensors and adapters
     (replaced together when a model moves, is sharded, re-laid, stacked or reloaded). The objects themselves,
-    compared by identity, so that none of them can be freed and its id reused while the key holds it; and where the
-    frozen weights' memory is, which moves under the same objects when their data is replaced (`model.to(...)`)."""
+    compared by identity, so that none of them can be freed and its id reused while the key holds it; and, where
+    the plan holds views of them (`addresses`), where the frozen weights' memory is, which moves under the same
+    objects when their data is replaced (`model.to(...)`; FSDP2 does at every gather)."""
     first, last = layers[0][0], layers[-1][-1]
     adapters = tuple(experts._parameters.get(name) for name in (_stacked_adapters(experts) or ()))
     if not adapters:
-        adapters = (getattr(first.lora_A, "weight", None), getattr(last.lora_B, "weight", None))
-    return (dtype, "forward" in first.__dict__, len(layers), first.weight.data_ptr(), last.weight.data_ptr(),
-            *(getattr(layer, name) for layer in (first, last) for name in ("weight", "lora_A", "lora_B")), *adapters)
+        adapters = (getattr(getattr(first, "lora_A", None), "weight", None),
+                    getattr(getattr(last, "lora_B", None), "weight", None))
+    memory = (first.weight.data_ptr(), last.weight.data_ptr()) if addresses else ()
+    # training: whether an adapter dropout applies
+    return (dtype, "forward" in first.__dict__, first.training, len(layers), *memory,
+            *(getattr(layer, name, None) for layer in (first, last) for name in ("weight", "lora_A", "lora_B")),
+            *adapters)
 
 
 def _same_key(key: tuple, other: tuple) -> bool:
@@ -390,19 +448,19 @@ def _plan(experts: nn.ModuleList, dtype: torch.dtype) -> _Plan | None:
     """The experts' plan for inputs of `dtype`, found again only where its key changed; None where the experts
     cannot compute together."""
     cached = experts.__dict__.get("_grouped_plan")  # outside nn.Module's registries: neither a submodule nor state
-    if cached is not None and _same_key(_plan_key(experts, cached.layers, dtype), cached.key):
+    if cached is not None and _same_key(_plan_key(experts, cached.layers, dtype, cached.addresses), cached.key):
         return cached.plan
     layers = _projections(experts)
     found = _Plan(layers, dtype, _stacked_adapters(experts)) if _layers_apply(layers, dtype) else None
-    if found is not None and not found.usable:
-        found = None
-    experts.__dict__["_grouped_plan"] = _CachedPlan(layers, _plan_key(experts, layers, dtype), found)
+    addresses = found is None or found.holds_views
+    experts.__dict__["_grouped_plan"] = _CachedPlan(layers, _plan_key(experts, layers, dtype, addresses), found)
     return found
 
 
 class _CachedPlan:
     def __init__(self, layers: list[list[nn.Module]], key: tuple, plan: _Plan | None) -> None:
         self.layers, self.key, self.plan = layers, key, plan
+        self.addresses = plan is None or plan.holds_views
 
 
 def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -424,6 +482,11 @@ def experts_together(
     if plan.quantized and x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * plan.expert_count:
         return None
     offsets = ends.to(torch.int32)
+    if not plan.adapted:  # plain experts: the base GEMMs alone
+        base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
+        width = base.shape[1] // 2
+        h = F.silu(base[:, :width]) * base[:, width:] * row_weights[:, None]  # (rows, I)
+        return _FrozenGroupedProduct.apply(h, offsets, plan.down_weights)  # (rows, C)
     rank, scaling = plan.rank, plan.scaling
     dtype = x.dtype
     a_gate, a_up, a_down, b_gate, b_up, b_down = plan.adapter_factors(experts, dtype)

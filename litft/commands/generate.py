@@ -146,6 +146,11 @@ def load_for_generation(
         load_peft_adapter(model, adapter_dir)
         model.to(device)
     model.eval().requires_grad_(False)
+    from litft.adapters.lora_experts import lay_experts_back_to_back
+
+    # A mixture's experts in one storage per projection kind: decoding then runs the chosen ones in grouped GEMMs
+    # that read nothing on the host, so its steps replay from a CUDA graph.
+    lay_experts_back_to_back(model)
     adapter_note = f" with adapter {adapter_dir}" if adapter_dir is not None else ""
     print(f"Loaded {base}{adapter_note} in {time.perf_counter() - started:.1f}s ({dtype}, {device})", file=sys.stderr)
     return Loaded(model, tokenizer, template)

@@ -269,8 +269,10 @@ def experts_together(
     which weights the down projection's input, a third as wide as its output, and under --compile returns the
     output as two summands); otherwise each expert runs on its rows, which reads the counts on the host."""
     first = getattr(experts[0], experts[0].names[0])
-    together = getattr(type(first), "experts_together", None)
+    # LoRA experts through their class; plain ones laid back to back carry the function themselves.
+    together = getattr(type(first), "experts_together", None) or experts.__dict__.get("experts_together")
     outputs = together(experts, rows, ends, row_weights) if together is not None else None
+    experts.__dict__["counts_read_on_host"] = outputs is None  # `LlamaForCausalLM.decode_graph_safe`
     if outputs is not None:
         return outputs
     counts = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
@@ -353,9 +355,10 @@ class SparseMoE(nn.Module):
     The tokens are sorted by expert, so each expert runs once on one contiguous run of its tokens. Every expert
     runs, on no tokens where none chose it, so each one's parameters take part in every backward (DDP needs that)
     and its gradient is zero. Where the experts compute in grouped GEMMs the run boundaries stay on the device, so
-    the host never waits for the GPU here; the experts one by one read them on the host, which keeps mixtures out of
-    CUDA graphs (`LlamaForCausalLM.decode_graph_safe`). The routing runs outside torch.compile; under --compile the
-    experts' elementwise work and the sum over each token's rows run as compiled functions of their own."""
+    the host never waits for the GPU here and a decoding step can be recorded in a CUDA graph; the experts one by
+    one read them on the host (`LlamaForCausalLM.decode_graph_safe`). The routing runs outside torch.compile; under
+    --compile the experts' elementwise work and the sum over each token's rows run as compiled functions of their
+    own."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -440,10 +443,19 @@ class LlamaForCausalLM(CausalLM):
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
-        self.decode_graph_safe = not any(config.sparse_layers)  # routing reads token counts on the host
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def decode_graph_safe(self) -> bool:
+        """Whether the last forward pass read nothing on the host, so that a CUDA graph can record the decoding step
+        (`litft.generation.DecodeStep` asks after an uncaptured first step): true unless a mixture ran its experts
+        one by one, which reads their token counts on the host."""
+        return not any(
+            isinstance(module, SparseMoE) and module.experts.__dict__.get("counts_read_on_host")
+            for module in (getattr(layer, layer.mlp_name) for layer in self.model.layers)
+        )
 
     def decode(self, x: torch.Tensor, position_ids: torch.Tensor, context: AttentionContext) -> torch.Tensor:
         cos, sin = self.model.rotary_emb(position_ids)  # (B, T, rotary_dim) float32
