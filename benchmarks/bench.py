@@ -485,7 +485,14 @@ def bench_decode(args) -> dict:
 
     shape = SHAPES[args.shape]
     checkpoint = random_checkpoint(args.shape, Path(args.checkpoint_dir or f"{args.hf_dir}-{args.shape}"))
-    model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE).eval().requires_grad_(False)
+    prepare = None
+    if args.decode_quantized:  # as `litft generate --quantize`: the base stored in --quantize's format
+        from litft.adapters.quantization import quantize_model
+
+        def prepare(meta_model):
+            quantize_model(meta_model, args.quantize, compute_dtype=torch.bfloat16)
+
+    model = load_model(checkpoint, dtype=torch.bfloat16, device=DEVICE, prepare=prepare).eval().requires_grad_(False)
     from litft.adapters import lora_experts
 
     lora_experts.lay_experts_back_to_back(model)  # as `litft generate` does: a mixture's experts in grouped GEMMs
@@ -511,6 +518,7 @@ def bench_decode(args) -> dict:
         profile_steps(lambda: run(16), count=1, kernel_trace=args.kernel_trace)
     made = len(result[0].token_ids)
     return dict(prompt=args.prompt, new=args.new, compile=args.compile, tokens_per_s=round(made / elapsed, 1),
+                quantized=args.quantize if args.decode_quantized else None,
                 cuda_graph=bool(getattr(model, "decode_graph_safe", True)), experts_one_by_one=args.experts_one_by_one)
 
 
@@ -601,6 +609,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print a kernel profile of two more steps (stderr)")
     parser.add_argument("--kernel_trace", default=None, metavar="PATH",
                         help="with --profile: write one step's kernels in order (JSON lines: start, us, name)")
+    parser.add_argument("--decode_quantized", action="store_true", help="decode: the base stored as --quantize says")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--warmup", type=int, default=3)

@@ -768,6 +768,70 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
     assert torch.equal(copied, each)
 
 
+@pytest.mark.parametrize("adapted", [True, False])
+def test_few_rows_of_4bit_experts_dequantize_only_their_own_experts(adapted, wide_moe_checkpoint, monkeypatch):
+    """Given fewer rows than experts (decoding), each row has its own expert's 4-bit weights dequantized (one launch
+    per projection kind, for those experts only) and multiplied row by row: the outputs and gradients of each expert on
+    its own rows, for QLoRA experts and for plain 4-bit ones (`litft generate --quantize`), with no host read (the
+    step can be recorded). CPU, Triton's interpreter."""
+    from conftest import triton_interpreter
+
+    from litft.adapters import lora_experts, nf4_dequantize
+    from litft.adapters.lora_projections import join_frozen_weights
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    if adapted:
+        model = qlora_moe(wide_moe_checkpoint)
+        join_frozen_weights(model)
+    else:
+        model = load_model(wide_moe_checkpoint, dtype=torch.float32,
+                           prepare=lambda meta: quantize_model(meta, "bnb.nf4", compute_dtype=torch.float32))
+        model.requires_grad_(False)
+        assert lora_experts.lay_experts_back_to_back(model) == 1
+    moe = sparse_blocks(model)[0]
+    launches = []
+    dequantize_nf4 = nf4_dequantize.dequantize_nf4
+
+    def recording(*args, weight_count: int = 1, **kwargs):
+        launches.append(weight_count)
+        return dequantize_nf4(*args, weight_count=weight_count, **kwargs)
+
+    monkeypatch.setattr(nf4_dequantize, "dequantize_nf4", recording)
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
+        rows, ends = torch.randn(3, 256), torch.tensor([1, 3, 3, 3])  # experts 0, 1, 1 (of 4)
+        launches.clear()
+        assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(3)) is not None
+        assert launches == [2 * 3, 3]  # gate and up of each row's expert, then its down
+        x = torch.randn(1, 1, 256, requires_grad=True)  # one token, two experts: 2 rows
+        assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+        with torch.no_grad():
+            model(input_ids(batch=1, length=1))
+        assert model.decode_graph_safe
+
+
+@pytest.mark.gpu
+def test_a_4bit_mixture_loaded_for_generation_decodes_from_a_cuda_graph(wide_moe_checkpoint):
+    """`litft generate --quantize bnb.nf4` on a mixture: its 4-bit experts are laid out, a decoding step (a few rows)
+    dequantizes only the chosen experts and reads nothing on the host, so the step is recorded in a CUDA graph, with
+    the eager step's tokens."""
+    from litft.commands.generate import load_for_generation
+    from litft.generation import DecodeStep, generate
+
+    model = load_for_generation(wide_moe_checkpoint, precision="bf16-true", quantize="bnb.nf4").model
+    prompts = [[5, 17, 99, 4], [8, 9]]
+    with torch.inference_mode():
+        cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
+        model.hidden_states(torch.tensor([[5, 17]], device="cuda"), torch.tensor([[0, 1]], device="cuda"),
+                            torch.ones(1, 2, dtype=torch.long, device="cuda"), cache)
+        step = DecodeStep(model, cache, torch.full((1, 1), 2, device="cuda"), use_cuda_graph=True)
+        step(torch.tensor([4], device="cuda"))
+        step(torch.tensor([7], device="cuda"))
+        assert step.graph is not None
+        eager = [r.token_ids for r in generate(model, prompts, 12, [], use_cuda_graph=False)]
+        recorded = [r.token_ids for r in generate(model, prompts, 12, [])]
+    assert recorded == eager and all(len(tokens) == 12 for tokens in eager)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("laid_out", [True, False])
 def test_grouped_4bit_experts_compute_what_they_compute_one_by_one(laid_out, wide_moe_checkpoint):
@@ -807,6 +871,18 @@ def padded_batch(vocab: int = 512) -> dict[str, torch.Tensor]:
     targets = ids.roll(-1, dims=1).masked_fill(~mask.roll(-1, dims=1), -100)
     targets[:, -1] = -100
     return {"input_ids": ids, "targets": targets, "token_mask": mask}
+
+
+def test_batches_carry_the_mask_of_real_tokens_only_for_the_balancing_loss():
+    """The balancing loss counts real tokens, so its batches mark them (padding False); other runs' batches do not
+    build or move that mask."""
+    from litft.training.objectives import SupervisedObjective
+
+    rows = [[{"input_ids": torch.tensor([5, 6, 7]), "targets": torch.tensor([6, 7, -100])}],
+            [{"input_ids": torch.tensor([8, 9]), "targets": torch.tensor([9, -100])}]]
+    assert "token_mask" not in SupervisedObjective(pad_id=0).collate(rows)
+    mask = SupervisedObjective(pad_id=0, token_mask=True).collate(rows)["token_mask"]
+    assert mask.tolist() == [[True, True, True], [True, True, False]]
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

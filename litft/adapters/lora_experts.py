@@ -22,15 +22,20 @@ ModuleList (`_plan`), found again only when the experts' tensors or their switch
 Quantized experts (QLoRA): their NF4 tensors (packed values, block scales, group scales, offsets) are laid back to
 back the same way, and each grouped GEMM dequantizes all experts' weights of its kind in one kernel launch into one
 buffer, in the forward and again in the backward, so that no layer's dequantized experts wait for its backward.
+Given few rows (decoding), each row has only its own expert's weights dequantized, and multiplies by them in
+batched products (`_rows_one_by_one`).
 
 Under FSDP2 the experts' weights cannot lie back to back: FSDP2 gives each parameter memory of its own when it
 gathers a block. The grouped GEMMs then read them copied together, once per call, forward and again backward (one
 copy of 1.2 GB per Qwen3-30B-A3B layer and pass, ~0.4 ms on an H200, where one expert after another ran the layer
 ~2.5x slower), and 4-bit experts have their packed tensors copied together for the one-launch dequantization.
 
-Where this does not apply (on CPU unless `ON_CPU`; dropout, DoRA, adapters switched off, a rank or width the
-grouped GEMM cannot align), `experts_together` returns None and the experts run one by one, computing the same
-thing (tests/test_moe.py compares the two).
+Plain frozen experts (no adapters: generation, or LoRA that leaves the experts out; full precision or 4-bit) are
+laid out and computed the same way, without the adapters' products.
+
+Where this does not apply (on CPU unless `ON_CPU`; adapter dropout while training, DoRA, adapters switched off, a
+rank or width the grouped GEMM cannot align), `experts_together` returns None and the experts run one by one,
+computing the same thing (tests/test_moe.py compares the two).
 """
 
 from __future__ import annotations
@@ -53,9 +58,6 @@ ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py
 # torch's grouped GEMM also runs on CPU in recent releases (slowly, and in float32 too): True lets the CPU tests take
 # this path; the environment variable sets it in processes a test starts (two-process DDP / FSDP2 runs).
 ON_CPU = os.environ.get("LITFT_GROUPED_EXPERTS_ON_CPU") == "1"
-# Quantized experts dequantize all at once, which pays only for enough rows: decoding a few tokens runs the few
-# chosen experts one by one instead.
-QUANTIZED_ROWS_PER_EXPERT = 16
 # Set on a mixture's experts ModuleList (in its __dict__, not as state) by `compile_blocks`: under --compile the
 # weighted SwiGLU runs compiled, its forward one kernel and its backward another, instead of seven eager passes
 # over (rows, I) tensors each way, and the output's two summands are added where the mixture sums each token's
@@ -73,6 +75,17 @@ def _projections(experts: nn.ModuleList) -> list[list[nn.Module]]:
     return [[getattr(expert, name) for name in expert.names] for expert in experts]
 
 
+def _plain(flat: list[nn.Module]) -> bool:
+    """Whether the layers are all frozen experts without adapters or bias, of one kind: `nn.Linear`, or
+    `QuantizedLinear` (a 4-bit base loaded for generation)."""
+    from litft.adapters.quantization import QuantizedLinear
+
+    kinds = {type(layer) for layer in flat}
+    return len(kinds) == 1 and kinds <= {nn.Linear, QuantizedLinear} and all(
+        layer.bias is None and not layer.weight.requires_grad for layer in flat
+    )
+
+
 def lay_experts_back_to_back(model: nn.Module) -> int:
     """Stacks the expert adapters of every mixture of LoRA experts in `model` (`stack_expert_adapters`) and lays
     their frozen weights back to back (see the module's docstring); returns how many mixtures it laid out. Mixtures
@@ -87,10 +100,10 @@ def lay_experts_back_to_back(model: nn.Module) -> int:
         stack_expert_adapters(experts)
         gate_up_order, downs = _kinds(_projections(experts))
         flat = gate_up_order + downs
-        plain = all(type(layer) is nn.Linear and layer.bias is None for layer in flat)
+        plain = _plain(flat)
         if not plain and not all(type(layer) is LoRALinear for layer in flat):
             continue
-        if plain or all(layer.quantization is None for layer in flat):
+        if all(getattr(layer, "quantization", None) is None for layer in flat):
             weights = [layer.weight for layer in flat]
             if any(weight.requires_grad or weight.is_meta for weight in weights):
                 continue
@@ -301,8 +314,24 @@ def _dequantized_copied_together(
     return _dequantized(ordered, _nf4_joint(ordered, copied=True), shape, dtype)
 
 
+def _dequantized_rows(
+    ordered: list[nn.Module], joint: list[torch.Tensor], shape: tuple[int, int, int], dtype: torch.dtype,
+    experts: torch.Tensor,
+) -> torch.Tensor:
+    """The laid-out 4-bit weights of the experts `experts` (a device tensor of expert indices, one per row, repeats
+    allowed) in `dtype`, as (len(experts), *shape[1:]): each joint tensor's slices of those experts gathered, then
+    one launch (`_dequantized`) over them."""
+    expert_count = shape[0]
+    chosen = [tensor.view(expert_count, -1).index_select(0, experts).view(-1) for tensor in joint]
+    if len(joint) == 5:  # double quantization: the group scales' code table is one for all (see `_nf4_joint`)
+        chosen[3] = joint[3]
+    per_expert = len(ordered) // expert_count  # gate and up, or down
+    return _dequantized(ordered, chosen, (len(experts), *shape[1:]), dtype, weight_count=per_expert * len(experts))
+
+
 def _dequantized(
-    ordered: list[nn.Module], joint: list[torch.Tensor] | None, shape: tuple[int, int, int], dtype: torch.dtype
+    ordered: list[nn.Module], joint: list[torch.Tensor] | None, shape: tuple[int, int, int], dtype: torch.dtype,
+    weight_count: int | None = None,
 ) -> torch.Tensor:
     """`ordered`'s 4-bit weights as a (shape) tensor in `dtype`: one launch over their `joint` tensors
     (`_nf4_joint`), or one weight at a time where there are none."""
@@ -314,7 +343,7 @@ def _dequantized(
     first = ordered[0]
     out = nf4_dequantize.dequantize_nf4(
         joint[0], joint[1:], first.out_features, first.in_features, BLOCKSIZE_4BIT,
-        getattr(first, "nested_blocksize", None) or 0, dtype, weight_count=len(ordered),
+        getattr(first, "nested_blocksize", None) or 0, dtype, weight_count=weight_count or len(ordered),
     )
     return out.view(shape)
 
@@ -339,10 +368,11 @@ def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
 
     flat = [layer for projections in layers for layer in projections]
     first = flat[0]
-    if type(first) is nn.Linear:
-        return all(
-            type(layer) is nn.Linear and layer.bias is None and not layer.weight.requires_grad
-            and layer.weight.dtype == dtype for layer in flat
+    if type(first) is not LoRALinear:
+        quantization = getattr(first, "quantization", None)
+        return _plain(flat) and (
+            quantization.compute_dtype == dtype and all(layer.quantization == quantization for layer in flat)
+            if quantization is not None else all(layer.weight.dtype == dtype for layer in flat)
         ) and all(size % ALIGNMENT == 0 for size in (first.in_features, first.out_features))
     mode = first.quantization.mode if first.quantization is not None else None
     for layer in flat:
@@ -374,7 +404,7 @@ class _Plan:
     def __init__(self, layers: list[list[nn.Module]], dtype: torch.dtype, stacked: list[str] | None) -> None:
         gate, _, down = layers[0]
         self.expert_count = len(layers)
-        self.adapted = type(gate) is not nn.Linear  # LoRA experts; else plain ones, without adapters
+        self.adapted = hasattr(gate, "lora_A")  # LoRA experts; else plain ones, without adapters
         self.quantized = getattr(gate, "quantization", None) is not None
         self.rank, self.scaling = (gate.rank, gate.scaling) if self.adapted else (0, 0.0)
         gate_up_order, downs = _kinds(layers)
@@ -383,11 +413,16 @@ class _Plan:
         # Whether the plan keeps views of the weights' memory (laid back to back), which a new allocation under the
         # same parameters makes stale; otherwise it reads the weights anew at each call (FSDP2's gathered blocks).
         self.holds_views = True
+        self.few_rows = None  # 4-bit experts: each row's own expert dequantized, where few rows come
         if self.quantized:  # dequantized anew in each call, forward and backward
             joints = [_nf4_joint(gate_up_order), _nf4_joint(downs)]
             if all(joint is not None for joint in joints):  # laid out: from tensors found here
                 self.gate_up_weights = functools.partial(_dequantized, gate_up_order, joints[0], gate_up_shape, dtype)
                 self.down_weights = functools.partial(_dequantized, downs, joints[1], down_shape, dtype)
+                self.few_rows = (
+                    functools.partial(_dequantized_rows, gate_up_order, joints[0], gate_up_shape, dtype),
+                    functools.partial(_dequantized_rows, downs, joints[1], down_shape, dtype),
+                )
             else:  # copied together first where one launch can take them, else one weight at a time
                 self.holds_views = False
                 together = all(_can_lay_quantized(ordered) for ordered in (gate_up_order, downs))
@@ -479,8 +514,10 @@ def experts_together(
     plan = _plan(experts, x.dtype)
     if plan is None:
         return None
-    if plan.quantized and x.shape[0] < QUANTIZED_ROWS_PER_EXPERT * plan.expert_count:
-        return None
+    # 4-bit experts given fewer rows than there are experts (decoding): dequantizing each row's own expert costs
+    # less than dequantizing them all (and never more memory than that).
+    if plan.quantized and x.shape[0] < plan.expert_count:
+        return None if plan.few_rows is None else _rows_one_by_one(plan, experts, x, ends, row_weights)
     offsets = ends.to(torch.int32)
     if not plan.adapted:  # plain experts: the base GEMMs alone
         base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
@@ -506,6 +543,33 @@ def experts_together(
     update = grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
     # Compiled, the caller adds the two as it sums each token's rows (one pass instead of three).
     return (down, update) if compiled else down + update
+
+
+def _rows_one_by_one(
+    plan: _Plan, experts: nn.ModuleList, x: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
+) -> torch.Tensor:
+    """`experts_together` for 4-bit experts given few rows (decoding): each row's expert found on the device,
+    its weights (only those) dequantized for that row, and every product a batched one over the rows, so that
+    nothing is read on the host (the decoding step can be recorded in a CUDA graph) and the experts no row chose
+    cost nothing. Differentiable in x and the adapters."""
+    rows = torch.arange(x.shape[0], device=x.device, dtype=ends.dtype)
+    expert_of_row = torch.searchsorted(ends, rows, right=True)  # (rows,): row i lies in expert e's run
+    gate_up_rows, down_rows = (rows_of(expert_of_row) for rows_of in plan.few_rows)  # (rows, 2I, C), (rows, C, I)
+
+    def each(inputs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # inputs[i] @ weights[i]^T
+        return torch.bmm(inputs[:, None, :], weights.transpose(1, 2))[:, 0]
+
+    base = each(x, gate_up_rows)  # (rows, 2I)
+    if not plan.adapted:
+        width = base.shape[1] // 2
+        return each(F.silu(base[:, :width]) * base[:, width:] * row_weights[:, None], down_rows)
+    rank, scaling = plan.rank, plan.scaling
+    a_gate, a_up, a_down, b_gate, b_up, b_down = (
+        factor.index_select(0, expert_of_row) for factor in plan.adapter_factors(experts, x.dtype)
+    )
+    low = each(x, torch.cat([a_gate, a_up], dim=1)) * scaling  # (rows, 2r)
+    h = weighted_swiglu(base, each(low[:, :rank], b_gate), each(low[:, rank:], b_up), row_weights)  # (rows, I)
+    return each(h, down_rows) + each(each(h, a_down) * scaling, b_down)
 
 
 def weighted_swiglu(

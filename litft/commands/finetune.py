@@ -521,6 +521,8 @@ def run_finetune(
         raise ConfigError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {checkpoint} has no mixture "
                           "of experts (no router to balance); leave it at 0")
     objective = task.make_objective(fabric, model, tokenizer, method)
+    if train.router_aux_loss_coef:  # the balancing loss counts real tokens only: batches carry their mask
+        objective.token_mask = True
     if train.mlp_tile_tokens is not None:
         from litft.training.tiling import enable_tiled_mlp
 

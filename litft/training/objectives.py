@@ -17,8 +17,11 @@ class SupervisedObjective:
     """Units of the normaliser: trained tokens. The model passed to `loss_sum` is the Fabric-wrapped
     `CausalLMObjective`, whose forward returns the summed loss."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, token_mask: bool = False) -> None:
         self.pad_id = pad_id
+        # Whether batches carry the mask of real tokens, which only a mixture's load-balancing loss reads
+        # (--train.router_aux_loss_coef); without it the routers count every position.
+        self.token_mask = token_mask
 
     def collate(self, rows: list[Any]) -> dict[str, Any]:
         from litft.data import collate
@@ -27,8 +30,8 @@ class SupervisedObjective:
         lengths = torch.tensor([self.row_length(row) for row in rows])
         batch["num_tokens"] = int(lengths.sum())
         batch["trained_positions"] = find_trained_positions(batch["targets"])
-        # The real tokens, padding False: what a mixture's load-balancing loss counts (--train.router_aux_loss_coef).
-        batch["token_mask"] = torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]
+        if self.token_mask:  # the real tokens, padding False
+            batch["token_mask"] = torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]
         return batch
 
     @staticmethod
