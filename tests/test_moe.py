@@ -267,6 +267,21 @@ def test_two_processes_compute_a_mixtures_update_like_one(grouped, moe_checkpoin
                 assert not adapter[name].any(), (strategy, name)
 
 
+def two_decoding_steps(model: nn.Module, device: str = "cuda"):
+    """A DecodeStep (CUDA graphs asked for) after a two-token prefill, having run two steps: by then it has either
+    recorded its graph or found that the model reads on the host."""
+    from litft.generation import DecodeStep
+
+    dtype = next(model.parameters()).dtype
+    cache = model.make_kv_cache(1, 8, device, dtype)
+    model.hidden_states(torch.tensor([[5, 17]], device=device), torch.tensor([[0, 1]], device=device),
+                        torch.ones(1, 2, dtype=torch.long, device=device), cache)
+    step = DecodeStep(model, cache, torch.full((1, 1), 2, device=device), use_cuda_graph=True)
+    step(torch.tensor([4], device=device))
+    step(torch.tensor([7], device=device))
+    return step
+
+
 @pytest.mark.gpu
 def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp_path):
     """On the GPU path: LoRA steps in bf16 with `--compile` (which leaves the mixture's blocks eager) against
@@ -276,7 +291,7 @@ def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp
     from test_finetune import IDENTITY
 
     from litft.cli import main
-    from litft.generation import DecodeStep, generate
+    from litft.generation import generate
 
     checkpoint = moe_checkpoints["mixtral"]
     first_losses = {}
@@ -300,12 +315,7 @@ def test_a_mixture_trains_compiled_and_generates_on_the_gpu(moe_checkpoints, tmp
         if laid_out:
             assert lay_experts_back_to_back(model) == len(sparse_blocks(model))
         with torch.inference_mode():
-            cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
-            model.hidden_states(torch.tensor([[5, 17]], device="cuda"), torch.tensor([[0, 1]], device="cuda"),
-                                torch.ones(1, 2, dtype=torch.long, device="cuda"), cache)
-            step = DecodeStep(model, cache, torch.full((1, 1), 2, device="cuda"), use_cuda_graph=True)
-            step(torch.tensor([4], device="cuda"))
-            step(torch.tensor([7], device="cuda"))
+            step = two_decoding_steps(model)
             assert (step.graph is not None) == laid_out and step.use_cuda_graph == laid_out
             eager = [r.token_ids for r in generate(model, prompts, 12, [2], use_cuda_graph=False)]
             default = [r.token_ids for r in generate(model, prompts, 12, [2])]
@@ -815,18 +825,12 @@ def test_a_4bit_mixture_loaded_for_generation_decodes_from_a_cuda_graph(wide_moe
     dequantizes only the chosen experts and reads nothing on the host, so the step is recorded in a CUDA graph, with
     the eager step's tokens."""
     from litft.commands.generate import load_for_generation
-    from litft.generation import DecodeStep, generate
+    from litft.generation import generate
 
     model = load_for_generation(wide_moe_checkpoint, precision="bf16-true", quantize="bnb.nf4").model
     prompts = [[5, 17, 99, 4], [8, 9]]
     with torch.inference_mode():
-        cache = model.make_kv_cache(1, 8, "cuda", torch.bfloat16)
-        model.hidden_states(torch.tensor([[5, 17]], device="cuda"), torch.tensor([[0, 1]], device="cuda"),
-                            torch.ones(1, 2, dtype=torch.long, device="cuda"), cache)
-        step = DecodeStep(model, cache, torch.full((1, 1), 2, device="cuda"), use_cuda_graph=True)
-        step(torch.tensor([4], device="cuda"))
-        step(torch.tensor([7], device="cuda"))
-        assert step.graph is not None
+        assert two_decoding_steps(model).graph is not None
         eager = [r.token_ids for r in generate(model, prompts, 12, [], use_cuda_graph=False)]
         recorded = [r.token_ids for r in generate(model, prompts, 12, [])]
     assert recorded == eager and all(len(tokens) == 12 for tokens in eager)

@@ -452,7 +452,6 @@ class _Plan:
         return [_stack(tensors, dtype) for tensors in self.adapters]
 
 
-
 def _plan_key(experts: nn.ModuleList, layers: list[list[nn.Module]], dtype: torch.dtype, addresses: bool) -> tuple:
     """What, changed, makes a mixture's plan stale: the dtype, whether adapters are switched off (for all layers
     at once, `litft.adapters.lora.adapters_disabled`), and the first and last experts' tensors and adapters
@@ -488,14 +487,14 @@ def _plan(experts: nn.ModuleList, dtype: torch.dtype) -> _Plan | None:
     layers = _projections(experts)
     found = _Plan(layers, dtype, _stacked_adapters(experts)) if _layers_apply(layers, dtype) else None
     addresses = found is None or found.holds_views
-    experts.__dict__["_grouped_plan"] = _CachedPlan(layers, _plan_key(experts, layers, dtype, addresses), found)
+    key = _plan_key(experts, layers, dtype, addresses)
+    experts.__dict__["_grouped_plan"] = _CachedPlan(layers, key, found, addresses)
     return found
 
 
 class _CachedPlan:
-    def __init__(self, layers: list[list[nn.Module]], key: tuple, plan: _Plan | None) -> None:
-        self.layers, self.key, self.plan = layers, key, plan
-        self.addresses = plan is None or plan.holds_views
+    def __init__(self, layers: list[list[nn.Module]], key: tuple, plan: _Plan | None, addresses: bool) -> None:
+        self.layers, self.key, self.plan, self.addresses = layers, key, plan, addresses
 
 
 def _stack(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
