@@ -394,17 +394,19 @@ def test_compiled_elementwise_of_grouped_experts_computes_what_they_compute_one_
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(family, moe_checkpoints, monkeypatch):
+@pytest.mark.parametrize("family, rank", [("mixtral", 8), ("qwen2_moe", 8), ("qwen3_moe", 8), ("qwen3_moe", 4)])
+def test_grouped_experts_on_cpu_compute_what_the_experts_compute_one_by_one(family, rank, moe_checkpoints,
+                                                                            monkeypatch):
     """The same comparison on CPU, where torch's grouped GEMM also runs (slowly; off by default): the routing, the
     run ends found on the device, the rows' gathers and their gradients, the grouped GEMMs and the plan kept
-    between calls, without a GPU."""
+    between calls, without a GPU. Rank 4: the adapters are padded to the 16-byte rows the grouped GEMM needs (as
+    on the GPU, CPU refuses rank-4 operands)."""
     from litft.adapters import lora_experts
     from litft.adapters.lora_projections import join_frozen_weights
 
     monkeypatch.setattr(lora_experts, "ON_CPU", True)
     model = load_model(moe_checkpoints[family], dtype=torch.bfloat16)
-    apply_lora(model, LoRAConfig(rank=8, alpha=16, targets=["all-linear"]))
+    apply_lora(model, LoRAConfig(rank=rank, alpha=2 * rank, targets=["all-linear"]))
     randomize_adapter(model)
     join_frozen_weights(model)
     moe = sparse_blocks(model)[0]
@@ -678,6 +680,28 @@ def test_plain_experts_laid_out_compute_together_and_let_a_decoding_step_be_reco
     save_safetensors_shards(model.state_dict(), tmp_path)
     saved = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(saved[name], tensor) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_generation_with_an_expert_adapter_lays_it_out_with_the_adapted_logits(family, moe_checkpoints, tmp_path,
+                                                                              monkeypatch):
+    """`litft generate --checkpoint BASE --adapter DIR` on a mixture: the expert adapters are stacked and the frozen
+    weights laid out, and the grouped GEMMs (CPU float32 here) give the adapted model's logits; the step reads
+    nothing on the host."""
+    from litft.adapters import lora_experts
+    from litft.commands.generate import load_for_generation
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    checkpoint = moe_checkpoints[family]
+    config = LoRAConfig(rank=8, alpha=16, targets=["all-linear"])  # the grouped GEMM aligns ranks to 8
+    adapted_logits = write_adapter(checkpoint, tmp_path / "adapter", config)
+    model = load_for_generation(checkpoint, adapter=tmp_path / "adapter", precision="32-true").model
+    experts = sparse_blocks(model)[0].experts
+    assert lora_experts._stacked_adapters(experts) is not None
+    assert lora_experts._joint(lora_experts._kinds(lora_experts._projections(experts))[0], "weight") is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids()), adapted_logits, atol=1e-5, rtol=1e-5)
+    assert model.decode_graph_safe and experts.__dict__["_grouped_plan"].plan is not None
 
 
 def test_frozen_plain_experts_under_lora_of_attention_compute_together_with_their_input_gradient(moe_checkpoints,

@@ -34,7 +34,7 @@ Plain frozen experts (no adapters: generation, or LoRA that leaves the experts o
 laid out and computed the same way, without the adapters' products.
 
 Where this does not apply (on CPU unless `ON_CPU`; adapter dropout while training, DoRA, adapters switched off, a
-rank or width the grouped GEMM cannot align), `experts_together` returns None and the experts run one by one,
+width the grouped GEMM cannot align), `experts_together` returns None and the experts run one by one,
 computing the same thing (tests/test_moe.py compares the two).
 """
 
@@ -52,7 +52,7 @@ from torch import nn
 from litft.adapters.lora_projections import back_to_back
 
 # torch._grouped_mm's operands: 16-byte aligned rows, i.e. every reduction and output width a multiple of 8
-# elements in 16-bit floats.
+# elements in 16-bit floats (an adapter's rank is padded with zeros to one).
 ALIGNMENT = 8
 ENABLED = True  # False: every expert on its own (the A/B of benchmarks/bench.py --experts_one_by_one)
 # torch's grouped GEMM also runs on CPU in recent releases (slowly, and in float32 too): True lets the CPU tests take
@@ -393,7 +393,7 @@ def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
         if weight_dtype != dtype:
             return False
     gate = layers[0][0]
-    return all(size % ALIGNMENT == 0 for size in (first.rank, gate.in_features, gate.out_features))
+    return all(size % ALIGNMENT == 0 for size in (gate.in_features, gate.out_features))  # ranks are padded
 
 
 class _Plan:
@@ -526,6 +526,11 @@ def experts_together(
     rank, scaling = plan.rank, plan.scaling
     dtype = x.dtype
     a_gate, a_up, a_down, b_gate, b_up, b_down = plan.adapter_factors(experts, dtype)
+    aligned_rank = -(-rank // ALIGNMENT) * ALIGNMENT
+    if aligned_rank != rank:  # e.g. rank 4: zero rows of A and zero columns of B add nothing, and align the operands
+        a_gate, a_up, a_down = (F.pad(a, (0, 0, 0, aligned_rank - rank)) for a in (a_gate, a_up, a_down))
+        b_gate, b_up, b_down = (F.pad(b, (0, aligned_rank - rank)) for b in (b_gate, b_up, b_down))
+        rank = aligned_rank
     a_gate_up = torch.cat([a_gate, a_up], dim=1)  # (E, 2r, C)
 
     def grouped(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:  # rows @ weights[e]^T, per expert
