@@ -804,10 +804,11 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
 
 @pytest.mark.parametrize("adapted", [True, False])
 def test_few_rows_of_4bit_experts_dequantize_only_their_own_experts(adapted, wide_moe_checkpoint, monkeypatch):
-    """Given fewer rows than experts (decoding), each row has its own expert's 4-bit weights dequantized (one launch
-    per projection kind, for those experts only) and multiplied row by row: the outputs and gradients of each expert on
-    its own rows, for QLoRA experts and for plain 4-bit ones (`litft generate --quantize`), with no host read (the
-    step can be recorded). CPU, Triton's interpreter."""
+    """Given fewer rows than experts without gradients (decoding), each row has its own expert's 4-bit weights
+    dequantized (one launch per projection kind, for those experts only) and multiplied row by row: the outputs of
+    each expert on its own rows, for QLoRA experts and for plain 4-bit ones (`litft generate --quantize`), with no
+    host read (the step can be recorded). With gradients (training) all experts are dequantized instead, as for
+    many rows, so that no per-row weights wait for the backward. CPU, Triton's interpreter."""
     from conftest import triton_interpreter
 
     from litft.adapters import lora_experts, nf4_dequantize
@@ -833,14 +834,23 @@ def test_few_rows_of_4bit_experts_dequantize_only_their_own_experts(adapted, wid
     monkeypatch.setattr(nf4_dequantize, "dequantize_nf4", recording)
     with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
         rows, ends = torch.randn(3, 256), torch.tensor([1, 3, 3, 3])  # experts 0, 1, 1 (of 4)
+        with torch.no_grad():
+            launches.clear()
+            assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(3)) is not None
+            assert launches == [2 * 3, 3]  # gate and up of each row's expert, then its down
+            x = torch.randn(1, 1, 256)  # one token, two experts: 2 rows
+            together = moe(x)
+            monkeypatch.setattr(lora_experts, "ENABLED", False)
+            one_by_one = moe(x)
+            monkeypatch.setattr(lora_experts, "ENABLED", True)
+            torch.testing.assert_close(together, one_by_one, atol=1e-5, rtol=1e-5)
+            model(input_ids(batch=1, length=1))
+            assert model.decode_graph_safe
         launches.clear()
         assert lora_experts.experts_together(moe.experts, rows, ends, torch.ones(3)) is not None
-        assert launches == [2 * 3, 3]  # gate and up of each row's expert, then its down
-        x = torch.randn(1, 1, 256, requires_grad=True)  # one token, two experts: 2 rows
+        assert launches == [2 * 4, 4]  # with gradients: every expert
+        x = torch.randn(1, 1, 256, requires_grad=True)
         assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
-        with torch.no_grad():
-            model(input_ids(batch=1, length=1))
-        assert model.decode_graph_safe
 
 
 @pytest.mark.gpu

@@ -513,9 +513,10 @@ def experts_together(
     plan = _plan(experts, x.dtype)
     if plan is None:
         return None
-    # 4-bit experts given fewer rows than there are experts (decoding): dequantizing each row's own expert costs
-    # less than dequantizing them all (and never more memory than that).
-    if plan.quantized and x.shape[0] < plan.expert_count:
+    # 4-bit experts given fewer rows than there are experts, without gradients (decoding): dequantizing each row's
+    # own expert costs less than dequantizing them all. (With gradients the per-row weights would be kept for the
+    # backward, up to a whole layer's experts in bf16 per layer: training dequantizes them all, twice, instead.)
+    if plan.quantized and x.shape[0] < plan.expert_count and not torch.is_grad_enabled():
         return None if plan.few_rows is None else _rows_one_by_one(plan, experts, x, ends, row_weights)
     offsets = ends.to(torch.int32)
     if not plan.adapted:  # plain experts: the base GEMMs alone
@@ -552,10 +553,10 @@ def experts_together(
 def _rows_one_by_one(
     plan: _Plan, experts: nn.ModuleList, x: torch.Tensor, ends: torch.Tensor, row_weights: torch.Tensor
 ) -> torch.Tensor:
-    """`experts_together` for 4-bit experts given few rows (decoding): each row's expert found on the device,
-    its weights (only those) dequantized for that row, and every product a batched one over the rows, so that
-    nothing is read on the host (the decoding step can be recorded in a CUDA graph) and the experts no row chose
-    cost nothing. Differentiable in x and the adapters."""
+    """`experts_together` for 4-bit experts given few rows without gradients (decoding): each row's expert found
+    on the device, its weights (only those) dequantized for that row, and every product a batched one over the
+    rows, so that nothing is read on the host (the decoding step can be recorded in a CUDA graph) and the experts
+    no row chose cost nothing."""
     rows = torch.arange(x.shape[0], device=x.device, dtype=ends.dtype)
     expert_of_row = torch.searchsorted(ends, rows, right=True)  # (rows,): row i lies in expert e's run
     gate_up_rows, down_rows = (rows_of(expert_of_row) for rows_of in plan.few_rows)  # (rows, 2I, C), (rows, C, I)
