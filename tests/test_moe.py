@@ -144,13 +144,14 @@ def test_parameter_count_is_what_a_token_computes_with(moe_checkpoints):
     assert parameter_count(hf_config) == active
 
 
-def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_checkpoints, tmp_path):
+def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_checkpoints, tmp_path, capsys):
     results = {}
     for micro_batch_size in (2, 8):
         out_dir = tmp_path / f"micro{micro_batch_size}"
         finetune("lora", moe_checkpoints["qwen3_moe"], out_dir, *one_step_flags(micro_batch_size, pack=False))
         adapter = load_file(out_dir / "final" / "adapter_model.safetensors")
         results[micro_batch_size] = (read_metrics(out_dir)[1]["train/loss"], adapter)
+    assert "--lora.dropout" not in capsys.readouterr().err  # no adapter dropout, no warning about it
     loss, adapter = results[8]
     assert any(".experts.3.down_proj.lora_B" in name for name in adapter)
     assert not any(".mlp.gate." in name for name in adapter)
@@ -161,6 +162,16 @@ def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_chec
             assert ((other_adapter[name] - tensor).norm() / tensor.norm()) < 5e-6, name
         else:
             assert not other_adapter[name].any(), name
+
+
+def test_adapter_dropout_on_a_mixture_says_that_its_experts_run_one_by_one(moe_checkpoints, tmp_path, capsys):
+    """The grouped GEMMs take no adapter dropout, so training with one runs a mixture's experts one by one: the run
+    says so, and how to keep them grouped."""
+    finetune("lora", moe_checkpoints["qwen3_moe"], tmp_path / "dropout", "--lora.dropout", "0.1",
+             "--train.max_steps", "1", "--train.global_batch_size", "2", "--data.limit", "2")
+    err = capsys.readouterr().err
+    assert "warning: --lora.dropout 0.1 runs a mixture's experts one by one in training" in err
+    assert "0 keeps them grouped" in err
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
