@@ -144,14 +144,13 @@ def test_parameter_count_is_what_a_token_computes_with(moe_checkpoints):
     assert parameter_count(hf_config) == active
 
 
-def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_checkpoints, tmp_path, capsys):
+def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_checkpoints, tmp_path):
     results = {}
     for micro_batch_size in (2, 8):
         out_dir = tmp_path / f"micro{micro_batch_size}"
         finetune("lora", moe_checkpoints["qwen3_moe"], out_dir, *one_step_flags(micro_batch_size, pack=False))
         adapter = load_file(out_dir / "final" / "adapter_model.safetensors")
         results[micro_batch_size] = (read_metrics(out_dir)[1]["train/loss"], adapter)
-    assert "--lora.dropout" not in capsys.readouterr().err  # no adapter dropout, no warning about it
     loss, adapter = results[8]
     assert any(".experts.3.down_proj.lora_B" in name for name in adapter)
     assert not any(".mlp.gate." in name for name in adapter)
@@ -162,16 +161,6 @@ def test_lora_fine_tune_of_a_mixture_does_not_depend_on_the_batch_split(moe_chec
             assert ((other_adapter[name] - tensor).norm() / tensor.norm()) < 5e-6, name
         else:
             assert not other_adapter[name].any(), name
-
-
-def test_adapter_dropout_on_a_mixture_says_that_its_experts_run_one_by_one(moe_checkpoints, tmp_path, capsys):
-    """The grouped GEMMs take no adapter dropout, so training with one runs a mixture's experts one by one: the run
-    says so, and how to keep them grouped."""
-    finetune("lora", moe_checkpoints["qwen3_moe"], tmp_path / "dropout", "--lora.dropout", "0.1",
-             "--train.max_steps", "1", "--train.global_batch_size", "2", "--data.limit", "2")
-    err = capsys.readouterr().err
-    assert "warning: --lora.dropout 0.1 runs a mixture's experts one by one in training" in err
-    assert "0 keeps them grouped" in err
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
@@ -734,27 +723,65 @@ def test_frozen_plain_experts_under_lora_of_attention_compute_together_with_thei
     assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
 
 
-def test_expert_adapters_with_dropout_compute_together_in_evaluation_only(moe_checkpoints, monkeypatch):
-    """An adapter dropout applies in training (the experts then run one by one, each with its own dropout) and not
-    in evaluation or generation, where the grouped GEMMs take the experts; the kept plan follows the switch."""
+def test_expert_adapters_with_dropout_compute_together_each_with_its_own_dropout(moe_checkpoints, monkeypatch):
+    """Adapter dropout in the grouped GEMMs, as each expert's three LoRA layers apply it: gate's and up's adapters
+    each see their own dropout of the rows, down's one of h. Checked against the mixture computed by hand, expert by
+    expert, with the very masks the grouped path drew (recorded): the output and the gradients of the rows and of
+    every adapter. In evaluation no dropout applies (the plan follows the switch) and the grouped GEMMs compute
+    what the experts compute one by one."""
+    import torch.nn.functional as F
+
     from litft.adapters import lora_experts
     from litft.adapters.lora_projections import join_frozen_weights
 
     monkeypatch.setattr(lora_experts, "ON_CPU", True)
     model = load_model(moe_checkpoints["qwen3_moe"], dtype=torch.float32)
-    apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.1, targets=["all-linear"]))
+    apply_lora(model, LoRAConfig(rank=8, alpha=16, dropout=0.3, targets=["all-linear"]))
     randomize_adapter(model)
     join_frozen_weights(model)
-    moe = sparse_blocks(model)[0]
-    rows = torch.randn(64, model.config.hidden_size)
-    ends, weights = torch.full((EXPERTS,), 64, dtype=torch.int32), torch.ones(64)
-    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is None  # training: dropout applies
+    experts = sparse_blocks(model)[0].experts
+    drawn = []
+    dropped = lora_experts._dropped
+
+    def recording(x, probability):
+        result = dropped(x, probability)
+        if probability:
+            drawn.append(result.detach() != 0)  # the mask of kept values
+        return result
+
+    monkeypatch.setattr(lora_experts, "_dropped", recording)
+    torch.manual_seed(0)
+    rows = torch.randn(40, model.config.hidden_size, requires_grad=True)
+    ends, weights = torch.tensor([10, 10, 25, 40]), torch.rand(40)  # expert 1 gets no row
+    output = lora_experts.experts_together(experts, rows, ends, weights)
+    assert output is not None and len(drawn) == 3  # gate's input, up's input, down's input
+    gate_mask, up_mask, down_mask = drawn
+    assert not gate_mask.all() and not torch.equal(gate_mask, up_mask)
+    keep = 1 - 0.3
+
+    def adapter(layer, inputs):
+        return inputs @ layer.lora_A.weight.T @ layer.lora_B.weight.T * layer.scaling
+
+    pieces = []
+    for expert, (gate, up, down) in enumerate(lora_experts._projections(experts)):
+        rows_of = slice(int(ends[expert - 1]) if expert else 0, int(ends[expert]))
+        x = rows[rows_of]
+        g = x @ gate.weight.T + adapter(gate, x * gate_mask[rows_of] / keep)
+        u = x @ up.weight.T + adapter(up, x * up_mask[rows_of] / keep)
+        h = F.silu(g) * u * weights[rows_of, None]
+        pieces.append(h @ down.weight.T + adapter(down, h * down_mask[rows_of] / keep))
+    expected = torch.cat(pieces)
+    torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+    parameters = [rows, *(p for p in experts.parameters() if p.requires_grad)]
+    probe = torch.randn_like(output)
+    gradients = torch.autograd.grad((output * probe).sum(), parameters)
+    for gradient, reference in zip(gradients, torch.autograd.grad((expected * probe).sum(), parameters)):
+        torch.testing.assert_close(gradient, reference, atol=1e-5, rtol=1e-4)
     model.eval()
-    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is not None
+    drawn.clear()
     x = torch.randn(2, 40, model.config.hidden_size, requires_grad=True)
-    assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
-    model.train()
-    assert lora_experts.experts_together(moe.experts, rows, ends, weights) is None
+    assert_grouped_equals_one_by_one(sparse_blocks(model)[0], x, torch.randn_like(x))
+    assert not drawn
 
 
 @pytest.fixture(scope="module")

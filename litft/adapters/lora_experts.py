@@ -33,8 +33,8 @@ copy of 1.2 GB per Qwen3-30B-A3B layer and pass, ~0.4 ms on an H200, where one e
 Plain frozen experts (no adapters: generation, or LoRA that leaves the experts out; full precision or 4-bit) are
 laid out and computed the same way, without the adapters' products.
 
-Where this does not apply (on CPU unless `ON_CPU`; adapter dropout while training, DoRA, adapters switched off, a
-width the grouped GEMM cannot align), `experts_together` returns None and the experts run one by one,
+Where this does not apply (on CPU unless `ON_CPU`; DoRA, adapters switched off, a width the grouped GEMM cannot
+align), `experts_together` returns None and the experts run one by one,
 computing the same thing (tests/test_moe.py compares the two).
 """
 
@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from litft.adapters.lora_projections import back_to_back
+from litft.adapters.lora_projections import back_to_back, dropout_probability
 
 # torch._grouped_mm's operands: 16-byte aligned rows, i.e. every reduction and output width a multiple of 8
 # elements in 16-bit floats (an adapter's rank is padded with zeros to one).
@@ -361,8 +361,8 @@ def _applies(x: torch.Tensor) -> bool:
 
 
 def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
-    """Whether every expert's projections are plain LoRA layers alike (rank, scaling, storage mode), adapters on,
-    without dropout (in training) or bias, whose frozen weights compute in `dtype`, at widths the grouped GEMM can
+    """Whether every expert's projections are plain LoRA layers alike (rank, scaling, adapter dropout, storage
+    mode), adapters on, without bias, whose frozen weights compute in `dtype`, at widths the grouped GEMM can
     align; or all plain linear layers, frozen, without bias, in `dtype`."""
     from litft.adapters.lora import LoRALinear
 
@@ -380,7 +380,7 @@ def _layers_apply(layers: list[list[nn.Module]], dtype: torch.dtype) -> bool:
             return False
         if "forward" in layer.__dict__:  # adapters switched off
             return False
-        if not isinstance(layer.lora_dropout, nn.Identity) and layer.lora_dropout.training:  # dropout that applies
+        if dropout_probability(layer) != dropout_probability(first):  # one adapter dropout for all
             return False
         if layer.rank != first.rank or layer.scaling != first.scaling or layer.bias is not None:
             return False
@@ -407,6 +407,8 @@ class _Plan:
         self.adapted = hasattr(gate, "lora_A")  # LoRA experts; else plain ones, without adapters
         self.quantized = getattr(gate, "quantization", None) is not None
         self.rank, self.scaling = (gate.rank, gate.scaling) if self.adapted else (0, 0.0)
+        # The adapters' dropout while training (the plan is found again when training switches: `_plan_key`).
+        self.dropout = dropout_probability(gate) if self.adapted else 0.0
         gate_up_order, downs = _kinds(layers)
         gate_up_shape = (len(layers), 2 * gate.out_features, gate.in_features)
         down_shape = (len(layers), down.out_features, down.in_features)
@@ -538,16 +540,25 @@ def experts_together(
         return torch._grouped_mm(rows, weights.transpose(1, 2), offs=offsets)
 
     base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
-    low = grouped(x, a_gate_up) * scaling  # (rows, 2r)
+    if plan.dropout:  # each projection's adapter sees its own dropout of its input, as each expert's layers do
+        low = torch.cat([grouped(_dropped(x, plan.dropout), a_gate), grouped(_dropped(x, plan.dropout), a_up)], 1)
+    else:
+        low = grouped(x, a_gate_up)
+    low = low * scaling  # (rows, 2r)
     update_gate = grouped(low[:, :rank].contiguous(), b_gate)  # (rows, I)
     update_up = grouped(low[:, rank:].contiguous(), b_up)
     compiled = COMPILED_ELEMENTWISE and experts.__dict__.get(COMPILE_ELEMENTWISE)
     swiglu = _compiled_weighted_swiglu() if compiled else weighted_swiglu
     h = swiglu(base, update_gate, update_up, row_weights)  # (rows, I)
     down = _FrozenGroupedProduct.apply(h, offsets, plan.down_weights)
-    update = grouped(grouped(h, a_down) * scaling, b_down)  # (rows, C)
+    update = grouped(grouped(_dropped(h, plan.dropout), a_down) * scaling, b_down)  # (rows, C)
     # Compiled, the caller adds the two as it sums each token's rows (one pass instead of three).
     return (down, update) if compiled else down + update
+
+
+def _dropped(x: torch.Tensor, probability: float) -> torch.Tensor:
+    """x under an adapter's dropout (inverted: the kept values scaled by 1 / (1 - p)); x itself for p = 0."""
+    return F.dropout(x, probability) if probability else x
 
 
 def _rows_one_by_one(
@@ -572,9 +583,9 @@ def _rows_one_by_one(
     a_gate, a_up, a_down, b_gate, b_up, b_down = (
         factor.index_select(0, expert_of_row) for factor in plan.adapter_factors(experts, x.dtype)
     )
-    low = each(x, torch.cat([a_gate, a_up], dim=1)) * scaling  # (rows, 2r)
+    low = torch.cat([each(_dropped(x, plan.dropout), a_gate), each(_dropped(x, plan.dropout), a_up)], 1) * scaling
     h = weighted_swiglu(base, each(low[:, :rank], b_gate), each(low[:, rank:], b_up), row_weights)  # (rows, I)
-    return each(h, down_rows) + each(each(h, a_down) * scaling, b_down)
+    return each(h, down_rows) + each(each(_dropped(h, plan.dropout), a_down) * scaling, b_down)
 
 
 def weighted_swiglu(

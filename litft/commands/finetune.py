@@ -520,9 +520,6 @@ def run_finetune(
     if train.router_aux_loss_coef and not has_mixture_of_experts(model):
         raise ConfigError(f"--train.router_aux_loss_coef {train.router_aux_loss_coef}: {checkpoint} has no mixture "
                           "of experts (no router to balance); leave it at 0")
-    if lora is not None and lora.dropout > 0 and has_mixture_of_experts(model):
-        log_rank_zero(f"warning: --lora.dropout {lora.dropout} runs a mixture's experts one by one in training "
-                      "(their grouped GEMMs take no adapter dropout): about 2.5x slower on a GPU; 0 keeps them grouped")
     objective = task.make_objective(fabric, model, tokenizer, method)
     if train.router_aux_loss_coef:  # the balancing loss counts real tokens only: batches carry their mask
         objective.token_mask = True
