@@ -245,7 +245,13 @@ def test_two_processes_compute_a_mixtures_update_like_one(grouped, moe_checkpoin
     from test_distributed import losses
 
     if grouped:
+        import subprocess
+        import sys
+
         monkeypatch.setenv("LITFT_GROUPED_EXPERTS_ON_CPU", "1")
+        switch = "from litft.adapters import lora_experts; print(lora_experts.ON_CPU)"
+        started = subprocess.run([sys.executable, "-c", switch], capture_output=True, text=True, check=True)
+        assert started.stdout.strip() == "True"  # what the runs below start with
     checkpoint, cache = moe_checkpoints["qwen3_moe"], tmp_path / "cache"
     flags = ("--lora.targets", "all-linear", "--train.max_steps", "1", "--train.optimizer", "sgd", "--train.lr", "1.0",
              "--train.warmup_steps", "0", "--train.lr_scheduler", "constant")
@@ -831,7 +837,8 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
     shape = (EXPERTS, 2 * 256, 256)
     apart = lora_experts._kinds(lora_experts._projections(sparse_blocks(qlora_moe(wide_moe_checkpoint))[0].experts))[0]
     with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
-        together = lora_experts._dequantized_together(gate_up_order, shape, torch.float32)
+        together = lora_experts._dequantized(gate_up_order, lora_experts._nf4_joint(gate_up_order), shape,
+                                             torch.float32)
         each = lora_experts._dequantized_each(gate_up_order, shape, torch.float32)
         # Apart (FSDP2 gathers each weight into memory of its own): copied together for the one launch.
         assert lora_experts._nf4_joint(apart) is None

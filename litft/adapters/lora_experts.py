@@ -256,7 +256,7 @@ def _lay(ordered: list[nn.Module], names: tuple[str, ...]) -> None:
     each layer's tensor a view into it, under its own name, shape and values."""
     for name in names:
         tensors = [getattr(layer, name) for layer in ordered]
-        joint = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        joint = _copied_together(ordered, name)
         size = tensors[0].numel()
         for index, (layer, tensor) in enumerate(zip(ordered, tensors)):
             view = joint[index * size : (index + 1) * size].view(tensor.shape)
@@ -271,12 +271,6 @@ def _joint(ordered: list[nn.Module], name: str) -> torch.Tensor | None:
     None (e.g. FSDP2 re-allocated them)."""
     joint = back_to_back([getattr(layer, name).view(-1, 1) for layer in ordered])
     return None if joint is None else joint.view(-1)
-
-
-def _dequantized_together(ordered: list[nn.Module], shape: tuple[int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """`ordered`'s laid-out NF4 weights dequantized in one launch, as a (shape) tensor; per weight where they no
-    longer lie back to back."""
-    return _dequantized(ordered, _nf4_joint(ordered), shape, dtype)
 
 
 def _nf4_joint(ordered: list[nn.Module], copied: bool = False) -> list[torch.Tensor] | None:
@@ -523,8 +517,7 @@ def experts_together(
     offsets = ends.to(torch.int32)
     if not plan.adapted:  # plain experts: the base GEMMs alone
         base = _FrozenGroupedProduct.apply(x, offsets, plan.gate_up_weights)  # (rows, 2I)
-        width = base.shape[1] // 2
-        h = F.silu(base[:, :width]) * base[:, width:] * row_weights[:, None]  # (rows, I)
+        h = weighted_swiglu(base, None, None, row_weights)  # (rows, I)
         return _FrozenGroupedProduct.apply(h, offsets, plan.down_weights)  # (rows, C)
     rank, scaling = plan.rank, plan.scaling
     dtype = x.dtype
@@ -577,8 +570,7 @@ def _rows_one_by_one(
 
     base = each(x, gate_up_rows)  # (rows, 2I)
     if not plan.adapted:
-        width = base.shape[1] // 2
-        return each(F.silu(base[:, :width]) * base[:, width:] * row_weights[:, None], down_rows)
+        return each(weighted_swiglu(base, None, None, row_weights), down_rows)
     rank, scaling = plan.rank, plan.scaling
     a_gate, a_up, a_down, b_gate, b_up, b_down = (
         factor.index_select(0, expert_of_row) for factor in plan.adapter_factors(experts, x.dtype)
@@ -589,15 +581,16 @@ def _rows_one_by_one(
 
 
 def weighted_swiglu(
-    base: torch.Tensor, update_gate: torch.Tensor, update_up: torch.Tensor, row_weights: torch.Tensor
+    base: torch.Tensor, update_gate: torch.Tensor | None, update_up: torch.Tensor | None, row_weights: torch.Tensor
 ) -> torch.Tensor:
-    """h = silu(gate) * up * router weight, gate and up being the base GEMM's halves plus the adapters' updates.
-    Down is linear: weighting its input weights its output, on a tensor a third as wide."""
-    width = update_gate.shape[1]
-    gate = base[:, :width] + update_gate
-    up = base[:, width:] + update_up
+    """h = silu(gate) * up * router weight, gate and up being the base GEMM's halves plus the adapters' updates
+    (None: plain experts, without adapters). Down is linear: weighting its input weights its output, on a tensor a
+    third as wide."""
+    width = base.shape[1] // 2
+    gate, up = base[:, :width], base[:, width:]
+    if update_gate is not None:
+        gate, up = gate + update_gate, up + update_up
     return F.silu(gate) * up * row_weights[:, None]
-
 
 
 @functools.cache
