@@ -790,18 +790,22 @@ def test_expert_adapters_with_dropout_compute_together_each_with_its_own_dropout
     assert not drawn
 
 
-@pytest.fixture(scope="module")
-def wide_moe_checkpoint(tmp_path_factory):
+def save_wide_moe(folder, experts: int = 4):
     """Experts of 256 x 256: 1,024 NF4 blocks each, whole groups of 256 block scales, so double-quantized experts
     can lie back to back (the tiny zoo's 32 blocks per expert cannot)."""
     from conftest import save_tiny_hf_model
 
     return save_tiny_hf_model(
-        tmp_path_factory.mktemp("wide_moe"), "Qwen3MoeConfig", "Qwen3MoeForCausalLM", vocab_size=512,
+        folder, "Qwen3MoeConfig", "Qwen3MoeForCausalLM", vocab_size=512,
         hidden_size=256, intermediate_size=256, moe_intermediate_size=256, num_hidden_layers=1,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=4, num_experts_per_tok=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=experts, num_experts_per_tok=2,
         norm_topk_prob=True, max_position_embeddings=128, tie_word_embeddings=False,
     )
+
+
+@pytest.fixture(scope="module")
+def wide_moe_checkpoint(tmp_path_factory):
+    return save_wide_moe(tmp_path_factory.mktemp("wide_moe"))
 
 
 def qlora_moe(checkpoint, dtype=torch.float32, device="cpu") -> nn.Module:
@@ -896,6 +900,28 @@ def test_few_rows_of_4bit_experts_dequantize_only_their_own_experts(adapted, wid
         assert launches == [2 * 4, 4]  # with gradients: every expert
         x = torch.randn(1, 1, 256, requires_grad=True)
         assert_grouped_equals_one_by_one(moe, x, torch.randn_like(x))
+
+
+def test_few_rows_of_4bit_experts_whatever_their_count(tmp_path, monkeypatch):
+    """The per-row dequantization gathers each expert's share of the laid-out tensors, but not the group scales'
+    code table, which all experts share: with 3 experts (Qwen1.5-MoE has 60), whose count does not divide the
+    table's 256 entries, the few-rows path still computes what the experts compute one by one."""
+    from conftest import triton_interpreter
+
+    from litft.adapters import lora_experts, nf4_dequantize
+
+    monkeypatch.setattr(lora_experts, "ON_CPU", True)
+    model = load_model(save_wide_moe(tmp_path, experts=3), dtype=torch.float32,
+                       prepare=lambda meta: quantize_model(meta, "bnb.nf4", compute_dtype=torch.float32))
+    model.requires_grad_(False)
+    assert lora_experts.lay_experts_back_to_back(model) == 1
+    moe = sparse_blocks(model)[0]
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernel), torch.no_grad():
+        x = torch.randn(1, 1, 256)  # one token, two of the three experts: 2 rows
+        together = moe(x)
+        assert not moe.experts.__dict__["counts_read_on_host"]  # the few-rows path ran
+        monkeypatch.setattr(lora_experts, "ENABLED", False)
+        torch.testing.assert_close(together, moe(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -316,9 +316,11 @@ def _dequantized_rows(
     allowed) in `dtype`, as (len(experts), *shape[1:]): each joint tensor's slices of those experts gathered, then
     one launch (`_dequantized`) over them."""
     expert_count = shape[0]
-    chosen = [tensor.view(expert_count, -1).index_select(0, experts).view(-1) for tensor in joint]
-    if len(joint) == 5:  # double quantization: the group scales' code table is one for all (see `_nf4_joint`)
-        chosen[3] = joint[3]
+    # Each tensor's share of those experts; with double quantization the group scales' code table (`_nf4_joint`'s
+    # fourth) is one for all experts, and stays whole.
+    shared = 3 if len(joint) == 5 else None
+    chosen = [tensor if index == shared else tensor.view(expert_count, -1).index_select(0, experts).view(-1)
+              for index, tensor in enumerate(joint)]
     per_expert = len(ordered) // expert_count  # gate and up, or down
     return _dequantized(ordered, chosen, (len(experts), *shape[1:]), dtype, weight_count=per_expert * len(experts))
 
