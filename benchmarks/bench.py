@@ -168,10 +168,6 @@ def bench_training(args) -> dict:
         from litft.adapters import adapter_copies
 
         adapter_copies.ENABLED = False
-    if args.experts_one_by_one:  # the A/B of litft.adapters.lora_experts: a mixture's experts one by one
-        from litft.adapters import lora_experts
-
-        lora_experts.ENABLED = False
     if args.experts_elementwise_eager:  # the A/B of the experts' elementwise work compiled under --compile
         from litft.adapters import lora_experts
 
@@ -496,8 +492,6 @@ def bench_decode(args) -> dict:
     from litft.adapters import lora_experts
 
     lora_experts.lay_experts_back_to_back(model)  # as `litft generate` does: a mixture's experts in grouped GEMMs
-    if args.experts_one_by_one:  # the A/B: each chosen expert on its own (reading the counts, without CUDA graphs)
-        lora_experts.ENABLED = False
     prompt = torch.randint(0, shape["vocab"], (args.prompt,)).tolist()
 
     def run(new_tokens: int):
@@ -632,6 +626,10 @@ def main() -> None:
         record["inductor"] = args.inductor
     if args.task == "qlora":
         record["quantize"] = args.quantize
+    if args.experts_one_by_one:  # the A/B of litft.adapters.lora_experts, training or decoding (then without graphs)
+        from litft.adapters import lora_experts
+
+        lora_experts.ENABLED = False
     try:
         record.update(bench_decode(args) if args.task == "decode" else bench_training(args))
         record["peak_mem_gib"] = peak_memory_gib()
