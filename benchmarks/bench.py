@@ -178,6 +178,10 @@ def bench_training(args) -> dict:
         rotary_heads.ENABLED = False
     if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
         lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
+    if args.attention is not None:  # the A/B of litft.models.flash_attention
+        from litft.models import flash_attention
+
+        flash_attention.FLASH_ATTENTION_4 = {"sdpa": "never", "flash4": "always", "auto": "auto"}[args.attention]
     if args.adapter_gradients_smallest_columns is not None:  # which widths take that kernel on the GPU
         from litft.adapters import adapter_gradients
 
@@ -282,12 +286,21 @@ def bench_training(args) -> dict:
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, experts_one_by_one=args.experts_one_by_one,
                 experts_elementwise_eager=args.experts_elementwise_eager,
-                lora_gemm_group_rows=args.lora_gemm_group_rows,
+                lora_gemm_group_rows=args.lora_gemm_group_rows, attention=attention_kernel(),
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
                 last_loss=round(last_loss, 6),
                 **({"lora_gemm_choices": lora_gemm.choices()} if lora_gemm.choices() else {}))
+
+
+def attention_kernel() -> str:
+    """Which kernels the step's causal attention ran: FlashAttention-4's or SDPA's."""
+    from litft.models import flash_attention
+
+    if DEVICE != "cuda":
+        return "sdpa"
+    return "flash4" if flash_attention.usable_on(torch.cuda.current_device()) else "sdpa"
 
 
 def idle_gpu(milliseconds: float) -> tuple:
@@ -584,6 +597,9 @@ def main() -> None:
     parser.add_argument("--rotary_as_written", action="store_true",
                         help="q, k, v split and rotated with autograd's backward, not litft.models.rotary_heads' "
                              "kernel writing the joined gradient")
+    parser.add_argument("--attention", choices=["auto", "sdpa", "flash4"], default=None,
+                        help="causal attention through FlashAttention-4 (flash4), SDPA (sdpa) or as litft chooses "
+                             "(auto, the default)")
     parser.add_argument("--lora_gemm_group_rows", type=int, default=None,
                         help="row tiles per group in the LoRA GEMM kernel's tile order (litft.adapters.lora_gemm."
                              "GROUP_ROWS)")

@@ -21,7 +21,7 @@ from litft.adapters.lora import LoRAConfig, adapters_disabled, apply_lora
 from litft.checkpoint import load_model
 from litft.cli import main
 from litft.errors import ConfigError
-from litft.models import common
+from litft.models import common, flash_attention
 from litft.training.compilation import compile_blocks, resolve_compiler
 from litft.training.loss import CausalLMObjective
 from litft.training.strategies import enable_activation_checkpointing
@@ -45,11 +45,13 @@ def thunder_import_error() -> Exception | None:
 
 @pytest.fixture
 def needs_thunder(monkeypatch):
-    """Skips where lightning-thunder does not import; undoes `compile_blocks`' process-wide switch to dense masks."""
+    """Skips where lightning-thunder does not import; undoes `compile_blocks`' process-wide switches to dense masks
+    and to SDPA."""
     error = thunder_import_error()
     if error is not None:
         pytest.skip(f"lightning-thunder does not import here ({type(error).__name__}: {str(error)[:200]})")
     monkeypatch.setattr(common, "FLEX_ATTENTION", common.FLEX_ATTENTION)
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", flash_attention.FLASH_ATTENTION_4)
 
 
 def lora_model(checkpoint_dir: Path, **lora_options) -> nn.Module:
@@ -375,6 +377,7 @@ def test_thunder_packed_rows_attend_through_dense_masks(tiny_llama_dir, monkeypa
     eager, compiled = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
     compile_blocks(compiled, "thunder")
     assert common.FLEX_ATTENTION == "never"
+    assert flash_attention.FLASH_ATTENTION_4 == "never"  # nor FlashAttention-4's custom operator
     ids = input_ids(seed=4, batch=2, length=16)
     document_ids = torch.arange(16).expand(2, 16) // 10  # two documents per row: 10 tokens, then 6
     position_ids = torch.cat([torch.arange(10), torch.arange(6)]).expand(2, 16)

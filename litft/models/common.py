@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from litft.errors import CheckpointError
+from litft.models import flash_attention
 
 
 class RMSNorm(nn.Module):
@@ -444,9 +445,12 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd), grouped-query aware.
 
-    SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
+    Causal attention without a mask takes FlashAttention-4's kernels where `flash_attention` finds them usable;
+    elsewhere SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
     expressible in SDPA, so that path computes the scores explicitly (packed rows on the flex path do not: see
     `flex_attend`)."""
+    if flash_attention.applies(q, k, mask, is_causal, softcap):
+        return flash_attention.causal_attention(q, k, v, scale)
     if softcap is None:
         B, n_head, T, head_dim = q.shape
         n_kv_head = k.shape[1]

@@ -118,12 +118,13 @@ def compile_blocks(model: nn.Module, compiler: str) -> None:
     thunder = import_thunder()
     allow_grouped_query_attention()
     autocast_lora_updates()
-    # thunder cannot trace flex_attention (a torch.compile'd function), which packed rows take on CUDA: they attend
-    # through SDPA with dense masks instead, in every model of this process.
+    # thunder cannot trace flex_attention (a torch.compile'd function), which packed rows take on CUDA, nor
+    # FlashAttention-4's custom operator: they attend through SDPA instead, in every model of this process.
     from litft.adapters.lora import set_compute_together
-    from litft.models import common
+    from litft.models import common, flash_attention
 
     common.FLEX_ATTENTION = "never"
+    flash_attention.FLASH_ATTENTION_4 = "never"
     set_compute_together(model, False)  # thunder cannot trace the grouped LoRA operators (custom operators)
     first_alike: dict[tuple, ThunderCompiledForward] = {}
     for block in model.blocks:

@@ -1,0 +1,139 @@
+"""Causal attention through FlashAttention-4's kernels, on Hopper and Blackwell GPUs where its package is installed.
+
+The optional `flash-attn-4` package (`pip install "litft[flash]"`) holds FlashAttention's kernels written in
+CUTLASS's Python DSL, compiled for the GPU at hand on first use. On an H200, at Llama's head sizes, its forward and
+backward take less time than the cuDNN kernels that `scaled_dot_product_attention` picks (benchmarks/NOTES.md,
+section 27); grouped-query heads are read in place, not repeated.
+
+Here they are one custom operator (and one for its backward), so that a compiled block calls them as it calls
+any kernel of its own: `torch.compile` does not trace into the kernels' Python launcher. `attention` in
+`common.py` takes this path for causal attention without a mask (training rows that are not packed, and the
+prompt of a generation without padding); every other case stays with SDPA or flex_attention.
+
+`FLASH_ATTENTION_4` (from the environment variable LITFT_FLASH_ATTENTION_4, "auto" without it):
+  "auto":   where the package imports and the GPU is a Hopper (sm_90) or Blackwell (sm_100) one;
+  "always": as "auto", but a run where the package is missing or the GPU is another fails at once, saying why;
+  "never":  SDPA everywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+FLASH_ATTENTION_4 = os.environ.get("LITFT_FLASH_ATTENTION_4", "auto")
+FLASH_ATTENTION_4_MODES = ("auto", "always", "never")
+
+# The GPU generations (compute capability major) whose kernels the package ships for training: Hopper, Blackwell.
+SUPPORTED_MAJORS = (9, 10)
+
+_kernels: ModuleType | None = None
+_import_error: str | None = None
+
+
+def kernels() -> ModuleType | None:
+    """The package's kernel module, imported on first use (it compiles nothing yet); None where it cannot be
+    imported, with the reason kept for "always"'s error."""
+    global _kernels, _import_error
+    if _kernels is None and _import_error is None:
+        try:
+            _kernels = importlib.import_module("flash_attn.cute.interface")
+        except Exception as error:  # missing, or built for another CUDA: either way SDPA serves
+            _import_error = f"{type(error).__name__}: {error}"
+    return _kernels
+
+
+@torch.compiler.assume_constant_result
+def usable_on(device_index: int) -> bool:
+    """Whether CUDA device `device_index` runs these kernels under `FLASH_ATTENTION_4` (a constant to a compiled
+    block, which then holds one path, not a check per call)."""
+    if FLASH_ATTENTION_4 not in FLASH_ATTENTION_4_MODES:
+        raise ValueError(f"LITFT_FLASH_ATTENTION_4 is {FLASH_ATTENTION_4!r}; set it to one of "
+                         f"{', '.join(FLASH_ATTENTION_4_MODES)}")
+    if FLASH_ATTENTION_4 == "never":
+        return False
+    major = torch.cuda.get_device_capability(device_index)[0]
+    if kernels() is not None and major in SUPPORTED_MAJORS:
+        return True
+    if FLASH_ATTENTION_4 == "always":
+        reason = (f"the flash-attn-4 package does not import ({_import_error}); install it with "
+                  f"pip install 'litft[flash]'" if kernels() is None
+                  else f"GPU {device_index} has compute capability {major}.x; its kernels need 9.x or 10.x")
+        raise RuntimeError(f"FlashAttention-4 was asked for, but {reason}")
+    return False
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+            softcap: float | None) -> bool:
+    """Whether `attention` can hand q (B, n_head, T, hd), k (B, n_kv_head, S, hd) to these kernels: causal over
+    as many keys as queries, no mask, no soft-capping, 16-bit CUDA tensors, a head size they compile for."""
+    if mask is not None or not is_causal or softcap is not None or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != k.shape[2] or q.shape[2] < 2:
+        return False
+    head_dim = q.shape[-1]
+    return head_dim % 8 == 0 and head_dim <= 256 and usable_on(q.device.index or 0)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Causal attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd), returned as (B, n_head, T, hd),
+    a view of the kernel's (B, T, n_head, hd) output, which the caller's transpose back makes contiguous for free."""
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    out, _ = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("litft::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Causal attention of q (B, T, n_head, hd) over k, v (B, T, n_kv_head, hd), last dimension contiguous: the
+    output (B, T, n_head, hd) and each query's log-sum-exp of its scaled scores (B, n_head, T), float32."""
+    B, T, n_head, _ = q.shape
+    out = q.new_empty(B, T, n_head, v.shape[-1])
+    lse = q.new_empty(B, n_head, T, dtype=torch.float32)
+    kernels()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True, out=out, lse=lse)
+    return out, lse
+
+
+@flash_attention.register_fake
+def _(q, k, v, scale):
+    B, T, n_head, _ = q.shape
+    return q.new_empty(B, T, n_head, v.shape[-1]), q.new_empty(B, n_head, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("litft::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v (contiguous, in their shapes) from the output's, by the saved output and
+    log-sum-exp; a key/value head's gradient sums those of its group of query heads."""
+    grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True, dq=grad_q, dk=grad_k,
+                              dv=grad_v)
+    return grad_q, grad_k, grad_v
+
+
+@flash_attention_backward.register_fake
+def _(grad_out, q, k, v, out, lse, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    grad_q, grad_k, grad_v = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
+    return grad_q, grad_k, grad_v, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,158 @@
+"""FlashAttention-4 for causal attention (litft.models.flash_attention): where it applies, how it fails when asked
+for and missing, and on a Hopper / Blackwell GPU with the package installed, the same attention, gradients and
+compiled training step as SDPA's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from litft.models import common, flash_attention
+
+
+def fa4_ready() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in flash_attention.SUPPORTED_MAJORS
+            and flash_attention.kernels() is not None)
+
+
+def qkv(batch, seq, heads, kv_heads, head_dim, device="cpu", dtype=torch.float32, seed=0):
+    """q, k, v (B, heads, T, hd) viewed from (B, T, heads, hd) memory, as a block's projections hand them over."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(batch, seq, count, head_dim, generator=generator).to(device, dtype).transpose(1, 2)
+               for count in (heads, kv_heads, kv_heads)]
+    return [t.requires_grad_() for t in tensors]
+
+
+def test_applies_only_to_unmasked_causal_16_bit_cuda_attention(monkeypatch):
+    """Where it cannot apply, `attention` never asks whether the GPU could run it: CPU tensors, float32, a mask,
+    soft-capping, non-causal or decoding (one query over a longer cache) all stay with SDPA."""
+    asked = []
+    monkeypatch.setattr(flash_attention, "usable_on", lambda index: asked.append(index) or True)
+    q, k, v = qkv(1, 8, 4, 2, 16)
+    assert not flash_attention.applies(q, k, None, True, None)  # CPU
+    cuda_like = torch.empty(1, 4, 8, 16, dtype=torch.bfloat16, device="meta")
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    assert not flash_attention.applies(cuda_like, cuda_like, mask, False, None)
+    assert not flash_attention.applies(cuda_like, cuda_like, None, False, None)
+    assert not flash_attention.applies(cuda_like, cuda_like, None, True, 50.0)
+    assert not flash_attention.applies(cuda_like.float(), cuda_like.float(), None, True, None)
+    assert not flash_attention.applies(cuda_like[:, :, :1], cuda_like, None, True, None)  # decoding
+    assert not flash_attention.applies(cuda_like[..., :12], cuda_like[..., :12], None, True, None)  # head size 12
+    assert asked == []
+    assert flash_attention.applies(cuda_like, cuda_like, None, True, None)
+    assert asked == [0]
+
+
+def test_cpu_attention_is_unchanged_whatever_the_setting(monkeypatch):
+    q, k, v = qkv(2, 16, 4, 2, 8)
+    reference = common.attention(q, k, v, None, True)
+    for mode in flash_attention.FLASH_ATTENTION_4_MODES:
+        monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", mode)
+        assert torch.equal(common.attention(q, k, v, None, True), reference)
+
+
+def test_a_setting_outside_the_modes_is_refused(monkeypatch):
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "sometimes")
+    with pytest.raises(ValueError, match="LITFT_FLASH_ATTENTION_4 is 'sometimes'; set it to one of auto, always"):
+        flash_attention.usable_on(0)
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "never")
+    assert flash_attention.usable_on(0) is False  # never looks at the GPU or the package
+
+
+def test_always_without_the_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "always")
+    monkeypatch.setattr(flash_attention, "_kernels", None)
+    monkeypatch.setattr(flash_attention, "_import_error", "ModuleNotFoundError: No module named 'flash_attn'")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+    with pytest.raises(RuntimeError, match=r"flash-attn-4 package does not import .*pip install 'litft\[flash\]'"):
+        flash_attention.usable_on(0)
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "auto")
+    assert flash_attention.usable_on(0) is False
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_on_the_gpu_output_and_gradients_match_float32_attention(head_dim, kv_heads):
+    """bf16 FlashAttention-4 against float32 attention: no larger errors than SDPA's own bf16 kernels (grouped
+    heads read in place, their gradients summed over each group)."""
+    if not fa4_ready():
+        pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
+    seq, heads = 1024, 8
+    grad = torch.randn(2, heads, seq, head_dim, generator=torch.Generator().manual_seed(5)).cuda()
+
+    def run(attend, dtype):
+        q, k, v = qkv(2, seq, heads, kv_heads, head_dim, "cuda", dtype)
+        out = attend(q, k, v)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+    group = heads // kv_heads
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = run(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), is_causal=True), torch.float32)
+    flash = run(lambda q, k, v: flash_attention.causal_attention(q, k, v, None), torch.bfloat16)
+    sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+               torch.bfloat16)
+    for name, got, baseline, expected in zip(("out", "grad_q", "grad_k", "grad_v"), flash, sdpa, reference):
+        error, baseline_error = (got - expected).abs().max(), (baseline - expected).abs().max()
+        assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_operators_pass_torch_library_checks():
+    """Fake tensors (shapes, strides, dtypes) agree with the kernels' outputs, and autograd's registration holds."""
+    if not fa4_ready():
+        pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
+    q, k, v = (t.transpose(1, 2) for t in qkv(2, 256, 8, 2, 64, "cuda", torch.bfloat16))  # (B, T, heads, hd)
+    torch.library.opcheck(torch.ops.litft.flash_attention.default, (q, k, v, 0.125))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_compiled_lora_step_matches_float32_as_sdpa_does(monkeypatch):
+    """A compiled bf16 LoRA Llama (grouped heads) through FlashAttention-4: its loss and adapter gradients are
+    within bf16's reach of the float32 model's (as the same compiled model's through SDPA are), and its compiled
+    blocks really call the operator (it is not SDPA under another name)."""
+    if not fa4_ready():
+        pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
+    from conftest import random_lora_model
+
+    from litft.training.compilation import compile_blocks
+    from litft.training.loss import CausalLMObjective
+
+    config = {
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": False, "head_dim": 64,
+    }
+    ids = torch.randint(0, 256, (2, 256), generator=torch.Generator().manual_seed(0)).cuda()
+    calls = []
+    original = flash_attention.kernels()._flash_attn_fwd
+    monkeypatch.setattr(flash_attention.kernels(), "_flash_attn_fwd",
+                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+
+    def loss_and_grads(mode: str, dtype: torch.dtype, compiled: bool):
+        monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", mode)
+        calls.clear()
+        model = random_lora_model(config, dtype=dtype, rank=16, alpha=32).cuda().train()
+        if compiled:
+            torch._dynamo.reset()
+            compile_blocks(model, "torch")
+        loss = CausalLMObjective(model)(ids, ids.roll(-1, dims=1))
+        loss.backward()
+        grads = {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().float(), grads, len(calls)
+
+    reference_loss, reference_grads, _ = loss_and_grads("never", torch.float32, compiled=False)
+    for mode, expected_calls in (("always", 2), ("never", 0)):  # FlashAttention-4 once per block; SDPA
+        loss, grads, calls_made = loss_and_grads(mode, torch.bfloat16, compiled=True)
+        assert calls_made == expected_calls, (mode, calls_made)
+        # bf16 against float32: a loss within 1%, each gradient within 5% (norm of the difference); a wrong mask,
+        # scale or head grouping is off by far more. SDPA's bf16 kernels are held to the same bounds.
+        assert (loss - reference_loss).abs() <= 1e-2 * reference_loss.abs(), (mode, loss, reference_loss)
+        for name, expected in reference_grads.items():
+            error = ((grads[name] - expected).norm() / expected.norm()).item()
+            assert error <= 5e-2, (mode, name, error)
