@@ -4,11 +4,14 @@ compiled training step as SDPA's."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from litft.errors import ConfigError
 from litft.models import common, flash_attention
 
 
@@ -56,21 +59,40 @@ def test_cpu_attention_is_unchanged_whatever_the_setting(monkeypatch):
 
 def test_a_setting_outside_the_modes_is_refused(monkeypatch):
     monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "sometimes")
-    with pytest.raises(ValueError, match="LITFT_FLASH_ATTENTION_4 is 'sometimes'; set it to one of auto, always"):
-        flash_attention.usable_on(0)
+    for check in (lambda: flash_attention.usable_on(0), lambda: flash_attention.check_setting(torch.device("cpu"))):
+        with pytest.raises(ConfigError, match="LITFT_FLASH_ATTENTION_4 is 'sometimes'; set it to one of auto, always"):
+            check()
     monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "never")
     assert flash_attention.usable_on(0) is False  # never looks at the GPU or the package
 
 
-def test_always_without_the_package_says_how_to_install_it(monkeypatch):
+def test_always_without_the_package_or_a_gpu_says_what_to_do(monkeypatch):
     monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "always")
     monkeypatch.setattr(flash_attention, "_kernels", None)
     monkeypatch.setattr(flash_attention, "_import_error", "ModuleNotFoundError: No module named 'flash_attn'")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
-    with pytest.raises(RuntimeError, match=r"flash-attn-4 package does not import .*pip install 'litft\[flash\]'"):
+    with pytest.raises(ConfigError, match=r"flash-attn-4 package does not import .*pip install 'litft\[flash\]'"):
         flash_attention.usable_on(0)
+    with pytest.raises(ConfigError, match="needs a Hopper or Blackwell GPU and this run is on cpu"):
+        flash_attention.check_setting(torch.device("cpu"))
     monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "auto")
     assert flash_attention.usable_on(0) is False
+    assert flash_attention.check_setting(torch.device("cpu")) is False
+
+
+def test_a_bad_setting_stops_finetune_with_one_line(tmp_path, stories_dir, monkeypatch, capsys):
+    """Through the CLI: a non-zero exit, one line naming the variable, before the model loads (no out_dir yet)."""
+    from litft.cli import main
+
+    monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "fast")
+    identity = Path(flash_attention.__file__).parents[1] / "assets" / "data" / "identity_500.sharegpt.json"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "lora", "--checkpoint", str(stories_dir), "--out_dir", str(tmp_path / "out"),
+              "--accelerator", "cpu", "--data.path", str(identity), "--data.template", "plain"])
+    assert exit_info.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "litft: error: LITFT_FLASH_ATTENTION_4 is 'fast'; set it to one of auto, always, never"
+    assert not (tmp_path / "out" / "final").exists()
 
 
 @pytest.mark.gpu

@@ -25,6 +25,7 @@ from torch import nn
 from litft.adapters.lora import LoRAConfig
 from litft.data import DataConfig
 from litft.errors import ConfigError
+from litft.models import flash_attention
 from litft.training.config import EvalConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -502,6 +503,9 @@ def run_finetune(
         fsdp_cpu_offload,
     )
     fabric.launch()
+    uses_flash_attention = flash_attention.check_setting(fabric.device)  # a bad LITFT_FLASH_ATTENTION_4 stops here
+    if uses_flash_attention and fabric.is_global_zero:
+        log("attention: FlashAttention-4 for rows that are not packed (LITFT_FLASH_ATTENTION_4=never: SDPA)")
     preemption = PreemptionSignal(fabric)  # from here on SIGUSR1 / SIGTERM save a checkpoint and stop
     resume_from, replacing_previous_run = prepare_out_dir(out_dir, resume, overwrite)
     seed_everything(seed, verbose=False)

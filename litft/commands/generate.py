@@ -18,6 +18,7 @@ from torch import nn
 
 from litft.chat_templates import ChatTemplate, resolve_chat_template
 from litft.errors import CheckpointError, ConfigError
+from litft.models import flash_attention
 from litft.tokenizer import Tokenizer
 
 PRECISIONS = {
@@ -129,6 +130,7 @@ def load_for_generation(
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = _resolve_precision(precision, device)
+    flash_attention.check_setting(device)  # a bad LITFT_FLASH_ATTENTION_4 stops here, before the weights load
     prepare = None
     if quantize is not None:
         if device.type != "cuda":

@@ -24,6 +24,8 @@ from types import ModuleType
 
 import torch
 
+from litft.errors import ConfigError
+
 FLASH_ATTENTION_4 = os.environ.get("LITFT_FLASH_ATTENTION_4", "auto")
 FLASH_ATTENTION_4_MODES = ("auto", "always", "never")
 
@@ -46,13 +48,23 @@ def kernels() -> ModuleType | None:
     return _kernels
 
 
+def check_setting(device: torch.device) -> bool:
+    """Whether causal attention on `device` runs these kernels; a ConfigError where `FLASH_ATTENTION_4` cannot hold
+    there (called as a run starts, so that the error comes before anything loads or compiles)."""
+    if device.type == "cuda":
+        return usable_on(device.index or 0)
+    _check_mode()
+    if FLASH_ATTENTION_4 == "always":
+        raise ConfigError(f"LITFT_FLASH_ATTENTION_4=always: FlashAttention-4 needs a Hopper or Blackwell GPU and this "
+                          f"run is on {device.type}; unset it or set it to auto")
+    return False
+
+
 @torch.compiler.assume_constant_result
 def usable_on(device_index: int) -> bool:
     """Whether CUDA device `device_index` runs these kernels under `FLASH_ATTENTION_4` (a constant to a compiled
     block, which then holds one path, not a check per call)."""
-    if FLASH_ATTENTION_4 not in FLASH_ATTENTION_4_MODES:
-        raise ValueError(f"LITFT_FLASH_ATTENTION_4 is {FLASH_ATTENTION_4!r}; set it to one of "
-                         f"{', '.join(FLASH_ATTENTION_4_MODES)}")
+    _check_mode()
     if FLASH_ATTENTION_4 == "never":
         return False
     major = torch.cuda.get_device_capability(device_index)[0]
@@ -62,8 +74,14 @@ def usable_on(device_index: int) -> bool:
         reason = (f"the flash-attn-4 package does not import ({_import_error}); install it with "
                   f"pip install 'litft[flash]'" if kernels() is None
                   else f"GPU {device_index} has compute capability {major}.x; its kernels need 9.x or 10.x")
-        raise RuntimeError(f"FlashAttention-4 was asked for, but {reason}")
+        raise ConfigError(f"LITFT_FLASH_ATTENTION_4=always: {reason}, or set it to auto")
     return False
+
+
+def _check_mode() -> None:
+    if FLASH_ATTENTION_4 not in FLASH_ATTENTION_4_MODES:
+        raise ConfigError(f"LITFT_FLASH_ATTENTION_4 is {FLASH_ATTENTION_4!r}; set it to one of "
+                          f"{', '.join(FLASH_ATTENTION_4_MODES)}")
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
