@@ -298,9 +298,8 @@ def attention_kernel() -> str:
     """Which kernels the step's causal attention ran: FlashAttention-4's or SDPA's."""
     from litft.models import flash_attention
 
-    if DEVICE != "cuda":
-        return "sdpa"
-    return "flash4" if flash_attention.usable_on(torch.cuda.current_device()) else "sdpa"
+    device = torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device(DEVICE)
+    return "flash4" if flash_attention.check_setting(device) else "sdpa"
 
 
 def idle_gpu(milliseconds: float) -> tuple:

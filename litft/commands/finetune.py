@@ -503,9 +503,7 @@ def run_finetune(
         fsdp_cpu_offload,
     )
     fabric.launch()
-    uses_flash_attention = flash_attention.check_setting(fabric.device)  # a bad LITFT_FLASH_ATTENTION_4 stops here
-    if uses_flash_attention and fabric.is_global_zero:
-        log("attention: FlashAttention-4 for rows that are not packed (LITFT_FLASH_ATTENTION_4=never: SDPA)")
+    flash_attention.check_setting(fabric.device)  # a bad LITFT_FLASH_ATTENTION_4 stops here, before anything loads
     preemption = PreemptionSignal(fabric)  # from here on SIGUSR1 / SIGTERM save a checkpoint and stop
     resume_from, replacing_previous_run = prepare_out_dir(out_dir, resume, overwrite)
     seed_everything(seed, verbose=False)
@@ -543,8 +541,11 @@ def run_finetune(
     from litft.adapters.quantization import logical_parameter_count
 
     total = logical_parameter_count(model)
+    # Read after compiling: thunder switches FlashAttention-4 off.
+    attention = "FlashAttention-4 (unpacked rows)" if flash_attention.check_setting(fabric.device) else "SDPA"
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
-                  f"precision {precision_name}, template {template.name}, objective {task.name}")
+                  f"precision {precision_name}, template {template.name}, objective {task.name}, "
+                  f"attention {attention}")
     wrapped = setup_for_strategy(fabric, CausalLMObjective(model, router_aux_loss_coef=train.router_aux_loss_coef))
 
     # ---- optimizer ---------------------------------------------------------------------------------------------
