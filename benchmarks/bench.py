@@ -178,6 +178,8 @@ def bench_training(args) -> dict:
         rotary_heads.ENABLED = False
     if args.lora_gemm_group_rows is not None:  # the LoRA GEMM kernel's tile order
         lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
+    if args.no_warp_specialized:  # the A/B of litft.adapters.lora_gemm_pingpong
+        lora_gemm.warp_specialized_enabled = False
     if args.attention is not None:  # the A/B of litft.models.flash_attention
         from litft.models import flash_attention
 
@@ -286,7 +288,8 @@ def bench_training(args) -> dict:
                 adapter_gradients_smallest_columns=args.adapter_gradients_smallest_columns,
                 rotary_as_written=args.rotary_as_written, experts_one_by_one=args.experts_one_by_one,
                 experts_elementwise_eager=args.experts_elementwise_eager,
-                lora_gemm_group_rows=args.lora_gemm_group_rows, attention=attention_kernel(),
+                lora_gemm_group_rows=args.lora_gemm_group_rows, no_warp_specialized=args.no_warp_specialized,
+                attention=attention_kernel(),
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
                 compiled_graphs=compiled_graphs, tokens_per_s=round(tokens_per_second), mfu=round(mfu, 3), **energy,
@@ -609,9 +612,13 @@ def main() -> None:
                         help="read each step's metrics at once, as the training loop did before session 8 (comparison)")
     parser.add_argument("--cuda_graph", action="store_true",
                         help="experiment: replay the whole step from one CUDA graph (what host launches cost)")
-    parser.add_argument("--lora_gemm", choices=["auto", "cublas", "triton"], default=None,
+    parser.add_argument("--lora_gemm", choices=["auto", "cublas", "triton", "warp_specialized"], default=None,
                         help="LITFT_LORA_GEMM: a projection's base GEMM and adapter update through cuBLAS, litft's "
-                             "Triton kernel, or whichever was faster for each shape (auto, the default)")
+                             "Triton kernel, its warp-specialized kernel (Hopper, where it takes the operands), or "
+                             "whichever was faster for each shape (auto, the default)")
+    parser.add_argument("--no_warp_specialized", action="store_true",
+                        help="auto leaves out the warp-specialized LoRA GEMM (the A/B of litft.adapters."
+                             "lora_gemm_pingpong)")
     parser.add_argument("--cross_entropy", choices=["kernel", "compiled"], default=None,
                         help="LITFT_CROSS_ENTROPY: the loss of each chunk of logits through litft's Triton kernel "
                              "(the default on GPUs) or torch.compile's fusion of the tensor code (the path before it)")

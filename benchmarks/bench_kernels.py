@@ -56,9 +56,11 @@
               a projection and its adapter as one cuBLAS GEMM whose reduction runs on over the rank-deep operands
               ([x | low] @ [W | B]^T, [dy | g_low] @ [W; sA]) against cuBLAS's pair, lora_gemm's kernel and the base
               GEMM alone: queued, sustained, millijoules per call (NOTES.md, section 25).
+  pingpong    lora_gemm's kinds of call and the gated forward through cuBLAS, lora_gemm's Triton kernel and
+              lora_gemm_pingpong's warp-specialized kernel (NOTES.md, section 28).
   python benchmarks/bench_kernels.py [--only attention,gemm,lora,qkv,nf4,gemm_backends,lora_gemm,cross_entropy,
                                              adapter_gradients,gated_down,rotary,gated_projections,lora_gemm_energy,
-                                             depth,extended_reduction]
+                                             depth,extended_reduction,pingpong]
                                      [--tokens 8192]
 """
 
@@ -799,6 +801,45 @@ def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> N
                  mj_per_call=None if energy is None else round(energy, 2))
 
 
+def bench_pingpong(tokens: int, shapes: list[str], rank: int = 16) -> None:
+    """lora_gemm's kinds of call and the gated forward through cuBLAS, lora_gemm's Triton kernel and
+    lora_gemm_pingpong's warp-specialized kernel: queued, sustained (~0.5 s of calls: the power limit) and
+    millijoules per call, two alternating rounds; each path's largest difference from the Triton kernel's result."""
+    from litft.adapters import lora_gemm, lora_gemm_pingpong
+
+    for shape in shapes:
+        cases = [(name, pairs, transposed, None) for name, pairs, transposed in lora_gemm_cases(tokens, shape, rank)]
+        hidden, inter = PROJECTIONS[shape]["gate_up"]
+        x = torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        weights = torch.randn(2 * inter, hidden, device="cuda", dtype=torch.bfloat16) / hidden**0.5
+        low = torch.randn(tokens, 2 * rank, device="cuda", dtype=torch.bfloat16)
+        blocks = torch.block_diag(*(torch.randn(inter, rank, device="cuda", dtype=torch.bfloat16) / rank**0.5
+                                    for _ in range(2)))
+        cases.append(("forward_gate_up_gated", None, None, (x, weights, low, blocks)))
+        for name, pairs, transposed, gated in cases:
+            if gated is None:
+                multiply_adds = sum(a.shape[0] * a.shape[1] * (b.shape[0] if transposed else b.shape[1])
+                                    for a, b in pairs)
+                paths = {"cublas": lambda p=pairs, t=transposed: cublas_sum(p, t),
+                         "triton": lambda p=pairs, t=transposed: lora_gemm._run(p, t, 0),
+                         "pingpong": lambda p=pairs, t=transposed: lora_gemm_pingpong.sum_of_products(p, t)}
+            else:
+                multiply_adds = tokens * hidden * 2 * inter
+                paths = {"triton": lambda g=gated: lora_gemm._run_gated(*g, "silu", 0)[2],
+                         "pingpong": lambda g=gated: lora_gemm_pingpong.gated_projections(*g, "silu")[2]}
+            reference = paths["triton"]().float()
+            sustained_calls = max(20, int(500 / time_ms(paths["triton"], queued=True)))
+            for round_ in range(2):
+                for path, function in paths.items():
+                    difference = ((function().float() - reference).abs().max() / reference.abs().max()).item()
+                    sustained = time_ms(function, repeats=sustained_calls, queued=True)
+                    emit(kind="pingpong", shape=shape, case=name, tokens=tokens, path=path, round=round_,
+                         queued_ms=round(time_ms(function, queued=True), 4), sustained_ms=round(sustained, 4),
+                         sustained_tflops=round(2 * multiply_adds / sustained / 1e9, 1),
+                         mj_per_call=round(energy_mj(function, seconds=1.0) or 0, 2),
+                         max_difference_from_triton=round(difference, 5))
+
+
 def bench_rotary(seq: int, shapes: list[str]) -> None:
     """q, k, v from the joined projection output into attention and back (causal, grouped-query), compiled as a
     block compiles it: split and rotated as written (autograd's backward, fused by inductor) against
@@ -893,6 +934,8 @@ def main() -> None:
         bench_depth(args.tokens)
     if "extended_reduction" in chosen:
         bench_extended_reduction(args.tokens, args.shapes.split(","))
+    if "pingpong" in chosen:
+        bench_pingpong(args.tokens, args.shapes.split(","))
 
 
 if __name__ == "__main__":

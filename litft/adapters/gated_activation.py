@@ -11,6 +11,7 @@ Without Triton (CPU, outside the interpreter) the same formulas run as torch ope
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import nn
@@ -22,11 +23,12 @@ tl = None  # triton.language, once a kernel is built (see jitted_activation)
 PRODUCT_BLOCK = 2048  # elements per program of the elementwise product
 
 
-def jitted_activation():
+def jitted_activation(language: str = "triton"):
     """The jitted `activation(gate, GELU) -> (act(gate), d act / d gate)`, float32 in and out. A kernel's builder
     makes it a global of the kernel's module (Triton resolves calls through the caller's globals), built afresh
     with the kernel: Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a function is
-    decorated."""
+    decorated. `language="gluon"`: the same function for Gluon kernels (`litft.adapters.lora_gemm_pingpong`),
+    its `tl` bound to Gluon's language."""
     # triton.language as a global of this module: Triton's interpreter looks for it in a jitted function's globals
     # when another module's kernel calls the function.
     global tl
@@ -49,6 +51,14 @@ def jitted_activation():
             slope = sigmoid * (1.0 + gate * (1.0 - sigmoid))
         return value, slope
 
+    if language == "gluon":
+        from triton.experimental import gluon
+        from triton.experimental.gluon import language as gluon_language
+
+        # The same code under globals whose `tl` is Gluon's language (Gluon's builtins take Gluon's tensors).
+        gluon_activation = types.FunctionType(activation.__code__, {**globals(), "tl": gluon_language},
+                                              activation.__name__)
+        return gluon.jit(gluon_activation)
     return triton.jit(activation)
 
 

@@ -15,7 +15,9 @@ and q/k/v's input gradient there); a LoRA llama-1b step gains 2-3%, a llama-8b s
 spread (+0.2%).
 So each shape is timed once, on its first call, through cuBLAS and through the kernel, and the faster is kept
 (as cuDNN's benchmark mode does): the first training step takes some seconds more, for the kernel's
-compilations. `LITFT_LORA_GEMM=cublas` or `=triton` forces a path (benchmarks, tests); under
+compilations. On Hopper a third candidate, for the calls whose reduction is short, is the same sum through
+`litft.adapters.lora_gemm_pingpong`'s warp-specialized kernel. `LITFT_LORA_GEMM=cublas`, `=triton` or
+`=warp_specialized` forces a path (benchmarks, tests); under
 `torch.use_deterministic_algorithms(True)` `auto` takes cuBLAS, since a timing can choose differently between runs.
 
 The widths (N and each K) are compile-time constants of the kernel, as in inductor's GEMM templates: with the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,6 +59,13 @@ MOST_PAIRS = LOOPED_PAIRS + 1
 # (NOTES.md, section 18).
 GROUP_ROWS = 16
 CUBLAS = -1  # the choice "the caller's cuBLAS path"
+# The choice "lora_gemm_pingpong's warp-specialized kernel" (Hopper), a candidate only where the long pairs' reduction
+# is at most this deep: there its overlapped epilogue makes it 2-5% faster under sustained load than the kernel
+# here, while on llama-8b's 6,144- to 28,672-deep calls its narrower tiles made it 1-6% slower (NOTES.md, section
+# 28), where `auto`'s timing, at full clock, would not always see it.
+WARP_SPECIALIZED = len(CONFIGS)
+WARP_SPECIALIZED_DEEPEST = 4096
+warp_specialized_enabled = True  # benchmarks switch the candidate off for their A/B
 
 _choices: dict[tuple, int] = {}
 _timings: dict[tuple, dict[int, float]] = {}  # ms per call of each path `auto` timed, for choices()
@@ -69,9 +79,21 @@ def _tensor_descriptors_available() -> bool:
 
 def _forced() -> str:
     setting = os.environ.get("LITFT_LORA_GEMM", "auto")
-    if setting not in ("auto", "cublas", "triton"):
-        raise ValueError(f"LITFT_LORA_GEMM={setting!r}: expected auto, cublas or triton")
+    if setting not in ("auto", "cublas", "triton", "warp_specialized"):
+        raise ValueError(f"LITFT_LORA_GEMM={setting!r}: expected auto, cublas, triton or warp_specialized")
     return setting
+
+
+def _warp_specialized_takes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], transposed: bool) -> bool:
+    """Whether the warp-specialized kernel is a candidate for these operands (which `can_fuse` accepted): a Hopper
+    GPU with Gluon, a rank-deep pair (if any) no wider than its widest block, the long pairs' reduction at most
+    WARP_SPECIALIZED_DEEPEST deep."""
+    from litft.adapters import lora_gemm_pingpong
+
+    if not warp_specialized_enabled or not pairs[0][0].is_cuda or not lora_gemm_pingpong.available(pairs[0][0].device):
+        return False
+    looped = pairs[:-1] if len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK else pairs
+    return len(looped) <= LOOPED_PAIRS and sum(a.shape[1] for a, _ in looped) <= WARP_SPECIALIZED_DEEPEST
 
 
 def can_fuse(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
@@ -108,14 +130,20 @@ def choices() -> list[str]:
     lines = []
     for key, choice in _choices.items():
         rows, widths, transposed = key[:3]
-        path = "cublas" if choice == CUBLAS else "kernel " + "x".join(map(str, CONFIGS[choice]))
+        path = _path_name(choice)
+        if choice not in (CUBLAS, WARP_SPECIALIZED):
+            path += " " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
         if len(key) > 6:  # a kind of call with a label of its own (gated_projections')
             kind = key[5]
-        timed = ", ".join(f"{'cublas' if index == CUBLAS else 'kernel'} {ms:.3f} ms"
+        timed = ", ".join(f"{_path_name(index)} {ms:.3f} ms"
                           for index, ms in _timings.get(key, {}).items())
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
     return lines
+
+
+def _path_name(choice: int) -> str:
+    return {CUBLAS: "cublas", WARP_SPECIALIZED: "warp-specialized kernel"}.get(choice, "kernel")
 
 
 def sum_of_products(
@@ -135,7 +163,8 @@ def sum_of_products(
     if _cublas_only(forced, rows) or not can_fuse(pairs):
         return cublas()
     key = (*choice_key(pairs, transposed), forced)
-    return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0])
+    return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0],
+                   _warp_specialized_takes(pairs, transposed))
 
 
 def _cublas_only(forced: str, rows: int) -> bool:
@@ -146,19 +175,24 @@ def _cublas_only(forced: str, rows: int) -> bool:
     )
 
 
-def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor) -> Any:
+def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor,
+            warp_specialized: bool = False) -> Any:
     """A call of a kind (`key`, which ends with LITFT_LORA_GEMM's setting): `run(config)` (the kernel in a
-    configuration) or `cublas()`, as chosen on the first call of its kind (`auto`: timed) and kept for the next;
-    what the chosen path computed."""
+    configuration, or WARP_SPECIALIZED where `warp_specialized` says that kernel takes the operands) or
+    `cublas()`, as chosen on the first call of its kind (`auto`: timed) and kept for the next; what the chosen
+    path computed."""
     choice = _choices.get(key)
     if choice is not None:
         return cublas() if choice == CUBLAS else run(choice)
-    if key[-1] == "triton":  # the first configuration that compiles, found once (a failed compilation is slow)
+    if key[-1] == "warp_specialized" and warp_specialized:
+        _choices[key] = WARP_SPECIALIZED
+        return run(WARP_SPECIALIZED)
+    if key[-1] in ("triton", "warp_specialized"):  # the first configuration that compiles, found once
         _choices[key], result = _first_that_compiles(run)
         return result
     if first.is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas()  # timing would synchronize inside a CUDA-graph capture
-    choice, _timings[key] = _fastest(run, cublas, first.is_cuda)
+    choice, _timings[key] = _fastest(run, cublas, first.is_cuda, warp_specialized)
     _choices[key] = choice
     return cublas() if choice == CUBLAS else run(choice)
 
@@ -199,11 +233,13 @@ CALLS_PER_ROUND = 4
 QUEUE_AHEAD_CYCLES = 4_000_000
 
 
-def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool) -> tuple[int, dict[int, float]]:
-    """CUBLAS, or the index of the first kernel configuration that compiles for `run`'s operands, whichever was
-    faster, and each one's time (ms per call): each runs once to warm up (the kernel's first call compiles it),
-    then both are timed in alternating rounds and each keeps its best round, so that a GPU's clock drifting
-    during the measurement does not decide. On CPU (the interpreter) the kernel, untimed."""
+def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool,
+             warp_specialized: bool = False) -> tuple[int, dict[int, float]]:
+    """CUBLAS, the index of the first kernel configuration that compiles for `run`'s operands or (where
+    `warp_specialized`) WARP_SPECIALIZED, whichever was fastest, and each one's time (ms per call): each runs once
+    to warm up (a kernel's first call compiles it), then all are timed in alternating rounds and each keeps its
+    best round, so that a GPU's clock drifting during the measurement does not decide. On CPU (the interpreter)
+    the kernel, untimed."""
     if not on_gpu:
         return 0, {}
     candidates = {}
@@ -223,6 +259,14 @@ def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool)
             candidates[index] = function
             if index != CUBLAS:
                 break
+        if warp_specialized:
+            function = functools.partial(run, WARP_SPECIALIZED)
+            try:
+                function()
+                candidates[WARP_SPECIALIZED] = function
+            except Exception as error:  # noqa: BLE001 - an optional candidate: training goes on without it
+                warnings.warn(f"litft: the warp-specialized LoRA GEMM failed ({type(error).__name__}: {error}); "
+                              "the other paths are timed without it", stacklevel=2)
         best = dict.fromkeys(candidates, float("inf"))
         for _ in range(TIMING_ROUNDS):
             for index, function in candidates.items():
@@ -343,6 +387,10 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
     defaults are what training runs (`group_rows` None: `GROUP_ROWS`)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if config == WARP_SPECIALIZED:
+        from litft.adapters import lora_gemm_pingpong
+
+        return lora_gemm_pingpong.sum_of_products(pairs, transposed)
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
     rows = pairs[0][0].shape[0]
     columns = pairs[0][1].shape[0] if transposed else pairs[0][1].shape[1]
@@ -463,12 +511,17 @@ def gated_projections(
     ):
         return separately()
     key = (*choice_key(pairs, True), f"gate and up forward, {activation} product,", forced)
-    return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x)
+    return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x,
+                   _warp_specialized_takes(pairs, True))
 
 
 def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:
     """gated_projections through the kernel in configuration `config` (its BLOCK_N split between gate and up);
     `blocks` is diag(B_gate, B_up) (2N, 2r)."""
+    if config == WARP_SPECIALIZED:
+        from litft.adapters import lora_gemm_pingpong
+
+        return lora_gemm_pingpong.gated_projections(x, weights, low, blocks, activation)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     block_m, block_n, block_k, stages, warps = CONFIGS[config]
