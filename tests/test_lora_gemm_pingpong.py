@@ -63,3 +63,49 @@ def test_gated_projections_as_exact_as_the_triton_kernel(activation, rows, in_fe
         assert mine.shape == truth.shape
         assert relative_error(mine, truth) <= relative_error(theirs, truth) * 1.05 + 1e-4, \
             (name, relative_error(mine, truth), relative_error(theirs, truth))
+
+
+def cublas_pair(pairs, transposed):
+    def compute():
+        *base, (low, update) = pairs
+        out = low @ (update.t() if transposed else update)
+        for a, b in base:
+            out.addmm_(a, b.t() if transposed else b)
+        return out
+
+    return compute
+
+
+def test_auto_times_the_kernel_only_for_short_reductions(monkeypatch):
+    """`auto` times the warp-specialized kernel beside cuBLAS and the Triton kernel where the long reduction is at
+    most WARP_SPECIALIZED_DEEPEST deep, and leaves it out past that (where its narrower tiles lose)."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+    torch.manual_seed(0)
+    deepest = lora_gemm.WARP_SPECIALIZED_DEEPEST
+    for depth, timed in [(deepest, True), (deepest + 1024, False)]:
+        lora_gemm._choices.clear()
+        lora_gemm._timings.clear()
+        forward, _ = forward_and_backward_operands(2048, depth, 1024, 16, "cuda", torch.bfloat16)
+        result = lora_gemm.sum_of_products(forward, True, cublas=cublas_pair(forward, True))
+        (timings,) = lora_gemm._timings.values()
+        assert (lora_gemm.WARP_SPECIALIZED in timings) is timed, (depth, timings)
+        exact = reference(forward, True)
+        assert relative_error(result, exact) < 4e-3
+
+
+def test_auto_goes_on_without_the_kernel_where_it_fails(monkeypatch):
+    """A kernel that does not compile (another Triton's Gluon) costs a warning, not the run: `auto` keeps one of
+    the other paths."""
+    monkeypatch.setenv("LITFT_LORA_GEMM", "auto")
+    lora_gemm._choices.clear()
+
+    def failing(*arguments):
+        raise RuntimeError("the kernel did not compile")
+
+    monkeypatch.setattr(lora_gemm_pingpong, "sum_of_products", failing)
+    torch.manual_seed(0)
+    forward, _ = forward_and_backward_operands(2048, 1024, 1024, 16, "cuda", torch.bfloat16)
+    with pytest.warns(UserWarning, match="warp-specialized LoRA GEMM failed"):
+        result = lora_gemm.sum_of_products(forward, True, cublas=cublas_pair(forward, True))
+    assert next(iter(lora_gemm._choices.values())) != lora_gemm.WARP_SPECIALIZED
+    assert relative_error(result, reference(forward, True)) < 4e-3

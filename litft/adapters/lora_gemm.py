@@ -60,11 +60,12 @@ MOST_PAIRS = LOOPED_PAIRS + 1
 GROUP_ROWS = 16
 CUBLAS = -1  # the choice "the caller's cuBLAS path"
 # The choice "lora_gemm_pingpong's warp-specialized kernel" (Hopper), a candidate only where the long pairs' reduction
-# is at most this deep: there its overlapped epilogue makes it 2-5% faster under sustained load than the kernel
-# here, while on llama-8b's 6,144- to 28,672-deep calls its narrower tiles made it 1-6% slower (NOTES.md, section
-# 28), where `auto`'s timing, at full clock, would not always see it.
+# is at most this deep (NOTES.md, section 28): on llama-1b's 2,048- and 3,072-deep calls it made the step 1.4% faster
+# at 7% less energy; on llama-8b's 4,096-deep ones, faster alone at full clock, it left the power-bound step where
+# it was (so those keep the paths their rows were measured with); deeper, its narrower tiles lost 1-6%, which
+# `auto`'s timing, at full clock, would not always see.
 WARP_SPECIALIZED = len(CONFIGS)
-WARP_SPECIALIZED_DEEPEST = 4096
+WARP_SPECIALIZED_DEEPEST = 3072
 warp_specialized_enabled = True  # benchmarks switch the candidate off for their A/B
 
 _choices: dict[tuple, int] = {}
