@@ -1,6 +1,7 @@
 """The warp-specialized LoRA GEMMs (`litft.adapters.lora_gemm_pingpong`, Gluon, Hopper only): the same sums and
 gated outputs as `lora_gemm`'s Triton kernel, no further from a float64 reference, at shapes with partial tiles,
-several rank widths, views of wider tensors and three long pairs. GPU only: Gluon has no interpreter."""
+several rank widths, views of wider tensors, one or two long pairs with and without a rank-deep one; `auto`'s use
+of it. GPU only: Gluon has no interpreter."""
 
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def _forced() -> str:
     return setting
 
 
-def _warp_specialized_takes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], transposed: bool) -> bool:
+def _warp_specialized_takes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Whether the warp-specialized kernel is a candidate for these operands (which `can_fuse` accepted): a Hopper
     GPU with Gluon, a rank-deep pair (if any) no wider than its widest block, the long pairs' reduction at most
     WARP_SPECIALIZED_DEEPEST deep."""
@@ -165,7 +165,7 @@ def sum_of_products(
         return cublas()
     key = (*choice_key(pairs, transposed), forced)
     return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0],
-                   _warp_specialized_takes(pairs, transposed))
+                   _warp_specialized_takes(pairs))
 
 
 def _cublas_only(forced: str, rows: int) -> bool:
@@ -513,7 +513,7 @@ def gated_projections(
         return separately()
     key = (*choice_key(pairs, True), f"gate and up forward, {activation} product,", forced)
     return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x,
-                   _warp_specialized_takes(pairs, True))
+                   _warp_specialized_takes(pairs))
 
 
 def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:

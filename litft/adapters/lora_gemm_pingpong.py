@@ -18,6 +18,12 @@ has waited for all of its own, since a stage's barrier tells apart only its curr
 Same sums as `lora_gemm` (C = sum_j A_j @ B_j or B_j^T, up to three long pairs and a rank-deep one; or gate, up and
 h = act(gate) * up from one joined GEMM), same operands and one rounding of the whole sum. The rank-deep pair takes
 one ring stage, its blocks laid into the stage's buffers at their own (narrower) width.
+
+Measured on an H200 (NOTES.md, section 28): 2-5% faster than the Triton kernel on llama-8b's wide 4,096-deep calls
+alone, 1-6% slower on the deep ones (a 128 x 128 tile reads B from L2 twice as often as a 128 x 256 one); a LoRA
+llama-1b step 1.4% faster at 7% less energy, a llama-8b step, bound by the GPU's power, level. `lora_gemm` times it
+as a candidate for reductions up to `lora_gemm.WARP_SPECIALIZED_DEEPEST`. `benchmarks/compile_pingpong.py` compiles
+it for sm_90 on a machine without a GPU (registers, shared memory, PTX).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ RANK_BLOCKS = (16, 32, 64)  # the rank-deep pair's block widths (a power of two,
 CONSUMER_REGISTERS = 232
 LOADER_REGISTERS = 40
 SHARED_MEMORY = 227 * 1024  # an H100 / H200 block's most
-GROUP_ROWS = 16
+GROUP_ROWS = 16  # row tiles per group in the tile order, as lora_gemm.GROUP_ROWS
 
 
 def _layout(block: list[int], dtype: torch.dtype):
@@ -305,7 +311,7 @@ def _stages(epilogue_bytes: int) -> int:
 
 def launch_arguments(rows: int, columns: int, depths: list[int], low_k: int, transposed: bool, gated: bool,
                      programs: int) -> dict:
-    """The kernel's compile-time constants for a call (also what `benchmarks` and the compile test build)."""
+    """The kernel's compile-time constants for a call (`benchmarks/compile_pingpong.py` builds them too)."""
     step_n = BLOCK_N // 2 if gated else BLOCK_N
     main_blocks = sum(-(-depth // BLOCK_K) for depth in depths)
     epilogue_bytes = 2 * BLOCK_M * BLOCK_N * 2 + (2 * BLOCK_M * step_n * 2 if gated else 0)
