@@ -282,8 +282,8 @@ def _nf4_joint(ordered: list[nn.Module], copied: bool = False) -> list[torch.Ten
     first = ordered[0]
     if first.quantization.mode != "bnb.nf4":
         return None
-    names = _tensor_names(first)
-    joint = [_copied_together(ordered, name) for name in names] if copied else [_joint(ordered, name) for name in names]
+    read = _copied_together if copied else _joint
+    joint = [read(ordered, name) for name in _tensor_names(first)]
     if any(tensor is None for tensor in joint) or not nf4_dequantize.can_dequantize(
         joint[0], first.out_features, first.in_features
     ):

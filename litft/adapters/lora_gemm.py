@@ -85,15 +85,22 @@ def _forced() -> str:
     return setting
 
 
+def rank_deep_split(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list, tuple | None]:
+    """The pairs whose reductions the kernels loop over, and the last pair apart where it is rank-deep (at most
+    LOW_RANK_BLOCK deep: the adapters' stacked ranks, one block), else None."""
+    if len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK:
+        return list(pairs[:-1]), pairs[-1]
+    return list(pairs), None
+
+
 def _warp_specialized_takes(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
     """Whether the warp-specialized kernel is a candidate for these operands (which `can_fuse` accepted): a Hopper
-    GPU with Gluon, a rank-deep pair (if any) no wider than its widest block, the long pairs' reduction at most
-    WARP_SPECIALIZED_DEEPEST deep."""
+    GPU with Gluon, the long pairs' reduction at most WARP_SPECIALIZED_DEEPEST deep."""
     from litft.adapters import lora_gemm_pingpong
 
     if not warp_specialized_enabled or not pairs[0][0].is_cuda or not lora_gemm_pingpong.available(pairs[0][0].device):
         return False
-    looped = pairs[:-1] if len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK else pairs
+    looped, _ = rank_deep_split(pairs)
     return len(looped) <= LOOPED_PAIRS and sum(a.shape[1] for a, _ in looped) <= WARP_SPECIALIZED_DEEPEST
 
 
@@ -165,7 +172,7 @@ def sum_of_products(
         return cublas()
     key = (*choice_key(pairs, transposed), forced)
     return _chosen(key, functools.partial(_run, pairs, transposed), cublas, pairs[0][0],
-                   _warp_specialized_takes(pairs))
+                   functools.partial(_warp_specialized_takes, pairs))
 
 
 def _cublas_only(forced: str, rows: int) -> bool:
@@ -177,15 +184,15 @@ def _cublas_only(forced: str, rows: int) -> bool:
 
 
 def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor,
-            warp_specialized: bool = False) -> Any:
+            warp_specialized: Callable[[], bool] = lambda: False) -> Any:
     """A call of a kind (`key`, which ends with LITFT_LORA_GEMM's setting): `run(config)` (the kernel in a
-    configuration, or WARP_SPECIALIZED where `warp_specialized` says that kernel takes the operands) or
+    configuration, or WARP_SPECIALIZED where `warp_specialized()` says that kernel takes the operands) or
     `cublas()`, as chosen on the first call of its kind (`auto`: timed) and kept for the next; what the chosen
-    path computed."""
+    path computed. (`warp_specialized` is asked only when a choice is made, not on every call.)"""
     choice = _choices.get(key)
     if choice is not None:
         return cublas() if choice == CUBLAS else run(choice)
-    if key[-1] == "warp_specialized" and warp_specialized:
+    if key[-1] == "warp_specialized" and warp_specialized():
         _choices[key] = WARP_SPECIALIZED
         return run(WARP_SPECIALIZED)
     if key[-1] in ("triton", "warp_specialized"):  # the first configuration that compiles, found once
@@ -193,7 +200,7 @@ def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], fi
         return result
     if first.is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas()  # timing would synchronize inside a CUDA-graph capture
-    choice, _timings[key] = _fastest(run, cublas, first.is_cuda, warp_specialized)
+    choice, _timings[key] = _fastest(run, cublas, first.is_cuda, warp_specialized())
     _choices[key] = choice
     return cublas() if choice == CUBLAS else run(choice)
 
@@ -401,9 +408,7 @@ def _run(pairs, transposed: bool, config: int, store_through_tma: bool = False,
         return (TensorDescriptor.from_tensor(a, [block_m, step]),
                 TensorDescriptor.from_tensor(b, [block_n, step] if transposed else [step, block_n]))
 
-    looped, low_pair = list(pairs), None
-    if prefetch_low and len(pairs) > 1 and pairs[-1][0].shape[1] <= LOW_RANK_BLOCK:
-        *looped, low_pair = pairs
+    looped, low_pair = rank_deep_split(pairs) if prefetch_low else (list(pairs), None)
     if len(looped) > LOOPED_PAIRS:
         raise ValueError(f"at most {LOOPED_PAIRS} pairs besides a rank-deep one")
     arguments, constants = [], {}
@@ -513,7 +518,7 @@ def gated_projections(
         return separately()
     key = (*choice_key(pairs, True), f"gate and up forward, {activation} product,", forced)
     return _chosen(key, functools.partial(_run_gated, x, weights, low, blocks, activation), separately, x,
-                   _warp_specialized_takes(pairs))
+                   functools.partial(_warp_specialized_takes, pairs))
 
 
 def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[torch.Tensor, ...]:

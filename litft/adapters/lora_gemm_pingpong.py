@@ -32,14 +32,16 @@ import functools
 
 import torch
 
+from litft.adapters import lora_gemm
+
 BLOCK_M = 128  # one warp group's tile: 128 x 128 float32 is 128 registers per thread
 BLOCK_N = 128
 BLOCK_K = 64
-RANK_BLOCKS = (16, 32, 64)  # the rank-deep pair's block widths (a power of two, at least the MMA's 16)
+# The rank-deep pair's block widths (a power of two, at least the MMA's 16), up to lora_gemm.LOW_RANK_BLOCK.
+RANK_BLOCKS = (16, 32, 64)
 CONSUMER_REGISTERS = 232
 LOADER_REGISTERS = 40
 SHARED_MEMORY = 227 * 1024  # an H100 / H200 block's most
-GROUP_ROWS = 16  # row tiles per group in the tile order, as lora_gemm.GROUP_ROWS
 
 
 def _layout(block: list[int], dtype: torch.dtype):
@@ -320,7 +322,7 @@ def launch_arguments(rows: int, columns: int, depths: list[int], low_k: int, tra
         COLUMNS=columns, DEPTH0=padded[0], DEPTH1=padded[1], DEPTH2=padded[2], LOW_K=low_k, TILE_N=BLOCK_N,
         STEP_N=step_n, BLOCKS=main_blocks + (low_k > 0), MAIN_BLOCKS=main_blocks,
         STAGE_BYTES=(BLOCK_M + BLOCK_N) * BLOCK_K * 2, LOW_BYTES=(BLOCK_M + BLOCK_N) * low_k * 2,
-        TRANSPOSED=transposed, GATED=gated, GELU=False, GROUP_M=GROUP_ROWS, PROGRAMS=programs,
+        TRANSPOSED=transposed, GATED=gated, GELU=False, GROUP_M=lora_gemm.GROUP_ROWS, PROGRAMS=programs,
         STAGES=_stages(epilogue_bytes), CONSUMER_REGISTERS=CONSUMER_REGISTERS, LOADER_REGISTERS=LOADER_REGISTERS,
     )
 
@@ -340,11 +342,9 @@ def sum_of_products(pairs, transposed: bool) -> torch.Tensor:
     a0, b0 = pairs[0]
     rows = a0.shape[0]
     columns = b0.shape[0] if transposed else b0.shape[1]
-    looped, low = list(pairs), None
-    if len(pairs) > 1 and pairs[-1][0].shape[1] <= RANK_BLOCKS[-1]:
-        *looped, low = pairs
-    if len(looped) > 3:
-        raise ValueError("at most three pairs besides a rank-deep one")
+    looped, low = lora_gemm.rank_deep_split(pairs)
+    if len(looped) > lora_gemm.LOOPED_PAIRS:
+        raise ValueError(f"at most {lora_gemm.LOOPED_PAIRS} pairs besides a rank-deep one")
     out = torch.empty((rows, columns), dtype=a0.dtype, device=a0.device)
     b_block = [BLOCK_N, BLOCK_K] if transposed else [BLOCK_K, BLOCK_N]
     descriptors = []
