@@ -180,6 +180,12 @@ def bench_training(args) -> dict:
         lora_gemm.GROUP_ROWS = args.lora_gemm_group_rows
     if args.no_warp_specialized:  # the A/B of litft.adapters.lora_gemm_pingpong
         lora_gemm.warp_specialized_enabled = False
+    if args.no_activation_backward_epilogue:  # the A/B of lora_gemm.gated_input_gradient
+        lora_gemm.activation_backward_enabled = False
+    if args.nf4_per_byte:  # the A/B of nf4_dequantize's per-block kernel
+        from litft.adapters import nf4_dequantize
+
+        nf4_dequantize.PER_BLOCK = False
     if args.attention is not None:  # the A/B of litft.models.flash_attention
         from litft.models import flash_attention
 
@@ -289,6 +295,7 @@ def bench_training(args) -> dict:
                 rotary_as_written=args.rotary_as_written, experts_one_by_one=args.experts_one_by_one,
                 experts_elementwise_eager=args.experts_elementwise_eager,
                 lora_gemm_group_rows=args.lora_gemm_group_rows, no_warp_specialized=args.no_warp_specialized,
+                no_activation_backward_epilogue=args.no_activation_backward_epilogue, nf4_per_byte=args.nf4_per_byte,
                 attention=attention_kernel(),
                 sync_each_step=args.sync_each_step,
                 cuda_graph=args.cuda_graph, **idle,
@@ -619,6 +626,13 @@ def main() -> None:
     parser.add_argument("--no_warp_specialized", action="store_true",
                         help="auto leaves out the warp-specialized LoRA GEMM (the A/B of litft.adapters."
                              "lora_gemm_pingpong)")
+    parser.add_argument("--no_activation_backward_epilogue", action="store_true",
+                        help="a gated down projection's backward writes d h and runs the activation's backward "
+                             "apart, never in the warp-specialized kernel's epilogue (the A/B of "
+                             "lora_gemm.gated_input_gradient)")
+    parser.add_argument("--nf4_per_byte", action="store_true",
+                        help="4-bit weights dequantize through the per-byte NF4 kernel (each byte's block scale "
+                             "computed again), the A/B of the per-block one")
     parser.add_argument("--cross_entropy", choices=["kernel", "compiled"], default=None,
                         help="LITFT_CROSS_ENTROPY: the loss of each chunk of logits through litft's Triton kernel "
                              "(the default on GPUs) or torch.compile's fusion of the tensor code (the path before it)")

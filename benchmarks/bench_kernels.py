@@ -542,19 +542,30 @@ def bench_nf4() -> None:
                 packed, tensors, "bnb.nf4", out_features, in_features, state.state2.blocksize, torch.bfloat16
             )
 
-        chosen = (nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS)
+        chosen = (nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS, nf4_dequantize.PER_BLOCK,
+                  nf4_dequantize.BLOCKS_PER_PROGRAM, nf4_dequantize.BLOCK_WARPS)
+
+        def measure(**settings):
+            # queued: the kernels' time, as in a training step, where the host runs ahead (not each call's launch)
+            microseconds = time_ms(dequantize, repeats=200, queued=True) * 1e3
+            emit(kind="nf4", shape=[out_features, in_features], **settings, queued_us=round(microseconds, 1),
+                 tb_per_s=round(gigabytes / microseconds * 1e3, 2))
+
         quantization.use_nf4_kernel = False
-        microseconds = time_ms(dequantize, repeats=200) * 1e3
-        emit(kind="nf4", shape=[out_features, in_features], kernel="bitsandbytes", us=round(microseconds, 1),
-             tb_per_s=round(gigabytes / microseconds * 1e3, 2))
+        measure(kernel="bitsandbytes")
         quantization.use_nf4_kernel = True
-        for program_bytes in (512, 1024, 2048, 4096, 8192):
-            for warps in (4, 8, 16):
+        for _ in range(2):  # two rounds: the per-byte kernel (NOTES.md section 10), then the per-block one
+            nf4_dequantize.PER_BLOCK = False
+            for program_bytes, warps in ((1024, 4), (2048, 8)):
                 nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS = program_bytes, warps
-                microseconds = time_ms(dequantize, repeats=200) * 1e3
-                emit(kind="nf4", shape=[out_features, in_features], kernel="litft", program_bytes=program_bytes,
-                     warps=warps, us=round(microseconds, 1), tb_per_s=round(gigabytes / microseconds * 1e3, 2))
-        nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS = chosen
+                measure(kernel="litft per byte", program_bytes=program_bytes, warps=warps)
+            nf4_dequantize.PER_BLOCK = True
+            for blocks in (16, 32, 64, 128):
+                for warps in (4, 8):
+                    nf4_dequantize.BLOCKS_PER_PROGRAM, nf4_dequantize.BLOCK_WARPS = blocks, warps
+                    measure(kernel="litft per block", blocks_per_program=blocks, warps=warps)
+        (nf4_dequantize.BYTES_PER_PROGRAM, nf4_dequantize.WARPS, nf4_dequantize.PER_BLOCK,
+         nf4_dequantize.BLOCKS_PER_PROGRAM, nf4_dequantize.BLOCK_WARPS) = chosen
 
 
 def bench_cross_entropy(rows: int = 2093, vocab: int = 128256) -> None:
@@ -801,10 +812,22 @@ def bench_gated_projections(tokens: int, shapes: list[str], rank: int = 16) -> N
                  mj_per_call=None if energy is None else round(energy, 2))
 
 
+def down_backward_apart(operands, sum_of_products):
+    """d gate of a gated down projection's backward, apart: d h through `sum_of_products`, then the activation's
+    backward kernel."""
+    from litft.adapters import lora_gated_down
+
+    grad_output, weight, grad_low, lora_a, gate, up = operands
+    grad_product = sum_of_products([(grad_output, weight), (grad_low, lora_a)])
+    return lora_gated_down.gated_backward(grad_product, gate, up, grad_low, "silu")[0]
+
+
 def bench_pingpong(tokens: int, shapes: list[str], rank: int = 16) -> None:
     """lora_gemm's kinds of call and the gated forward through cuBLAS, lora_gemm's Triton kernel and
     lora_gemm_pingpong's warp-specialized kernel: queued, sustained (~0.5 s of calls: the power limit) and
-    millijoules per call, two alternating rounds; each path's largest difference from the Triton kernel's result."""
+    millijoules per call, two alternating rounds; each path's largest difference from the Triton kernel's result.
+    Also down's input gradient with the activation's backward (d gate the compared result): apart after either
+    kernel, or in the warp-specialized kernel's epilogue."""
     from litft.adapters import lora_gemm, lora_gemm_pingpong
 
     for shape in shapes:
@@ -816,8 +839,22 @@ def bench_pingpong(tokens: int, shapes: list[str], rank: int = 16) -> None:
         blocks = torch.block_diag(*(torch.randn(inter, rank, device="cuda", dtype=torch.bfloat16) / rank**0.5
                                     for _ in range(2)))
         cases.append(("forward_gate_up_gated", None, None, (x, weights, low, blocks)))
+        # down's input gradient with the activation's backward: (dy, W_down, g_low, sA, gate, up)
+        backward = (torch.randn(tokens, hidden, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(hidden, inter, device="cuda", dtype=torch.bfloat16) / hidden**0.5,
+                    torch.randn(tokens, rank, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(rank, inter, device="cuda", dtype=torch.bfloat16) / rank**0.5,
+                    torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(tokens, inter, device="cuda", dtype=torch.bfloat16))
+        cases.append(("input_gradient_down_with_activation_backward", None, None, backward))
         for name, pairs, transposed, gated in cases:
-            if gated is None:
+            if name == "input_gradient_down_with_activation_backward":
+                multiply_adds = tokens * hidden * inter
+                paths = {"triton": lambda b=gated: down_backward_apart(b, lambda p: lora_gemm._run(p, False, 0)),
+                         "pingpong": lambda b=gated: down_backward_apart(
+                             b, lambda p: lora_gemm_pingpong.sum_of_products(p, False)),
+                         "epilogue": lambda b=gated: lora_gemm_pingpong.gated_input_gradient(*b, "silu")[0]}
+            elif gated is None:
                 multiply_adds = sum(a.shape[0] * a.shape[1] * (b.shape[0] if transposed else b.shape[1])
                                     for a, b in pairs)
                 paths = {"cublas": lambda p=pairs, t=transposed: cublas_sum(p, t),

@@ -23,13 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from litft.adapters import lora_gemm_pingpong as pingpong  # noqa: E402
 
-# (rows, columns, long depths, rank-deep width, transposed, gated): llama-8b's kinds of call at 8,192 tokens
+# (rows, columns, long depths, rank-deep width, transposed, gated, backward rank): llama-8b's kinds of call at 8,192
+# tokens
 CASES = {
-    "qkv_forward": (8192, 6144, [4096], 48, True, False),
-    "down_input_gradient": (8192, 14336, [4096], 16, False, False),
-    "down_forward": (8192, 4096, [14336], 16, True, False),
-    "gate_up_input_gradient": (8192, 4096, [14336, 14336], 32, False, False),
-    "gated": (8192, 14336, [4096], 32, True, True),
+    "qkv_forward": (8192, 6144, [4096], 48, True, False, 0),
+    "down_input_gradient": (8192, 14336, [4096], 16, False, False, 0),
+    "down_forward": (8192, 4096, [14336], 16, True, False, 0),
+    "gate_up_input_gradient": (8192, 4096, [14336, 14336], 32, False, False, 0),
+    "gated": (8192, 14336, [4096], 32, True, True, 0),
+    "gated_input_gradient": (8192, 14336, [4096], 16, False, False, 16),
 }
 
 
@@ -38,13 +40,14 @@ def descriptor_type(block: list[int]) -> str:
     return f"tensordesc<bf16{list(block)},{pingpong._layout(block, torch.bfloat16)!r}>".replace(" ", "")
 
 
-def compile_case(rows, columns, depths, rank, transposed, gated):
+def compile_case(rows, columns, depths, rank, transposed, gated, backward_rank):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     low_k = pingpong.rank_block(rank)
-    constants = pingpong.launch_arguments(rows, columns, depths, low_k, transposed, gated, programs=132)
+    constants = pingpong.launch_arguments(rows, columns, depths, low_k, transposed, gated, programs=132,
+                                          backward_rank=backward_rank)
     block_m, block_n, block_k = pingpong.BLOCK_M, pingpong.BLOCK_N, pingpong.BLOCK_K
     if gated:
         half = block_n // 2
@@ -57,10 +60,16 @@ def compile_case(rows, columns, depths, rank, transposed, gated):
     a, low_a = descriptor_type([block_m, block_k]), descriptor_type([block_m, low_k])
     signature = dict(c=out, gate_out=out, up_out=out, product_out=out, rows="i32", a0=a, b0=b, a1=a, b1=b, a2=a,
                      b2=b, low_a=low_a, low_b=low_b)
+    backward = ["gate", "up", "grad_low", "grad_gate", "grad_up", "partials", "gate_stride", "up_stride"]
+    if backward_rank:
+        signature.update(dict(zip(backward, ["*bf16"] * 5 + ["*fp32", "i32", "i32"])))
+    else:
+        signature.update(dict.fromkeys(backward, "constexpr"))
     signature.update(dict.fromkeys(constants, "constexpr"))
     names = list(signature)
+    values = {**({} if backward_rank else dict(zip(backward, pingpong._NO_BACKWARD))), **constants}
     source = GluonASTSource(pingpong._kernel(), signature,
-                            constexprs={(names.index(name),): value for name, value in constants.items()})
+                            constexprs={(names.index(name),): value for name, value in values.items()})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)), constants
 
 

@@ -46,9 +46,12 @@ def nf4_definition(packed, tensors, shape, nested_blocksize, dtype):
     return values.to(dtype).reshape(shape)
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    with triton_interpreter(monkeypatch, nf4_dequantize._kernel):
+@pytest.fixture(params=[True, False], ids=["per-block", "per-byte"])
+def interpreter(monkeypatch, request):
+    """Triton's interpreter, with either kernel: a block's scale computed once per block or once per byte."""
+    monkeypatch.setattr(nf4_dequantize, "PER_BLOCK", request.param)
+    monkeypatch.setattr(nf4_dequantize, "BLOCKS_PER_PROGRAM", 16)  # several programs and a partial last one
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernel, nf4_dequantize._block_kernel):
         yield
 
 
@@ -107,8 +110,10 @@ def test_kernel_is_not_taken_without_a_gpu_or_the_interpreter(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("per_block", [True, False])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_kernel_equals_bitsandbytes_on_the_gpu_bit_for_bit(double_quant):
+def test_kernel_equals_bitsandbytes_on_the_gpu_bit_for_bit(double_quant, per_block, monkeypatch):
+    monkeypatch.setattr(nf4_dequantize, "PER_BLOCK", per_block)
     assert nf4_dequantize.can_dequantize(torch.empty(2, device="cuda"), 64, 64)
     for shape in [*SHAPES, (300, 4096), (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]:
         packed, state, tensors, nested_blocksize = quantize(shape, double_quant, device="cuda")

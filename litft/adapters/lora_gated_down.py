@@ -9,7 +9,9 @@ gradient. torch.compile keeps gate and up and recomputes h for the first. On an 
 that reads h back 57 us, then the activation's backward 270 us (read dh, gate, up; write d gate, d up).
 
 Here the activation's backward kernel, which reads gate and up anyway, forms each tile of h in registers and adds
-its share of g_low^T @ h to a float32 partial sum: h is neither recomputed into memory nor read back. The kernel
+its share of g_low^T @ h to a float32 partial sum: h is neither recomputed into memory nor read back. On Hopper
+that work can also ride in the epilogue of the GEMM that sums d h (`lora_gemm.gated_input_gradient`, timed against
+this kernel once per kind of call), so that d h itself is neither written nor read back. The kernel
 walks a 2-D grid of tiles, (row groups) x (column tiles); each program sums g_low^T @ h over its group of rows and
 writes one (rank x columns) partial, and the partials (16 row groups: 2.5% of the bytes the kernel reads at llama's
 widths) are summed afterwards, in a fixed order, so the result is the same in every run. The forward takes h from
@@ -36,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from litft.adapters import gated_activation
+from litft.adapters import gated_activation, lora_gemm
 from litft.adapters import lora_projections as projections
 from litft.adapters.adapter_gradients import padded_rank, summed_partials
 from litft.adapters.gated_activation import ACTIVATIONS, gated_product, rows_of
@@ -217,12 +219,18 @@ def lora_gated_down_backward(
     """[grad_gate, grad_up, grad_lora_a, grad_lora_b]."""
     in_features = gate.shape[-1]
     flat_grad = grad_output.reshape(-1, out_features[0])  # (M, out)
+    flat_gate, flat_up = rows_of(gate), rows_of(up)
     grad_low, grad_updates = projections.update_gradients([flat_grad], lora_b, low)
-    grad_product = projections.input_gradient(
-        [flat_grad], None, grad_low, weights, state, state_counts, mode, out_features, in_features,
-        nested_blocksizes, gate.dtype, lora_a,
-    )  # (M, N)
-    grad_gate, grad_up, grad_lora_a = gated_backward(grad_product, rows_of(gate), rows_of(up), grad_low, activation)
+    arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, gate.dtype)
+
+    def apart() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        grad_product = projections.input_gradient([flat_grad], None, grad_low, *arguments, lora_a)  # (M, N)
+        return gated_backward(grad_product, flat_gate, flat_up, grad_low, activation)
+
+    # d h summed and the activation's backward done on its tiles in one kernel where that was the faster
+    grad_gate, grad_up, grad_lora_a = lora_gemm.gated_input_gradient(
+        flat_grad, lambda: next(projections.frozen_weights(*arguments)), grad_low, lora_a, flat_gate, flat_up,
+        activation, apart)
     return [grad_gate.view(gate.shape), grad_up.view(up.shape), grad_lora_a.to(lora_a.dtype), *grad_updates]
 
 

@@ -68,6 +68,11 @@ WARP_SPECIALIZED = len(CONFIGS)
 WARP_SPECIALIZED_DEEPEST = 3072
 warp_specialized_enabled = True  # benchmarks switch the candidate off for their A/B
 
+# A kind of call of its own: down's input gradient with the gated activation's backward in the warp-specialized
+# kernel's epilogue (`gated_input_gradient`), timed against the two kernels it replaces.
+ACTIVATION_BACKWARD_LABEL = "down input gradient with the activation's backward"
+activation_backward_enabled = True  # benchmarks switch it off for their A/B
+
 _choices: dict[tuple, int] = {}
 _timings: dict[tuple, dict[int, float]] = {}  # ms per call of each path `auto` timed, for choices()
 
@@ -138,19 +143,21 @@ def choices() -> list[str]:
     lines = []
     for key, choice in _choices.items():
         rows, widths, transposed = key[:3]
-        path = _path_name(choice)
+        path = _path_name(choice, key)
         if choice not in (CUBLAS, WARP_SPECIALIZED):
             path += " " + "x".join(map(str, CONFIGS[choice]))
         kind = "forward" if transposed else "input gradient"
         if len(key) > 6:  # a kind of call with a label of its own (gated_projections')
             kind = key[5]
-        timed = ", ".join(f"{_path_name(index)} {ms:.3f} ms"
+        timed = ", ".join(f"{_path_name(index, key)} {ms:.3f} ms"
                           for index, ms in _timings.get(key, {}).items())
         lines.append(f"{kind} {rows} tokens, (K, N) {list(widths)}: {path}" + (f" ({timed})" if timed else ""))
     return lines
 
 
-def _path_name(choice: int) -> str:
+def _path_name(choice: int, key: tuple = ()) -> str:
+    if choice == CUBLAS and len(key) > 6 and key[5].startswith(ACTIVATION_BACKWARD_LABEL):
+        return "apart"  # the caller's path: d h through `sum_of_products`, then the activation's backward kernel
     return {CUBLAS: "cublas", WARP_SPECIALIZED: "warp-specialized kernel"}.get(choice, "kernel")
 
 
@@ -184,23 +191,27 @@ def _cublas_only(forced: str, rows: int) -> bool:
 
 
 def _chosen(key: tuple, run: Callable[[int], Any], cublas: Callable[[], Any], first: torch.Tensor,
-            warp_specialized: Callable[[], bool] = lambda: False) -> Any:
+            warp_specialized: Callable[[], bool] = lambda: False, configurations: bool = True) -> Any:
     """A call of a kind (`key`, which ends with LITFT_LORA_GEMM's setting): `run(config)` (the kernel in a
     configuration, or WARP_SPECIALIZED where `warp_specialized()` says that kernel takes the operands) or
     `cublas()`, as chosen on the first call of its kind (`auto`: timed) and kept for the next; what the chosen
-    path computed. (`warp_specialized` is asked only when a choice is made, not on every call.)"""
+    path computed. (`warp_specialized` is asked only when a choice is made, not on every call.)
+    `configurations` False: the kind has no Triton kernel, only `cublas()` and the warp-specialized one."""
     choice = _choices.get(key)
     if choice is not None:
         return cublas() if choice == CUBLAS else run(choice)
     if key[-1] == "warp_specialized" and warp_specialized():
         _choices[key] = WARP_SPECIALIZED
         return run(WARP_SPECIALIZED)
-    if key[-1] in ("triton", "warp_specialized"):  # the first configuration that compiles, found once
-        _choices[key], result = _first_that_compiles(run)
+    if key[-1] in ("triton", "warp_specialized"):
+        if not configurations:  # no Triton kernel of this kind: the caller's path
+            _choices[key] = CUBLAS
+            return cublas()
+        _choices[key], result = _first_that_compiles(run)  # the first configuration that compiles, found once
         return result
     if first.is_cuda and torch.cuda.is_current_stream_capturing():
         return cublas()  # timing would synchronize inside a CUDA-graph capture
-    choice, _timings[key] = _fastest(run, cublas, first.is_cuda, warp_specialized())
+    choice, _timings[key] = _fastest(run, cublas, first.is_cuda, warp_specialized(), configurations)
     _choices[key] = choice
     return cublas() if choice == CUBLAS else run(choice)
 
@@ -242,14 +253,14 @@ QUEUE_AHEAD_CYCLES = 4_000_000
 
 
 def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool,
-             warp_specialized: bool = False) -> tuple[int, dict[int, float]]:
+             warp_specialized: bool = False, configurations: bool = True) -> tuple[int, dict[int, float]]:
     """CUBLAS, the index of the first kernel configuration that compiles for `run`'s operands or (where
     `warp_specialized`) WARP_SPECIALIZED, whichever was fastest, and each one's time (ms per call): each runs once
     to warm up (a kernel's first call compiles it), then all are timed in alternating rounds and each keeps its
     best round, so that a GPU's clock drifting during the measurement does not decide. On CPU (the interpreter)
     the kernel, untimed."""
     if not on_gpu:
-        return 0, {}
+        return (0 if configurations else CUBLAS), {}
     candidates = {}
     # The first training step may run under torch.cuda.set_sync_debug_mode("error") (tests of a step that never
     # waits for the host): this one-time measurement waits on purpose.
@@ -265,7 +276,7 @@ def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool,
                     raise
                 continue
             candidates[index] = function
-            if index != CUBLAS:
+            if index != CUBLAS or not configurations:
                 break
         if warp_specialized:
             function = functools.partial(run, WARP_SPECIALIZED)
@@ -551,3 +562,48 @@ def _run_gated(x, weights, low, blocks, activation: str, config: int) -> tuple[t
             num_warps=warps,
         )
     return tuple(outputs)
+
+
+def gated_input_gradient(
+    grad_output: torch.Tensor, frozen_weight: Callable[[], torch.Tensor], grad_low: torch.Tensor,
+    lora_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+    apart: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of a LoRA down projection that reads h = act(gate) * up: (d gate, d up, g_low^T @ h) from dy
+    (M, D), down's frozen weight W (D, N) (`frozen_weight()`, called only where it is needed: a 4-bit base
+    dequantizes), g_low (M, r), sA (r, N) and gate, up (M, N) with contiguous rows; all in their dtype, the last
+    summed in float32 and rounded once.
+
+    `apart()` is the caller's two steps: d h = dy @ W + g_low @ (sA) through `sum_of_products`, written out, then the
+    activation's backward kernel, which reads it back with gate and up. On Hopper the warp-specialized kernel can do
+    the second step in its epilogue, on the tile of d h it has just summed (`lora_gemm_pingpong`, NOTES.md section
+    29), while its other warp group multiplies: d h (235 MB per llama-8b layer) is neither written nor read. `auto`
+    times the two once per kind of call, as for the other sums; `LITFT_LORA_GEMM=warp_specialized` forces the
+    kernel, `cublas` and `triton` the two steps."""
+    from litft.adapters import lora_gemm_pingpong
+    from litft.adapters.adapter_gradients import summed_partials
+
+    forced = _forced()
+    rows, columns = gate.shape
+    rank = grad_low.shape[1]
+    # sA stands in for W in the checks and the key: (D, N) and (r, N) are the widths either way.
+    pairs = [(grad_output, lora_a), (grad_low, lora_a)]
+    if (
+        _cublas_only(forced, rows) or not activation_backward_enabled
+        or not grad_output.is_cuda or not lora_gemm_pingpong.available(grad_output.device)
+        or not can_fuse(pairs) or lora_gemm_pingpong.rank_block(rank) is None or columns % 8
+        or gate.dtype != grad_output.dtype or up.dtype != gate.dtype or up.shape != gate.shape
+        or gate.stride(1) != 1 or up.stride(1) != 1
+    ):
+        return apart()
+
+    def run(config: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weight = frozen_weight()
+        if not can_fuse([(grad_output, weight), (grad_low, lora_a)]):
+            return apart()
+        grad_gate, grad_up, partials = lora_gemm_pingpong.gated_input_gradient(
+            grad_output, weight, grad_low, lora_a, gate, up, activation)
+        return grad_gate, grad_up, summed_partials([partials], gate.dtype)[0]
+
+    key = (*choice_key(pairs, False), f"{ACTIVATION_BACKWARD_LABEL} ({activation}),", forced)
+    return _chosen(key, run, apart, grad_output, lambda: True, configurations=False)

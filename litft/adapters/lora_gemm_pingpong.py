@@ -19,6 +19,13 @@ Same sums as `lora_gemm` (C = sum_j A_j @ B_j or B_j^T, up to three long pairs a
 h = act(gate) * up from one joined GEMM), same operands and one rounding of the whole sum. The rank-deep pair takes
 one ring stage, its blocks laid into the stage's buffers at their own (narrower) width.
 
+A third epilogue (`gated_input_gradient`) is a gated MLP's backward through its down projection: the tile of
+d h = dy @ W + g_low @ (sA) is not stored; the group reads it back from its staging buffer with gate's and up's
+tiles, stores d gate and d up, writes h = act(gate) * up over it and multiplies h^T by the tile's rows of g_low
+(one small wgmma) into a per-row-tile partial of the down adapter's A gradient. That is an elementwise kernel's
+work (NOTES.md, section 29), done while the other group multiplies; in the persistent Triton kernel, whose epilogue
+stalls the tensor cores, it had cost more than it saved (section 19).
+
 Measured on an H200 (NOTES.md, section 28): 2-5% faster than the Triton kernel on llama-8b's wide 4,096-deep calls
 alone, 1-6% slower on the deep ones (a 128 x 128 tile reads B from L2 twice as often as a 128 x 256 one); a LoRA
 llama-1b step 1.4% faster at 7% less energy, a llama-8b step, bound by the GPU's power, level. `lora_gemm` times it
@@ -54,13 +61,13 @@ def _layout(block: list[int], dtype: torch.dtype):
 # Gluon's names and the kernels' jitted helpers, module globals once built: Triton resolves the names a kernel uses
 # through its module's globals, not through closures.
 gl = fence_async_shared = mbarrier = tma = warpgroup_mma = warpgroup_mma_wait = None
-activation = tile_origin = load_blocks = loader = b_operand = consumer = None
+activation = tile_origin = load_blocks = loader = b_operand = consumer = activation_backward = None
 
 
 @functools.cache
 def _kernel():
     global gl, fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    global activation, tile_origin, load_blocks, loader, b_operand, consumer
+    global activation, tile_origin, load_blocks, loader, b_operand, consumer, activation_backward
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -152,11 +159,68 @@ def _kernel():
             return view
 
     @gluon.jit
+    def activation_backward(staging, low_staging, row, column, rows, gate, up, grad_low, grad_gate, grad_up,
+                            partials, gate_stride, up_stride, COLUMNS: gl.constexpr, RANK: gl.constexpr,
+                            GELU: gl.constexpr):
+        # staging holds this tile of d h, rounded. Per 32 columns: d gate and d up from it and gate's and up's
+        # tiles, and h, written over d h's columns (each thread writes the elements it read).
+        BLOCK_M: gl.constexpr = staging.shape[0]
+        TILE_N: gl.constexpr = staging.shape[1]
+        CHUNK: gl.constexpr = 32
+        chunk_layout: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0])
+        # 64-bit offsets only to the tile's corner: within it 32-bit ones, fewer registers.
+        corner = row.to(gl.int64)
+        gate_tile = gate + corner * gate_stride + column
+        up_tile = up + corner * up_stride + column
+        grad_gate_tile = grad_gate + corner * COLUMNS + column
+        grad_up_tile = grad_up + corner * COLUMNS + column
+        tile_rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, chunk_layout))
+        row_inside = (row + tile_rows) < rows
+        for part in gl.static_range(TILE_N // CHUNK):
+            tile_columns = part * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(0, chunk_layout))
+            inside = row_inside[:, None] & (column + tile_columns < COLUMNS)[None, :]
+            chunk = staging.slice(part * CHUNK, CHUNK, dim=1)
+            grad_product = chunk.load(chunk_layout).to(gl.float32)
+            gate_value = gl.load(gate_tile + tile_rows[:, None] * gate_stride + tile_columns[None, :], mask=inside,
+                                 other=0.0).to(gl.float32)
+            up_value = gl.load(up_tile + tile_rows[:, None] * up_stride + tile_columns[None, :], mask=inside,
+                               other=0.0).to(gl.float32)
+            value, slope = activation(gate_value, GELU)
+            offsets = tile_rows[:, None] * COLUMNS + tile_columns[None, :]
+            gl.store(grad_gate_tile + offsets, (grad_product * up_value * slope).to(grad_gate.dtype.element_ty),
+                     mask=inside)
+            gl.store(grad_up_tile + offsets, (grad_product * value).to(grad_up.dtype.element_ty), mask=inside)
+            # h as the forward rounded it; zero in rows and columns past the edges (gate = up = 0 there).
+            chunk.store((value * up_value).to(staging.dtype))
+        # This tile's share of the adapter's A gradient, h^T @ g_low (TILE_N, rank), into its row tile's partial.
+        RANK_BLOCK: gl.constexpr = low_staging.shape[1]
+        low_layout: gl.constexpr = gl.BlockedLayout([1, 8], [256 // RANK_BLOCK, RANK_BLOCK // 8], [4, 1], [1, 0])
+        low_rows = row + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, low_layout))
+        ranks = gl.arange(0, RANK_BLOCK, layout=gl.SliceLayout(0, low_layout))
+        low_tile = gl.load(grad_low + low_rows.to(gl.int64)[:, None] * RANK + ranks[None, :],
+                           mask=(low_rows < rows)[:, None] & (ranks < RANK)[None, :], other=0.0)
+        low_staging.store(low_tile)
+        fence_async_shared()
+        partial_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                                 instr_shape=[16, RANK_BLOCK, 16])
+        partial = warpgroup_mma(staging.permute((1, 0)), low_staging,
+                                gl.zeros([TILE_N, RANK_BLOCK], gl.float32, partial_layout), use_acc=False,
+                                is_async=True)
+        partial = warpgroup_mma_wait(num_outstanding=0, deps=(partial,))
+        columns = column + gl.arange(0, TILE_N, layout=gl.SliceLayout(1, partial_layout))
+        partial_ranks = gl.arange(0, RANK_BLOCK, layout=gl.SliceLayout(0, partial_layout))
+        # partials is (row tiles, rank, columns), float32
+        pointers = partials + ((row // BLOCK_M) * RANK + partial_ranks[None, :]).to(gl.int64) * COLUMNS \
+            + columns[:, None]
+        gl.store(pointers, partial, mask=(partial_ranks < RANK)[None, :] & (columns < COLUMNS)[:, None])
+
+    @gluon.jit
     def consumer(rows, c, gate_out, up_out, product_out, low_a, low_b, a_ring, b_ring, ready, free, turns, staging,
-                 product_staging, FIRST: gl.constexpr, COLUMNS: gl.constexpr, BLOCKS: gl.constexpr,
+                 product_staging, gate, up, grad_low, grad_gate, grad_up, partials, gate_stride, up_stride,
+                 FIRST: gl.constexpr, COLUMNS: gl.constexpr, BLOCKS: gl.constexpr,
                  MAIN_BLOCKS: gl.constexpr, LOW_K: gl.constexpr, STEP_N: gl.constexpr, TRANSPOSED: gl.constexpr,
                  GATED: gl.constexpr, GELU: gl.constexpr, GROUP_M: gl.constexpr, PROGRAMS: gl.constexpr,
-                 STAGES: gl.constexpr):
+                 STAGES: gl.constexpr, BACKWARD: gl.constexpr, RANK: gl.constexpr):
         BLOCK_M: gl.constexpr = staging.shape[0]
         TILE_N: gl.constexpr = staging.shape[1]
         accumulator: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -208,12 +272,15 @@ def _kernel():
                 tma.async_copy_shared_to_global(up_out, [row, column], up_tile)
                 # h from gate and up as stored (rounded), as the elementwise kernel would read them back.
                 rows_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-                gate = gate_tile.load(rows_layout).to(gl.float32)
-                up = up_tile.load(rows_layout).to(gl.float32)
-                value, _ = activation(gate, GELU)
-                product_staging.store((value * up).to(product_staging.dtype))
+                gate_value = gate_tile.load(rows_layout).to(gl.float32)
+                up_value = up_tile.load(rows_layout).to(gl.float32)
+                value, _ = activation(gate_value, GELU)
+                product_staging.store((value * up_value).to(product_staging.dtype))
                 fence_async_shared()
                 tma.async_copy_shared_to_global(product_out, [row, column], product_staging)
+            elif BACKWARD:
+                activation_backward(staging, product_staging, row, column, rows, gate, up, grad_low, grad_gate,
+                                    grad_up, partials, gate_stride, up_stride, COLUMNS, RANK, GELU)
             else:
                 tma.async_copy_shared_to_global(c, [row, column], staging)
             local += 2
@@ -222,12 +289,13 @@ def _kernel():
     @gluon.jit
     def pingpong_kernel(
         c, gate_out, up_out, product_out, rows, a0, b0, a1, b1, a2, b2, low_a, low_b,
+        gate, up, grad_low, grad_gate, grad_up, partials, gate_stride, up_stride,
         COLUMNS: gl.constexpr, DEPTH0: gl.constexpr, DEPTH1: gl.constexpr, DEPTH2: gl.constexpr,
         LOW_K: gl.constexpr, TILE_N: gl.constexpr, STEP_N: gl.constexpr, BLOCKS: gl.constexpr,
         MAIN_BLOCKS: gl.constexpr, STAGE_BYTES: gl.constexpr, LOW_BYTES: gl.constexpr,
         TRANSPOSED: gl.constexpr, GATED: gl.constexpr, GELU: gl.constexpr, GROUP_M: gl.constexpr,
         PROGRAMS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr,
-        LOADER_REGISTERS: gl.constexpr,
+        LOADER_REGISTERS: gl.constexpr, BACKWARD: gl.constexpr, RANK: gl.constexpr, RANK_BLOCK: gl.constexpr,
     ):
         BLOCK_M: gl.constexpr = a0.block_type.shape[0]
         dtype: gl.constexpr = a0.dtype
@@ -248,6 +316,10 @@ def _kernel():
         if GATED:
             product_staging0 = gl.allocate_shared_memory(dtype, product_out.block_type.shape, product_out.layout)
             product_staging1 = gl.allocate_shared_memory(dtype, product_out.block_type.shape, product_out.layout)
+        elif BACKWARD:  # each group's rows of g_low, the B operand of h^T @ g_low
+            low_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, RANK_BLOCK], dtype)
+            product_staging0 = gl.allocate_shared_memory(dtype, [BLOCK_M, RANK_BLOCK], low_layout)
+            product_staging1 = gl.allocate_shared_memory(dtype, [BLOCK_M, RANK_BLOCK], low_layout)
         else:
             product_staging0 = staging0
             product_staging1 = staging1
@@ -256,11 +328,13 @@ def _kernel():
         gl.warp_specialize(
             [
                 (consumer, (rows, c, gate_out, up_out, product_out, low_a, low_b, a_ring, b_ring, ready, free, turns,
-                            staging0, product_staging0, 0, COLUMNS, BLOCKS, MAIN_BLOCKS, LOW_K, STEP_N,
-                            TRANSPOSED, GATED, GELU, GROUP_M, PROGRAMS, STAGES)),
+                            staging0, product_staging0, gate, up, grad_low, grad_gate, grad_up, partials,
+                            gate_stride, up_stride, 0, COLUMNS, BLOCKS, MAIN_BLOCKS, LOW_K, STEP_N, TRANSPOSED,
+                            GATED, GELU, GROUP_M, PROGRAMS, STAGES, BACKWARD, RANK)),
                 (consumer, (rows, c, gate_out, up_out, product_out, low_a, low_b, a_ring, b_ring, ready, free, turns,
-                            staging1, product_staging1, 1, COLUMNS, BLOCKS, MAIN_BLOCKS, LOW_K, STEP_N,
-                            TRANSPOSED, GATED, GELU, GROUP_M, PROGRAMS, STAGES)),
+                            staging1, product_staging1, gate, up, grad_low, grad_gate, grad_up, partials,
+                            gate_stride, up_stride, 1, COLUMNS, BLOCKS, MAIN_BLOCKS, LOW_K, STEP_N, TRANSPOSED,
+                            GATED, GELU, GROUP_M, PROGRAMS, STAGES, BACKWARD, RANK)),
                 (loader, (rows, a0, b0, a1, b1, a2, b2, low_a, low_b, a_ring, b_ring, ready, free, COLUMNS, DEPTH0,
                           DEPTH1, DEPTH2, LOW_K, STEP_N, TRANSPOSED, GATED, GROUP_M, PROGRAMS, STAGES, STAGE_BYTES,
                           LOW_BYTES)),
@@ -312,11 +386,15 @@ def _stages(epilogue_bytes: int) -> int:
 
 
 def launch_arguments(rows: int, columns: int, depths: list[int], low_k: int, transposed: bool, gated: bool,
-                     programs: int) -> dict:
-    """The kernel's compile-time constants for a call (`benchmarks/compile_pingpong.py` builds them too)."""
+                     programs: int, backward_rank: int = 0) -> dict:
+    """The kernel's compile-time constants for a call (`benchmarks/compile_pingpong.py` builds them too);
+    `backward_rank` > 0: the activation's backward in the epilogue (`gated_input_gradient`), for an adapter of that
+    rank."""
     step_n = BLOCK_N // 2 if gated else BLOCK_N
     main_blocks = sum(-(-depth // BLOCK_K) for depth in depths)
     epilogue_bytes = 2 * BLOCK_M * BLOCK_N * 2 + (2 * BLOCK_M * step_n * 2 if gated else 0)
+    if backward_rank:
+        epilogue_bytes += 2 * BLOCK_M * rank_block(backward_rank) * 2
     padded = depths + [0] * (3 - len(depths))
     return dict(
         COLUMNS=columns, DEPTH0=padded[0], DEPTH1=padded[1], DEPTH2=padded[2], LOW_K=low_k, TILE_N=BLOCK_N,
@@ -324,6 +402,7 @@ def launch_arguments(rows: int, columns: int, depths: list[int], low_k: int, tra
         STAGE_BYTES=(BLOCK_M + BLOCK_N) * BLOCK_K * 2, LOW_BYTES=(BLOCK_M + BLOCK_N) * low_k * 2,
         TRANSPOSED=transposed, GATED=gated, GELU=False, GROUP_M=lora_gemm.GROUP_ROWS, PROGRAMS=programs,
         STAGES=_stages(epilogue_bytes), CONSUMER_REGISTERS=CONSUMER_REGISTERS, LOADER_REGISTERS=LOADER_REGISTERS,
+        BACKWARD=backward_rank > 0, RANK=backward_rank, RANK_BLOCK=rank_block(backward_rank) if backward_rank else 16,
     )
 
 
@@ -331,6 +410,10 @@ def _programs(device: torch.device, tiles: int) -> int:
     from litft.triton_support import multiprocessor_count
 
     return max(1, min(multiprocessor_count(device), tiles))
+
+
+# The backward epilogue's arguments where it does not run (never read: BACKWARD is False).
+_NO_BACKWARD = (None,) * 6 + (0, 0)
 
 
 def sum_of_products(pairs, transposed: bool) -> torch.Tensor:
@@ -364,9 +447,42 @@ def sum_of_products(pairs, transposed: bool) -> torch.Tensor:
     constants = launch_arguments(rows, columns, [a.shape[1] for a, _ in looped], low_k, transposed, False,
                                  _programs(out.device, tiles))
     with launching_on(out):
-        _kernel()[(constants["PROGRAMS"],)](c, c, c, c, rows, *descriptors, *low_descriptors, num_warps=4,
-                                            **constants)
+        _kernel()[(constants["PROGRAMS"],)](c, c, c, c, rows, *descriptors, *low_descriptors, *_NO_BACKWARD,
+                                            num_warps=4, **constants)
     return out
+
+
+def gated_input_gradient(grad_output: torch.Tensor, weight: torch.Tensor, grad_low: torch.Tensor,
+                         lora_a: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str,
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gated MLP's down projection, backward: d h = dy @ W + g_low @ (sA) (the sum `sum_of_products` computes for
+    dy (M, D), W (D, N), g_low (M, r), sA (r, N)) with the activation's backward in the epilogue, so that d h is
+    neither written nor read back: (d gate, d up, partials) for h = act(gate) * up, d gate and d up new (M, N)
+    tensors, partials (row tiles, r, N) float32 whose sum over the row tiles is g_low^T @ h, the adapter's A
+    gradient. gate and up (M, N) have contiguous rows. The caller checks `available` and TMA's alignment."""
+    from litft.triton_support import launching_on
+
+    rows, depth = grad_output.shape
+    columns = weight.shape[1]
+    rank = grad_low.shape[1]
+    grad_low = grad_low.contiguous()
+    grad_gate = torch.empty((rows, columns), dtype=gate.dtype, device=gate.device)
+    grad_up = torch.empty((rows, columns), dtype=gate.dtype, device=gate.device)
+    row_tiles = -(-rows // BLOCK_M)
+    partials = torch.empty((row_tiles, rank, columns), dtype=torch.float32, device=gate.device)
+    low_k = rank_block(rank)
+    descriptors = [_descriptor(grad_output, [BLOCK_M, BLOCK_K]), _descriptor(weight, [BLOCK_K, BLOCK_N])] * 3
+    low_descriptors = [_descriptor(grad_low, [BLOCK_M, low_k]), _descriptor(lora_a, [low_k, BLOCK_N])]
+    constants = launch_arguments(rows, columns, [depth], low_k, False, False,
+                                 _programs(gate.device, row_tiles * -(-columns // BLOCK_N)), backward_rank=rank)
+    constants["GELU"] = activation == "gelu_tanh"
+    with launching_on(gate):
+        _kernel()[(constants["PROGRAMS"],)](
+            *descriptors[:1] * 4, rows, *descriptors, *low_descriptors,
+            gate, up, grad_low, grad_gate, grad_up, partials, gate.stride(0), up.stride(0),
+            num_warps=4, **constants,
+        )
+    return grad_gate, grad_up, partials
 
 
 def gated_projections(x: torch.Tensor, weights: torch.Tensor, low: torch.Tensor, blocks: torch.Tensor,
@@ -390,5 +506,5 @@ def gated_projections(x: torch.Tensor, weights: torch.Tensor, low: torch.Tensor,
     constants["GELU"] = activation == "gelu_tanh"
     with launching_on(x):
         _kernel()[(constants["PROGRAMS"],)](out_descriptors[0], *out_descriptors, rows, *descriptors,
-                                            *low_descriptors, num_warps=4, **constants)
+                                            *low_descriptors, *_NO_BACKWARD, num_warps=4, **constants)
     return tuple(outputs)

@@ -99,7 +99,7 @@ def _layer_states(state: list[torch.Tensor], state_counts: list[int]) -> list[li
     return states
 
 
-def _weights(
+def frozen_weights(
     weights: list[torch.Tensor], state: list[torch.Tensor], state_counts: list[int], mode: str,
     out_features: list[int], in_features: int, nested_blocksizes: list[int], dtype: torch.dtype,
 ):
@@ -255,11 +255,11 @@ def _base_and_updates(
         if weight is not None:
             output.addmm_(flat_x, weight.t())
         else:  # the weights no longer lie back to back (moved since joining): each into its columns, in place
-            for columns, weight in zip(output.split(out_features, dim=1), _weights(*arguments)):
+            for columns, weight in zip(output.split(out_features, dim=1), frozen_weights(*arguments)):
                 columns.addmm_(flat_x, weight.t())
         return [output.view(*x.shape[:-1], output.shape[-1])]
     return [output.view(*x.shape[:-1], output.shape[1])
-            for output in _one_by_one(flat_x, low, _weights(*arguments), biases, lora_b)]
+            for output in _one_by_one(flat_x, low, frozen_weights(*arguments), biases, lora_b)]
 
 
 def _one_by_one(
@@ -298,7 +298,7 @@ def _gated(
     joined = _joined_weight(*arguments) if all(bias is None for bias in biases) else None
 
     def separately() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        both = joined.split(out_features) if joined is not None else _weights(*arguments)
+        both = joined.split(out_features) if joined is not None else frozen_weights(*arguments)
         gate, up = _one_by_one(flat_x, low, both, biases, lora_b)
         return gate, up, gated_product(gate, up, activation)
 
@@ -396,7 +396,7 @@ def input_gradient(
     arguments = (weights, state, state_counts, mode, out_features, in_features, nested_blocksizes, dtype)
     weight = _joined_weight(*arguments) if joined_grad is not None else None
     # Every layer's frozen weight at once (a quantized group dequantizes them all before the GEMMs).
-    pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, _weights(*arguments)))
+    pairs = [(joined_grad, weight)] if weight is not None else list(zip(flat_grads, frozen_weights(*arguments)))
 
     def through_frozen_weights(grad_x: torch.Tensor) -> torch.Tensor:  # (M, K), each base GEMM adding in place
         for grad, frozen in pairs:

@@ -4,7 +4,9 @@ bitsandbytes rebuilds a double-quantized weight in three kernels (the block scal
 their offset added, then the 4-bit values), and its 4-bit kernel streamed ~1.9 TB/s over a llama-8b step on an
 H200 (benchmarks/NOTES.md, section 10). This kernel reads each packed byte once, computes its block's scale in
 registers (the 8-bit code's value times the scale of its group of 256 blocks, plus the offset) and writes both
-values: one launch per weight, 14336 x 4096 in ~45 us (~3.2 TB/s) where bitsandbytes takes ~75.
+values: one launch per weight, 14336 x 4096 in ~45 us (~3.2 TB/s) where bitsandbytes takes ~75. The per-block kernel,
+the default where a weight is whole blocks, takes (blocks, bytes) tiles and computes each block's scale once instead
+of once per byte: 40.6 us (~3.6 TB/s; NOTES.md section 29), the same values.
 
 The result is bit-for-bit bitsandbytes' (tests/test_nf4_dequantize.py): the same table, the scale computed as
 bitsandbytes computes it (a product rounded to float32, then the offset added: the kernel is compiled without
@@ -26,6 +28,11 @@ from litft.triton_support import kernels_run_on, launching_on
 
 BYTES_PER_PROGRAM = 1024  # with 4 warps, the fastest of 15 sizes on an H200 (benchmarks/NOTES.md, section 10)
 WARPS = 4
+# The per-block kernel: a program's bytes as (blocks, bytes per block), each block's scale computed once (not once
+# per byte), each thread reading 16 bytes at a time. False: the per-byte kernel above (the benchmarks' A/B).
+PER_BLOCK = True
+BLOCKS_PER_PROGRAM = 64
+BLOCK_WARPS = 4
 
 
 @functools.cache
@@ -62,6 +69,41 @@ def _kernel():
         tl.store(out_ptr + out_index, values, mask=out_index < 2 * byte_count)
 
     return dequantize_nf4
+
+
+@functools.cache
+def _block_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def dequantize_nf4_blocks(
+        packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, out_ptr, block_count,
+        NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
+        BLOCKS_PER_PROGRAM: tl.constexpr, BLOCKS_PER_WEIGHT: tl.constexpr,
+    ):
+        block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)  # (P,)
+        block_inside = block < block_count
+        if NESTED:
+            code = tl.load(absmax_ptr + block, mask=block_inside, other=0).to(tl.int32)
+            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_inside, other=0.0)
+            if BLOCKS_PER_WEIGHT > 0:  # several weights back to back, each with its own offset
+                offset = tl.load(offset_ptr + block // BLOCKS_PER_WEIGHT, mask=block_inside, other=0.0)
+            else:
+                offset = tl.load(offset_ptr)
+            scale = tl.load(nested_code_ptr + code) * group_scale + offset
+        else:
+            scale = tl.load(absmax_ptr + block, mask=block_inside, other=0.0)
+        byte_index = block[:, None] * BYTES_PER_BLOCK + tl.arange(0, BYTES_PER_BLOCK)[None, :]  # (P, bytes)
+        inside = block_inside[:, None]
+        packed = tl.load(packed_ptr + byte_index, mask=inside, other=0).to(tl.int32)
+        high = tl.load(table_ptr + (packed >> 4)) * scale[:, None]  # value 2i
+        low = tl.load(table_ptr + (packed & 15)) * scale[:, None]  # value 2i + 1
+        values = tl.reshape(tl.join(high, low), [BLOCKS_PER_PROGRAM, 2 * BYTES_PER_BLOCK]).to(out_ptr.dtype.element_ty)
+        out_index = block[:, None] * (2 * BYTES_PER_BLOCK) + tl.arange(0, 2 * BYTES_PER_BLOCK)[None, :]
+        tl.store(out_ptr + out_index, values, mask=inside)
+
+    return dequantize_nf4_blocks
 
 
 @functools.cache
@@ -103,6 +145,18 @@ def dequantize_nf4(
     nested = len(state) == 4
     absmax = state[0]
     nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)
+    bytes_per_block = blocksize // 2
+    if PER_BLOCK and weight_bytes % bytes_per_block == 0 and bytes_per_block & (bytes_per_block - 1) == 0:
+        block_count = byte_count // bytes_per_block
+        with launching_on(weight):
+            _block_kernel()[(triton.cdiv(block_count, BLOCKS_PER_PROGRAM),)](
+                packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, block_count,
+                NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=bytes_per_block,
+                BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
+                BLOCKS_PER_WEIGHT=weight_bytes // bytes_per_block if weight_count > 1 else 0,
+                num_warps=BLOCK_WARPS, enable_fp_fusion=False,
+            )
+        return out
     grid = (triton.cdiv(byte_count, BYTES_PER_PROGRAM),)
     with launching_on(weight):
         _kernel()[grid](
