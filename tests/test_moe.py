@@ -840,7 +840,7 @@ def test_4bit_experts_laid_back_to_back_dequantize_in_one_launch(wide_moe_checkp
         torch.testing.assert_close(model(input_ids()), logits, atol=0, rtol=0)
     shape = (EXPERTS, 2 * 256, 256)
     apart = lora_experts._kinds(lora_experts._projections(sparse_blocks(qlora_moe(wide_moe_checkpoint))[0].experts))[0]
-    with triton_interpreter(monkeypatch, nf4_dequantize._kernel, nf4_dequantize._block_kernel):
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernels):
         together = lora_experts._dequantized(gate_up_order, lora_experts._nf4_joint(gate_up_order), shape,
                                              torch.float32)
         each = lora_experts._dequantized_each(gate_up_order, shape, torch.float32)
@@ -881,7 +881,7 @@ def test_few_rows_of_4bit_experts_dequantize_only_their_own_experts(adapted, wid
         return dequantize_nf4(*args, weight_count=weight_count, **kwargs)
 
     monkeypatch.setattr(nf4_dequantize, "dequantize_nf4", recording)
-    with triton_interpreter(monkeypatch, nf4_dequantize._kernel, nf4_dequantize._block_kernel):
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernels):
         rows, ends = torch.randn(3, 256), torch.tensor([1, 3, 3, 3])  # experts 0, 1, 1 (of 4)
         with torch.no_grad():
             launches.clear()
@@ -916,7 +916,7 @@ def test_few_rows_of_4bit_experts_whatever_their_count(tmp_path, monkeypatch):
     model.requires_grad_(False)
     assert lora_experts.lay_experts_back_to_back(model) == 1
     moe = sparse_blocks(model)[0]
-    with triton_interpreter(monkeypatch, nf4_dequantize._kernel, nf4_dequantize._block_kernel), torch.no_grad():
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernels), torch.no_grad():
         x = torch.randn(1, 1, 256)  # one token, two of the three experts: 2 rows
         together = moe(x)
         assert not moe.experts.__dict__["counts_read_on_host"]  # the few-rows path ran

@@ -51,7 +51,7 @@ def interpreter(monkeypatch, request):
     """Triton's interpreter, with either kernel: a block's scale computed once per block or once per byte."""
     monkeypatch.setattr(nf4_dequantize, "PER_BLOCK", request.param)
     monkeypatch.setattr(nf4_dequantize, "BLOCKS_PER_PROGRAM", 16)  # several programs and a partial last one
-    with triton_interpreter(monkeypatch, nf4_dequantize._kernel, nf4_dequantize._block_kernel):
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernels):
         yield
 
 

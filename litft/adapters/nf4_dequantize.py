@@ -35,46 +35,63 @@ BLOCKS_PER_PROGRAM = 64
 BLOCK_WARPS = 4
 
 
-@functools.cache
-def _kernel():
+block_scale = None  # the kernels' jitted helper, a module global once built: Triton resolves calls through globals
+
+
+def _helpers() -> None:
+    """Builds the helper both kernels call, afresh with the kernels (their builder is cached): on first use, not at
+    import, since Triton's interpreter (TRITON_INTERPRET=1, the CPU tests) is chosen when a function is decorated."""
     import triton
     import triton.language as tl
+
+    global block_scale
+
+    def scale_of_block(block, inside, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                       NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BLOCKS_PER_WEIGHT: tl.constexpr):
+        """The scale of each block in `block`: absmax, or with double quantization its 8-bit code's value times
+        its group's scale plus the offset (a float32 product, then the sum: the kernels are compiled without fused
+        multiply-adds, as bitsandbytes rounds it)."""
+        if NESTED:
+            code = tl.load(absmax_ptr + block, mask=inside, other=0).to(tl.int32)
+            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=inside, other=0.0)
+            if BLOCKS_PER_WEIGHT > 0:  # several weights back to back, each with its own offset
+                offset = tl.load(offset_ptr + block // BLOCKS_PER_WEIGHT, mask=inside, other=0.0)
+            else:
+                offset = tl.load(offset_ptr)
+            scale = tl.load(nested_code_ptr + code) * group_scale + offset
+        else:  # one return: Triton types every return of a function, also one a constant condition skips
+            scale = tl.load(absmax_ptr + block, mask=inside, other=0.0)
+        return scale
+
+    block_scale = triton.jit(scale_of_block)
+
+
+@functools.cache
+def _kernels():
+    """(the per-byte kernel, the per-block kernel)."""
+    import triton
+    import triton.language as tl
+
+    _helpers()
 
     @triton.jit
     def dequantize_nf4(
         packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table_ptr, out_ptr, byte_count,
         NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, BYTES_PER_BLOCK: tl.constexpr,
-        BYTES_PER_PROGRAM: tl.constexpr, BYTES_PER_WEIGHT: tl.constexpr,
+        BYTES_PER_PROGRAM: tl.constexpr, BLOCKS_PER_WEIGHT: tl.constexpr,
     ):
         start = tl.program_id(0).to(tl.int64) * BYTES_PER_PROGRAM
         byte_index = start + tl.arange(0, BYTES_PER_PROGRAM)
         in_range = byte_index < byte_count
         packed = tl.load(packed_ptr + byte_index, mask=in_range, other=0).to(tl.int32)
-        block = byte_index // BYTES_PER_BLOCK
-        if NESTED:
-            code = tl.load(absmax_ptr + block, mask=in_range, other=0).to(tl.int32)
-            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-            if BYTES_PER_WEIGHT > 0:  # several weights back to back, each with its own offset
-                offset = tl.load(offset_ptr + byte_index // BYTES_PER_WEIGHT, mask=in_range, other=0.0)
-            else:
-                offset = tl.load(offset_ptr)
-            scale = tl.load(nested_code_ptr + code) * group_scale + offset
-        else:
-            scale = tl.load(absmax_ptr + block, mask=in_range, other=0.0)
+        scale = block_scale(byte_index // BYTES_PER_BLOCK, in_range, absmax_ptr, nested_absmax_ptr, nested_code_ptr,
+                            offset_ptr, NESTED, NESTED_BLOCKSIZE, BLOCKS_PER_WEIGHT)
         high = tl.load(table_ptr + (packed >> 4)) * scale  # value 2i
         low = tl.load(table_ptr + (packed & 15)) * scale  # value 2i + 1
         # (BYTES_PER_PROGRAM, 2) row-major is the values' order: 2i, 2i + 1, ...
         values = tl.reshape(tl.join(high, low), [2 * BYTES_PER_PROGRAM]).to(out_ptr.dtype.element_ty)
         out_index = 2 * start + tl.arange(0, 2 * BYTES_PER_PROGRAM)
         tl.store(out_ptr + out_index, values, mask=out_index < 2 * byte_count)
-
-    return dequantize_nf4
-
-
-@functools.cache
-def _block_kernel():
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def dequantize_nf4_blocks(
@@ -84,16 +101,8 @@ def _block_kernel():
     ):
         block = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)  # (P,)
         block_inside = block < block_count
-        if NESTED:
-            code = tl.load(absmax_ptr + block, mask=block_inside, other=0).to(tl.int32)
-            group_scale = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=block_inside, other=0.0)
-            if BLOCKS_PER_WEIGHT > 0:  # several weights back to back, each with its own offset
-                offset = tl.load(offset_ptr + block // BLOCKS_PER_WEIGHT, mask=block_inside, other=0.0)
-            else:
-                offset = tl.load(offset_ptr)
-            scale = tl.load(nested_code_ptr + code) * group_scale + offset
-        else:
-            scale = tl.load(absmax_ptr + block, mask=block_inside, other=0.0)
+        scale = block_scale(block, block_inside, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, NESTED,
+                            NESTED_BLOCKSIZE, BLOCKS_PER_WEIGHT)
         byte_index = block[:, None] * BYTES_PER_BLOCK + tl.arange(0, BYTES_PER_BLOCK)[None, :]  # (P, bytes)
         inside = block_inside[:, None]
         packed = tl.load(packed_ptr + byte_index, mask=inside, other=0).to(tl.int32)
@@ -103,7 +112,7 @@ def _block_kernel():
         out_index = block[:, None] * (2 * BYTES_PER_BLOCK) + tl.arange(0, 2 * BYTES_PER_BLOCK)[None, :]
         tl.store(out_ptr + out_index, values, mask=inside)
 
-    return dequantize_nf4_blocks
+    return dequantize_nf4, dequantize_nf4_blocks
 
 
 @functools.cache
@@ -146,23 +155,23 @@ def dequantize_nf4(
     absmax = state[0]
     nested_absmax, nested_code, offset = state[1:] if nested else (absmax, absmax, absmax)
     bytes_per_block = blocksize // 2
-    if PER_BLOCK and weight_bytes % bytes_per_block == 0 and bytes_per_block & (bytes_per_block - 1) == 0:
-        block_count = byte_count // bytes_per_block
-        with launching_on(weight):
-            _block_kernel()[(triton.cdiv(block_count, BLOCKS_PER_PROGRAM),)](
-                packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, block_count,
-                NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=bytes_per_block,
-                BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM,
-                BLOCKS_PER_WEIGHT=weight_bytes // bytes_per_block if weight_count > 1 else 0,
-                num_warps=BLOCK_WARPS, enable_fp_fusion=False,
-            )
-        return out
-    grid = (triton.cdiv(byte_count, BYTES_PER_PROGRAM),)
+    if weight_count > 1 and weight_bytes % bytes_per_block:
+        raise ValueError(f"weights laid back to back must be whole blocks of {blocksize} values each")
+    constants = dict(
+        NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=bytes_per_block,
+        BLOCKS_PER_WEIGHT=weight_bytes // bytes_per_block if weight_count > 1 else 0,
+    )
+    arguments = (packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out)
     with launching_on(weight):
-        _kernel()[grid](
-            packed, absmax, nested_absmax, nested_code, offset, _nf4_table(weight.device), out, byte_count,
-            NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize if nested else 1, BYTES_PER_BLOCK=blocksize // 2,
-            BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, BYTES_PER_WEIGHT=weight_bytes if weight_count > 1 else 0,
-            num_warps=WARPS, enable_fp_fusion=False,
-        )
+        if PER_BLOCK and weight_bytes % bytes_per_block == 0 and bytes_per_block & (bytes_per_block - 1) == 0:
+            block_count = byte_count // bytes_per_block
+            _kernels()[1][(triton.cdiv(block_count, BLOCKS_PER_PROGRAM),)](
+                *arguments, block_count, BLOCKS_PER_PROGRAM=BLOCKS_PER_PROGRAM, num_warps=BLOCK_WARPS,
+                enable_fp_fusion=False, **constants,
+            )
+        else:
+            _kernels()[0][(triton.cdiv(byte_count, BYTES_PER_PROGRAM),)](
+                *arguments, byte_count, BYTES_PER_PROGRAM=BYTES_PER_PROGRAM, num_warps=WARPS, enable_fp_fusion=False,
+                **constants,
+            )
     return out
