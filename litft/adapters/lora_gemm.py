@@ -16,8 +16,9 @@ spread (+0.2%).
 So each shape is timed once, on its first call, through cuBLAS and through the kernel, and the faster is kept
 (as cuDNN's benchmark mode does): the first training step takes some seconds more, for the kernel's
 compilations. On Hopper a third candidate, for the calls whose reduction is short, is the same sum through
-`litft.adapters.lora_gemm_pingpong`'s warp-specialized kernel. `LITFT_LORA_GEMM=cublas`, `=triton` or
-`=warp_specialized` forces a path (benchmarks, tests); under
+`litft.adapters.lora_gemm_pingpong`'s warp-specialized kernel; and a gated MLP's backward through its down
+projection (`gated_input_gradient`) is timed against that kernel with the activation's backward in its epilogue.
+`LITFT_LORA_GEMM=cublas`, `=triton` or `=warp_specialized` forces a path (benchmarks, tests); under
 `torch.use_deterministic_algorithms(True)` `auto` takes cuBLAS, since a timing can choose differently between runs.
 
 The widths (N and each K) are compile-time constants of the kernel, as in inductor's GEMM templates: with the
