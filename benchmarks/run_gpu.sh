@@ -6,6 +6,8 @@
 #        fp8lora1b fp8lora8b fp8ckpt8b   litft's float8 base; the table sets them beside the peers' lora rows
 #        loramoe qloramoe    Qwen3-30B-A3B's geometry on 12 layers (a 16 GB checkpoint); peers from peers_moe.py
 #   PEERS=unsloth,hf,litgpt (default: unsloth, the fastest and leanest peer)
+# A row named several times runs that many times, litft then the peers each time ("lora8b qlora8b lora8b qlora8b"):
+# the table gives each run's ratio and their median (a ratio near its target needs more than one run).
 # Each row runs litft and then its peers on the same GPU (GPUs differ by a few percent in clock and power: measured
 # 2-5% between two H200s of one host); with several GPUs visible the rows are dealt out over them and run at once.
 # Writes $OUT/results.jsonl and $OUT/table.md (or ./benchmarks/out/ without $OUT).
@@ -74,12 +76,27 @@ peer_row() {
       qloramoe) python benchmarks/peers_moe.py --peers "$peers" --task qlora --checkpoint /tmp/peers-hf-checkpoint-qwen3-moe ;;
     esac
 }
+with_round() {  # copies stdin to stdout, each JSON line given "round": $1 (the table pairs a round's runs)
+  python -u -c '
+import json, sys
+for line in sys.stdin:
+    if line.startswith("{"):
+        try:
+            line = json.dumps({**json.loads(line), "round": int(sys.argv[1])}) + "\n"
+        except ValueError:
+            pass
+    sys.stdout.write(line)
+' "$1"
+}
 gpu_rows() {  # $1 = this GPU's index, $2 = how many GPUs: every $2-th row from the $1-th
   local index=0
+  declare -A runs=()  # a row named again is run again: its round counts how many times it ran before
   for row in $rows; do
+    local round=${runs[$row]:-0}
+    runs[$row]=$((round + 1))
     if [ $((index % $2)) -eq "$1" ]; then
-      litft_row "$row" 2>>"$out/litft.err" | tee -a "$results"
-      peer_row "$row" 2>>"$out/peers.err" | tee -a "$results"
+      litft_row "$row" 2>>"$out/litft.err" | with_round "$round" | tee -a "$results"
+      peer_row "$row" 2>>"$out/peers.err" | with_round "$round" | tee -a "$results"
     fi
     index=$((index + 1))
   done

@@ -1,13 +1,21 @@
 """Turns the JSON lines of `bench.py` and `peers.py` (one GPU command) into the ratio table of the README.
 
   python benchmarks/table.py results.jsonl > table.md
+
+A row that the command ran several times (`run_gpu.sh "lora8b lora8b lora8b"`: `run_gpu.sh` tags each run's lines
+with its `round`) gives one line per round, each litft run compared with the peers' run right after it on the same
+GPU, then a line with every round's speed ratio and their median: a ratio near a target is a claim about the spread
+between runs as much as about the mean.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from collections import defaultdict
+
+PEERS = ("unsloth", "hf", "litgpt")
 
 
 def row_key(record: dict) -> tuple:
@@ -21,44 +29,79 @@ def row_key(record: dict) -> tuple:
     return (task, record["shape"], f"{record.get('batch')} x {record.get('seq')}", bool(record.get("ckpt")))
 
 
-def main(path: str) -> None:
-    rows: dict[tuple, dict[str, dict]] = defaultdict(dict)
-    for line in open(path):
+def read_records(lines) -> dict[tuple, dict[int, dict[str, dict]]]:
+    """{row: {round: {peer: record}}} from JSON lines (other lines skipped). litft may run in several variants
+    within a round (--compile or not): the fastest is kept."""
+    rows: dict[tuple, dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for line in lines:
         line = line.strip()
-        if line.startswith("{"):
-            record = json.loads(line)
-            peers = rows[row_key(record)]
-            earlier = peers.get(record["peer"])
-            # litft may run in several variants (--compile or not): the table keeps the fastest and says which.
-            if "predicted_longest" in record:  # the longest-sequence probe: its "speed" is the length it fits
-                record = {**record, "tokens_per_s": record["predicted_longest"], "peak_mem_gib": 0}
-            if earlier is None or "error" in earlier or record.get("tokens_per_s", 0) > earlier.get("tokens_per_s", 0):
-                peers[record["peer"]] = record
-    print("| task | shape | batch x seq | litft tok/s, GiB | Unsloth | HF+PEFT | LitGPT | litft / best peer (speed) | litft / leanest peer (memory) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (task, shape, size, ckpt), peers in rows.items():
-        if task == "lora, fp8 base":  # compared with the peers' LoRA (bf16 base) at the same shape
-            peers = {**{n: r for n, r in rows.get(("lora", shape, size, ckpt), {}).items() if n != "litft"}, **peers}
-        def cell(name):
-            record = peers.get(name)
-            if record is None:
-                return "-"
-            if "error" in record:
-                return f"error: {record['error'][:60]}"
-            variant = " (compiled)" if record.get("compile") else ""
-            return f"{record['tokens_per_s']:,}, {record.get('peak_mem_gib', '?')}{variant}"
+        if not line.startswith("{"):
+            continue
+        record = json.loads(line)
+        if "predicted_longest" in record:  # the longest-sequence probe: its "speed" is the length it fits
+            record = {**record, "tokens_per_s": record["predicted_longest"], "peak_mem_gib": 0}
+        peers = rows[row_key(record)][record.get("round", 0)]
+        earlier = peers.get(record["peer"])
+        if earlier is None or "error" in earlier or record.get("tokens_per_s", 0) > earlier.get("tokens_per_s", 0):
+            peers[record["peer"]] = record
+    return rows
 
-        others = [r for n, r in peers.items() if n != "litft" and "tokens_per_s" in r]
-        ours = peers.get("litft")
-        speed = memory = "-"
-        if ours and "tokens_per_s" in ours and others:
-            best = max(others, key=lambda r: r["tokens_per_s"])
-            leanest = min(others, key=lambda r: r["peak_mem_gib"])
-            speed = f"{ours['tokens_per_s'] / best['tokens_per_s']:.2f}x ({best['peer']})"
-            if leanest["peak_mem_gib"]:
-                memory = f"{ours['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
+
+def speed_ratio(peers: dict[str, dict]) -> tuple[float, str] | None:
+    """litft's tokens/s over the fastest peer's, and that peer; None without both."""
+    others = [record for name, record in peers.items() if name != "litft" and "tokens_per_s" in record]
+    ours = peers.get("litft")
+    if not ours or "tokens_per_s" not in ours or not others:
+        return None
+    best = max(others, key=lambda record: record["tokens_per_s"])
+    return ours["tokens_per_s"] / best["tokens_per_s"], best["peer"]
+
+
+def table_lines(rows: dict[tuple, dict[int, dict[str, dict]]]) -> list[str]:
+    lines = [
+        "| task | shape | batch x seq | litft tok/s, GiB | Unsloth | HF+PEFT | LitGPT | litft / best peer (speed) "
+        "| litft / leanest peer (memory) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (task, shape, size, ckpt), rounds in rows.items():
         label = task + (" + act. ckpt" if ckpt and task in ("lora", "qlora") else "")
-        print(f"| {label} | {shape} | {size} | {cell('litft')} | {cell('unsloth')} | {cell('hf')} | {cell('litgpt')} | {speed} | {memory} |")
+        ratios = []
+        for round_, peers in sorted(rounds.items()):
+            if task == "lora, fp8 base":  # compared with the peers' LoRA (bf16 base) at the same shape and round
+                bf16 = rows.get(("lora", shape, size, ckpt), {}).get(round_, {})
+                peers = {**{name: record for name, record in bf16.items() if name != "litft"}, **peers}
+
+            def cell(name):
+                record = peers.get(name)
+                if record is None:
+                    return "-"
+                if "error" in record:
+                    return f"error: {record['error'][:60]}"
+                variant = " (compiled)" if record.get("compile") else ""
+                return f"{record['tokens_per_s']:,}, {record.get('peak_mem_gib', '?')}{variant}"
+
+            speed = memory = "-"
+            ratio = speed_ratio(peers)
+            if ratio is not None:
+                ratios.append(ratio[0])
+                speed = f"{ratio[0]:.2f}x ({ratio[1]})"
+                others = [record for name, record in peers.items() if name != "litft" and "tokens_per_s" in record]
+                leanest = min(others, key=lambda record: record["peak_mem_gib"])
+                if leanest["peak_mem_gib"]:
+                    memory = f"{peers['litft']['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
+            which = f" (run {round_ + 1} of {len(rounds)})" if len(rounds) > 1 else ""
+            lines.append(f"| {label}{which} | {shape} | {size} | {cell('litft')} | "
+                         f"{' | '.join(cell(name) for name in PEERS)} | {speed} | {memory} |")
+        if len(ratios) > 1:
+            each = ", ".join(f"{ratio:.3f}" for ratio in ratios)
+            lines.append(f"| {label}, {len(ratios)} runs | {shape} | {size} | | | | | each run {each}; median "
+                         f"{statistics.median(ratios):.3f}x, lowest {min(ratios):.3f}x | |")
+    return lines
+
+
+def main(path: str) -> None:
+    with open(path) as lines:
+        print("\n".join(table_lines(read_records(lines))))
 
 
 if __name__ == "__main__":
