@@ -77,6 +77,32 @@ def test_kernel_equals_the_definition_in_the_interpreter(interpreter, double_qua
         assert torch.equal(ours, nf4_definition(packed, tensors, shape, nested_blocksize, dtype)), shape
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weights_of_whole_blocks_take_the_per_block_kernel(double_quant, monkeypatch):
+    """Where a weight is whole blocks of 64 values the per-block kernel runs, not the per-byte one; 20 x 4100 (a
+    partial last block) takes the per-byte kernel. Both give the format's values."""
+    with triton_interpreter(monkeypatch, nf4_dequantize._kernels):
+        monkeypatch.setattr(nf4_dequantize, "BLOCKS_PER_PROGRAM", 16)
+        per_byte, per_block = nf4_dequantize._kernels()
+        launched = []
+
+        class Recording:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                launched.append(self.name)
+                return self.kernel[grid]
+
+        monkeypatch.setattr(nf4_dequantize, "_kernels", lambda: (Recording(per_byte, "byte"),
+                                                                 Recording(per_block, "block")))
+        for shape in SHAPES:
+            packed, _, tensors, nested_blocksize = quantize(shape, double_quant)
+            ours = nf4_dequantize.dequantize_nf4(packed, tensors, *shape, 64, nested_blocksize, torch.float32)
+            assert torch.equal(ours, nf4_definition(packed, tensors, shape, nested_blocksize, torch.float32)), shape
+    assert launched == ["block", "block", "block", "byte", "block"]  # SHAPES' order
+
+
 def test_quantized_layers_dequantize_through_the_kernel(interpreter, monkeypatch):
     """`dequantize_weight`, which every QLoRA layer calls forward and backward, takes the kernel for NF4 when it
     can, and bitsandbytes' path when switched off: both give the format's values."""

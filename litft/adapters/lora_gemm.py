@@ -268,7 +268,8 @@ def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool,
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode(0)
     try:
-        for index in (CUBLAS, *range(len(CONFIGS))):
+        # cuBLAS (the caller's path), then the first kernel configuration that compiles, where the kind has them
+        for index in (CUBLAS, *(range(len(CONFIGS)) if configurations else ())):
             function = cublas if index == CUBLAS else functools.partial(run, index)
             try:
                 function()
@@ -277,7 +278,7 @@ def _fastest(run: Callable[[int], Any], cublas: Callable[[], Any], on_gpu: bool,
                     raise
                 continue
             candidates[index] = function
-            if index != CUBLAS or not configurations:
+            if index != CUBLAS:
                 break
         if warp_specialized:
             function = functools.partial(run, WARP_SPECIALIZED)
@@ -572,8 +573,8 @@ def gated_input_gradient(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of a LoRA down projection that reads h = act(gate) * up: (d gate, d up, g_low^T @ h) from dy
     (M, D), down's frozen weight W (D, N) (`frozen_weight()`, called only where it is needed: a 4-bit base
-    dequantizes), g_low (M, r), sA (r, N) and gate, up (M, N) with contiguous rows; all in their dtype, the last
-    summed in float32 and rounded once.
+    dequantizes), g_low (M, r), sA (r, N) and gate, up (M, N) of one dtype with contiguous rows (`rows_of`); all in
+    their dtype, the last summed in float32 and rounded once.
 
     `apart()` is the caller's two steps: d h = dy @ W + g_low @ (sA) through `sum_of_products`, written out, then the
     activation's backward kernel, which reads it back with gate and up. On Hopper the warp-specialized kernel can do
@@ -593,8 +594,7 @@ def gated_input_gradient(
         _cublas_only(forced, rows) or not activation_backward_enabled
         or not grad_output.is_cuda or not lora_gemm_pingpong.available(grad_output.device)
         or not can_fuse(pairs) or lora_gemm_pingpong.rank_block(rank) is None or columns % 8
-        or gate.dtype != grad_output.dtype or up.dtype != gate.dtype or up.shape != gate.shape
-        or gate.stride(1) != 1 or up.stride(1) != 1
+        or gate.dtype != grad_output.dtype
     ):
         return apart()
 
