@@ -1,11 +1,14 @@
-"""Packed-row attention: flex_attention with a block mask against SDPA with a dense (B, 1, T, T) mask.
+"""Packed-row attention: FlashAttention-4's variable-length kernels, flex_attention with a block mask, and SDPA
+with a dense (B, 1, T, T) mask.
 
 A Llama-3.2-1B-shaped model (random bf16 weights, every parameter trained, each decoder block compiled) runs
 forward and backward of `model.hidden_states` on rows packed with documents of random lengths, under:
-  - flex:   the packed-row default on CUDA (litft.models.common.FLEX_ATTENTION = "auto");
+  - flash4: the packed-row default on a Hopper GPU with the flash-attn-4 package: the documents laid end to end
+            through its variable-length kernels (where the package is missing, the line says flex_attention ran);
+  - flex:   the default without that package (FlashAttention-4 off; litft.models.common.FLEX_ATTENTION = "auto");
   - dense:  the same rows through SDPA with a boolean mask (FLEX_ATTENTION = "never");
-  - causal: no document masking at all (SDPA's flash causal kernel): not a correct packed run, the reference
-            speed of plain causal attention over the same tokens.
+  - causal: no document masking at all (FlashAttention-4's or SDPA's causal kernel): not a correct packed run, the
+            reference speed of plain causal attention over the same tokens.
 Tokens/s counts every token of the batch; peak memory is torch.cuda.max_memory_allocated over the timed steps.
 Each line also says which kernel family actually ran (`attention`) and how much of the causal attention lies
 within documents (`same_document_fraction`: the share of score tiles flex_attention cannot skip, roughly).
@@ -30,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import DEVICE, SHAPES, hf_config, peak_memory_gib, synchronize
 
-from litft.models import build_model, common
+from litft.models import build_model, common, flash_attention
 
-VARIANTS = ("flex", "dense", "causal")
+VARIANTS = ("flash4", "flex", "dense", "causal")
 
 
 def packed_rows(
@@ -55,7 +58,8 @@ def packed_rows(
             document_ids[row, start:end] = document
             lengths.append(end - start)
             start, document = end, document + 1
-    rows = {"input_ids": input_ids, "position_ids": position_ids, "document_ids": document_ids}
+    rows = {"input_ids": input_ids, "position_ids": position_ids, "document_ids": document_ids,
+            "document_offsets": flash_attention.document_offsets(document_ids)}  # as collating finds them
     return {name: tensor.to(DEVICE) for name, tensor in rows.items()}, lengths
 
 
@@ -67,11 +71,21 @@ def same_document_fraction(lengths: list[int], batch: int, seq: int) -> float:
 
 def run_variant(model, rows: dict[str, torch.Tensor], variant: str, warmup: int, steps: int) -> dict:
     common.FLEX_ATTENTION = "never" if variant == "dense" else "auto"
+    flash_attention.FLASH_ATTENTION_4 = "never" if variant in ("flex", "dense") else "auto"
+    torch._dynamo.reset()  # the blocks hold whether FlashAttention-4 runs as a constant: compile them again
     document_ids = None if variant == "causal" else rows["document_ids"]
-    flex = document_ids is not None and common.use_flex_attention(document_ids.device)
+    device = rows["input_ids"].device
+    flash4 = flash_attention.packed_rows_apply(device, torch.bfloat16, model.config.head_dim)
+    if document_ids is None:
+        attention = "flash_attention_4" if flash4 else "sdpa"
+    elif variant != "dense" and flash4:
+        attention = "flash_attention_4_variable_length"
+    else:
+        attention = "flex_attention" if common.use_flex_attention(device) else "sdpa"
 
     def step() -> None:
-        hidden = model.hidden_states(rows["input_ids"], rows["position_ids"], document_ids)  # (B, T, hidden)
+        hidden = model.hidden_states(rows["input_ids"], rows["position_ids"], document_ids,
+                                     document_offsets=rows["document_offsets"])  # (B, T, hidden)
         hidden.float().square().mean().backward()
         model.zero_grad(set_to_none=True)
 
@@ -87,7 +101,7 @@ def run_variant(model, rows: dict[str, torch.Tensor], variant: str, warmup: int,
     elapsed = time.perf_counter() - started
     batch, seq = rows["input_ids"].shape
     return {
-        "attention": "flex_attention" if flex else "sdpa",
+        "attention": attention,
         "tokens_per_s": round(batch * seq * steps / elapsed),
         "step_ms": round(1000 * elapsed / steps, 1),
         "peak_mem_gib": peak_memory_gib(),

@@ -542,7 +542,10 @@ def run_finetune(
 
     total = logical_parameter_count(model)
     # Read after compiling: thunder switches FlashAttention-4 off.
-    attention = "FlashAttention-4 (unpacked rows)" if flash_attention.check_setting(fabric.device) else "SDPA"
+    attention = "SDPA"
+    if flash_attention.check_setting(fabric.device):
+        # Packed rows of a model with soft-capping or windows shorter than the rows stay with flex_attention.
+        attention = "FlashAttention-4 (variable-length kernels on packed rows)"
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}, objective {task.name}, "
                   f"attention {attention}")

@@ -340,6 +340,8 @@ class AttentionContext:
         sliding-window layers;
       - `block_mask`, `sliding_block_mask`: flex_attention's block-sparse masks instead, for packed rows on the
         flex path (see `use_flex_attention`); the dense masks are then None;
+      - `document_offsets`: for packed rows on FlashAttention-4's variable-length kernels instead, where each
+        document begins among the batch's tokens laid end to end (`flash_attention.document_offsets`);
       - the KV cache if one is in use.
     Layers call `attend(q, k, v, context, sliding=...)`, which picks the path."""
 
@@ -349,6 +351,7 @@ class AttentionContext:
     is_causal: bool
     block_mask: BlockMask | None = None
     sliding_block_mask: BlockMask | None = None
+    document_offsets: torch.Tensor | None = None
 
 
 def build_attention_context(
@@ -358,15 +361,24 @@ def build_attention_context(
     document_ids: torch.Tensor | None,
     kv_cache: KVCache | None,
     sliding_window: int | None,
+    document_offsets: torch.Tensor | None = None,
+    variable_length: bool = False,
 ) -> AttentionContext:
     """Builds the masks for this forward pass.
 
     `document_ids` (B, T) says which document each token belongs to: a token attends only to earlier tokens of
     its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
-    Without a KV cache, where `use_flex_attention` allows, those rows get flex_attention block masks. Otherwise
+    Without a KV cache, where the caller found FlashAttention-4's variable-length kernels usable
+    (`variable_length`, see `CausalLM.hidden_states`), those rows get the documents' offsets (`document_offsets`
+    where the collate function found them, else found here); else, where `use_flex_attention` allows,
+    flex_attention block masks. Otherwise
     the masks are boolean, (B, 1, T, S) (True = may attend); with a KV cache they also cover every cached slot,
     whose document ids the cache keeps. Without documents, cache offsets or a sliding window the mask is None and
     SDPA's causal fast path runs."""
+    if kv_cache is None and document_ids is not None and variable_length:
+        if document_offsets is None:
+            document_offsets = flash_attention.document_offsets(document_ids)
+        return AttentionContext(None, None, None, is_causal=False, document_offsets=document_offsets.to(device))
     if kv_cache is None and document_ids is not None and use_flex_attention(device):
         return _flex_attention_context(document_ids, sliding_window)
     if kv_cache is not None and kv_cache.static:
@@ -649,13 +661,25 @@ def attend(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """One layer's attention under this pass's `context`: flex_attention where it carries block masks (packed
-    rows), SDPA (`attention`) with its dense masks otherwise. `sliding` picks the sliding-window masks."""
+    """One layer's attention under this pass's `context`: FlashAttention-4's variable-length kernels where it
+    carries document offsets (packed rows; the context was built for a model without soft-capping or windows
+    shorter than the rows), flex_attention where it carries block masks (packed rows), SDPA (`attention`) with its
+    dense masks otherwise. `sliding` picks the sliding-window masks."""
+    if context.document_offsets is not None:
+        return flash_attention.packed_causal_attention(q, k, v, context.document_offsets, scale)
     block_mask = context.sliding_block_mask if sliding else context.block_mask
     if block_mask is not None:
         return flex_attend(q, k, v, block_mask, scale=scale, softcap=softcap)
     mask = context.sliding_mask if sliding else context.mask
     return attention(q, k, v, mask, context.is_causal, scale=scale, softcap=softcap)
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype layers compute in on `x`: autocast's where it is on (bf16-mixed keeps float32 weights and
+    activations between layers), else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def default_position_ids(batch_size: int, seq_len: int, offset: int, device: torch.device) -> torch.Tensor:
@@ -711,9 +735,12 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the decoder. `position_ids` (B, T) restart at 0 per document in packed rows; `document_ids` (B, T)
-        keep each token's attention inside its document; with `kv_cache` the T tokens follow the cached ones."""
+        keep each token's attention inside its document (`document_offsets`: where each begins, as
+        `flash_attention.document_offsets` finds them, when the collate function did); with `kv_cache` the T
+        tokens follow the cached ones."""
         B, T = input_ids.shape
         if position_ids is None and kv_cache is not None and kv_cache.static:
             position_ids = default_position_ids(B, T, 0, input_ids.device) + kv_cache.cache_position
@@ -721,8 +748,16 @@ class CausalLM(nn.Module):
             offset = kv_cache.length if kv_cache is not None else 0
             position_ids = default_position_ids(B, T, offset, input_ids.device)
         window = getattr(self.config, "sliding_window", None)
-        context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window)
-        hidden = self.decode(self.embed(input_ids), position_ids, context)
+        x = self.embed(input_ids)
+        # The variable-length kernels take neither soft-capping nor a window; one as long as the rows cuts nothing.
+        variable_length = (
+            document_ids is not None and kv_cache is None and (window is None or window >= T)
+            and getattr(self.config, "attn_logit_softcapping", None) is None
+            and flash_attention.packed_rows_apply(x.device, compute_dtype(x), self.config.head_dim)
+        )
+        context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window, document_offsets,
+                                          variable_length)
+        hidden = self.decode(x, position_ids, context)
         if kv_cache is not None:
             kv_cache.advance(T)
         return hidden
@@ -736,8 +771,9 @@ class CausalLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        document_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.logits(self.hidden_states(input_ids, position_ids, document_ids, kv_cache))
+        return self.logits(self.hidden_states(input_ids, position_ids, document_ids, kv_cache, document_offsets))
 
     def make_kv_cache(
         self, batch_size: int, max_length: int, device: torch.device | str, dtype: torch.dtype

@@ -5,10 +5,14 @@ CUTLASS's Python DSL, compiled for the GPU at hand on first use. On an H200, at 
 backward take less time than the cuDNN kernels that `scaled_dot_product_attention` picks (benchmarks/NOTES.md,
 section 27); grouped-query heads are read in place, not repeated.
 
-Here they are one custom operator (and one for its backward), so that a compiled block calls them as it calls
+Here they are custom operators (a forward and its backward), so that a compiled block calls them as it calls
 any kernel of its own: `torch.compile` does not trace into the kernels' Python launcher. `attention` in
 `common.py` takes this path for causal attention without a mask (training rows that are not packed, and the
-prompt of a generation without padding); every other case stays with SDPA or flex_attention.
+prompt of a generation without padding). Packed rows take the variable-length kernels (`packed_causal_attention`):
+the documents of a batch laid end to end, where each one begins given by `document_offsets`, so that no score
+between two documents is computed (flex_attention's block masks still compute the tiles that straddle two
+documents, under a mask). Sliding windows, soft-capping, 32-bit training and KV caches stay with SDPA or
+flex_attention.
 
 `FLASH_ATTENTION_4` (from the environment variable LITFT_FLASH_ATTENTION_4, "auto" without it):
   "auto":   where the package imports and the GPU is a Hopper (sm_90) or Blackwell (sm_100) one;
@@ -96,6 +100,43 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_caus
     return head_dim % 8 == 0 and head_dim <= 256 and usable_on(q.device.index or 0)
 
 
+def packed_rows_apply(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether packed rows of a model with heads of `head_dim`, computing in `dtype` on `device`, attend through
+    the variable-length kernels (the caller rules out sliding windows and soft-capping, which they are not given)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return head_dim % 8 == 0 and head_dim <= 256 and usable_on(device.index or 0)
+
+
+def document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
+    """Where each document of packed rows `document_ids` (B, T) begins among the rows' B * T tokens laid end to end,
+    then B * T: (documents + 1,) int32, what the variable-length kernels take. A document is a run of one id
+    within a row, so a row's padding (id 0 after its last document) is a document of its own: its queries see
+    only padding, and it is never trained. Collating computes these on the host; on the GPU, `nonzero` makes the
+    host wait for the ids."""
+    starts = torch.ones_like(document_ids, dtype=torch.bool)  # (B, T)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    begins = starts.reshape(-1).nonzero().squeeze(1)  # (documents,)
+    end = torch.full((1,), document_ids.numel(), dtype=begins.dtype, device=begins.device)
+    return torch.cat([begins, end]).to(torch.int32)
+
+
+def packed_causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float | None
+) -> torch.Tensor:
+    """Causal attention within each document of packed rows: q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd),
+    `offsets` from `document_offsets`; returned as (B, n_head, T, hd), a view of the kernel's (B * T, n_head, hd)
+    output. q, k and v are views of (B, T, heads, hd) memory (see `causal_attention`), so flattening their tokens
+    copies nothing."""
+    B, n_head, T, head_dim = q.shape
+    scale = scale if scale is not None else head_dim ** -0.5
+    tokens = [t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B * T, heads, hd)
+    # The row length bounds every document's and is fixed for a batch's shape: the documents' true longest would
+    # be a new constant to a compiled block at every batch.
+    out, _ = flash_attention_packed(*tokens, offsets, T, scale)
+    return out.view(B, T, n_head, v.shape[-1]).transpose(1, 2)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
     """Causal attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd), returned as (B, n_head, T, hd),
     a view of the kernel's (B, T, n_head, hd) output, which the caller's transpose back makes contiguous for free."""
@@ -155,3 +196,61 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("litft::flash_attention_packed", mutates_args=())
+def flash_attention_packed(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q (N, n_head, hd) over k, v (N, n_kv_head, hd), N tokens of documents laid end to end,
+    document i being tokens offsets[i]:offsets[i + 1] (none longer than `max_length`): the output (N, n_head, hd)
+    and each query's log-sum-exp of its scaled scores (n_head, N), float32."""
+    N, n_head, _ = q.shape
+    out = q.new_empty(N, n_head, v.shape[-1])
+    lse = q.new_empty(n_head, N, dtype=torch.float32)
+    kernels()._flash_attn_fwd(q, k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=max_length,
+                              max_seqlen_k=max_length, softmax_scale=scale, causal=True, return_lse=True, out=out,
+                              lse=lse)
+    return out, lse
+
+
+@flash_attention_packed.register_fake
+def _(q, k, v, offsets, max_length, scale):
+    N, n_head, _ = q.shape
+    return q.new_empty(N, n_head, v.shape[-1]), q.new_empty(n_head, N, dtype=torch.float32)
+
+
+@torch.library.custom_op("litft::flash_attention_packed_backward", mutates_args=())
+def flash_attention_packed_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    offsets: torch.Tensor, max_length: int, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of q, k, v (contiguous, in their shapes) of `flash_attention_packed` from the output's."""
+    grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True, cu_seqlens_q=offsets,
+                              cu_seqlens_k=offsets, max_seqlen_q=max_length, max_seqlen_k=max_length, dq=grad_q,
+                              dk=grad_k, dv=grad_v)
+    return grad_q, grad_k, grad_v
+
+
+@flash_attention_packed_backward.register_fake
+def _(grad_out, q, k, v, out, lse, offsets, max_length, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+
+
+def _setup_packed_context(ctx, inputs, output) -> None:
+    q, k, v, offsets, max_length, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, offsets)
+    ctx.max_length, ctx.scale = max_length, scale
+
+
+def _packed_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, offsets = ctx.saved_tensors
+    grads = flash_attention_packed_backward(grad_out.contiguous(), q, k, v, out, lse, offsets, ctx.max_length,
+                                            ctx.scale)
+    return *grads, None, None, None
+
+
+flash_attention_packed.register_autograd(_packed_backward, setup_context=_setup_packed_context)

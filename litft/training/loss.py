@@ -238,19 +238,25 @@ class CausalLMObjective(nn.Module):
         reduction: str = "sum",
         trained_positions: torch.Tensor | None = None,
         token_mask: torch.Tensor | None = None,
+        document_offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The loss (see `causal_lm_loss`); `token_mask` (B, T): the real tokens, padding False, which the routers'
-        load-balancing loss counts (None: every position)."""
+        load-balancing loss counts (None: every position); `document_offsets`: packed rows' documents, as the
+        collate function found them (see `CausalLM.hidden_states`)."""
         softcap = getattr(self.model.config, "final_logit_softcapping", None)
         if not self.router_aux_loss_coef:
-            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+            hidden = self.model.hidden_states(
+                input_ids, position_ids=position_ids, document_ids=document_ids, document_offsets=document_offsets
+            )
             return causal_lm_loss(
                 hidden, targets, self.model.head, self.model.logits, softcap, reduction, trained_positions
             )
         if reduction != "sum":
             raise ValueError("the routers' load-balancing loss is added to the summed loss only")
         with router_choices(self.routers) as collected:
-            hidden = self.model.hidden_states(input_ids, position_ids=position_ids, document_ids=document_ids)
+            hidden = self.model.hidden_states(
+                input_ids, position_ids=position_ids, document_ids=document_ids, document_offsets=document_offsets
+            )
         loss = causal_lm_loss(hidden, targets, self.model.head, self.model.logits, softcap, "sum", trained_positions)
         if not collected:  # no token reached a router (a model without mixtures is refused before training)
             return loss

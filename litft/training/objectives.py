@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from litft.models import flash_attention
 from litft.training.loss import IGNORE_INDEX, find_trained_positions
 
 
@@ -30,6 +31,8 @@ class SupervisedObjective:
         lengths = torch.tensor([self.row_length(row) for row in rows])
         batch["num_tokens"] = int(lengths.sum())
         batch["trained_positions"] = find_trained_positions(batch["targets"])
+        if batch["document_ids"] is not None:  # packed rows: where each document begins, found without a GPU wait
+            batch["document_offsets"] = flash_attention.document_offsets(batch["document_ids"])
         if self.token_mask:  # the real tokens, padding False
             batch["token_mask"] = torch.arange(batch["input_ids"].shape[1])[None, :] < lengths[:, None]
         return batch
@@ -51,6 +54,7 @@ class SupervisedObjective:
             document_ids=batch.get("document_ids"),
             trained_positions=batch.get("trained_positions"),
             token_mask=batch.get("token_mask"),
+            document_offsets=batch.get("document_offsets"),
         )
         # A mixture's balancing loss (--train.router_aux_loss_coef), logged apart: averaged like the loss, it reads
         # as the mean balancing loss per trained token (the logged loss includes it times the coefficient).

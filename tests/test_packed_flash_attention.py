@@ -1,0 +1,325 @@
+"""Packed rows through FlashAttention-4's variable-length kernels (litft.models.flash_attention): the documents'
+offsets, which models and rows take the path, and the same logits and gradients as the dense document masks.
+
+On CPU a reference module stands in for the package's kernels. It keeps their contract (documents laid end to end
+between `cu_seqlens` offsets, causal within each, the log-sum-exp saved for the backward), so these tests check
+litft's side: the offsets, the flattening of q, k and v, the operators' autograd, and the choice of path. On a
+Hopper GPU with the package installed, the real kernels are checked against float32 attention and in a compiled
+LoRA model's training step."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from litft.data import IGNORE_INDEX
+from litft.models import build_model, common, flash_attention
+from litft.training.objectives import SupervisedObjective
+
+LLAMA = {
+    "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "max_position_embeddings": 512, "tie_word_embeddings": False,
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Every test starts and ends with empty dynamo caches: what one test's compiled blocks learnt about changing
+    shapes (automatic dynamic shapes) would otherwise shape the next test's first compile."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def fa4_ready() -> bool:
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in flash_attention.SUPPORTED_MAJORS
+            and flash_attention.kernels() is not None)
+
+
+def packed_batch(rows: list[list[int]], vocab: int = 256, seed: int = 0) -> dict:
+    """A batch as `--data.pack true` collates it: rows of documents of the given lengths, padded to the longest."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def sample(length: int) -> dict:
+        tokens = torch.randint(3, vocab, (length + 1,), generator=generator)
+        return {"input_ids": tokens[:-1], "targets": tokens[1:]}
+
+    return SupervisedObjective(pad_id=0).collate([[sample(n) for n in row] for row in rows])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Offsets
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_offsets_begin_a_document_at_every_change_of_id_and_at_every_row():
+    """Row 0 ends in document 1 and row 1 begins with document 1: two documents all the same. A row's padding
+    (id 0) is a document of its own."""
+    document_ids = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 2, 0], [1, 2, 3, 0, 0, 0]])
+    offsets = flash_attention.document_offsets(document_ids)
+    assert offsets.dtype == torch.int32
+    assert offsets.tolist() == [0, 6, 8, 11, 12, 13, 14, 15, 18]
+
+
+def test_collating_packed_rows_gives_their_offsets():
+    """The collate function finds the offsets on the host; the documents between them are the samples (and each
+    row's padding), in order. Rows of one sample each have no document ids and no offsets."""
+    rows = [[5, 11, 6], [17, 9]]
+    batch = packed_batch(rows)
+    width = batch["input_ids"].shape[1]  # 26: the longest row
+    lengths = batch["document_offsets"].diff().tolist()
+    assert lengths == [5, 11, 6, 4, 17, 9], lengths  # row 0 is padded by 26 - 22 tokens
+    assert batch["document_offsets"][-1] == 2 * width
+    single = SupervisedObjective(pad_id=0).collate([[{"input_ids": torch.arange(4), "targets": torch.arange(4)}]])
+    assert single["document_ids"] is None and "document_offsets" not in single
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CPU, through a reference for the kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def document_attention(q, k, v, scale):
+    """Causal attention of one document, q (L, n_head, hd) over k, v (L, n_kv_head, hd), in float64: the output
+    (L, n_head, hd), the log-sum-exp (n_head, L), and the probabilities and k, v repeated over each group, which
+    the backward reads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
+    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)  # (n_head, L, L)
+    return torch.einsum("hqk,khd->qhd", probs, v), torch.logsumexp(scores, dim=-1), probs, k, v
+
+
+def document_attention_gradients(q, k, v, grad_out, scale):
+    """The gradients of q, k, v of `document_attention` (written out: the kernels run below autograd), a key/value
+    head's summed over its group of query heads."""
+    out, _, probs, k_heads, v_heads = document_attention(q, k, v, scale)
+    grad_out = grad_out.double()
+    grad_v = torch.einsum("hqk,qhd->khd", probs, grad_out)
+    grad_probs = torch.einsum("qhd,khd->hqk", grad_out, v_heads)
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * scale
+    grad_q = torch.einsum("hqk,khd->qhd", grad_scores, k_heads)
+    grad_k = torch.einsum("hqk,qhd->khd", grad_scores, q.double())
+    L, n_kv_head, head_dim = k.shape
+    grouped = [g.reshape(L, n_kv_head, -1, head_dim).sum(dim=2) for g in (grad_k, grad_v)]
+    return grad_q, *grouped
+
+
+def document_spans(offsets: torch.Tensor):
+    bounds = offsets.tolist()
+    return zip(bounds[:-1], bounds[1:])
+
+
+class ReferenceKernels:
+    """The two entry points litft calls, with the package's variable-length contract, in plain torch."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def _flash_attn_fwd(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        causal, return_lse, out, lse):
+        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32
+        assert q.stride(-1) == 1 and out.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
+        self.calls.append("forward")
+        for start, end in document_spans(cu_seqlens_q):
+            assert end - start <= max_seqlen_q == max_seqlen_k
+            document_out, document_lse, *_ = document_attention(q[start:end], k[start:end], v[start:end],
+                                                                softmax_scale)
+            out[start:end] = document_out.to(out.dtype)
+            lse[:, start:end] = document_lse.float()
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
+                        max_seqlen_q, max_seqlen_k, dq, dk, dv):
+        assert causal and cu_seqlens_q is cu_seqlens_k
+        self.calls.append("backward")
+        for start, end in document_spans(cu_seqlens_q):
+            grads = document_attention_gradients(q[start:end], k[start:end], v[start:end], dout[start:end],
+                                                 softmax_scale)
+            for grad, target in zip(grads, (dq, dk, dv)):
+                target[start:end] = grad.to(target.dtype)
+
+
+@pytest.fixture
+def reference_kernels(monkeypatch) -> ReferenceKernels:
+    """The reference in the package's place, and the path open on CPU in float32 (a GPU and 16 bits otherwise)."""
+    kernels = ReferenceKernels()
+    monkeypatch.setattr(flash_attention, "kernels", lambda: kernels)
+    monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: True)
+    return kernels
+
+
+def loss_and_gradients(model, batch: dict, **inputs) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    logits = model(batch["input_ids"], batch["position_ids"], batch["document_ids"], **inputs)
+    loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE_INDEX)
+    loss.backward()
+    return logits.detach(), loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("offsets_from", ["collate", "model"])
+def test_packed_rows_through_the_kernels_match_the_dense_document_masks(reference_kernels, monkeypatch, offsets_from):
+    """A grouped-query Llama on packed rows (padding included): logits, loss and every gradient as with SDPA under
+    dense document masks, whether the collate function found the offsets or the model finds them."""
+    model = build_model(LLAMA).float()
+    batch = packed_batch([[5, 11, 6], [17, 9], [3, 3, 3, 3, 3]])
+    inputs = {"document_offsets": batch["document_offsets"]} if offsets_from == "collate" else {}
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
+    packed = loss_and_gradients(model, batch, **inputs)
+    assert reference_kernels.calls == ["forward", "forward", "backward", "backward"]  # one per layer each way
+    monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: False)
+    dense = loss_and_gradients(model, batch)
+    assert len(reference_kernels.calls) == 4
+    real = batch["document_ids"] != 0
+    torch.testing.assert_close(packed[0][real], dense[0][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[1], dense[1], atol=1e-6, rtol=1e-6)
+    for name, gradient in dense[2].items():
+        torch.testing.assert_close(packed[2][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(("config", "takes_kernels"), [
+    ({"model_type": "gemma2", "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16, "head_dim": 16,
+      "sliding_window": 4096}, False),  # soft-capping: the kernels are not given it
+    ({"model_type": "mistral", "sliding_window": 8}, False),  # a window shorter than the rows
+    ({"model_type": "mistral", "sliding_window": 64}, True),  # a window as long as the rows cuts nothing
+    ({"model_type": "qwen2", "attention_bias": True}, True),
+])
+def test_models_with_soft_capping_or_short_windows_keep_the_document_masks(reference_kernels, config, takes_kernels):
+    """The variable-length kernels take neither soft-capping nor sliding windows, so those models' packed rows
+    stay with the masks (a window as long as the rows is no window); others take the kernels."""
+    model = build_model({**LLAMA, **config}).float()
+    batch = packed_batch([[20, 12], [30]])  # rows of 32 tokens
+    with torch.no_grad():
+        model(batch["input_ids"], batch["position_ids"], batch["document_ids"], None, batch["document_offsets"])
+    assert bool(reference_kernels.calls) == takes_kernels
+
+
+def test_the_kernels_need_a_16_bit_compute_dtype_on_a_gpu(monkeypatch):
+    """float32 (or bf16 on CPU) keeps the masks; bf16 autocast counts as bf16."""
+    monkeypatch.setattr(flash_attention, "usable_on", lambda index: True)
+    cuda = torch.device("cuda", 0)
+    assert flash_attention.packed_rows_apply(cuda, torch.bfloat16, 128)
+    assert flash_attention.packed_rows_apply(cuda, torch.float16, 64)
+    assert not flash_attention.packed_rows_apply(cuda, torch.float32, 128)
+    assert not flash_attention.packed_rows_apply(torch.device("cpu"), torch.bfloat16, 128)
+    assert not flash_attention.packed_rows_apply(cuda, torch.bfloat16, 12)
+    x = torch.zeros(2, dtype=torch.float32)
+    assert common.compute_dtype(x) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert common.compute_dtype(x) == torch.bfloat16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: the real kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_ROWS = [[70, 200, 33, 150, 147], [300, 5, 90, 180], [129, 128, 256, 1]]
+
+
+def gpu_only() -> None:
+    if not fa4_ready():
+        pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("head_dim", "kv_heads"), [(128, 2), (64, 8)])  # each pair compiles its own kernels
+def test_on_the_gpu_packed_rows_match_float32_attention(head_dim, kv_heads):
+    """bf16 variable-length kernels against float32 attention under the dense document mask: no larger errors
+    than SDPA's bf16 kernels under the same mask, on the real tokens and their gradients."""
+    gpu_only()
+    batch = packed_batch(GPU_ROWS)
+    document_ids = batch["document_ids"].cuda()
+    offsets = batch["document_offsets"].cuda()
+    B, T = document_ids.shape
+    heads = 8
+    generator = torch.Generator().manual_seed(3)
+    memory = [torch.randn(B, T, count, head_dim, generator=generator) for count in (heads, kv_heads, kv_heads)]
+    grad = torch.randn(B, heads, T, head_dim, generator=generator).cuda()
+    same_document = document_ids[:, :, None] == document_ids[:, None, :]
+    mask = (same_document & torch.ones(T, T, dtype=torch.bool, device="cuda").tril())[:, None]  # (B, 1, T, T)
+    real = (document_ids != 0)[:, None, :, None]  # padding's rows differ by path and are never trained
+
+    def run(attend, dtype):
+        q, k, v = (t.to("cuda", dtype).transpose(1, 2).requires_grad_() for t in memory)  # (B, heads, T, hd)
+        out = attend(q, k, v)
+        out.backward((grad * real).to(dtype))
+        return [(out * real).float(), q.grad.float(), k.grad.float(), v.grad.float()]
+
+    group = heads // kv_heads
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = run(lambda q, k, v: F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask), torch.float32)
+    packed = run(lambda q, k, v: flash_attention.packed_causal_attention(q, k, v, offsets, None), torch.bfloat16)
+    sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask), torch.bfloat16)
+    for name, got, baseline, expected in zip(("out", "grad_q", "grad_k", "grad_v"), packed, sdpa, reference):
+        error, baseline_error = (got - expected).abs().max(), (baseline - expected).abs().max()
+        assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_packed_operators_pass_torch_library_checks():
+    """Fake tensors (shapes, strides, dtypes) agree with the kernels' outputs, and autograd's registration holds."""
+    gpu_only()
+    offsets = torch.tensor([0, 100, 130, 256, 512], dtype=torch.int32, device="cuda")
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(512, count, 64, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
+               for count in (8, 2, 2))
+    torch.library.opcheck(torch.ops.litft.flash_attention_packed.default, (q, k, v, offsets, 256, 0.125))
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_a_compiled_lora_step_on_packed_rows_matches_float32_as_flex_does(monkeypatch):
+    """A compiled bf16 LoRA Llama (grouped heads) on packed rows: through the variable-length kernels its loss and
+    adapter gradients are within bf16's reach of the float32 model's, as through flex_attention; the compiled
+    blocks call the operator once a layer; batches with other numbers of documents run on."""
+    gpu_only()
+    from conftest import random_lora_model
+
+    from litft.training.compilation import compile_blocks
+    from litft.training.loss import CausalLMObjective
+
+    config = {**LLAMA, "hidden_size": 256, "intermediate_size": 512, "head_dim": 64}
+    batches = [packed_batch(rows, seed=index) for index, rows in enumerate(
+        (GPU_ROWS, [[600], [1, 599], [128] * 4 + [88]], [[40] * 15, [300, 300]]))]
+
+    def step(model, batch):
+        inputs = {name: batch[name].cuda() for name in ("input_ids", "targets", "position_ids", "document_ids",
+                                                         "document_offsets", "trained_positions")}
+        return CausalLMObjective(model)(inputs.pop("input_ids"), inputs.pop("targets"), **inputs)
+
+    def loss_and_grads(mode: str, dtype: torch.dtype, compiled: bool):
+        monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", mode)
+        model = random_lora_model(config, dtype=dtype, rank=16, alpha=32).cuda().train()
+        if compiled:
+            torch._dynamo.reset()
+            compile_blocks(model, "torch")
+            for batch in batches[1:]:  # other documents compile first; the counted pass then follows them
+                step(model, batch).backward()
+            model.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            loss = step(model, batches[0])
+            loss.backward()
+        calls = sum(event.count for event in profiler.key_averages() if event.key == "litft::flash_attention_packed")
+        grads = {name: p.grad.float() for name, p in model.named_parameters() if p.requires_grad}
+        return loss.detach().float(), grads, calls
+
+    reference_loss, reference_grads, _ = loss_and_grads("never", torch.float32, compiled=False)
+    report = {}
+    for mode in ("always", "never"):  # the variable-length kernels; flex_attention
+        loss, grads, calls = loss_and_grads(mode, torch.bfloat16, compiled=True)
+        report[mode] = SimpleNamespace(
+            calls=calls, loss=((loss - reference_loss).abs() / reference_loss.abs()).item(),
+            grads={name: ((grads[name] - expected).norm() / expected.norm()).item()
+                   for name, expected in reference_grads.items()})
+    assert (report["always"].calls, report["never"].calls) == (2, 0), report
+    flash, flex = report["always"], report["never"]
+    assert flash.loss <= 2 * flex.loss + 1e-4, report
+    for name, error in flash.grads.items():
+        assert error <= 1.25 * flex.grads[name] + 5e-3, (name, error, flex.grads[name])
