@@ -126,6 +126,7 @@ class ReferenceKernels:
     def _flash_attn_fwd(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                         causal, return_lse, out, lse):
         assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32
+        assert q.dtype == k.dtype == v.dtype == out.dtype, (q.dtype, k.dtype, v.dtype)  # as the kernels require
         assert q.stride(-1) == 1 and out.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
         self.calls.append("forward")
         for start, end in document_spans(cu_seqlens_q):
@@ -181,6 +182,21 @@ def test_packed_rows_through_the_kernels_match_the_dense_document_masks(referenc
     torch.testing.assert_close(packed[1], dense[1], atol=1e-6, rtol=1e-6)
     for name, gradient in dense[2].items():
         torch.testing.assert_close(packed[2][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_under_autocast_the_kernels_get_one_16_bit_dtype(reference_kernels, monkeypatch):
+    """bf16-mixed: Qwen3's per-head norms hand over q and k in float32 beside a bf16 v; the kernels get all three in
+    bf16, as SDPA under autocast computes them, and the logits stay with the dense masks' within bf16's rounding."""
+    model = build_model({**LLAMA, "model_type": "qwen3", "head_dim": 16}).float()
+    batch = packed_batch([[5, 11, 6], [17, 9]])
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        packed = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+        monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: False)
+        dense = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
+    assert reference_kernels.calls == ["forward", "forward"]
+    real = batch["document_ids"] != 0
+    torch.testing.assert_close(packed[real].float(), dense[real].float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize(("config", "takes_kernels"), [

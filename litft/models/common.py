@@ -666,6 +666,10 @@ def attend(
     shorter than the rows), flex_attention where it carries block masks (packed rows), SDPA (`attention`) with its
     dense masks otherwise. `sliding` picks the sliding-window masks."""
     if context.document_offsets is not None:
+        # Under autocast a per-head norm (Qwen3's) hands over q and k in float32 beside a 16-bit v: the kernels take
+        # one 16-bit dtype, autocast's, which is also what SDPA would cast them to.
+        dtype = compute_dtype(v)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return flash_attention.packed_causal_attention(q, k, v, context.document_offsets, scale)
     block_mask = context.sliding_block_mask if sliding else context.block_mask
     if block_mask is not None:
