@@ -371,10 +371,9 @@ def build_attention_context(
     Without a KV cache, where the caller found FlashAttention-4's variable-length kernels usable
     (`variable_length`, see `CausalLM.hidden_states`), those rows get the documents' offsets (`document_offsets`
     where the collate function found them, else found here); else, where `use_flex_attention` allows,
-    flex_attention block masks. Otherwise
-    the masks are boolean, (B, 1, T, S) (True = may attend); with a KV cache they also cover every cached slot,
-    whose document ids the cache keeps. Without documents, cache offsets or a sliding window the mask is None and
-    SDPA's causal fast path runs."""
+    flex_attention block masks. Otherwise the masks are boolean, (B, 1, T, S) (True = may attend); with a KV cache
+    they also cover every cached slot, whose document ids the cache keeps. Without documents, cache offsets or a
+    sliding window the mask is None and SDPA's causal fast path runs."""
     if kv_cache is None and document_ids is not None and variable_length:
         if document_offsets is None:
             document_offsets = flash_attention.document_offsets(document_ids)

@@ -11,8 +11,8 @@ any kernel of its own: `torch.compile` does not trace into the kernels' Python l
 prompt of a generation without padding). Packed rows take the variable-length kernels (`packed_causal_attention`):
 the documents of a batch laid end to end, where each one begins given by `document_offsets`, so that no score
 between two documents is computed (flex_attention's block masks still compute the tiles that straddle two
-documents, under a mask). Sliding windows, soft-capping, 32-bit training and KV caches stay with SDPA or
-flex_attention.
+documents, under a mask). Sliding windows shorter than the rows, soft-capping, 32-bit training and KV caches
+stay with SDPA or flex_attention.
 
 `FLASH_ATTENTION_4` (from the environment variable LITFT_FLASH_ATTENTION_4, "auto" without it):
   "auto":   where the package imports and the GPU is a Hopper (sm_90) or Blackwell (sm_100) one;
