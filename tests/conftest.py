@@ -137,6 +137,14 @@ def random_lora_model(config: dict, dtype=torch.float32, quantize: str | None = 
     return model
 
 
+def fa4_ready() -> bool:
+    """Whether FlashAttention-4's kernels run here: a Hopper or Blackwell GPU and the flash-attn-4 package."""
+    from litft.models import flash_attention
+
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in flash_attention.SUPPORTED_MAJORS
+            and flash_attention.kernels() is not None)
+
+
 def flash_attention_step_errors(
     monkeypatch, config: dict, step: Callable, operator: str, warmup: tuple[Callable, ...] = (), device: str = "cuda"
 ) -> dict[str, dict]:

@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fa4_ready
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from litft.errors import ConfigError
 from litft.models import common, flash_attention
-
-
-def fa4_ready() -> bool:
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in flash_attention.SUPPORTED_MAJORS
-            and flash_attention.kernels() is not None)
 
 
 def qkv(batch, seq, heads, kv_heads, head_dim, device="cpu", dtype=torch.float32, seed=0):

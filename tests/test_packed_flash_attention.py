@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fa4_ready
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from litft.data import IGNORE_INDEX
@@ -32,11 +33,6 @@ def fresh_compile_caches():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def fa4_ready() -> bool:
-    return (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in flash_attention.SUPPORTED_MAJORS
-            and flash_attention.kernels() is not None)
 
 
 def packed_batch(rows: list[list[int]], vocab: int = 256, seed: int = 0) -> dict:

@@ -26,6 +26,7 @@ from litft.adapters.lora import LoRAConfig
 from litft.data import DataConfig
 from litft.errors import ConfigError
 from litft.models import flash_attention
+from litft.models.common import use_flex_attention
 from litft.training.config import EvalConfig, TrainConfig
 
 if TYPE_CHECKING:
@@ -542,10 +543,11 @@ def run_finetune(
 
     total = logical_parameter_count(model)
     # Read after compiling: thunder switches FlashAttention-4 off.
-    attention = "SDPA"
     if flash_attention.check_setting(fabric.device):
         # Packed rows of a model with soft-capping or windows shorter than the rows stay with flex_attention.
-        attention = "FlashAttention-4 (variable-length kernels on packed rows)"
+        attention = "FlashAttention-4 (its variable-length kernels for packed rows)"
+    else:
+        attention = "SDPA (flex_attention for packed rows)" if use_flex_attention(fabric.device) else "SDPA"
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}, objective {task.name}, "
                   f"attention {attention}")
