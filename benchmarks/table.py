@@ -47,9 +47,14 @@ def read_records(lines) -> dict[tuple, dict[int, dict[str, dict]]]:
     return rows
 
 
+def peer_records(peers: dict[str, dict]) -> list[dict]:
+    """The peers' records that measured a speed (not litft's, not errors)."""
+    return [record for name, record in peers.items() if name != "litft" and "tokens_per_s" in record]
+
+
 def speed_ratio(peers: dict[str, dict]) -> tuple[float, str] | None:
     """litft's tokens/s over the fastest peer's, and that peer; None without both."""
-    others = [record for name, record in peers.items() if name != "litft" and "tokens_per_s" in record]
+    others = peer_records(peers)
     ours = peers.get("litft")
     if not ours or "tokens_per_s" not in ours or not others:
         return None
@@ -85,8 +90,7 @@ def table_lines(rows: dict[tuple, dict[int, dict[str, dict]]]) -> list[str]:
             if ratio is not None:
                 ratios.append(ratio[0])
                 speed = f"{ratio[0]:.2f}x ({ratio[1]})"
-                others = [record for name, record in peers.items() if name != "litft" and "tokens_per_s" in record]
-                leanest = min(others, key=lambda record: record["peak_mem_gib"])
+                leanest = min(peer_records(peers), key=lambda record: record["peak_mem_gib"])
                 if leanest["peak_mem_gib"]:
                     memory = f"{peers['litft']['peak_mem_gib'] / leanest['peak_mem_gib']:.2f}x ({leanest['peer']})"
             which = f" (run {round_ + 1} of {len(rounds)})" if len(rounds) > 1 else ""
