@@ -40,6 +40,15 @@ SHAPES = {  # the geometry of Llama-3.2-1B and Llama-3.1-8B, as in peers.py
                       experts=128, experts_per_token=8, expert_inter=768),
     "tiny-moe": dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, head_dim=16, inter=128, tied=False, experts=4,
                      experts_per_token=2, expert_inter=32),  # a CPU smoke test of the mixture's path
+    # Gemma 2 2B and Gemma 3 1B: heads of 256, sliding windows on alternate layers (Gemma 2, which also soft-caps
+    # its scores) or five layers in six (Gemma 3). litft's own A/B of attention paths (`--attention`): the shared
+    # peers' script has Llama geometry only.
+    "gemma2-2b": dict(vocab=256000, hidden=2304, layers=26, heads=8, kv=4, head_dim=256, inter=9216, tied=True,
+                      gemma="gemma2", window=4096, softcap=50.0, final_softcap=30.0),
+    "gemma3-1b": dict(vocab=262144, hidden=1152, layers=26, heads=4, kv=1, head_dim=256, inter=6912, tied=True,
+                      gemma="gemma3_text", window=512),
+    "tiny-gemma2": dict(vocab=512, hidden=64, layers=2, heads=4, kv=2, head_dim=16, inter=128, tied=True,
+                        gemma="gemma2", window=8, softcap=50.0, final_softcap=30.0),  # a CPU smoke test
 }
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,6 +72,16 @@ def hf_config(shape: dict) -> dict:
         "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": shape["tied"], "torch_dtype": "bfloat16",
         "bos_token_id": 2, "eos_token_id": 3,
     }
+    if "gemma" in shape:
+        config.update(
+            model_type=shape["gemma"], architectures=["Gemma2ForCausalLM" if shape["gemma"] == "gemma2" else
+                                                      "Gemma3ForCausalLM"],
+            head_dim=shape["head_dim"], query_pre_attn_scalar=shape["head_dim"], sliding_window=shape["window"],
+            hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0,
+            attn_logit_softcapping=shape.get("softcap"), final_logit_softcapping=shape.get("final_softcap"),
+        )
+        if shape["gemma"] == "gemma3_text":
+            config.update(rope_theta=1_000_000.0, rope_local_base_freq=10000.0, sliding_window_pattern=6)
     if "experts" in shape:
         config.update(
             model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], head_dim=shape["head_dim"],
@@ -305,11 +324,14 @@ def bench_training(args) -> dict:
 
 
 def attention_kernel() -> str:
-    """Which kernels the step's causal attention ran: FlashAttention-4's or SDPA's."""
+    """Which kernels the step's causal attention ran: FlashAttention-4's (given windows and caps too: "+windows") or
+    SDPA's."""
     from litft.models import flash_attention
 
     device = torch.device("cuda", torch.cuda.current_device()) if DEVICE == "cuda" else torch.device(DEVICE)
-    return "flash4" if flash_attention.check_setting(device) else "sdpa"
+    if not flash_attention.check_setting(device):
+        return "sdpa"
+    return "flash4+windows" if flash_attention.WINDOWS == "on" else "flash4"
 
 
 def idle_gpu(milliseconds: float) -> tuple:

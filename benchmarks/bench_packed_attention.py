@@ -75,7 +75,7 @@ def run_variant(model, rows: dict[str, torch.Tensor], variant: str, warmup: int,
     torch._dynamo.reset()  # the blocks hold whether FlashAttention-4 runs as a constant: compile them again
     document_ids = None if variant == "causal" else rows["document_ids"]
     device = rows["input_ids"].device
-    flash4 = flash_attention.packed_rows_apply(device, torch.bfloat16, model.config.head_dim)
+    flash4 = flash_attention.rows_apply(device, torch.bfloat16, model.config.head_dim)
     if document_ids is None:
         attention = "flash_attention_4" if flash4 else "sdpa"
     elif variant != "dense" and flash4:

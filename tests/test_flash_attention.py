@@ -26,22 +26,21 @@ def qkv(batch, seq, heads, kv_heads, head_dim, device="cpu", dtype=torch.float32
 
 def test_applies_only_to_unmasked_causal_16_bit_cuda_attention(monkeypatch):
     """Where it cannot apply, `attention` never asks whether the GPU could run it: CPU tensors, float32, a mask,
-    soft-capping, non-causal or decoding (one query over a longer cache) all stay with SDPA."""
+    non-causal or decoding (one query over a longer cache) all stay with SDPA."""
     asked = []
     monkeypatch.setattr(flash_attention, "usable_on", lambda index: asked.append(index) or True)
     q, k, v = qkv(1, 8, 4, 2, 16)
-    assert not flash_attention.applies(q, k, None, True, None)  # CPU
+    assert not flash_attention.applies(q, k, None, True)  # CPU
     cuda_like = torch.empty(1, 4, 8, 16, dtype=torch.bfloat16, device="meta")
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     mask = torch.ones(8, 8, dtype=torch.bool)
-    assert not flash_attention.applies(cuda_like, cuda_like, mask, False, None)
-    assert not flash_attention.applies(cuda_like, cuda_like, None, False, None)
-    assert not flash_attention.applies(cuda_like, cuda_like, None, True, 50.0)
-    assert not flash_attention.applies(cuda_like.float(), cuda_like.float(), None, True, None)
-    assert not flash_attention.applies(cuda_like[:, :, :1], cuda_like, None, True, None)  # decoding
-    assert not flash_attention.applies(cuda_like[..., :12], cuda_like[..., :12], None, True, None)  # head size 12
+    assert not flash_attention.applies(cuda_like, cuda_like, mask, False)
+    assert not flash_attention.applies(cuda_like, cuda_like, None, False)
+    assert not flash_attention.applies(cuda_like.float(), cuda_like.float(), None, True)
+    assert not flash_attention.applies(cuda_like[:, :, :1], cuda_like, None, True)  # decoding
+    assert not flash_attention.applies(cuda_like[..., :12], cuda_like[..., :12], None, True)  # head size 12
     assert asked == []
-    assert flash_attention.applies(cuda_like, cuda_like, None, True, None)
+    assert flash_attention.applies(cuda_like, cuda_like, None, True)
     assert asked == [0]
 
 
@@ -60,6 +59,9 @@ def test_a_setting_outside_the_modes_is_refused(monkeypatch):
             check()
     monkeypatch.setattr(flash_attention, "FLASH_ATTENTION_4", "never")
     assert flash_attention.usable_on(0) is False  # never looks at the GPU or the package
+    monkeypatch.setattr(flash_attention, "WINDOWS", "yes")
+    with pytest.raises(ConfigError, match="LITFT_FLASH_ATTENTION_4_WINDOWS is 'yes'; set it to one of off, on"):
+        flash_attention.check_setting(torch.device("cpu"))
 
 
 def test_always_without_the_package_or_a_gpu_says_what_to_do(monkeypatch):
@@ -121,12 +123,48 @@ def test_on_the_gpu_output_and_gradients_match_float32_attention(head_dim, kv_he
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize(("head_dim", "kv_heads", "window", "softcap"), [
+    (128, 2, 300, None),  # Mistral-like: a window, grouped heads
+    (256, 4, 512, 2.0),  # Gemma 2's sliding layers: heads of 256, window and cap (small, so that it bites)
+    (256, 4, None, 2.0),  # Gemma 2's full layers
+])
+def test_on_the_gpu_windows_and_soft_capping_match_float32_attention(head_dim, kv_heads, window, softcap):
+    """The window and the cap given to the kernels as numbers: against float32 attention under the dense window
+    mask with explicit capped scores, errors no larger than that path's own in bf16 (the path it replaces)."""
+    if not fa4_ready():
+        pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
+    seq, heads = 1024, 8
+    grad = torch.randn(2, heads, seq, head_dim, generator=torch.Generator().manual_seed(5)).cuda()
+    index = torch.arange(seq, device="cuda")
+    mask = (index[None, :] <= index[:, None]) & (index[None, :] > index[:, None] - (window or seq))
+
+    def run(attend, dtype):
+        q, k, v = qkv(2, seq, heads, kv_heads, head_dim, "cuda", dtype)
+        out = attend(q, k, v)
+        out.backward(grad.to(dtype))
+        return [t.float() for t in (out, q.grad, k.grad, v.grad)]
+
+    def masked(q, k, v):  # a mask keeps `attention` off FlashAttention-4
+        return common.attention(q, k, v, mask, False, scale=0.1, softcap=softcap)
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        reference = run(masked, torch.float32)
+    flash = run(lambda q, k, v: flash_attention.causal_attention(q, k, v, 0.1, window, softcap), torch.bfloat16)
+    baseline = run(masked, torch.bfloat16)
+    for name, got, baseline_got, expected in zip(("out", "grad_q", "grad_k", "grad_v"), flash, baseline, reference):
+        error, baseline_error = (got - expected).abs().max(), (baseline_got - expected).abs().max()
+        assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
+
+
+@pytest.mark.gpu
 def test_on_the_gpu_the_operators_pass_torch_library_checks():
     """Fake tensors (shapes, strides, dtypes) agree with the kernels' outputs, and autograd's registration holds."""
     if not fa4_ready():
         pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
     q, k, v = (t.transpose(1, 2) for t in qkv(2, 256, 8, 2, 64, "cuda", torch.bfloat16))  # (B, T, heads, hd)
-    torch.library.opcheck(torch.ops.litft.flash_attention.default, (q, k, v, 0.125))
+    torch.library.opcheck(torch.ops.litft.flash_attention.default, (q, k, v, 0.125, flash_attention.NO_WINDOW,
+                                                                    flash_attention.NO_SOFTCAP))
+    torch.library.opcheck(torch.ops.litft.flash_attention.default, (q, k, v, 0.125, 100, 30.0))
 
 
 @pytest.mark.gpu

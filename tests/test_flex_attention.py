@@ -180,6 +180,29 @@ def test_dispatch_between_flex_and_dense_paths(monkeypatch):
         common.use_flex_attention(cpu)
 
 
+def test_plain_rows_of_a_windowed_model_mask_only_the_sliding_layers():
+    """Without documents or cache offsets, full layers keep SDPA's causal fast path (no mask) and sliding layers get
+    the window mask; the SDPA path through both gives the explicit masks' attention."""
+    B, T, window = 2, 20, SLIDING_WINDOW
+    context = common.build_attention_context(B, T, torch.device("cpu"), None, None, window)
+    assert context.mask is None and context.is_causal
+    slots = torch.arange(T)
+    expected = (slots[None, :] <= slots[:, None]) & (slots[:, None] - slots[None, :] < window)  # (T, T)
+    assert context.sliding_mask.shape == (B, 1, T, T) and torch.equal(context.sliding_mask[1, 0], expected)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, heads, T, 8, generator=generator) for heads in (4, 2, 2))
+    causal = slots[None, :] <= slots[:, None]
+    for sliding, mask in ((False, causal), (True, expected)):
+        for softcap in (None, 1.0):
+            got = common.attend(q, k, v, context, sliding=sliding, softcap=softcap)
+            scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8 ** 0.5
+            scores = scores if softcap is None else torch.tanh(scores / softcap) * softcap
+            reference = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v.repeat_interleave(2, 1)
+            torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    # A window covering every key needs no mask at all.
+    assert common.build_attention_context(B, T, torch.device("cpu"), None, None, T).sliding_mask is None
+
+
 def counted(monkeypatch, name: str) -> list:
     """Wraps `common.<name>` so each call appends to the returned list."""
     calls, function = [], getattr(common, name)

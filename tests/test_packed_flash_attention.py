@@ -1,5 +1,6 @@
-"""Packed rows through FlashAttention-4's variable-length kernels (litft.models.flash_attention): the documents'
-offsets, which models and rows take the path, and the same logits and gradients as the dense document masks.
+"""Training rows through FlashAttention-4's kernels (litft.models.flash_attention): packed rows through its
+variable-length ones, the documents' offsets, sliding windows and soft-capping given as numbers, and the same logits
+and gradients as the dense masks.
 
 On CPU a reference module stands in for the package's kernels. It keeps their contract (documents laid end to end
 between `cu_seqlens` offsets, causal within each, the log-sum-exp saved for the backward), so these tests check
@@ -78,27 +79,34 @@ def test_collating_packed_rows_gives_their_offsets():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def document_attention(q, k, v, scale):
-    """Causal attention of one document, q (L, n_head, hd) over k, v (L, n_kv_head, hd), in float64: the output
-    (L, n_head, hd), the log-sum-exp (n_head, L), and the probabilities and k, v repeated over each group, which
-    the backward reads."""
+def document_attention(q, k, v, scale, window_left=None, softcap=0.0):
+    """Causal attention of one document, q (L, n_head, hd) over k, v (L, n_kv_head, hd), in float64, each query
+    seeing `window_left` keys before its own where given, its scaled scores capped at `softcap` where non-zero (the
+    package's conventions): the output (L, n_head, hd), the log-sum-exp (n_head, L), and what the backward reads
+    (the probabilities, the cap's derivative, k and v repeated over each group)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale
-    causal = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    cap_slope = torch.ones_like(scores)
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+        cap_slope = 1 - (scores / softcap) ** 2
+    allowed = torch.ones(q.shape[0], q.shape[0], dtype=torch.bool).tril()
+    if window_left is not None:
+        allowed = allowed.triu(-window_left)
+    scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # (n_head, L, L)
-    return torch.einsum("hqk,khd->qhd", probs, v), torch.logsumexp(scores, dim=-1), probs, k, v
+    return torch.einsum("hqk,khd->qhd", probs, v), torch.logsumexp(scores, dim=-1), probs, cap_slope, k, v
 
 
-def document_attention_gradients(q, k, v, grad_out, scale):
+def document_attention_gradients(q, k, v, grad_out, scale, window_left=None, softcap=0.0):
     """The gradients of q, k, v of `document_attention` (written out: the kernels run below autograd), a key/value
     head's summed over its group of query heads."""
-    out, _, probs, k_heads, v_heads = document_attention(q, k, v, scale)
+    out, _, probs, cap_slope, k_heads, v_heads = document_attention(q, k, v, scale, window_left, softcap)
     grad_out = grad_out.double()
     grad_v = torch.einsum("hqk,qhd->khd", probs, grad_out)
     grad_probs = torch.einsum("qhd,khd->hqk", grad_out, v_heads)
-    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * scale
+    grad_scores = probs * (grad_probs - (grad_probs * probs).sum(dim=-1, keepdim=True)) * cap_slope * scale
     grad_q = torch.einsum("hqk,khd->qhd", grad_scores, k_heads)
     grad_k = torch.einsum("hqk,qhd->khd", grad_scores, q.double())
     L, n_kv_head, head_dim = k.shape
@@ -112,33 +120,49 @@ def document_spans(offsets: torch.Tensor):
 
 
 class ReferenceKernels:
-    """The two entry points litft calls, with the package's variable-length contract, in plain torch."""
+    """The two entry points litft calls, with the package's contract, in plain torch: rows (B, T, heads, hd), or
+    documents laid end to end between `cu_seqlens` offsets (N, heads, hd); causal, a window of `window_size_left`
+    earlier keys where given, scores soft-capped where `softcap` is non-zero. `calls` records each call's kind and
+    its window and cap, so tests see what the kernels were given."""
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.masks: list[tuple[int | None, float]] = []
 
-    def _flash_attn_fwd(self, q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        causal, return_lse, out, lse):
-        assert causal and return_lse and cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32
+    @staticmethod
+    def _spans(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> list:
+        """Each row's index into (B, T, heads, hd) tensors, or each document's slice of (N, heads, hd) ones."""
+        if cu_seqlens_q is None:
+            return list(range(q.shape[0]))
+        assert cu_seqlens_q is cu_seqlens_k and cu_seqlens_q.dtype == torch.int32 and max_seqlen_q == max_seqlen_k
+        spans = list(document_spans(cu_seqlens_q))
+        assert all(end - start <= max_seqlen_q for start, end in spans)
+        return [slice(start, end) for start, end in spans]
+
+    def _flash_attn_fwd(self, q, k, v, *, softmax_scale, causal, softcap, return_lse, out, lse, cu_seqlens_q=None,
+                        cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, window_size_left=None):
+        assert causal and return_lse
         assert q.dtype == k.dtype == v.dtype == out.dtype, (q.dtype, k.dtype, v.dtype)  # as the kernels require
-        assert q.stride(-1) == 1 and out.is_contiguous() and lse.shape == (q.shape[1], q.shape[0])
+        assert q.stride(-1) == 1 and out.is_contiguous()
         self.calls.append("forward")
-        for start, end in document_spans(cu_seqlens_q):
-            assert end - start <= max_seqlen_q == max_seqlen_k
-            document_out, document_lse, *_ = document_attention(q[start:end], k[start:end], v[start:end],
-                                                                softmax_scale)
-            out[start:end] = document_out.to(out.dtype)
-            lse[:, start:end] = document_lse.float()
+        self.masks.append((window_size_left, softcap))
+        for span in self._spans(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+            document_out, document_lse, *_ = document_attention(q[span], k[span], v[span], softmax_scale,
+                                                                window_size_left, softcap)
+            out[span] = document_out.to(out.dtype)
+            # lse is (B, n_head, T) for rows, (n_head, N) for documents laid end to end.
+            lse[(span,) if cu_seqlens_q is None else (slice(None), span)] = document_lse.float()
 
-    def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, softmax_scale, causal, cu_seqlens_q, cu_seqlens_k,
-                        max_seqlen_q, max_seqlen_k, dq, dk, dv):
-        assert causal and cu_seqlens_q is cu_seqlens_k
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, *, softmax_scale, causal, softcap, dq, dk, dv,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                        window_size_left=None):
+        assert causal
         self.calls.append("backward")
-        for start, end in document_spans(cu_seqlens_q):
-            grads = document_attention_gradients(q[start:end], k[start:end], v[start:end], dout[start:end],
-                                                 softmax_scale)
+        for span in self._spans(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+            grads = document_attention_gradients(q[span], k[span], v[span], dout[span], softmax_scale,
+                                                 window_size_left, softcap)
             for grad, target in zip(grads, (dq, dk, dv)):
-                target[start:end] = grad.to(target.dtype)
+                target[span] = grad.to(target.dtype)
 
 
 @pytest.fixture
@@ -146,7 +170,7 @@ def reference_kernels(monkeypatch) -> ReferenceKernels:
     """The reference in the package's place, and the path open on CPU in float32 (a GPU and 16 bits otherwise)."""
     kernels = ReferenceKernels()
     monkeypatch.setattr(flash_attention, "kernels", lambda: kernels)
-    monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: True)
+    monkeypatch.setattr(flash_attention, "rows_apply", lambda device, dtype, head_dim: True)
     return kernels
 
 
@@ -168,7 +192,7 @@ def test_packed_rows_through_the_kernels_match_the_dense_document_masks(referenc
     monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
     packed = loss_and_gradients(model, batch, **inputs)
     assert reference_kernels.calls == ["forward", "forward", "backward", "backward"]  # one per layer each way
-    monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: False)
+    monkeypatch.setattr(flash_attention, "rows_apply", lambda device, dtype, head_dim: False)
     dense = loss_and_gradients(model, batch)
     assert len(reference_kernels.calls) == 4
     real = batch["document_ids"] != 0
@@ -186,39 +210,85 @@ def test_under_autocast_the_kernels_get_one_16_bit_dtype(reference_kernels, monk
     monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         packed = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
-        monkeypatch.setattr(flash_attention, "packed_rows_apply", lambda device, dtype, head_dim: False)
+        monkeypatch.setattr(flash_attention, "rows_apply", lambda device, dtype, head_dim: False)
         dense = model(batch["input_ids"], batch["position_ids"], batch["document_ids"])
     assert reference_kernels.calls == ["forward", "forward"]
     real = batch["document_ids"] != 0
     torch.testing.assert_close(packed[real].float(), dense[real].float(), atol=0.05, rtol=0.05)
 
 
-@pytest.mark.parametrize(("config", "takes_kernels"), [
-    ({"model_type": "gemma2", "attn_logit_softcapping": 50.0, "query_pre_attn_scalar": 16, "head_dim": 16,
-      "sliding_window": 4096}, False),  # soft-capping: the kernels are not given it
-    ({"model_type": "mistral", "sliding_window": 8}, False),  # a window shorter than the rows
-    ({"model_type": "mistral", "sliding_window": 64}, True),  # a window as long as the rows cuts nothing
-    ({"model_type": "qwen2", "attention_bias": True}, True),
-])
-def test_models_with_soft_capping_or_short_windows_keep_the_document_masks(reference_kernels, config, takes_kernels):
-    """The variable-length kernels take neither soft-capping nor sliding windows, so those models' packed rows
-    stay with the masks (a window as long as the rows is no window); others take the kernels."""
+WINDOWED_MODELS = {  # each with two layers, rows of 32 tokens below: (config, what each layer's kernel call gets)
+    # Gemma 2: a sliding layer then a full one, both soft-capped (a small cap, so that it changes the scores).
+    "gemma2": ({"model_type": "gemma2", "attn_logit_softcapping": 0.5, "final_logit_softcapping": 2.0,
+                "query_pre_attn_scalar": 24, "head_dim": 16, "sliding_window": 8}, [(7, 0.5), (None, 0.5)]),
+    "gemma3": ({"model_type": "gemma3_text", "query_pre_attn_scalar": 24, "head_dim": 16, "sliding_window": 8,
+                "layer_types": ["sliding_attention", "full_attention"]}, [(7, 0.0), (None, 0.0)]),
+    "mistral": ({"model_type": "mistral", "sliding_window": 8}, [(7, 0.0), (7, 0.0)]),
+    # A window as long as the rows cuts nothing: the kernels' plain causal mode.
+    "mistral-long-window": ({"model_type": "mistral", "sliding_window": 64}, [(None, 0.0), (None, 0.0)]),
+}
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+@pytest.mark.parametrize("model_name", list(WINDOWED_MODELS))
+def test_windows_and_soft_capping_go_to_the_kernels_as_numbers(reference_kernels, monkeypatch, model_name, packed):
+    """With LITFT_FLASH_ATTENTION_4_WINDOWS=on, sliding windows and soft-capping are given to the kernels (a window
+    of W keys is W - 1 to the left of the query's own), for packed rows and plain ones alike: logits, loss and every
+    gradient as with SDPA under the dense masks and explicit capped scores."""
+    monkeypatch.setattr(flash_attention, "WINDOWS", "on")
+    config, expected_masks = WINDOWED_MODELS[model_name]
+    model = build_model({**LLAMA, **config}).float()
+    if packed:
+        batch = packed_batch([[20, 12], [9, 23]])  # rows of 32 tokens, documents longer and shorter than 8
+    else:
+        ids = torch.randint(3, 256, (2, 33), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "position_ids": None, "document_ids": None}
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
+    kernels = loss_and_gradients(model, batch)
+    assert reference_kernels.calls == ["forward", "forward", "backward", "backward"]
+    assert reference_kernels.masks == expected_masks
+    monkeypatch.setattr(flash_attention, "rows_apply", lambda device, dtype, head_dim: False)
+    dense = loss_and_gradients(model, batch)
+    real = batch["document_ids"] != 0 if packed else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    torch.testing.assert_close(kernels[0][real], dense[0][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kernels[1], dense[1], atol=1e-6, rtol=1e-6)
+    for name, gradient in dense[2].items():
+        torch.testing.assert_close(kernels[2][name], gradient, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+@pytest.mark.parametrize("model_name", list(WINDOWED_MODELS))
+def test_by_default_windows_and_soft_capping_keep_the_masks(reference_kernels, model_name, packed):
+    """Until its GPU tests have run, a window shorter than the rows or a cap keeps a model with the masks (a window
+    as long as the rows is no window: those rows take the kernels)."""
+    config, _ = WINDOWED_MODELS[model_name]
     model = build_model({**LLAMA, **config}).float()
     batch = packed_batch([[20, 12], [30]])  # rows of 32 tokens
     with torch.no_grad():
-        model(batch["input_ids"], batch["position_ids"], batch["document_ids"], None, batch["document_offsets"])
-    assert bool(reference_kernels.calls) == takes_kernels
+        if packed:
+            model(batch["input_ids"], batch["position_ids"], batch["document_ids"], None, batch["document_offsets"])
+        else:
+            model(batch["input_ids"])
+    assert bool(reference_kernels.calls) == (model_name == "mistral-long-window")
+
+
+def test_a_window_holds_at_least_the_query_itself():
+    with pytest.raises(ValueError, match="at least one key"):
+        flash_attention._window(0, 16)
+    assert flash_attention._window(16, 16) == flash_attention.NO_WINDOW
+    assert flash_attention._window(None, 16) == flash_attention.NO_WINDOW
+    assert flash_attention._window(15, 16) == 15
 
 
 def test_the_kernels_need_a_16_bit_compute_dtype_on_a_gpu(monkeypatch):
     """float32 (or bf16 on CPU) keeps the masks; bf16 autocast counts as bf16."""
     monkeypatch.setattr(flash_attention, "usable_on", lambda index: True)
     cuda = torch.device("cuda", 0)
-    assert flash_attention.packed_rows_apply(cuda, torch.bfloat16, 128)
-    assert flash_attention.packed_rows_apply(cuda, torch.float16, 64)
-    assert not flash_attention.packed_rows_apply(cuda, torch.float32, 128)
-    assert not flash_attention.packed_rows_apply(torch.device("cpu"), torch.bfloat16, 128)
-    assert not flash_attention.packed_rows_apply(cuda, torch.bfloat16, 12)
+    assert flash_attention.rows_apply(cuda, torch.bfloat16, 128)
+    assert flash_attention.rows_apply(cuda, torch.float16, 64)
+    assert not flash_attention.rows_apply(cuda, torch.float32, 128)
+    assert not flash_attention.rows_apply(torch.device("cpu"), torch.bfloat16, 128)
+    assert not flash_attention.rows_apply(cuda, torch.bfloat16, 12)
     x = torch.zeros(2, dtype=torch.float32)
     assert common.compute_dtype(x) == torch.float32
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -238,10 +308,14 @@ def gpu_only() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("head_dim", "kv_heads"), [(128, 2), (64, 8)])  # each pair compiles its own kernels
-def test_on_the_gpu_packed_rows_match_float32_attention(head_dim, kv_heads):
-    """bf16 variable-length kernels against float32 attention under the dense document mask: no larger errors
-    than SDPA's bf16 kernels under the same mask, on the real tokens and their gradients."""
+@pytest.mark.parametrize(("head_dim", "kv_heads", "window", "softcap"), [  # each compiles its own kernels
+    (128, 2, None, None), (64, 8, None, None),
+    (256, 4, 100, 2.0),  # Gemma 2: heads of 256, a window shorter than some documents, a cap that bites
+])
+def test_on_the_gpu_packed_rows_match_float32_attention(head_dim, kv_heads, window, softcap):
+    """bf16 variable-length kernels against float32 attention under the dense document (and window) mask, with
+    explicit capped scores: no larger errors than the masked path's in bf16, on the real tokens and their
+    gradients."""
     gpu_only()
     batch = packed_batch(GPU_ROWS)
     document_ids = batch["document_ids"].cuda()
@@ -252,7 +326,9 @@ def test_on_the_gpu_packed_rows_match_float32_attention(head_dim, kv_heads):
     memory = [torch.randn(B, T, count, head_dim, generator=generator) for count in (heads, kv_heads, kv_heads)]
     grad = torch.randn(B, heads, T, head_dim, generator=generator).cuda()
     same_document = document_ids[:, :, None] == document_ids[:, None, :]
-    mask = (same_document & torch.ones(T, T, dtype=torch.bool, device="cuda").tril())[:, None]  # (B, 1, T, T)
+    index = torch.arange(T, device="cuda")
+    causal = (index[None, :] <= index[:, None]) & (index[None, :] > index[:, None] - (window or T))
+    mask = (same_document & causal)[:, None]  # (B, 1, T, T)
     real = (document_ids != 0)[:, None, :, None]  # padding's rows differ by path and are never trained
 
     def run(attend, dtype):
@@ -261,13 +337,14 @@ def test_on_the_gpu_packed_rows_match_float32_attention(head_dim, kv_heads):
         out.backward((grad * real).to(dtype))
         return [(out * real).float(), q.grad.float(), k.grad.float(), v.grad.float()]
 
-    group = heads // kv_heads
+    def masked(q, k, v):
+        return common.attention(q, k, v, mask, False, scale=0.1, softcap=softcap)
+
     with sdpa_kernel([SDPBackend.MATH]):
-        reference = run(lambda q, k, v: F.scaled_dot_product_attention(
-            q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask), torch.float32)
-    packed = run(lambda q, k, v: flash_attention.packed_causal_attention(q, k, v, offsets, None), torch.bfloat16)
-    sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(
-        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask), torch.bfloat16)
+        reference = run(masked, torch.float32)
+    packed = run(lambda q, k, v: flash_attention.packed_causal_attention(q, k, v, offsets, 0.1, window, softcap),
+                 torch.bfloat16)
+    sdpa = run(masked, torch.bfloat16)
     for name, got, baseline, expected in zip(("out", "grad_q", "grad_k", "grad_v"), packed, sdpa, reference):
         error, baseline_error = (got - expected).abs().max(), (baseline - expected).abs().max()
         assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
@@ -281,7 +358,9 @@ def test_on_the_gpu_the_packed_operators_pass_torch_library_checks():
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(512, count, 64, generator=generator).to("cuda", torch.bfloat16).requires_grad_()
                for count in (8, 2, 2))
-    torch.library.opcheck(torch.ops.litft.flash_attention_packed.default, (q, k, v, offsets, 256, 0.125))
+    for window, softcap in ((flash_attention.NO_WINDOW, flash_attention.NO_SOFTCAP), (64, 30.0)):
+        torch.library.opcheck(torch.ops.litft.flash_attention_packed.default,
+                              (q, k, v, offsets, 256, 0.125, window, softcap))
 
 
 @pytest.mark.gpu
@@ -309,4 +388,38 @@ def test_on_the_gpu_a_compiled_lora_step_on_packed_rows_matches_float32_as_flex_
     report = flash_attention_step_errors(monkeypatch, config, step_on(batches[0]), "litft::flash_attention_packed",
                                          warmup=tuple(step_on(batch) for batch in batches[1:]))
     assert (report["always"]["calls"], report["never"]["calls"]) == (2, 0), report  # once per block; flex
+    assert_flash_attention_as_close(report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_on_the_gpu_a_compiled_gemma2_lora_step_matches_float32_as_the_masks_do(monkeypatch, packed):
+    """A compiled bf16 LoRA Gemma 2 (a sliding and a full layer, both soft-capped, heads of 128): through the
+    kernels, windows and cap given as numbers, its loss and adapter gradients are within bf16's reach of the
+    float32 model's, as through the masked paths (flex_attention for packed rows, SDPA's masks and explicit capped
+    scores otherwise); the compiled blocks call the operator once a layer."""
+    gpu_only()
+    from conftest import assert_flash_attention_as_close, flash_attention_step_errors
+
+    from litft.training.loss import CausalLMObjective
+
+    monkeypatch.setattr(flash_attention, "WINDOWS", "on")
+    config = {**LLAMA, "model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512, "head_dim": 128,
+              "query_pre_attn_scalar": 128, "sliding_window": 100, "attn_logit_softcapping": 2.0,
+              "final_logit_softcapping": 30.0}
+    if packed:
+        batch = packed_batch(GPU_ROWS)
+        names = ("input_ids", "targets", "position_ids", "document_ids", "document_offsets", "trained_positions")
+        inputs = {name: batch[name].cuda() for name in names}
+    else:
+        ids = torch.randint(0, 256, (2, 513), generator=torch.Generator().manual_seed(0)).cuda()
+        inputs = {"input_ids": ids[:, :-1], "targets": ids[:, 1:]}
+
+    def step(model):
+        arguments = dict(inputs)
+        return CausalLMObjective(model)(arguments.pop("input_ids"), arguments.pop("targets"), **arguments)
+
+    operator = "litft::flash_attention_packed" if packed else "litft::flash_attention"
+    report = flash_attention_step_errors(monkeypatch, config, step, operator, warmup=(step,))
+    assert (report["always"]["calls"], report["never"]["calls"]) == (2, 0), report
     assert_flash_attention_as_close(report)

@@ -340,7 +340,9 @@ class AttentionContext:
         sliding-window layers;
       - `block_mask`, `sliding_block_mask`: flex_attention's block-sparse masks instead, for packed rows on the
         flex path (see `use_flex_attention`); the dense masks are then None;
-      - `document_offsets`: for packed rows on FlashAttention-4's variable-length kernels instead, where each
+      - `flash_kernels`: the pass attends through FlashAttention-4's kernels (`flash_attention.rows_apply`), no
+        masks built: `sliding_window` is then the sliding layers' window, given to the kernels as a number (None
+        where the model has none shorter than the rows), and for packed rows `document_offsets` says where each
         document begins among the batch's tokens laid end to end (`flash_attention.document_offsets`);
       - the KV cache if one is in use.
     Layers call `attend(q, k, v, context, sliding=...)`, which picks the path."""
@@ -351,6 +353,8 @@ class AttentionContext:
     is_causal: bool
     block_mask: BlockMask | None = None
     sliding_block_mask: BlockMask | None = None
+    flash_kernels: bool = False
+    sliding_window: int | None = None
     document_offsets: torch.Tensor | None = None
 
 
@@ -362,22 +366,27 @@ def build_attention_context(
     kv_cache: KVCache | None,
     sliding_window: int | None,
     document_offsets: torch.Tensor | None = None,
-    variable_length: bool = False,
+    flash_kernels: bool = False,
 ) -> AttentionContext:
     """Builds the masks for this forward pass.
 
     `document_ids` (B, T) says which document each token belongs to: a token attends only to earlier tokens of
     its own document. This serves packed rows (one id per sample) and padded batches (padding gets its own id).
-    Without a KV cache, where the caller found FlashAttention-4's variable-length kernels usable
-    (`variable_length`, see `CausalLM.hidden_states`), those rows get the documents' offsets (`document_offsets`
-    where the collate function found them, else found here); else, where `use_flex_attention` allows,
-    flex_attention block masks. Otherwise the masks are boolean, (B, 1, T, S) (True = may attend); with a KV cache
-    they also cover every cached slot, whose document ids the cache keeps. Without documents, cache offsets or a
-    sliding window the mask is None and SDPA's causal fast path runs."""
-    if kv_cache is None and document_ids is not None and variable_length:
-        if document_offsets is None:
+    Without a KV cache, where the caller found FlashAttention-4's kernels usable (`flash_kernels`, see
+    `CausalLM.hidden_states`), no mask is built: the kernels get the window as a number, and packed rows the
+    documents' offsets (`document_offsets` where the collate function found them, else found here). Else, for
+    packed rows where `use_flex_attention` allows, flex_attention block masks. Otherwise the masks are boolean,
+    (B, 1, T, S) (True = may attend); with a KV cache they also cover every cached slot, whose document ids the
+    cache keeps. Without documents or cache offsets the full layers' mask is None and SDPA's causal fast path runs
+    (the sliding layers' mask too, where the window covers every key)."""
+    if kv_cache is None and flash_kernels:
+        if document_ids is None:
+            document_offsets = None
+        elif document_offsets is None:
             document_offsets = flash_attention.document_offsets(document_ids)
-        return AttentionContext(None, None, None, is_causal=False, document_offsets=document_offsets.to(device))
+        window = sliding_window if sliding_window is not None and sliding_window < seq_len else None
+        return AttentionContext(None, None, None, is_causal=True, flash_kernels=True, sliding_window=window,
+                                document_offsets=None if document_offsets is None else document_offsets.to(device))
     if kv_cache is None and document_ids is not None and use_flex_attention(device):
         return _flex_attention_context(document_ids, sliding_window)
     if kv_cache is not None and kv_cache.static:
@@ -385,10 +394,16 @@ def build_attention_context(
     offset = kv_cache.length if kv_cache is not None else 0
     total = offset + seq_len
     needs_window = sliding_window is not None and total > sliding_window
-    if document_ids is None and offset == 0 and not needs_window:
+    if document_ids is None and offset == 0:
         if kv_cache is not None:
             kv_cache.document_ids[:, :total] = 1
-        return AttentionContext(None, None, kv_cache, is_causal=True)
+        sliding_mask = None
+        if needs_window:
+            # Only the sliding layers need a mask: full layers keep SDPA's causal fast path (a dense causal mask would
+            # rule out its flash and cuDNN kernels).
+            slots = torch.arange(total, device=device)
+            _, sliding_mask = _slot_masks(batch_size, slots, slots, None, sliding_window)
+        return AttentionContext(None, sliding_mask, kv_cache, is_causal=True)
     if kv_cache is not None:
         # Without document ids the new tokens are real ones (document 1); the cached ids still mask earlier padding.
         kv_cache.document_ids[:, offset:total] = 1 if document_ids is None else document_ids
@@ -456,12 +471,12 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd), grouped-query aware.
 
-    Causal attention without a mask takes FlashAttention-4's kernels where `flash_attention` finds them usable;
-    elsewhere SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit soft-capping (Gemma 2) is not
-    expressible in SDPA, so that path computes the scores explicitly (packed rows on the flex path do not: see
-    `flex_attend`)."""
-    if flash_attention.applies(q, k, mask, is_causal, softcap):
-        return flash_attention.causal_attention(q, k, v, scale)
+    Causal attention without a mask takes FlashAttention-4's kernels where `flash_attention` finds them usable
+    (soft-capped too, where `flash_attention.takes` allows); elsewhere SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit
+    soft-capping (Gemma 2) is not expressible in SDPA, so that path computes the scores explicitly (packed rows on
+    the flex path do not: see `flex_attend`)."""
+    if flash_attention.applies(q, k, mask, is_causal) and flash_attention.takes(None, softcap, q.shape[2]):
+        return flash_attention.causal_attention(q, k, v, scale, softcap=softcap)
     if softcap is None:
         B, n_head, T, head_dim = q.shape
         n_kv_head = k.shape[1]
@@ -660,16 +675,19 @@ def attend(
     scale: float | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """One layer's attention under this pass's `context`: FlashAttention-4's variable-length kernels where it
-    carries document offsets (packed rows; the context was built for a model without soft-capping or windows
-    shorter than the rows), flex_attention where it carries block masks (packed rows), SDPA (`attention`) with its
-    dense masks otherwise. `sliding` picks the sliding-window masks."""
-    if context.document_offsets is not None:
+    """One layer's attention under this pass's `context`: FlashAttention-4's kernels where it says so (their
+    variable-length ones for packed rows; the window and the cap as numbers), flex_attention where it carries block
+    masks (packed rows), SDPA (`attention`) with its dense masks otherwise. `sliding` picks the sliding-window
+    masks, or window."""
+    if context.flash_kernels:
         # Under autocast a per-head norm (Qwen3's) hands over q and k in float32 beside a 16-bit v: the kernels take
         # one 16-bit dtype, autocast's, which is also what SDPA would cast them to.
         dtype = compute_dtype(v)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return flash_attention.packed_causal_attention(q, k, v, context.document_offsets, scale)
+        window = context.sliding_window if sliding else None
+        if context.document_offsets is not None:
+            return flash_attention.packed_causal_attention(q, k, v, context.document_offsets, scale, window, softcap)
+        return flash_attention.causal_attention(q, k, v, scale, window, softcap)
     block_mask = context.sliding_block_mask if sliding else context.block_mask
     if block_mask is not None:
         return flex_attend(q, k, v, block_mask, scale=scale, softcap=softcap)
@@ -752,14 +770,12 @@ class CausalLM(nn.Module):
             position_ids = default_position_ids(B, T, offset, input_ids.device)
         window = getattr(self.config, "sliding_window", None)
         x = self.embed(input_ids)
-        # The variable-length kernels take neither soft-capping nor a window; one as long as the rows cuts nothing.
-        variable_length = (
-            document_ids is not None and kv_cache is None and (window is None or window >= T)
-            and getattr(self.config, "attn_logit_softcapping", None) is None
-            and flash_attention.packed_rows_apply(x.device, compute_dtype(x), self.config.head_dim)
+        flash_kernels = (
+            kv_cache is None and flash_attention.takes(window, getattr(self.config, "attn_logit_softcapping", None), T)
+            and flash_attention.rows_apply(x.device, compute_dtype(x), self.config.head_dim)
         )
         context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window, document_offsets,
-                                          variable_length)
+                                          flash_kernels)
         hidden = self.decode(x, position_ids, context)
         if kv_cache is not None:
             kv_cache.advance(T)

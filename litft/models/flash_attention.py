@@ -7,17 +7,23 @@ section 27); grouped-query heads are read in place, not repeated.
 
 Here they are custom operators (a forward and its backward), so that a compiled block calls them as it calls
 any kernel of its own: `torch.compile` does not trace into the kernels' Python launcher. `attention` in
-`common.py` takes this path for causal attention without a mask (training rows that are not packed, and the
-prompt of a generation without padding). Packed rows take the variable-length kernels (`packed_causal_attention`):
-the documents of a batch laid end to end, where each one begins given by `document_offsets`, so that no score
-between two documents is computed (flex_attention's block masks still compute the tiles that straddle two
-documents, under a mask). Sliding windows shorter than the rows, soft-capping, 32-bit training and KV caches
-stay with SDPA or flex_attention.
+`common.py` takes this path for training and evaluation rows (`rows_apply`) and for the prompt of a generation
+without padding. Packed rows take the variable-length kernels (`packed_causal_attention`): the documents of a batch
+laid end to end, where each one begins given by `document_offsets`, so that no score between two documents is
+computed (flex_attention's block masks still compute the tiles that straddle two documents, under a mask).
+
+Sliding windows (Mistral, Gemma 2 / 3) and logit soft-capping (Gemma 2) can be given to the kernels as numbers, on
+both paths, so that those models need no mask and no explicit scores either: a window of W keys is the kernels'
+`window_size_left` = W - 1 (a query sees itself and the W - 1 keys before it, the rule of `common._slot_masks`),
+and the cap is applied to the scaled score, tanh(score / cap) * cap, before the mask. This is off by default
+(`WINDOWS`) until its GPU tests have run on a Hopper GPU: until then a window shorter than the rows or a cap keeps a
+model with SDPA's masks or flex_attention, as before. 32-bit training and KV caches stay with SDPA or flex_attention.
 
 `FLASH_ATTENTION_4` (from the environment variable LITFT_FLASH_ATTENTION_4, "auto" without it):
   "auto":   where the package imports and the GPU is a Hopper (sm_90) or Blackwell (sm_100) one;
   "always": as "auto", but a run where the package is missing or the GPU is another fails at once, saying why;
   "never":  SDPA everywhere.
+`WINDOWS` (from LITFT_FLASH_ATTENTION_4_WINDOWS, "off" without it): "on" gives windows and caps to the kernels.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ from litft.errors import ConfigError
 
 FLASH_ATTENTION_4 = os.environ.get("LITFT_FLASH_ATTENTION_4", "auto")
 FLASH_ATTENTION_4_MODES = ("auto", "always", "never")
+WINDOWS = os.environ.get("LITFT_FLASH_ATTENTION_4_WINDOWS", "off")
+WINDOWS_MODES = ("off", "on")
 
 # The GPU generations (compute capability major) whose kernels the package ships for training: Hopper, Blackwell.
 SUPPORTED_MAJORS = (9, 10)
@@ -86,13 +94,22 @@ def _check_mode() -> None:
     if FLASH_ATTENTION_4 not in FLASH_ATTENTION_4_MODES:
         raise ConfigError(f"LITFT_FLASH_ATTENTION_4 is {FLASH_ATTENTION_4!r}; set it to one of "
                           f"{', '.join(FLASH_ATTENTION_4_MODES)}")
+    if WINDOWS not in WINDOWS_MODES:
+        raise ConfigError(f"LITFT_FLASH_ATTENTION_4_WINDOWS is {WINDOWS!r}; set it to one of "
+                          f"{', '.join(WINDOWS_MODES)}")
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-            softcap: float | None) -> bool:
+def takes(window: int | None, softcap: float | None, seq_len: int) -> bool:
+    """Whether the kernels are given a pass over rows of `seq_len` tokens with this window and cap: always where
+    neither changes anything (no window shorter than the rows, no cap), else where `WINDOWS` is on."""
+    cuts = (window is not None and window < seq_len) or softcap is not None
+    return not cuts or WINDOWS == "on"
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> bool:
     """Whether `attention` can hand q (B, n_head, T, hd), k (B, n_kv_head, S, hd) to these kernels: causal over
-    as many keys as queries, no mask, no soft-capping, 16-bit CUDA tensors, a head size they compile for."""
-    if mask is not None or not is_causal or softcap is not None or not q.is_cuda:
+    as many keys as queries, no mask, 16-bit CUDA tensors, a head size they compile for."""
+    if mask is not None or not is_causal or not q.is_cuda:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[2] != k.shape[2] or q.shape[2] < 2:
         return False
@@ -100,9 +117,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_caus
     return head_dim % 8 == 0 and head_dim <= 256 and usable_on(q.device.index or 0)
 
 
-def packed_rows_apply(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """Whether packed rows of a model with heads of `head_dim`, computing in `dtype` on `device`, attend through
-    the variable-length kernels (the caller rules out sliding windows and soft-capping, which they are not given)."""
+def rows_apply(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the rows of a pass without a KV cache (training, evaluation), of a model with heads of `head_dim`
+    computing in `dtype` on `device`, attend through these kernels: packed rows through the variable-length ones,
+    others through the plain ones, sliding windows and soft-capping included."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return head_dim % 8 == 0 and head_dim <= 256 and usable_on(device.index or 0)
@@ -121,44 +139,76 @@ def document_offsets(document_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([begins, end]).to(torch.int32)
 
 
+# The operators take a window and a cap as plain numbers (a custom operator's schema has no optional float):
+NO_WINDOW = 0  # every earlier key
+NO_SOFTCAP = 0.0  # the package's own "none"
+
+
 def packed_causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, scale: float | None,
+    window: int | None = None, softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention within each document of packed rows: q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd),
-    `offsets` from `document_offsets`; returned as (B, n_head, T, hd), a view of the kernel's (B * T, n_head, hd)
-    output. q, k and v are views of (B, T, heads, hd) memory (see `causal_attention`), so flattening their tokens
-    copies nothing."""
+    `offsets` from `document_offsets`, a query seeing at most `window` keys (itself included) and its scores
+    soft-capped at `softcap`, where given; returned as (B, n_head, T, hd), a view of the kernel's (B * T, n_head,
+    hd) output. q, k and v are views of (B, T, heads, hd) memory (see `causal_attention`), so flattening their
+    tokens copies nothing."""
     B, n_head, T, head_dim = q.shape
     scale = scale if scale is not None else head_dim ** -0.5
     tokens = [t.transpose(1, 2).reshape(B * T, t.shape[1], t.shape[3]) for t in (q, k, v)]  # (B * T, heads, hd)
     # The row length bounds every document's and is fixed for a batch's shape: the documents' true longest would
     # be a new constant to a compiled block at every batch.
-    out, _ = flash_attention_packed(*tokens, offsets, T, scale)
+    out, _ = flash_attention_packed(*tokens, offsets, T, scale, _window(window, T), softcap or NO_SOFTCAP)
     return out.view(B, T, n_head, v.shape[-1]).transpose(1, 2)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
-    """Causal attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd), returned as (B, n_head, T, hd),
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, T, hd), a query seeing at most `window`
+    keys (itself included) and its scores soft-capped at `softcap`, where given; returned as (B, n_head, T, hd),
     a view of the kernel's (B, T, n_head, hd) output, which the caller's transpose back makes contiguous for free."""
     scale = scale if scale is not None else q.shape[-1] ** -0.5
-    out, _ = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale)
+    out, _ = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale,
+                             _window(window, q.shape[2]), softcap or NO_SOFTCAP)
     return out.transpose(1, 2)
 
 
+def _window(window: int | None, seq_len: int) -> int:
+    """The operators' window: NO_WINDOW where none is given or it is at least as long as the rows (it cuts
+    nothing, and the kernels' plain causal mode is the faster)."""
+    if window is not None and window < 1:
+        raise ValueError(f"an attention window holds at least one key (the query's own), not {window}")
+    return window if window is not None and window < seq_len else NO_WINDOW
+
+
+def _mask_arguments(window: int, softcap: float) -> dict:
+    """The package's keywords for a causal pass with `window` keys (or NO_WINDOW) and cap `softcap` (or
+    NO_SOFTCAP): a window of W keys is W - 1 keys to the left of the query's own."""
+    arguments = {"causal": True, "softcap": softcap}
+    if window != NO_WINDOW:
+        arguments["window_size_left"] = window - 1
+    return arguments
+
+
 @torch.library.custom_op("litft::flash_attention", mutates_args=())
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor,
-                                                                                              torch.Tensor]:
-    """Causal attention of q (B, T, n_head, hd) over k, v (B, T, n_kv_head, hd), last dimension contiguous: the
-    output (B, T, n_head, hd) and each query's log-sum-exp of its scaled scores (B, n_head, T), float32."""
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int, softcap: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of q (B, T, n_head, hd) over k, v (B, T, n_kv_head, hd), last dimension contiguous, within
+    `window` keys (NO_WINDOW: all) with scores capped at `softcap` (NO_SOFTCAP: none): the output (B, T, n_head,
+    hd) and each query's log-sum-exp of its scaled scores (B, n_head, T), float32."""
     B, T, n_head, _ = q.shape
     out = q.new_empty(B, T, n_head, v.shape[-1])
     lse = q.new_empty(B, n_head, T, dtype=torch.float32)
-    kernels()._flash_attn_fwd(q, k, v, softmax_scale=scale, causal=True, return_lse=True, out=out, lse=lse)
+    kernels()._flash_attn_fwd(q, k, v, softmax_scale=scale, return_lse=True, out=out, lse=lse,
+                              **_mask_arguments(window, softcap))
     return out, lse
 
 
 @flash_attention.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, window, softcap):
     B, T, n_head, _ = q.shape
     return q.new_empty(B, T, n_head, v.shape[-1]), q.new_empty(B, n_head, T, dtype=torch.float32)
 
@@ -166,33 +216,33 @@ def _(q, k, v, scale):
 @torch.library.custom_op("litft::flash_attention_backward", mutates_args=())
 def flash_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    scale: float,
+    scale: float, window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of q, k, v (contiguous, in their shapes) from the output's, by the saved output and
     log-sum-exp; a key/value head's gradient sums those of its group of query heads."""
     grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True, dq=grad_q, dk=grad_k,
-                              dv=grad_v)
+    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, dq=grad_q, dk=grad_k, dv=grad_v,
+                              **_mask_arguments(window, softcap))
     return grad_q, grad_k, grad_v
 
 
 @flash_attention_backward.register_fake
-def _(grad_out, q, k, v, out, lse, scale):
+def _(grad_out, q, k, v, out, lse, scale, window, softcap):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
+    q, k, v, scale, window, softcap = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.scale = scale
+    ctx.arguments = (scale, window, softcap)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
-    grad_q, grad_k, grad_v = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.scale)
-    return grad_q, grad_k, grad_v, None
+    grad_q, grad_k, grad_v = flash_attention_backward(grad_out, q, k, v, out, lse, *ctx.arguments)
+    return grad_q, grad_k, grad_v, None, None, None
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -200,22 +250,24 @@ flash_attention.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.custom_op("litft::flash_attention_packed", mutates_args=())
 def flash_attention_packed(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_length: int, scale: float,
+    window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of q (N, n_head, hd) over k, v (N, n_kv_head, hd), N tokens of documents laid end to end,
-    document i being tokens offsets[i]:offsets[i + 1] (none longer than `max_length`): the output (N, n_head, hd)
-    and each query's log-sum-exp of its scaled scores (n_head, N), float32."""
+    document i being tokens offsets[i]:offsets[i + 1] (none longer than `max_length`), within `window` keys with
+    scores capped at `softcap` (as `flash_attention`): the output (N, n_head, hd) and each query's log-sum-exp of
+    its scaled scores (n_head, N), float32."""
     N, n_head, _ = q.shape
     out = q.new_empty(N, n_head, v.shape[-1])
     lse = q.new_empty(n_head, N, dtype=torch.float32)
     kernels()._flash_attn_fwd(q, k, v, cu_seqlens_q=offsets, cu_seqlens_k=offsets, max_seqlen_q=max_length,
-                              max_seqlen_k=max_length, softmax_scale=scale, causal=True, return_lse=True, out=out,
-                              lse=lse)
+                              max_seqlen_k=max_length, softmax_scale=scale, return_lse=True, out=out, lse=lse,
+                              **_mask_arguments(window, softcap))
     return out, lse
 
 
 @flash_attention_packed.register_fake
-def _(q, k, v, offsets, max_length, scale):
+def _(q, k, v, offsets, max_length, scale, window, softcap):
     N, n_head, _ = q.shape
     return q.new_empty(N, n_head, v.shape[-1]), q.new_empty(n_head, N, dtype=torch.float32)
 
@@ -223,34 +275,33 @@ def _(q, k, v, offsets, max_length, scale):
 @torch.library.custom_op("litft::flash_attention_packed_backward", mutates_args=())
 def flash_attention_packed_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    offsets: torch.Tensor, max_length: int, scale: float,
+    offsets: torch.Tensor, max_length: int, scale: float, window: int, softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of q, k, v (contiguous, in their shapes) of `flash_attention_packed` from the output's."""
     grad_q, grad_k, grad_v = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, causal=True, cu_seqlens_q=offsets,
+    kernels()._flash_attn_bwd(q, k, v, out, grad_out, lse, softmax_scale=scale, cu_seqlens_q=offsets,
                               cu_seqlens_k=offsets, max_seqlen_q=max_length, max_seqlen_k=max_length, dq=grad_q,
-                              dk=grad_k, dv=grad_v)
+                              dk=grad_k, dv=grad_v, **_mask_arguments(window, softcap))
     return grad_q, grad_k, grad_v
 
 
 @flash_attention_packed_backward.register_fake
-def _(grad_out, q, k, v, out, lse, offsets, max_length, scale):
+def _(grad_out, q, k, v, out, lse, offsets, max_length, scale, window, softcap):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_packed_context(ctx, inputs, output) -> None:
-    q, k, v, offsets, max_length, scale = inputs
+    q, k, v, offsets, max_length, scale, window, softcap = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, offsets)
-    ctx.max_length, ctx.scale = max_length, scale
+    ctx.arguments = (max_length, scale, window, softcap)
 
 
 def _packed_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, offsets = ctx.saved_tensors
-    grads = flash_attention_packed_backward(grad_out.contiguous(), q, k, v, out, lse, offsets, ctx.max_length,
-                                            ctx.scale)
-    return *grads, None, None, None
+    grads = flash_attention_packed_backward(grad_out.contiguous(), q, k, v, out, lse, offsets, *ctx.arguments)
+    return *grads, None, None, None, None, None
 
 
 flash_attention_packed.register_autograd(_packed_backward, setup_context=_setup_packed_context)
