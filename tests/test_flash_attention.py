@@ -192,3 +192,23 @@ def test_on_the_gpu_a_compiled_lora_step_matches_float32_as_sdpa_does(monkeypatc
     report = flash_attention_step_errors(monkeypatch, config, step, "litft::flash_attention", warmup=(step,))
     assert (report["always"]["calls"], report["never"]["calls"]) == (2, 0), report  # once per block; SDPA
     assert_flash_attention_as_close(report)
+
+
+def test_the_log_says_which_kernels_the_model_attends_through(monkeypatch):
+    """The finetune log's attention line, per model and setting."""
+    from types import SimpleNamespace
+
+    from litft.commands.finetune import attention_description
+
+    gemma2 = SimpleNamespace(attn_logit_softcapping=50.0, sliding_window=4096)
+    llama = SimpleNamespace()
+    cpu = torch.device("cpu")
+    assert attention_description(gemma2, cpu) == "SDPA"
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "always")
+    assert attention_description(llama, cpu) == "SDPA (flex_attention for packed rows)"
+    assert attention_description(gemma2, cpu) == "SDPA (flex_attention for packed rows and soft-capped ones)"
+    monkeypatch.setattr(flash_attention, "check_setting", lambda device: True)
+    assert attention_description(llama, cpu) == "FlashAttention-4 (its variable-length kernels for packed rows)"
+    assert "LITFT_FLASH_ATTENTION_4_WINDOWS=on gives them" in attention_description(gemma2, cpu)
+    monkeypatch.setattr(flash_attention, "WINDOWS", "on")
+    assert attention_description(gemma2, cpu) == "FlashAttention-4 (its variable-length kernels for packed rows)"

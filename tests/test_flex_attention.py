@@ -229,6 +229,26 @@ def test_forced_flex_path_runs_flex_in_every_layer(checkpoints, monkeypatch):
     assert len(dense_calls) == model.config.num_hidden_layers and len(flex_calls) == model.config.num_hidden_layers
 
 
+@pytest.mark.parametrize("family", ["gemma2", "mistral-sliding"])
+@torch.no_grad()
+def test_plain_rows_of_a_soft_capped_model_take_flex(family, checkpoints, monkeypatch):
+    """Rows that are not packed: Gemma 2's soft-capped scores go to flex_attention (one document per row, causal
+    block masks) where it runs, instead of explicit (B, heads, T, T) scores, with the same logits; a model without
+    a cap (Mistral's windows alone) keeps SDPA, whose kernels take a window mask."""
+    model = load_model(checkpoints[family])
+    require_sound_cpu_flex(model)
+    input_ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(common, "FLEX_BLOCK_SIZE", 8)
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "never")
+    dense = model(input_ids)
+    flex_calls, dense_calls = counted(monkeypatch, "flex_attend"), counted(monkeypatch, "attention")
+    monkeypatch.setattr(common, "FLEX_ATTENTION", "always")
+    flex = model(input_ids)
+    layers = model.config.num_hidden_layers
+    assert (len(flex_calls), len(dense_calls)) == ((layers, 0) if family == "gemma2" else (0, layers))
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Logits on CPU (forward only: torch has no flex backward on CPU)
 # ----------------------------------------------------------------------------------------------------------------

@@ -543,11 +543,7 @@ def run_finetune(
 
     total = logical_parameter_count(model)
     # Read after compiling: thunder switches FlashAttention-4 off.
-    if flash_attention.check_setting(fabric.device):
-        # Packed rows of a model with soft-capping or windows shorter than the rows stay with flex_attention.
-        attention = "FlashAttention-4 (its variable-length kernels for packed rows)"
-    else:
-        attention = "SDPA (flex_attention for packed rows)" if use_flex_attention(fabric.device) else "SDPA"
+    attention = attention_description(model.config, fabric.device)
     log_rank_zero(f"model: {type(model).__name__}, {total / 1e6:.2f}M parameters, {trainable / 1e6:.3f}M trained, "
                   f"precision {precision_name}, template {template.name}, objective {task.name}, "
                   f"attention {attention}")
@@ -726,6 +722,21 @@ def padding_id(tokenizer) -> int:
         if candidate is not None:
             return candidate
     return 0
+
+
+def attention_description(config, device: torch.device) -> str:
+    """Which kernels the model's attention runs in training, for the log (see `CausalLM.hidden_states`)."""
+    soft_capped = getattr(config, "attn_logit_softcapping", None) is not None
+    windowed = soft_capped or getattr(config, "sliding_window", None) is not None
+    if flash_attention.check_setting(device):
+        attention = "FlashAttention-4 (its variable-length kernels for packed rows)"
+        if windowed and flash_attention.WINDOWS != "on":
+            attention += ("; a window shorter than the rows or a soft-cap keeps the masks or flex_attention "
+                          "(LITFT_FLASH_ATTENTION_4_WINDOWS=on gives them to the kernels)")
+        return attention
+    if not use_flex_attention(device):
+        return "SDPA"
+    return "SDPA (flex_attention for packed rows" + (" and soft-capped ones)" if soft_capped else ")")
 
 
 def load_for_training(

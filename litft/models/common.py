@@ -472,9 +472,10 @@ def attention(
     """Scaled dot-product attention of q (B, n_head, T, hd) over k, v (B, n_kv_head, S, hd), grouped-query aware.
 
     Causal attention without a mask takes FlashAttention-4's kernels where `flash_attention` finds them usable
-    (soft-capped too, where `flash_attention.takes` allows); elsewhere SDPA picks flash / cuDNN / memory-efficient kernels where it can. Logit
-    soft-capping (Gemma 2) is not expressible in SDPA, so that path computes the scores explicitly (packed rows on
-    the flex path do not: see `flex_attend`)."""
+    (soft-capped too, where `flash_attention.takes` allows); elsewhere SDPA picks flash / cuDNN / memory-efficient
+    kernels where it can. Logit soft-capping (Gemma 2) is not expressible in SDPA, so that path computes the scores
+    explicitly: on CPU, and in generation (training rows on CUDA take flex_attention: see `flex_attend` and
+    `CausalLM.hidden_states`)."""
     if flash_attention.applies(q, k, mask, is_causal) and flash_attention.takes(None, softcap, q.shape[2]):
         return flash_attention.causal_attention(q, k, v, scale, softcap=softcap)
     if softcap is None:
@@ -770,10 +771,16 @@ class CausalLM(nn.Module):
             position_ids = default_position_ids(B, T, offset, input_ids.device)
         window = getattr(self.config, "sliding_window", None)
         x = self.embed(input_ids)
+        softcap = getattr(self.config, "attn_logit_softcapping", None)
         flash_kernels = (
-            kv_cache is None and flash_attention.takes(window, getattr(self.config, "attn_logit_softcapping", None), T)
+            kv_cache is None and flash_attention.takes(window, softcap, T)
             and flash_attention.rows_apply(x.device, compute_dtype(x), self.config.head_dim)
         )
+        if softcap is not None and document_ids is None and kv_cache is None and not flash_kernels \
+                and use_flex_attention(x.device):
+            # SDPA cannot cap scores: plain rows would compute and keep (B, n_head, T, T) of them in every layer.
+            # flex_attention caps them inside its kernel, under a causal block mask: one document per row.
+            document_ids = torch.ones(B, T, dtype=torch.long, device=input_ids.device)
         context = build_attention_context(B, T, input_ids.device, document_ids, kv_cache, window, document_offsets,
                                           flash_kernels)
         hidden = self.decode(x, position_ids, context)
