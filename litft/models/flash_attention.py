@@ -120,7 +120,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_caus
 def rows_apply(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the rows of a pass without a KV cache (training, evaluation), of a model with heads of `head_dim`
     computing in `dtype` on `device`, attend through these kernels: packed rows through the variable-length ones,
-    others through the plain ones, sliding windows and soft-capping included."""
+    others through the plain ones (a window or a cap where `takes` allows)."""
     if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return head_dim % 8 == 0 and head_dim <= 256 and usable_on(device.index or 0)
