@@ -272,6 +272,20 @@ def test_by_default_windows_and_soft_capping_keep_the_masks(reference_kernels, m
     assert bool(reference_kernels.calls) == (model_name == "mistral-long-window")
 
 
+@pytest.mark.parametrize(("window", "softcap"), [(flash_attention.NO_WINDOW, flash_attention.NO_SOFTCAP), (5, 2.0)])
+def test_the_operators_pass_torch_library_checks_through_the_reference(reference_kernels, window, softcap):
+    """Both operators, with and without a window and a cap, through the reference: their schemas, fake tensors
+    and autograd registrations agree with what they compute (the GPU runs the same checks on the real kernels)."""
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.tensor([0, 10, 13, 25, 32], dtype=torch.int32)
+    tokens = [torch.randn(32, count, 16, generator=generator).requires_grad_() for count in (4, 2, 2)]
+    torch.library.opcheck(torch.ops.litft.flash_attention_packed.default,
+                          (*tokens, offsets, 16, 0.25, window, softcap))
+    rows = [torch.randn(2, 16, count, 16, generator=generator).requires_grad_() for count in (4, 2, 2)]
+    torch.library.opcheck(torch.ops.litft.flash_attention.default, (*rows, 0.25, window, softcap))
+    assert reference_kernels.masks[-1] == (window - 1 if window else None, softcap)
+
+
 def test_a_window_holds_at_least_the_query_itself():
     with pytest.raises(ValueError, match="at least one key"):
         flash_attention._window(0, 16)
