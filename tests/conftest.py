@@ -181,6 +181,22 @@ def flash_attention_step_errors(
     return report
 
 
+def causal_window_mask(seq_len: int, window: int | None, device: str = "cuda") -> torch.Tensor:
+    """(T, T): query i may see key j when j <= i and, given a window, i - j < window (the rule of
+    `common._slot_masks`), built here independently of it."""
+    index = torch.arange(seq_len, device=device)
+    return (index[None, :] <= index[:, None]) & (index[:, None] - index[None, :] < (window or seq_len))
+
+
+def assert_attention_as_close(got: list[torch.Tensor], baseline: list[torch.Tensor],
+                              expected: list[torch.Tensor]) -> None:
+    """A bf16 attention's output and q, k, v gradients (`got`) against float32's (`expected`): each largest error
+    no more than twice the `baseline` path's own in bf16, plus 0.1% of the largest expected value."""
+    for name, value, baseline_value, reference in zip(("out", "grad_q", "grad_k", "grad_v"), got, baseline, expected):
+        error, baseline_error = (value - reference).abs().max(), (baseline_value - reference).abs().max()
+        assert error <= 2 * baseline_error + 1e-3 * reference.abs().max(), (name, error, baseline_error)
+
+
 def assert_flash_attention_as_close(report: dict[str, dict]) -> None:
     """FlashAttention-4's errors against float32 (`flash_attention_step_errors`) within bf16's reach of the other
     path's. This tiny random model (its adapters' B drawn large) loses 6-17% of each gradient to bf16 through either

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fa4_ready
+from conftest import assert_attention_as_close, causal_window_mask, fa4_ready
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from litft.errors import ConfigError
@@ -117,9 +117,7 @@ def test_on_the_gpu_output_and_gradients_match_float32_attention(head_dim, kv_he
     flash = run(lambda q, k, v: flash_attention.causal_attention(q, k, v, None), torch.bfloat16)
     sdpa = run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                torch.bfloat16)
-    for name, got, baseline, expected in zip(("out", "grad_q", "grad_k", "grad_v"), flash, sdpa, reference):
-        error, baseline_error = (got - expected).abs().max(), (baseline - expected).abs().max()
-        assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
+    assert_attention_as_close(flash, sdpa, reference)
 
 
 @pytest.mark.gpu
@@ -135,8 +133,7 @@ def test_on_the_gpu_windows_and_soft_capping_match_float32_attention(head_dim, k
         pytest.skip("needs a Hopper or Blackwell GPU and the flash-attn-4 package")
     seq, heads = 1024, 8
     grad = torch.randn(2, heads, seq, head_dim, generator=torch.Generator().manual_seed(5)).cuda()
-    index = torch.arange(seq, device="cuda")
-    mask = (index[None, :] <= index[:, None]) & (index[None, :] > index[:, None] - (window or seq))
+    mask = causal_window_mask(seq, window)
 
     def run(attend, dtype):
         q, k, v = qkv(2, seq, heads, kv_heads, head_dim, "cuda", dtype)
@@ -151,9 +148,7 @@ def test_on_the_gpu_windows_and_soft_capping_match_float32_attention(head_dim, k
         reference = run(masked, torch.float32)
     flash = run(lambda q, k, v: flash_attention.causal_attention(q, k, v, 0.1, window, softcap), torch.bfloat16)
     baseline = run(masked, torch.bfloat16)
-    for name, got, baseline_got, expected in zip(("out", "grad_q", "grad_k", "grad_v"), flash, baseline, reference):
-        error, baseline_error = (got - expected).abs().max(), (baseline_got - expected).abs().max()
-        assert error <= 2 * baseline_error + 1e-3 * expected.abs().max(), (name, error, baseline_error)
+    assert_attention_as_close(flash, baseline, reference)
 
 
 @pytest.mark.gpu
